@@ -1,0 +1,204 @@
+"""The relay: wires ingest -> buffer -> publish and owns their lifecycle.
+
+`Relay.serve()` is async and embeddable (tests run relays in-process); `run()` owns the event
+loop, on uvloop. serve = startup -> main loop -> shutdown. The first SIGTERM/SIGINT drains, a
+second one stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Mapping
+
+import uvloop
+import zmq.asyncio
+
+from relay.buffer import Buffer
+from relay.config import Config
+from relay.discovery import InstanceId, resolve_instance_id
+from relay.health import SystemServer
+from relay.ingest import Frame, Source
+from relay.metrics import Metrics
+from relay.publish import Publisher
+
+log = logging.getLogger("kvrelay")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+
+
+class Relay:
+    """One relay: the vLLM publishers of one worker into its JetStream subjects."""
+
+    def __init__(self, config: Config, *, env: Mapping[str, str] | None = None,
+                 install_signal_handlers: bool = False) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.exit_code = EXIT_OK
+        self.identity: InstanceId | None = None
+        self._env = os.environ if env is None else env
+        self._install_signal_handlers = install_signal_handlers
+        self._exit = asyncio.Event()
+        self._force = asyncio.Event()
+        self._draining = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._source_tasks: list[asyncio.Task[None]] = []
+        self._sources: list[Source] = []
+        self._zmq: zmq.asyncio.Context | None = None
+        self.buffer: Buffer | None = None
+        self.publisher: Publisher | None = None
+        self.system: SystemServer | None = None
+        self.started = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        """Run until asked to stop; returns the process exit code."""
+        if self._install_signal_handlers:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.handle_exit, sig)
+        try:
+            await self.startup()
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+        return self.exit_code
+
+    async def startup(self) -> None:
+        config = self.config
+        self.identity = resolve_instance_id(config.instance_id, self._env)
+        instance_id = self.identity.value
+        log.info("instance ID %d (%s: %s)", instance_id, self.identity.source,
+                 self.identity.detail)
+        self.metrics.instance.labels(str(instance_id), self.identity.source).set(1)
+        log.debug("configuration: %s", config.redacted())
+
+        self.buffer = Buffer(config.buffer_batches, config.buffer_bytes, self.metrics)
+        self.publisher = Publisher(config, instance_id, self.buffer, self.metrics)
+        self.system = SystemServer(config.system_host, config.system_port, self.metrics,
+                                   self.readiness)
+        await self.system.start()
+
+        specs = config.sources()
+        self._spawn(self.publisher.connect([s.dp_rank for s in specs]))
+        self._spawn(self.publisher.run())
+        self._zmq = zmq.asyncio.Context()
+        topic = config.topic.encode()
+        for spec in specs:
+            source = Source(spec, self._zmq, self._deliver, self.metrics, topic=topic,
+                            hold_limit=config.buffer_batches,
+                            replay_timeout=config.replay_timeout,
+                            replay_cooldown=config.replay_cooldown)
+            self._sources.append(source)
+            task = asyncio.ensure_future(source.run(self.publisher.resume_point(spec.dp_rank)))
+            self._source_tasks.append(task)
+            log.info("publishing %s on %s", source.name, self.publisher.subject(spec.dp_rank))
+        self.started.set()
+
+    def _deliver(self, frame: Frame) -> None:
+        assert self.buffer is not None and self.publisher is not None
+        self.buffer.put(frame)
+        self.publisher.notify()
+
+    def _spawn(self, coro: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))  # type: ignore[arg-type]
+
+    async def main_loop(self) -> None:
+        """Wait for a signal, a fatal configuration problem, or a part that died."""
+        assert self.publisher is not None
+        exit_wait = asyncio.ensure_future(self._exit.wait())
+        watched: set[asyncio.Future[object]] = {exit_wait, self.publisher.fatal,
+                                                *self._tasks, *self._source_tasks}
+        while True:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if exit_wait in done:
+                return
+            if self.publisher.fatal in done:
+                log.error("%s", self.publisher.fatal.result())
+                self.exit_code = EXIT_CONFIG
+                self._force.set()
+                return
+            for task in done:
+                watched.discard(task)
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("a relay task failed; stopping", exc_info=task.exception())
+                    self.exit_code = EXIT_FAILED
+                    return
+
+    def handle_exit(self, sig: int | None = None) -> None:
+        """First call drains, the second stops at once (as a second Ctrl-C does)."""
+        if self._exit.is_set():
+            log.warning("second signal: stopping without draining")
+            self._force.set()
+            return
+        if sig is not None:
+            log.info("received %s: draining", signal.Signals(sig).name)
+        self._exit.set()
+
+    async def shutdown(self) -> None:
+        self._draining = True
+        # Phase 1: stop intake. vLLM's PUB keeps going; nothing more is read from it.
+        for task in self._source_tasks:
+            task.cancel()
+        await asyncio.gather(*self._source_tasks, return_exceptions=True)
+        # Phase 2: publish what is buffered and wait for the acks, bounded by the drain timeout
+        # (and by a second signal).
+        if self.publisher is not None and self.buffer is not None:
+            pending = len(self.buffer) + self.publisher.in_flight
+            if pending and not self._force.is_set():
+                log.info("draining %d batches (up to %.0fs)", pending, self.config.drain_timeout)
+                flush = asyncio.ensure_future(self.publisher.flush(self.config.drain_timeout))
+                force = asyncio.ensure_future(self._force.wait())
+                await asyncio.wait({flush, force}, return_when=asyncio.FIRST_COMPLETED)
+                force.cancel()
+                flush.cancel()
+            lost = self.publisher.abandon()
+            if lost:
+                log.error("stopped with %d batches not delivered (counted as dropped: shutdown)",
+                          lost)
+        # Phase 3: close everything.
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.publisher is not None:
+            with contextlib.suppress(Exception):
+                await self.publisher.close()
+        if self.system is not None:
+            await self.system.stop()
+        if self._zmq is not None:
+            self._zmq.term()
+        log.info("stopped")
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def readiness(self) -> dict[str, str]:
+        """Each part and "ok", or what is wrong with it."""
+        publisher = self.publisher
+        parts: dict[str, str] = {}
+        if publisher is None:
+            return {"relay": "starting"}
+        parts["nats"] = "ok" if publisher.connected else publisher.last_error
+        parts["stream"] = "ok" if publisher.stream_ready.is_set() else (
+            f"stream {self.config.stream} not verified yet")
+        idle = [s.spec.endpoint for s in self._sources if not s.subscribed]
+        parts["zmq"] = "ok" if not idle else f"not subscribed: {', '.join(idle)}"
+        if self._draining:
+            parts["relay"] = "draining"
+        return parts
+
+    def source_states(self) -> list[dict[str, object]]:
+        return [{"endpoint": s.spec.endpoint, "dp_rank": s.spec.dp_rank, "epoch": s.epoch,
+                 "next_seq": s.expected, "peers": s.peers} for s in self._sources]
+
+
+def run(config: Config) -> int:
+    """Run a relay in this process on uvloop until it is told to stop."""
+    relay = Relay(config, install_signal_handlers=True)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(relay.serve())

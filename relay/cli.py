@@ -1,0 +1,101 @@
+"""`kvrelay`: parse the command line and hand over. Every default lives in config.py."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from relay import __version__
+from relay.config import Config, ConfigError, env_var
+
+EXIT_USAGE = 2
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field, with its default and environment variable in the help."""
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        envs = ", ".join((env_var(f.name), *meta["env"]))
+        default = f.default if f.default not in (None, ()) else "-"
+        help_text = f"{meta['help']} [default: {default}; env: {envs}]".replace("%", "%%")
+        kwargs: dict[str, object] = {"dest": f.name, "default": None, "help": help_text}
+        if meta["many"]:
+            kwargs["action"] = "append"
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        parser.add_argument(flag, **kwargs)  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvrelay",
+        description="Relay vLLM KV-cache events from ZMQ to NATS JetStream.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kvrelay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="relay a vLLM worker's KV events into JetStream",
+                              description="Relay a vLLM worker's KV events into JetStream.")
+    _add_config_flags(run)
+
+    demo = commands.add_parser(
+        "demo", help="local nats-server + synthetic vLLM + relay + consumer, then stop",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--batches", type=int, default=20, help="batches the synthetic vLLM sends")
+    demo.add_argument("--format", choices=("msgpack", "json"), default="msgpack",
+                      help="payload encoding")
+
+    tail = commands.add_parser(
+        "tail", help="print RelayBatches from JetStream as they arrive",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tail.add_argument("--nats", default=os.environ.get(env_var("nats"), "nats://127.0.0.1:4222"),
+                      help="NATS server URL(s), comma-separated")
+    tail.add_argument("--stream", default=os.environ.get(env_var("stream"), "KV_EVENTS"),
+                      help="JetStream stream")
+    tail.add_argument("--subject", default="kv.>", help="subject filter")
+    tail.add_argument("--from-start", action="store_true",
+                      help="from the stream's first message instead of new ones")
+    tail.add_argument("--count", type=int, default=0, help="stop after N batches (0: never)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+        try:
+            config = Config.load(flags, os.environ)
+        except ConfigError as exc:
+            print(f"kvrelay: error: {exc}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        _setup_logging(config.log_level)
+        from relay.app import run
+
+        sys.exit(run(config))
+    elif args.command == "demo":
+        _setup_logging("warning")
+        from relay.demo import demo
+
+        sys.exit(demo(batches=args.batches, fmt=args.format))
+    elif args.command == "tail":
+        _setup_logging("warning")
+        from relay.tail import tail
+
+        sys.exit(tail(args.nats, args.stream, args.subject, from_start=args.from_start,
+                      count=args.count))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,250 @@
+"""Every setting of `kvrelay run`, its default, its environment variable and its validation.
+
+The command line is built from the fields below (cli.py only parses), and a value is taken
+from, in order: the flag, `KVRELAY_<FLAG>`, the Dynamo variable named in the field (so a relay
+beside a Dynamo worker picks up the worker's settings), then the default. Invalid values raise
+ConfigError, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+log = logging.getLogger("kvrelay.config")
+
+NAME_RULE = re.compile(r"^[a-z0-9-_]+$")  # Dynamo's rule for namespaces and components
+SECRET_FIELDS = frozenset({"nats_password", "nats_token"})
+MAX_U64 = 2**64 - 1
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which and why."""
+
+
+def _opt(
+    help: str,
+    *,
+    env: tuple[str, ...] = (),
+    many: bool = False,
+    choices: tuple[str, ...] = (),
+    metavar: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "help": help,
+        "env": env,
+        "many": many,
+        "choices": choices,
+        "metavar": metavar,
+    }
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of one relay, validated; build it with `Config.load`."""
+
+    zmq: tuple[str, ...] = field(default=(), metadata=_opt(
+        "vLLM PUB endpoint to connect to (vLLM binds, e.g. its default tcp://*:5557); "
+        "repeatable; with neither --zmq nor --zmq-bind: tcp://127.0.0.1:5557",
+        many=True, metavar="ENDPOINT"))
+    zmq_bind: tuple[str, ...] = field(default=(), metadata=_opt(
+        "endpoint to bind for a vLLM PUB that connects (e.g. tcp://127.0.0.1:5557); repeatable",
+        many=True, metavar="ENDPOINT"))
+    replay: tuple[str, ...] = field(default=(), metadata=_opt(
+        "vLLM replay ROUTER endpoint, one per ZMQ endpoint in the same order; repeatable",
+        many=True, metavar="ENDPOINT"))
+    topic: str = field(default="", metadata=_opt("ZMQ topic prefix to subscribe to (all)"))
+    dp_ranks: int = field(default=1, metadata=_opt(
+        "data-parallel ranks: expand the one ZMQ (and replay) endpoint to N consecutive ports"))
+    dp_rank_start: int = field(default=0, metadata=_opt(
+        "DP rank of the first endpoint (vLLM's data_parallel_start_rank on this node)"))
+    nats: str = field(default="nats://127.0.0.1:4222", metadata=_opt(
+        "NATS server URL(s), comma-separated", env=("NATS_SERVER",), metavar="URL"))
+    namespace: str = field(default="dynamo", metadata=_opt(
+        "namespace of the subject, ^[a-z0-9-_]+$", env=("DYN_NAMESPACE",)))
+    component: str = field(default="backend", metadata=_opt(
+        "component of the subject, ^[a-z0-9-_]+$", env=("DYN_COMPONENT",)))
+    instance_id: int | None = field(default=None, metadata=_opt(
+        "worker instance ID (u64); default: discovered (pod-name hash as Dynamo does)"))
+    format: Literal["msgpack", "json"] = field(default="msgpack", metadata=_opt(
+        "payload encoding of the RelayBatch", choices=("msgpack", "json")))
+    system_host: str = field(default="0.0.0.0", metadata=_opt(
+        "address of the /live, /health and /metrics server"))
+    system_port: int = field(default=9090, metadata=_opt(
+        "port of the /live, /health and /metrics server (0: any free port)",
+        env=("DYN_SYSTEM_PORT",)))
+    stream: str = field(default="KV_EVENTS", metadata=_opt(
+        "JetStream stream, created if absent, verified if present"))
+    stream_replicas: int = field(default=1, metadata=_opt("replicas when creating the stream"))
+    stream_max_age: float = field(default=86400.0, metadata=_opt(
+        "max age of stream messages in seconds when creating the stream"))
+    stream_max_bytes: int = field(default=1 << 30, metadata=_opt(
+        "max bytes of the stream when creating it (-1: unlimited)"))
+    stream_duplicate_window: float = field(default=120.0, metadata=_opt(
+        "JetStream duplicate window in seconds when creating the stream"))
+    buffer_batches: int = field(default=50_000, metadata=_opt(
+        "batches buffered while NATS is slow or away; past it the oldest are dropped"))
+    buffer_bytes: int = field(default=64 << 20, metadata=_opt(
+        "payload bytes buffered while NATS is slow or away; past it the oldest are dropped"))
+    max_in_flight: int = field(default=4000, metadata=_opt(
+        "publishes awaiting a JetStream ack at once"))
+    ack_timeout: float = field(default=5.0, metadata=_opt(
+        "seconds to wait for a JetStream ack before publishing again (dedup drops repeats)"))
+    reconnect_wait_max: float = field(default=1.0, metadata=_opt(
+        "cap of the NATS reconnect backoff in seconds"))
+    replay_timeout: float = field(default=2.0, metadata=_opt(
+        "seconds to wait for vLLM's replay before falling back to a resync"))
+    replay_cooldown: float = field(default=5.0, metadata=_opt(
+        "seconds after a failed replay before the next is tried on that endpoint"))
+    drain_timeout: float = field(default=10.0, metadata=_opt(
+        "seconds to publish what is buffered after SIGTERM before giving up"))
+    nats_user: str | None = field(default=None, metadata=_opt("NATS user"))
+    nats_password: str | None = field(default=None, metadata=_opt("NATS password"))
+    nats_token: str | None = field(default=None, metadata=_opt("NATS token"))
+    nats_nkey_seed: str | None = field(default=None, metadata=_opt(
+        "file holding an NKey seed", metavar="PATH"))
+    nats_creds: str | None = field(default=None, metadata=_opt(
+        "NATS credentials file (JWT + seed)", metavar="PATH"))
+    nats_tls_ca: str | None = field(default=None, metadata=_opt(
+        "CA bundle to verify the NATS server", metavar="PATH"))
+    nats_tls_cert: str | None = field(default=None, metadata=_opt(
+        "client certificate for NATS TLS", metavar="PATH"))
+    nats_tls_key: str | None = field(default=None, metadata=_opt(
+        "client key for NATS TLS", metavar="PATH"))
+    log_level: str = field(default="info", metadata=_opt(
+        "log level", choices=("debug", "info", "warning", "error")))
+
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None,
+             env: Mapping[str, str] | None = None) -> Config:
+        """Merge flags (None = not given), environment and defaults, then validate."""
+        flags = flags or {}
+        env = env or {}
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            given = flags.get(f.name)
+            if given is not None and given != [] and given != ():
+                values[f.name] = _parse(f, given, "--" + f.name.replace("_", "-"))
+                continue
+            for var in (env_var(f.name), *f.metadata["env"]):
+                if env.get(var, "") != "":
+                    values[f.name] = _parse(f, env[var], var)
+                    break
+        try:
+            config = cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from None
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ConfigError for any value that cannot work."""
+        for name in ("namespace", "component"):
+            if not NAME_RULE.match(getattr(self, name)):
+                raise ConfigError(f"--{name} {getattr(self, name)!r} must match ^[a-z0-9-_]+$")
+        if self.instance_id is not None and not 0 <= self.instance_id <= MAX_U64:
+            raise ConfigError(f"--instance-id {self.instance_id} is not an unsigned 64-bit value")
+        for name, low in (("dp_ranks", 1), ("dp_rank_start", 0), ("buffer_batches", 1),
+                          ("buffer_bytes", 1024), ("max_in_flight", 1),
+                          ("stream_replicas", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}")
+        for name in ("ack_timeout", "reconnect_wait_max", "replay_timeout", "replay_cooldown",
+                     "drain_timeout", "stream_max_age", "stream_duplicate_window"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if not 0 <= self.system_port <= 65535:
+            raise ConfigError(f"--system-port {self.system_port} is not a port")
+        if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
+            raise ConfigError("--nats-tls-cert and --nats-tls-key go together")
+        if not self.stream or any(c in self.stream for c in " .*>"):
+            raise ConfigError(f"--stream {self.stream!r} is not a valid JetStream stream name")
+        self.sources()  # validates the ZMQ layout
+
+    def sources(self) -> tuple[SourceSpec, ...]:
+        """One SourceSpec per vLLM publisher, with --dp-ranks expanded as vLLM lays ports out."""
+        listed = [(e, False) for e in self.zmq] + [(e, True) for e in self.zmq_bind]
+        if not listed:
+            listed = [("tcp://127.0.0.1:5557", False)]
+        if self.dp_ranks > 1 and len(listed) != 1:
+            raise ConfigError("--dp-ranks expands one base endpoint; give exactly one")
+        if len(self.replay) not in (0, len(listed)):
+            raise ConfigError(
+                f"{len(self.replay)} --replay endpoints for {len(listed)} ZMQ endpoints: "
+                "give none or one per ZMQ endpoint, in the same order")
+        specs: list[SourceSpec] = []
+        for index, (endpoint, bind) in enumerate(listed):
+            replay = self.replay[index] if self.replay else None
+            for offset in range(self.dp_ranks):
+                specs.append(SourceSpec(
+                    endpoint=offset_endpoint(endpoint, offset),
+                    bind=bind,
+                    replay=offset_endpoint(replay, offset) if replay else None,
+                    dp_rank=self.dp_rank_start + index + offset,
+                ))
+        subs = {s.endpoint for s in specs}
+        for spec in specs:
+            if spec.replay in subs:
+                log.warning("replay endpoint %s is also a PUB endpoint: with DP ranks on "
+                            "consecutive ports, move vLLM's replay_endpoint out of the PUB range",
+                            spec.replay)
+        return tuple(specs)
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration for logs: secrets masked, credentials in URLs removed."""
+        out = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            if out[name]:
+                out[name] = "***"
+        out["nats"] = re.sub(r"//[^@/]*@", "//***@", self.nats)
+        return out
+
+
+class SourceSpec(NamedTuple):
+    endpoint: str
+    bind: bool
+    replay: str | None
+    dp_rank: int
+
+
+def env_var(name: str) -> str:
+    return "KVRELAY_" + name.upper()
+
+
+def offset_endpoint(endpoint: str, offset: int) -> str:
+    """vLLM's DP layout: tcp port + rank, inproc name + `_dp<rank>`, ipc only for rank 0."""
+    if offset == 0:
+        return endpoint
+    if endpoint.startswith("inproc://"):
+        return f"{endpoint}_dp{offset}"
+    if endpoint.startswith("ipc://"):
+        raise ConfigError(f"{endpoint}: vLLM refuses ipc endpoints for DP ranks above 0")
+    match = re.fullmatch(r"(tcp://.+):(\d+)", endpoint)
+    if not match:
+        raise ConfigError(f"{endpoint}: --dp-ranks needs a tcp://host:port endpoint")
+    return f"{match.group(1)}:{int(match.group(2)) + offset}"
+
+
+def _parse(f: dataclasses.Field[Any], raw: Any, origin: str) -> Any:
+    meta = f.metadata
+    if meta["many"]:
+        items = raw if isinstance(raw, list | tuple) else str(raw).split(",")
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    if meta["choices"] and str(raw) not in meta["choices"]:
+        raise ConfigError(f"{origin}: {raw!r} is not one of {', '.join(meta['choices'])}")
+    kind = str(f.type)
+    convert: Callable[[str], Any]
+    if kind.startswith("int"):
+        convert = int
+    elif kind.startswith("float"):
+        convert = float
+    else:
+        return raw if isinstance(raw, str) else str(raw)
+    try:
+        return convert(str(raw))
+    except ValueError:
+        raise ConfigError(f"{origin}: {raw!r} is not a valid {convert.__name__}") from None

@@ -1,0 +1,299 @@
+"""Ingest: read vLLM's ZMQ PUB stream, keep it in sequence, fill gaps by replay.
+
+One Source per vLLM publisher (endpoint, dp_rank). It hands Frames downstream in seq order, each
+once, with the (epoch, seq) that names it on the wire and any `resync` the consumer must see
+before it. Payloads stay undecoded here; the codec decodes them at publish time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from relay.config import SourceSpec
+from relay.metrics import Metrics
+from relay.ratelimit import RateLimitedLog
+from relay.schema import Resync, ResyncReason, ResumePoint
+
+log = logging.getLogger("kvrelay.ingest")
+
+END_SEQ = b"\xff" * 8  # vLLM's end-of-replay marker: -1 as a signed 64-bit big-endian
+RCVHWM = 10_000
+
+
+class Frame(NamedTuple):
+    """One vLLM batch, in order, ready for the codec."""
+
+    dp_rank: int
+    epoch: int
+    seq: int
+    payload: bytes
+    recv_ts: float
+    resyncs: tuple[Resync, ...]
+
+
+class ReplayError(Exception):
+    """vLLM's replay socket answered something that is not a replay."""
+
+
+Sink = Callable[[Frame], None]
+
+
+class Source:
+    """One vLLM publisher: SUB socket, sequence tracking, replay through its ROUTER."""
+
+    def __init__(
+        self,
+        spec: SourceSpec,
+        ctx: zmq.asyncio.Context,
+        sink: Sink,
+        metrics: Metrics,
+        *,
+        topic: bytes = b"",
+        hold_limit: int = 50_000,
+        replay_timeout: float = 2.0,
+        replay_cooldown: float = 5.0,
+    ) -> None:
+        self.spec = spec
+        self._ctx = ctx
+        self._sink = sink
+        self._metrics = metrics
+        self._topic = topic
+        self._hold_limit = hold_limit
+        self._replay_timeout = replay_timeout
+        self._replay_cooldown = replay_cooldown
+        self._warn = RateLimitedLog(log)
+        self._received = metrics.batches_received.labels(str(spec.dp_rank))
+        self.subscribed = False
+        self.peers = 0
+        # Sequence state: the next seq expected in `epoch` (None: nothing known yet), and a
+        # reason to announce with the next batch even when no seq is missing.
+        self.epoch = 0
+        self.expected: int | None = None
+        self._announce: ResyncReason | None = None
+        self._emitted = False
+        # While resuming or replaying, live batches wait here (bounded: oldest dropped).
+        self._holding = True
+        self._held: deque[tuple[int, bytes, float]] = deque()
+        self._cooldown_until = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.endpoint} (dp_rank {self.spec.dp_rank})"
+
+    async def run(self, resume: Awaitable[ResumePoint | None]) -> None:
+        """Read until cancelled; batches wait until `resume` says where the stream left off."""
+        sock = await self._open()
+        drain = zmq.Socket.shadow(sock.underlying)  # sync view of the same socket
+        self._spawn(self._resume(resume))
+        try:
+            while True:
+                batch = [await sock.recv_multipart()]
+                # One wake-up, then drain without awaiting: awaiting each message costs 4x.
+                while len(batch) < 1024:
+                    try:
+                        batch.append(drain.recv_multipart(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+                now = time.time()
+                self._received.inc(len(batch))
+                for frames in batch:
+                    self._on_frames(frames, now)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            sock.close(linger=0)
+            self.subscribed = False
+
+    async def _open(self) -> zmq.asyncio.Socket:
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, self._topic)
+        self._spawn(self._watch(sock.get_monitor_socket()))
+        delay = 0.1
+        while True:
+            try:
+                if self.spec.bind:
+                    sock.bind(self.spec.endpoint)
+                else:
+                    sock.connect(self.spec.endpoint)
+                break
+            except zmq.ZMQError as exc:
+                verb = "bind" if self.spec.bind else "connect to"
+                log.error("cannot %s %s: %s; retrying in %.1fs", verb, self.spec.endpoint, exc,
+                          delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.subscribed = True
+        mode = "bound" if self.spec.bind else "connecting to"
+        log.info("ZMQ SUB %s %s (dp_rank %d)", mode, self.spec.endpoint, self.spec.dp_rank)
+        return sock
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        """Say when the vLLM publisher comes and goes, and when it cannot be reached."""
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                kind = event["event"]
+                if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    self.peers += 1
+                    log.info("vLLM publisher attached on %s", self.name)
+                elif kind == zmq.EVENT_DISCONNECTED:
+                    self.peers = max(0, self.peers - 1)
+                    log.warning("vLLM publisher went away from %s", self.name)
+                elif kind == zmq.EVENT_CONNECT_RETRIED:
+                    self._warn.warning("retry:" + self.name,
+                                       "no vLLM publisher at %s yet; retrying", self.name)
+                elif kind == zmq.EVENT_MONITOR_STOPPED:
+                    return
+        except asyncio.CancelledError:
+            monitor.close(linger=0)
+            raise
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- sequence tracking ---------------------------------------------------------------------
+
+    def _on_frames(self, frames: list[bytes], now: float) -> None:
+        if len(frames) != 3:
+            self._malformed("frame_count", f"{len(frames)} frames, expected 3")
+            return
+        raw_seq = frames[1]
+        if len(raw_seq) != 8:
+            self._malformed("seq_length", f"seq of {len(raw_seq)} bytes, expected 8")
+            return
+        seq = int.from_bytes(raw_seq, "big")
+        if self._holding:
+            self._hold(seq, frames[2], now)
+        else:
+            self._accept(seq, frames[2], now)
+
+    def _malformed(self, kind: str, detail: str) -> None:
+        self._metrics.decode_errors.labels(kind).inc()
+        self._warn.warning(kind, "dropped a malformed message from %s: %s", self.name, detail)
+
+    def _hold(self, seq: int, payload: bytes, now: float) -> None:
+        self._held.append((seq, payload, now))
+        if len(self._held) > self._hold_limit:
+            # The merge sees the hole this leaves and announces it as a gap.
+            self._held.popleft()
+            self._metrics.drop("overflow", 1)
+
+    def _accept(self, seq: int, payload: bytes, now: float) -> None:
+        """A live batch: pass it on, or start a replay for what is missing before it."""
+        if self.expected is not None and seq < self.expected:
+            self._metrics.restarts.inc()
+            log.warning("vLLM on %s restarted (seq %d after %d): epoch %d begins",
+                        self.name, seq, self.expected - 1, self.epoch + 1)
+            self.epoch += 1
+            self.expected = 0
+            self._announce = "restart"
+        missing_from = 0 if self.expected is None else self.expected
+        if seq > missing_from:
+            if self._announce is None and self.expected is not None:
+                self._metrics.gaps.inc()
+            if self.spec.replay and time.monotonic() >= self._cooldown_until:
+                self._holding = True
+                self._hold(seq, payload, now)
+                self._spawn(self._replay(missing_from))
+                return
+        self._emit(seq, payload, now)
+
+    def _emit(self, seq: int, payload: bytes, now: float) -> None:
+        resyncs: list[Resync] = []
+        start = 0 if self.expected is None else self.expected
+        if seq > start:
+            reason = self._announce or ("gap" if self._emitted else "start")
+            resyncs.append(Resync(reason, start, seq - 1))
+            self._metrics.missed_batches.inc(seq - start)
+        elif self._announce is not None:
+            resyncs.append(Resync(self._announce))
+        for resync in resyncs:
+            self._metrics.resyncs.labels(resync.reason).inc()
+        self._announce = None
+        self._emitted = True
+        self.expected = seq + 1
+        self._sink(Frame(self.spec.dp_rank, self.epoch, seq, payload, now, tuple(resyncs)))
+
+    # -- resume and replay ---------------------------------------------------------------------
+
+    async def _resume(self, resume: Awaitable[ResumePoint | None]) -> None:
+        point = await resume
+        if point is not None:
+            self.epoch, self.expected = point.epoch, point.seq + 1
+            log.info("%s resumes after epoch %d seq %d", self.name, point.epoch, point.seq)
+        if self.spec.replay:
+            await self._replay(0 if self.expected is None else self.expected)
+        else:
+            self._release_held(replayed_from=None)
+
+    async def _replay(self, start: int) -> None:
+        """Ask vLLM for every batch from `start`, then merge them with the live ones held."""
+        self._metrics.replays.labels("requested").inc()
+        try:
+            replies = await self._request_replay(start)
+        except (TimeoutError, ReplayError) as exc:
+            self._metrics.replays.labels("failed").inc()
+            self._cooldown_until = time.monotonic() + self._replay_cooldown
+            log.warning("replay from seq %d on %s failed (%s); emitting resync instead",
+                        start, self.spec.replay, exc or "timed out")
+            replies = []
+        else:
+            covered = bool(replies) and replies[0][0] <= start
+            self._metrics.replays.labels("succeeded" if covered else "partial").inc()
+        now = time.time()
+        for seq, payload in replies:
+            if seq >= start and (self.expected is None or seq >= self.expected):
+                self._emit(seq, payload, now)
+        self._release_held(replayed_from=start)
+
+    def _release_held(self, replayed_from: int | None) -> None:
+        held, self._held = self._held, deque()
+        self._holding = False
+        for seq, payload, recv_ts in held:
+            if (replayed_from is not None and self.expected is not None
+                    and replayed_from <= seq < self.expected):
+                continue  # the replay delivered it already
+            if self._holding:
+                self._hold(seq, payload, recv_ts)
+            else:
+                self._accept(seq, payload, recv_ts)
+
+    async def _request_replay(self, start: int) -> list[tuple[int, bytes]]:
+        assert self.spec.replay is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        replies: list[tuple[int, bytes]] = []
+        try:
+            sock.connect(self.spec.replay)
+            await sock.send_multipart([b"", start.to_bytes(8, "big")])
+            deadline = time.monotonic() + 10 * self._replay_timeout
+            while True:
+                wait = min(self._replay_timeout, deadline - time.monotonic())
+                if wait <= 0 or not await sock.poll(wait * 1000, zmq.POLLIN):
+                    raise TimeoutError(f"no reply within {self._replay_timeout}s")
+                frames = await sock.recv_multipart()
+                # [b"", seq, payload] up to vLLM 0.25, [b"", topic, seq, payload] since 0.26.
+                if len(frames) not in (3, 4) or frames[0] != b"" or len(frames[-2]) != 8:
+                    raise ReplayError(f"unexpected reply of {len(frames)} frames")
+                if frames[-2] == END_SEQ:
+                    return replies
+                seq = int.from_bytes(frames[-2], "big")
+                if replies and seq <= replies[-1][0]:
+                    raise ReplayError(f"replay seq {seq} does not follow {replies[-1][0]}")
+                replies.append((seq, frames[-1]))
+        finally:
+            sock.close(linger=0)

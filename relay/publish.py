@@ -1,0 +1,416 @@
+"""Publish: RelayBatches into NATS JetStream, many in flight, in order, each stored once.
+
+The publisher owns the NATS connection. It keeps a window of publishes awaiting their JetStream
+ack (core publish with a reply inbox, not one await per message). Every message carries
+`Nats-Msg-Id` = instance.dp_rank.epoch.seq, so whenever the outcome of a publish is unknown
+(ack timeout, error, reconnect) the whole unacknowledged window is sent again, in its original
+order, and JetStream's dedup drops what it had already stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import StorageType, StreamConfig
+
+from relay.buffer import Buffer
+from relay.codec import Codec, MalformedPayload, decode_resume_point
+from relay.config import Config
+from relay.ingest import Frame
+from relay.metrics import Metrics
+from relay.ratelimit import RateLimitedLog
+from relay.schema import SCHEMA_VERSION, RelayBatch, Resync, ResumePoint
+
+log = logging.getLogger("kvrelay.publish")
+
+
+class FatalError(Exception):
+    """A problem retrying cannot fix (e.g. a stream that does not take our subjects)."""
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _PubAck(msgspec.Struct):
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: _ApiError | None = None
+
+
+class _Pending:
+    __slots__ = ("events", "headers", "payload", "sent_at", "subject", "ts")
+
+    def __init__(self, subject: str, headers: dict[str, str], payload: bytes,
+                 ts: float, events: int) -> None:
+        self.subject = subject
+        self.headers = headers
+        self.payload = payload
+        self.ts = ts
+        self.events = events
+        self.sent_at = 0.0
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: `*` one token, `>` one or more trailing tokens."""
+    p_tokens, s_tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p_tokens):
+        if token == ">":
+            return len(s_tokens) > i
+        if i >= len(s_tokens) or (token != "*" and token != s_tokens[i]):
+            return False
+    return len(p_tokens) == len(s_tokens)
+
+
+def nats_options(config: Config) -> dict[str, Any]:
+    """Connection options shared by the relay and the operator commands."""
+    options: dict[str, Any] = {
+        "servers": [s.strip() for s in config.nats.split(",") if s.strip()],
+        "name": "kvrelay",
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": config.reconnect_wait_max,
+        "connect_timeout": 2,
+    }
+    if config.nats_user:
+        options["user"] = config.nats_user
+        options["password"] = config.nats_password or ""
+    if config.nats_token:
+        options["token"] = config.nats_token
+    if config.nats_nkey_seed:
+        options["nkeys_seed"] = config.nats_nkey_seed
+    if config.nats_creds:
+        options["user_credentials"] = config.nats_creds
+    if config.nats_tls_ca or config.nats_tls_cert:
+        context = ssl.create_default_context(cafile=config.nats_tls_ca)
+        if config.nats_tls_cert:
+            context.load_cert_chain(config.nats_tls_cert, config.nats_tls_key)
+        options["tls"] = context
+    return options
+
+
+class Publisher:
+    """Takes Frames from the Buffer, encodes them and keeps them flowing into JetStream."""
+
+    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics) -> None:
+        self._config = config
+        self._instance_id = instance_id
+        self._buffer = buffer
+        self._metrics = metrics
+        self._codec = Codec(config.format, metrics)
+        self._warn = RateLimitedLog(log)
+        self._subject_prefix = f"kv.{config.namespace}.{config.component}.{instance_id}"
+        self._nc: Client | None = None
+        self._inbox = ""
+        self._window: dict[int, _Pending] = {}
+        self._next_token = 0
+        self._wake = asyncio.Event()
+        self._retry_at: float | None = None
+        self._backoff = 0.05
+        self._dropped: dict[int, Resync] = {}  # dp_rank -> resync for a batch we could not send
+        self.connected = False
+        self.stream_ready = asyncio.Event()
+        self.fatal: asyncio.Future[FatalError] = asyncio.get_running_loop().create_future()
+        self.last_error = "not connected yet"
+
+    def subject(self, dp_rank: int) -> str:
+        return f"{self._subject_prefix}.{dp_rank}"
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._window)
+
+    # -- connection and stream -----------------------------------------------------------------
+
+    async def connect(self, dp_ranks: list[int]) -> None:
+        """Connect (retrying forever), then create or verify the stream."""
+        options = nats_options(self._config)
+        log.info("connecting to NATS at %s", self._config.redacted()["nats"])
+        self._nc = await nats.connect(
+            **options,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        self._inbox = self._nc.new_inbox() + "."
+        await self._nc.subscribe(self._inbox + "*", cb=self._on_ack)
+        self.connected = True
+        log.info("connected to NATS at %s", self._nc.connected_url.netloc
+                 if self._nc.connected_url else "?")
+        await self._ensure_stream([self.subject(rank) for rank in dp_ranks])
+        self._wake.set()
+
+    async def _ensure_stream(self, subjects: list[str]) -> None:
+        assert self._nc is not None
+        cfg = self._config
+        delay = 0.1
+        while True:
+            try:
+                js = self._nc.jetstream()
+                try:
+                    info = await js.stream_info(cfg.stream)
+                except nats.js.errors.NotFoundError:
+                    await js.add_stream(StreamConfig(
+                        name=cfg.stream, subjects=["kv.>"], storage=StorageType.FILE,
+                        num_replicas=cfg.stream_replicas, max_age=cfg.stream_max_age,
+                        max_bytes=cfg.stream_max_bytes, duplicate_window=cfg.stream_duplicate_window,
+                    ))
+                    log.info("created JetStream stream %s (subjects kv.>)", cfg.stream)
+                else:
+                    patterns = info.config.subjects or []
+                    missing = [s for s in subjects
+                               if not any(subject_matches(p, s) for p in patterns)]
+                    if missing:
+                        error = FatalError(
+                            f"stream {cfg.stream} has subjects {patterns}, which do not cover "
+                            f"{', '.join(missing)}; add kv.> to it or choose another --stream")
+                        if not self.fatal.done():
+                            self.fatal.set_result(error)
+                        raise error
+                    log.info("using JetStream stream %s (subjects %s)", cfg.stream, patterns)
+                self.stream_ready.set()
+                return
+            except (nats.errors.Error, TimeoutError) as exc:
+                if isinstance(exc, nats.js.errors.ServiceUnavailableError | nats.errors.NoRespondersError):
+                    self.last_error = "JetStream is not available (is nats-server running with -js?)"
+                else:
+                    self.last_error = f"stream {cfg.stream} not usable: {exc!r}"
+                self._warn.warning("stream", "%s; retrying", self.last_error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def resume_point(self, dp_rank: int) -> ResumePoint | None:
+        """The last (epoch, seq) published on this rank's subject, None if it has none."""
+        await self.stream_ready.wait()
+        assert self._nc is not None
+        subject = self.subject(dp_rank)
+        while True:
+            try:
+                msg = await self._nc.jetstream().get_last_msg(self._config.stream, subject)
+            except nats.js.errors.NotFoundError:
+                return None
+            except (nats.errors.Error, TimeoutError) as exc:
+                self._warn.warning("resume", "cannot read the last message on %s: %r; retrying",
+                                   subject, exc)
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                return decode_resume_point(msg.data or b"")
+            except ValueError as exc:
+                log.error("last message on %s is not a RelayBatch (%s); starting a new epoch",
+                          subject, exc)
+                return None
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._metrics.nats_errors.inc()
+        self.last_error = f"NATS: {exc!r}"
+        self._warn.warning("nats", "NATS at %s: %r (the relay keeps buffering and retrying)",
+                           self._config.redacted()["nats"], exc)
+
+    async def _on_disconnected(self) -> None:
+        if self.connected:
+            log.warning("disconnected from NATS; buffering until it is back")
+        self.connected = False
+        self.last_error = "disconnected from NATS"
+
+    async def _on_reconnected(self) -> None:
+        self._metrics.nats_reconnects.inc()
+        self.connected = True
+        log.info("reconnected to NATS; resending %d unacknowledged publishes", len(self._window))
+        self._schedule_retry(0.0)
+
+    # -- the publish loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Move frames from the buffer into the window until cancelled."""
+        watchdog = asyncio.ensure_future(self._watch_acks())
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if not self.connected or not self.stream_ready.is_set():
+                    continue
+                if self._retry_at is not None:
+                    if time.monotonic() < self._retry_at:
+                        continue
+                    self._retry_at = None
+                    await self._resend_window()
+                while self._buffer and len(self._window) < self._config.max_in_flight:
+                    await self._send(self._buffer.pop())
+                    if not self.connected:
+                        break
+                self._update_gauges()
+        finally:
+            watchdog.cancel()
+
+    def notify(self) -> None:
+        """Called by the buffer's producer: there is something to send."""
+        self._wake.set()
+
+    async def _send(self, frame: Frame) -> None:
+        try:
+            decoded = self._codec.decode(frame.payload)
+        except MalformedPayload as exc:
+            self._metrics.decode_errors.labels(exc.kind).inc()
+            self._metrics.drop("malformed", 1)
+            self._warn.warning(exc.kind, "dropped an undecodable batch (dp_rank %d seq %d): %s",
+                               frame.dp_rank, frame.seq, exc)
+            self._dropped[frame.dp_rank] = Resync("gap", frame.seq, frame.seq)
+            self._metrics.resyncs.labels("gap").inc()
+            return
+        if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
+            self._warn.warning("rank", "batch says data_parallel_rank %d but arrived on the "
+                               "endpoint of dp_rank %d; publishing under %d",
+                               decoded.dp_rank, frame.dp_rank, frame.dp_rank)
+        events: list[Any] = list(frame.resyncs)
+        carried = self._dropped.pop(frame.dp_rank, None)
+        if carried is not None:
+            events.insert(0, carried)
+        events.extend(decoded.events)
+        self._metrics.events_received.inc(len(decoded.events))
+        payload = self._codec.encode(RelayBatch(
+            instance_id=self._instance_id, dp_rank=frame.dp_rank, epoch=frame.epoch,
+            seq=frame.seq, ts=decoded.ts, relay_ts=frame.recv_ts, events=events,
+        ))
+        msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
+        pending = _Pending(self.subject(frame.dp_rank),
+                           {"Nats-Msg-Id": msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)},
+                           payload, decoded.ts, len(decoded.events))
+        token = self._next_token
+        self._next_token += 1
+        self._window[token] = pending
+        await self._publish(token, pending)
+
+    async def _publish(self, token: int, pending: _Pending) -> None:
+        assert self._nc is not None
+        pending.sent_at = time.monotonic()
+        try:
+            await self._nc.publish(pending.subject, pending.payload,
+                                   reply=f"{self._inbox}{token}", headers=pending.headers)
+        except nats.errors.MaxPayloadError:
+            del self._window[token]
+            self._metrics.drop("too_large", 1, pending.events)
+            log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
+                      len(pending.payload), pending.subject)
+        except (nats.errors.Error, OSError) as exc:
+            self._warn.warning("publish", "publish failed: %r; will resend", exc)
+            self._schedule_retry()
+
+    async def _resend_window(self) -> None:
+        for token, pending in list(self._window.items()):
+            if not self.connected:
+                return
+            if token in self._window:
+                await self._publish(token, pending)
+
+    def _schedule_retry(self, delay: float | None = None) -> None:
+        if delay is None:
+            delay = self._backoff
+            self._backoff = min(self._backoff * 2, self._config.reconnect_wait_max)
+        if self._retry_at is None:
+            self._retry_at = time.monotonic() + delay
+        self._wake.set()
+
+    async def _watch_acks(self) -> None:
+        """Resend the window when its oldest publish has waited longer than the ack timeout."""
+        period = min(self._config.ack_timeout / 4, 0.25)
+        while True:
+            await asyncio.sleep(period)
+            if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                self._wake.set()
+            if not self._window or not self.connected:
+                continue
+            oldest = next(iter(self._window.values()))
+            if oldest.sent_at and time.monotonic() - oldest.sent_at > self._config.ack_timeout:
+                self._warn.warning("ack-timeout", "no JetStream ack within %.1fs for %d "
+                                   "publishes; sending them again", self._config.ack_timeout,
+                                   len(self._window))
+                oldest.sent_at = time.monotonic()
+                self._schedule_retry(0.0)
+
+    async def _on_ack(self, msg: Msg) -> None:
+        try:
+            token = int(msg.subject[len(self._inbox):])
+        except ValueError:
+            return
+        pending = self._window.get(token)
+        if pending is None:
+            return  # the ack of an earlier attempt already came
+        if not msg.data:
+            # A status message (503: no responders) - the stream is not there right now.
+            self._warn.warning("no-responders", "JetStream did not answer a publish on %s; "
+                               "retrying", pending.subject)
+            self._schedule_retry()
+            return
+        try:
+            ack = msgspec.json.decode(msg.data, type=_PubAck)
+        except msgspec.DecodeError:
+            ack = _PubAck(error=_ApiError(description=f"unreadable ack {msg.data[:80]!r}"))
+        if ack.error is not None:
+            if ack.error.code == 503 or ack.error.code == 0:
+                self._warn.warning("ack-error", "JetStream could not store a publish on %s: %s; "
+                                   "retrying", pending.subject, ack.error.description)
+                self._schedule_retry()
+                return
+            del self._window[token]
+            self._metrics.drop("rejected", 1, pending.events)
+            self._warn.warning("rejected", "JetStream rejected a publish on %s: %s (code %d)",
+                               pending.subject, ack.error.description, ack.error.code)
+            return
+        del self._window[token]
+        self._backoff = 0.05
+        now = time.monotonic()
+        if ack.duplicate:
+            self._metrics.duplicates.inc()
+        self._metrics.batches_published.inc()
+        self._metrics.events_published.inc(pending.events)
+        self._metrics.publish_latency.observe(now - pending.sent_at)
+        self._metrics.lag.observe(max(0.0, time.time() - pending.ts))
+        if len(self._window) < self._config.max_in_flight:
+            self._wake.set()
+
+    def _update_gauges(self) -> None:
+        self._metrics.in_flight.set(len(self._window))
+        self._metrics.buffer_batches.set(len(self._buffer))
+        self._metrics.buffer_bytes.set(self._buffer.nbytes)
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until the buffer and the window are empty; False if `timeout` came first."""
+        deadline = time.monotonic() + timeout
+        while self._buffer or self._window:
+            if time.monotonic() >= deadline:
+                return False
+            self._wake.set()
+            await asyncio.sleep(0.01)
+        self._update_gauges()
+        return True
+
+    def abandon(self) -> int:
+        """Count what could not be delivered; returns the number of batches."""
+        lost = len(self._buffer) + len(self._window)
+        events = sum(p.events for p in self._window.values())
+        self._buffer.drain_all()
+        self._window.clear()
+        if lost:
+            self._metrics.drop("shutdown", lost, events)
+        self._update_gauges()
+        return lost
+
+    async def close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
