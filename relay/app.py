@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from collections.abc import Mapping
+from typing import Any
 
 import uvloop
 import zmq.asyncio
@@ -102,7 +103,8 @@ class Relay:
         self.started.set()
 
     def _deliver(self, frame: Frame) -> None:
-        assert self.buffer is not None and self.publisher is not None
+        assert self.buffer is not None
+        assert self.publisher is not None
         self.buffer.put(frame)
         self.publisher.notify()
 
@@ -113,8 +115,8 @@ class Relay:
         """Wait for a signal, a fatal configuration problem, or a part that died."""
         assert self.publisher is not None
         exit_wait = asyncio.ensure_future(self._exit.wait())
-        watched: set[asyncio.Future[object]] = {exit_wait, self.publisher.fatal,
-                                                *self._tasks, *self._source_tasks}
+        watched: set[asyncio.Future[Any]] = {exit_wait, self.publisher.fatal,
+                                             *self._tasks, *self._source_tasks}
         while True:
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             if exit_wait in done:

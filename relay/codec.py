@@ -182,4 +182,4 @@ def decode_relay_batch(data: bytes) -> RelayBatch:
 
 
 def _unhex(value: Any) -> BlockHash | None:
-    return bytes.fromhex(value) if isinstance(value, str) else value  # type: ignore[no-any-return]
+    return bytes.fromhex(value) if isinstance(value, str) else value

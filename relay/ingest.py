@@ -21,7 +21,7 @@ from zmq.utils.monitor import parse_monitor_message
 from relay.config import SourceSpec
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimitedLog
-from relay.schema import Resync, ResyncReason, ResumePoint
+from relay.schema import ResumePoint, Resync, ResyncReason
 
 log = logging.getLogger("kvrelay.ingest")
 
@@ -93,7 +93,7 @@ class Source:
     async def run(self, resume: Awaitable[ResumePoint | None]) -> None:
         """Read until cancelled; batches wait until `resume` says where the stream left off."""
         sock = await self._open()
-        drain = zmq.Socket.shadow(sock.underlying)  # sync view of the same socket
+        drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)  # same socket, sync
         self._spawn(self._resume(resume))
         try:
             while True:
@@ -283,7 +283,7 @@ class Source:
             deadline = time.monotonic() + 10 * self._replay_timeout
             while True:
                 wait = min(self._replay_timeout, deadline - time.monotonic())
-                if wait <= 0 or not await sock.poll(wait * 1000, zmq.POLLIN):
+                if wait <= 0 or not await sock.poll(timeout=int(wait * 1000)):
                     raise TimeoutError(f"no reply within {self._replay_timeout}s")
                 frames = await sock.recv_multipart()
                 # [b"", seq, payload] up to vLLM 0.25, [b"", topic, seq, payload] since 0.26.

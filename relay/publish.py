@@ -29,7 +29,7 @@ from relay.config import Config
 from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimitedLog
-from relay.schema import SCHEMA_VERSION, RelayBatch, Resync, ResumePoint
+from relay.schema import SCHEMA_VERSION, RelayBatch, ResumePoint, Resync
 
 log = logging.getLogger("kvrelay.publish")
 
@@ -126,6 +126,9 @@ class Publisher:
         self.fatal: asyncio.Future[FatalError] = asyncio.get_running_loop().create_future()
         self.last_error = "not connected yet"
 
+    def _online(self) -> bool:
+        return self.connected
+
     def subject(self, dp_rank: int) -> str:
         return f"{self._subject_prefix}.{dp_rank}"
 
@@ -148,8 +151,8 @@ class Publisher:
         self._inbox = self._nc.new_inbox() + "."
         await self._nc.subscribe(self._inbox + "*", cb=self._on_ack)
         self.connected = True
-        log.info("connected to NATS at %s", self._nc.connected_url.netloc
-                 if self._nc.connected_url else "?")
+        url = self._nc.connected_url
+        log.info("connected to NATS at %s", url.netloc if url else "?")
         await self._ensure_stream([self.subject(rank) for rank in dp_ranks])
         self._wake.set()
 
@@ -166,7 +169,8 @@ class Publisher:
                     await js.add_stream(StreamConfig(
                         name=cfg.stream, subjects=["kv.>"], storage=StorageType.FILE,
                         num_replicas=cfg.stream_replicas, max_age=cfg.stream_max_age,
-                        max_bytes=cfg.stream_max_bytes, duplicate_window=cfg.stream_duplicate_window,
+                        max_bytes=cfg.stream_max_bytes,
+                        duplicate_window=cfg.stream_duplicate_window,
                     ))
                     log.info("created JetStream stream %s (subjects kv.>)", cfg.stream)
                 else:
@@ -184,8 +188,9 @@ class Publisher:
                 self.stream_ready.set()
                 return
             except (nats.errors.Error, TimeoutError) as exc:
-                if isinstance(exc, nats.js.errors.ServiceUnavailableError | nats.errors.NoRespondersError):
-                    self.last_error = "JetStream is not available (is nats-server running with -js?)"
+                if isinstance(exc, nats.js.errors.ServiceUnavailableError
+                              | nats.errors.NoRespondersError):
+                    self.last_error = "JetStream is not enabled or not available on this server"
                 else:
                     self.last_error = f"stream {cfg.stream} not usable: {exc!r}"
                 self._warn.warning("stream", "%s; retrying", self.last_error)
@@ -250,7 +255,7 @@ class Publisher:
                     await self._resend_window()
                 while self._buffer and len(self._window) < self._config.max_in_flight:
                     await self._send(self._buffer.pop())
-                    if not self.connected:
+                    if not self._online():
                         break
                 self._update_gauges()
         finally:
@@ -389,9 +394,9 @@ class Publisher:
 
     # -- shutdown ------------------------------------------------------------------------------
 
-    async def flush(self, timeout: float) -> bool:
-        """Wait until the buffer and the window are empty; False if `timeout` came first."""
-        deadline = time.monotonic() + timeout
+    async def flush(self, within: float) -> bool:
+        """Wait until the buffer and the window are empty; False if `within` seconds pass."""
+        deadline = time.monotonic() + within
         while self._buffer or self._window:
             if time.monotonic() >= deadline:
                 return False
@@ -412,5 +417,6 @@ class Publisher:
         return lost
 
     async def close(self) -> None:
+        self.connected = False
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()

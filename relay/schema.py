@@ -30,21 +30,21 @@ class _StoredFields(Struct, tag_field="type", gc=False):
     lora_id: int | None = None
     medium: str | None = None
     lora_name: str | None = None
-    extra_keys: list[Any] | None | UnsetType = UNSET
-    group_idx: int | None | UnsetType = UNSET
-    kv_cache_spec_kind: str | None | UnsetType = UNSET
-    kv_cache_spec_sliding_window: int | None | UnsetType = UNSET
+    extra_keys: list[Any] | UnsetType | None = UNSET
+    group_idx: int | UnsetType | None = UNSET
+    kv_cache_spec_kind: str | UnsetType | None = UNSET
+    kv_cache_spec_sliding_window: int | UnsetType | None = UNSET
     locality: Any | UnsetType = UNSET
     ownership: Any | UnsetType = UNSET
     session_id: Any | UnsetType = UNSET
-    lookahead_token_ids: list[int] | None | UnsetType = UNSET
+    lookahead_token_ids: list[int] | UnsetType | None = UNSET
     cache_salt: Any | UnsetType = UNSET
 
 
 class _RemovedFields(Struct, tag_field="type", gc=False):
     block_hashes: list[BlockHash]
     medium: str | None = None
-    group_idx: int | None | UnsetType = UNSET
+    group_idx: int | UnsetType | None = UNSET
 
 
 class _ClearedFields(Struct, tag_field="type", gc=False):
