@@ -84,6 +84,9 @@ def nats_options(config: Config) -> dict[str, Any]:
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": config.reconnect_wait_max,
         "connect_timeout": 2,
+        # Find a dead or frozen server in seconds, not nats-py's default two minutes.
+        "ping_interval": 5,
+        "max_outstanding_pings": 3,
     }
     if config.nats_user:
         options["user"] = config.nats_user
@@ -127,7 +130,8 @@ class Publisher:
         self.last_error = "not connected yet"
 
     def _online(self) -> bool:
-        return self.connected
+        # nats-py's own state flips before our callback runs; trust it for sending.
+        return self.connected and self._nc is not None and self._nc.is_connected
 
     def subject(self, dp_rank: int) -> str:
         return f"{self._subject_prefix}.{dp_rank}"
@@ -230,6 +234,13 @@ class Publisher:
             log.warning("disconnected from NATS; buffering until it is back")
         self.connected = False
         self.last_error = "disconnected from NATS"
+        # nats-py would send the commands it had not written yet right after reconnecting,
+        # before our ordered resend of the whole window, so later batches could land before
+        # earlier ones lost with the old socket. The window holds them all: forget nats-py's
+        # copy and let the resend put them back in order.
+        if self._nc is not None:
+            self._nc._pending = []
+            self._nc._pending_data_size = 0
 
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()
@@ -246,7 +257,7 @@ class Publisher:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                if not self.connected or not self.stream_ready.is_set():
+                if not self._online() or not self.stream_ready.is_set():
                     continue
                 if self._retry_at is not None:
                     if time.monotonic() < self._retry_at:
@@ -316,7 +327,7 @@ class Publisher:
 
     async def _resend_window(self) -> None:
         for token, pending in list(self._window.items()):
-            if not self.connected:
+            if not self._online():
                 return
             if token in self._window:
                 await self._publish(token, pending)
@@ -336,7 +347,7 @@ class Publisher:
             await asyncio.sleep(period)
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._wake.set()
-            if not self._window or not self.connected:
+            if not self._window or not self._online():
                 continue
             oldest = next(iter(self._window.values()))
             if oldest.sent_at and time.monotonic() - oldest.sent_at > self._config.ack_timeout:
