@@ -182,12 +182,12 @@ class Publisher:
                     missing = [s for s in subjects
                                if not any(subject_matches(p, s) for p in patterns)]
                     if missing:
-                        error = FatalError(
+                        self.last_error = (
                             f"stream {cfg.stream} has subjects {patterns}, which do not cover "
                             f"{', '.join(missing)}; add kv.> to it or choose another --stream")
                         if not self.fatal.done():
-                            self.fatal.set_result(error)
-                        raise error
+                            self.fatal.set_result(FatalError(self.last_error))
+                        return
                     log.info("using JetStream stream %s (subjects %s)", cfg.stream, patterns)
                 self.stream_ready.set()
                 return
