@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from typing import Any
 
@@ -21,21 +20,17 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import StorageType, StreamConfig
 
 from relay.buffer import Buffer
-from relay.codec import Codec, MalformedPayload, decode_resume_point
+from relay.codec import Codec, MalformedPayload
 from relay.config import Config
 from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimitedLog
 from relay.schema import SCHEMA_VERSION, RelayBatch, ResumePoint, Resync
+from relay.stream import StreamMismatch, ensure_stream, last_published, nats_options
 
 log = logging.getLogger("kvrelay.publish")
-
-
-class FatalError(Exception):
-    """A problem retrying cannot fix (e.g. a stream that does not take our subjects)."""
 
 
 class _ApiError(msgspec.Struct):
@@ -64,47 +59,6 @@ class _Pending:
         self.sent_at = 0.0
 
 
-def subject_matches(pattern: str, subject: str) -> bool:
-    """NATS wildcard match: `*` one token, `>` one or more trailing tokens."""
-    p_tokens, s_tokens = pattern.split("."), subject.split(".")
-    for i, token in enumerate(p_tokens):
-        if token == ">":
-            return len(s_tokens) > i
-        if i >= len(s_tokens) or (token != "*" and token != s_tokens[i]):
-            return False
-    return len(p_tokens) == len(s_tokens)
-
-
-def nats_options(config: Config) -> dict[str, Any]:
-    """Connection options shared by the relay and the operator commands."""
-    options: dict[str, Any] = {
-        "servers": [s.strip() for s in config.nats.split(",") if s.strip()],
-        "name": "kvrelay",
-        "allow_reconnect": True,
-        "max_reconnect_attempts": -1,
-        "reconnect_time_wait": config.reconnect_wait_max,
-        "connect_timeout": 2,
-        # Find a dead or frozen server in seconds, not nats-py's default two minutes.
-        "ping_interval": 5,
-        "max_outstanding_pings": 3,
-    }
-    if config.nats_user:
-        options["user"] = config.nats_user
-        options["password"] = config.nats_password or ""
-    if config.nats_token:
-        options["token"] = config.nats_token
-    if config.nats_nkey_seed:
-        options["nkeys_seed"] = config.nats_nkey_seed
-    if config.nats_creds:
-        options["user_credentials"] = config.nats_creds
-    if config.nats_tls_ca or config.nats_tls_cert:
-        context = ssl.create_default_context(cafile=config.nats_tls_ca)
-        if config.nats_tls_cert:
-            context.load_cert_chain(config.nats_tls_cert, config.nats_tls_key)
-        options["tls"] = context
-    return options
-
-
 class Publisher:
     """Takes Frames from the Buffer, encodes them and keeps them flowing into JetStream."""
 
@@ -126,7 +80,7 @@ class Publisher:
         self._dropped: dict[int, Resync] = {}  # dp_rank -> resync for a batch we could not send
         self.connected = False
         self.stream_ready = asyncio.Event()
-        self.fatal: asyncio.Future[FatalError] = asyncio.get_running_loop().create_future()
+        self.fatal: asyncio.Future[StreamMismatch] = asyncio.get_running_loop().create_future()
         self.last_error = "not connected yet"
 
     def _online(self) -> bool:
@@ -162,41 +116,23 @@ class Publisher:
 
     async def _ensure_stream(self, subjects: list[str]) -> None:
         assert self._nc is not None
-        cfg = self._config
         delay = 0.1
         while True:
             try:
-                js = self._nc.jetstream()
-                try:
-                    info = await js.stream_info(cfg.stream)
-                except nats.js.errors.NotFoundError:
-                    await js.add_stream(StreamConfig(
-                        name=cfg.stream, subjects=["kv.>"], storage=StorageType.FILE,
-                        num_replicas=cfg.stream_replicas, max_age=cfg.stream_max_age,
-                        max_bytes=cfg.stream_max_bytes,
-                        duplicate_window=cfg.stream_duplicate_window,
-                    ))
-                    log.info("created JetStream stream %s (subjects kv.>)", cfg.stream)
-                else:
-                    patterns = info.config.subjects or []
-                    missing = [s for s in subjects
-                               if not any(subject_matches(p, s) for p in patterns)]
-                    if missing:
-                        self.last_error = (
-                            f"stream {cfg.stream} has subjects {patterns}, which do not cover "
-                            f"{', '.join(missing)}; add kv.> to it or choose another --stream")
-                        if not self.fatal.done():
-                            self.fatal.set_result(FatalError(self.last_error))
-                        return
-                    log.info("using JetStream stream %s (subjects %s)", cfg.stream, patterns)
+                log.info("%s", await ensure_stream(self._nc.jetstream(), self._config, subjects))
                 self.stream_ready.set()
+                return
+            except StreamMismatch as exc:
+                self.last_error = str(exc)
+                if not self.fatal.done():
+                    self.fatal.set_result(exc)
                 return
             except (nats.errors.Error, TimeoutError) as exc:
                 if isinstance(exc, nats.js.errors.ServiceUnavailableError
                               | nats.errors.NoRespondersError):
                     self.last_error = "JetStream is not enabled or not available on this server"
                 else:
-                    self.last_error = f"stream {cfg.stream} not usable: {exc!r}"
+                    self.last_error = f"stream {self._config.stream} not usable: {exc!r}"
                 self._warn.warning("stream", "%s; retrying", self.last_error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -208,20 +144,11 @@ class Publisher:
         subject = self.subject(dp_rank)
         while True:
             try:
-                msg = await self._nc.jetstream().get_last_msg(self._config.stream, subject)
-            except nats.js.errors.NotFoundError:
-                return None
+                return await last_published(self._nc.jetstream(), self._config.stream, subject)
             except (nats.errors.Error, TimeoutError) as exc:
                 self._warn.warning("resume", "cannot read the last message on %s: %r; retrying",
                                    subject, exc)
                 await asyncio.sleep(0.5)
-                continue
-            try:
-                return decode_resume_point(msg.data or b"")
-            except ValueError as exc:
-                log.error("last message on %s is not a RelayBatch (%s); starting a new epoch",
-                          subject, exc)
-                return None
 
     async def _on_error(self, exc: Exception) -> None:
         self._metrics.nats_errors.inc()
