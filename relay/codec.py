@@ -50,6 +50,10 @@ class DecodedBatch(NamedTuple):
     dp_rank: int | None
 
 
+# What msgspec raises on bytes that are not msgpack: besides DecodeError, RecursionError when
+# nested past its depth limit and UnicodeDecodeError for a str that is not UTF-8.
+_NOT_MSGPACK = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
+
 _FAST_OUTPUT: dict[type, type[Stored] | type[Removed] | type[Cleared]] = {
     VllmBlockStored: Stored,
     VllmBlockRemoved: Removed,
@@ -76,7 +80,7 @@ class Codec:
             batch = self._fast.decode(payload)
         except msgspec.ValidationError:
             return self._decode_general(payload)
-        except msgspec.DecodeError as exc:
+        except _NOT_MSGPACK as exc:
             raise MalformedPayload("msgpack", str(exc)) from None
         events: list[RelayEvent] = [
             _FAST_OUTPUT[type(event)](*astuple(event)) for event in batch.events
@@ -86,7 +90,7 @@ class Codec:
     def _decode_general(self, payload: bytes) -> DecodedBatch:
         try:
             obj = self._generic.decode(payload)
-        except msgspec.DecodeError as exc:
+        except _NOT_MSGPACK as exc:
             raise MalformedPayload("msgpack", str(exc)) from None
         if isinstance(obj, list) and len(obj) >= 2:
             ts, raw_events = obj[0], obj[1]
@@ -121,13 +125,15 @@ class Codec:
             if self._metrics is not None:
                 self._metrics.unknown_events.inc()
             return Unknown(tag=tag if isinstance(tag, str) else repr(tag), raw=raw)
-        known = out_type.__struct_fields__
+        # Not `extra` itself: a vLLM key of that name is an unknown key like any other.
+        known = set(out_type.__struct_fields__) - {"extra"}
         extra = {k: v for k, v in fields.items() if k not in known}
         if extra:
             fields = {k: v for k, v in fields.items() if k in known}
             fields["extra"] = extra
         try:
-            return msgspec.convert(fields, out_type)
+            # builtin_types: a str is not a hash; convert would otherwise base64-decode it to bytes.
+            return msgspec.convert(fields, out_type, builtin_types=(bytes,))
         except msgspec.ValidationError as exc:
             if self._metrics is not None:
                 self._metrics.decode_errors.labels("invalid_event").inc()
