@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +32,10 @@ log = logging.getLogger("kvrelay")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+
+
+class StartupError(Exception):
+    """The relay cannot start here as configured; the message says why."""
 
 
 class Relay:
@@ -67,6 +72,9 @@ class Relay:
         try:
             await self.startup()
             await self.main_loop()
+        except StartupError as exc:
+            log.error("%s", exc)
+            self.exit_code = EXIT_FAILED
         finally:
             await self.shutdown()
         return self.exit_code
@@ -84,7 +92,12 @@ class Relay:
         self.publisher = Publisher(config, instance_id, self.buffer, self.metrics)
         self.system = SystemServer(config.system_host, config.system_port, self.metrics,
                                    self.readiness)
-        await self.system.start()
+        try:
+            await self.system.start()
+        except OSError as exc:
+            raise StartupError(f"cannot serve /health and /metrics on "
+                               f"{config.system_host}:{config.system_port}: {exc.strerror}; "
+                               "choose another --system-port") from None
 
         specs = config.sources()
         self._spawn(self.publisher.connect([s.dp_rank for s in specs]))
@@ -145,22 +158,29 @@ class Relay:
 
     async def shutdown(self) -> None:
         self._draining = True
-        # Phase 1: stop intake. vLLM's PUB keeps going; nothing more is read from it.
+        deadline = time.monotonic() + self.config.drain_timeout
+        # Phase 1: stop intake. vLLM's PUB keeps going; nothing more is read from it. Batches
+        # held for a resume or a replay still in progress go on once it completes.
         for task in self._source_tasks:
             task.cancel()
         await asyncio.gather(*self._source_tasks, return_exceptions=True)
+        held_lost = 0
+        for source in self._sources:
+            within = 0.0 if self._force.is_set() else deadline - time.monotonic()
+            held_lost += await source.settle(within)
         # Phase 2: publish what is buffered and wait for the acks, bounded by the drain timeout
         # (and by a second signal).
         if self.publisher is not None and self.buffer is not None:
             pending = len(self.buffer) + self.publisher.in_flight
             if pending and not self._force.is_set():
                 log.info("draining %d batches (up to %.0fs)", pending, self.config.drain_timeout)
-                flush = asyncio.ensure_future(self.publisher.flush(self.config.drain_timeout))
+                flush = asyncio.ensure_future(
+                    self.publisher.flush(max(0.0, deadline - time.monotonic())))
                 force = asyncio.ensure_future(self._force.wait())
                 await asyncio.wait({flush, force}, return_when=asyncio.FIRST_COMPLETED)
                 force.cancel()
                 flush.cancel()
-            lost = self.publisher.abandon()
+            lost = self.publisher.abandon() + held_lost
             if lost:
                 log.error("stopped with %d batches not delivered (counted as dropped: shutdown)",
                           lost)

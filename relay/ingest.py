@@ -80,11 +80,15 @@ class Source:
         self.expected: int | None = None
         self._announce: ResyncReason | None = None
         self._emitted = False
-        # While resuming or replaying, live batches wait here (bounded: oldest dropped).
+        self._gap_counted_at: int | None = None  # a gap re-seen after a failed replay is one gap
+        # While resuming or replaying, live batches wait here (bounded: oldest dropped; the
+        # highest seq dropped so the hole is announced as `overflow`).
         self._holding = True
         self._held: deque[tuple[int, bytes, float]] = deque()
+        self._overflow_upto: int | None = None
         self._cooldown_until = 0.0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # resume and replay
 
     @property
     def name(self) -> str:
@@ -92,9 +96,9 @@ class Source:
 
     async def run(self, resume: Awaitable[ResumePoint | None]) -> None:
         """Read until cancelled; batches wait until `resume` says where the stream left off."""
+        self._spawn(self._resume(resume))
         sock = await self._open()
         drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)  # same socket, sync
-        self._spawn(self._resume(resume))
         try:
             while True:
                 batch = [await sock.recv_multipart()]
@@ -105,21 +109,36 @@ class Source:
                     except zmq.Again:
                         break
                 now = time.time()
-                self._received.inc(len(batch))
-                for frames in batch:
-                    self._on_frames(frames, now)
+                self._received.inc(sum(self._on_frames(frames, now) for frames in batch))
         finally:
-            for task in self._tasks:
-                task.cancel()
+            if self._watcher is not None:
+                self._watcher.cancel()
             sock.close(linger=0)
             self.subscribed = False
+
+    async def settle(self, within: float) -> int:
+        """After reading stopped: let a pending resume or replay hand on what is held.
+
+        Returns the number of batches still held when `within` ran out (dropped, counted).
+        """
+        deadline = time.monotonic() + within
+        while self._tasks and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        lost = len(self._held)
+        if lost:
+            self._held.clear()
+            self._metrics.drop("shutdown", lost)
+        return lost
 
     async def _open(self) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
-        self._spawn(self._watch(sock.get_monitor_socket()))
+        self._watcher = asyncio.ensure_future(self._watch(sock.get_monitor_socket()))
         delay = 0.1
         while True:
             try:
@@ -167,19 +186,21 @@ class Source:
 
     # -- sequence tracking ---------------------------------------------------------------------
 
-    def _on_frames(self, frames: list[bytes], now: float) -> None:
+    def _on_frames(self, frames: list[bytes], now: float) -> bool:
+        """Take one ZMQ message; False if it is not a vLLM batch message."""
         if len(frames) != 3:
             self._malformed("frame_count", f"{len(frames)} frames, expected 3")
-            return
+            return False
         raw_seq = frames[1]
         if len(raw_seq) != 8:
             self._malformed("seq_length", f"seq of {len(raw_seq)} bytes, expected 8")
-            return
+            return False
         seq = int.from_bytes(raw_seq, "big")
         if self._holding:
             self._hold(seq, frames[2], now)
         else:
             self._accept(seq, frames[2], now)
+        return True
 
     def _malformed(self, kind: str, detail: str) -> None:
         self._metrics.decode_errors.labels(kind).inc()
@@ -188,8 +209,8 @@ class Source:
     def _hold(self, seq: int, payload: bytes, now: float) -> None:
         self._held.append((seq, payload, now))
         if len(self._held) > self._hold_limit:
-            # The merge sees the hole this leaves and announces it as a gap.
-            self._held.popleft()
+            dropped = self._held.popleft()[0]
+            self._overflow_upto = max(dropped, self._overflow_upto or dropped)
             self._metrics.drop("overflow", 1)
 
     def _accept(self, seq: int, payload: bytes, now: float) -> None:
@@ -203,7 +224,9 @@ class Source:
             self._announce = "restart"
         missing_from = 0 if self.expected is None else self.expected
         if seq > missing_from:
-            if self._announce is None and self.expected is not None:
+            if (self._announce is None and self.expected is not None
+                    and self._gap_counted_at != missing_from):
+                self._gap_counted_at = missing_from
                 self._metrics.gaps.inc()
             if self.spec.replay and time.monotonic() >= self._cooldown_until:
                 self._holding = True
@@ -216,13 +239,17 @@ class Source:
         resyncs: list[Resync] = []
         start = 0 if self.expected is None else self.expected
         if seq > start:
-            reason = self._announce or ("gap" if self._emitted else "start")
+            overflowed = self._overflow_upto is not None and self._overflow_upto >= start
+            reason = self._announce or (
+                "overflow" if overflowed else "gap" if self._emitted else "start")
             resyncs.append(Resync(reason, start, seq - 1))
             self._metrics.missed_batches.inc(seq - start)
         elif self._announce is not None:
             resyncs.append(Resync(self._announce))
         for resync in resyncs:
             self._metrics.resyncs.labels(resync.reason).inc()
+        if self._overflow_upto is not None and seq > self._overflow_upto:
+            self._overflow_upto = None
         self._announce = None
         self._emitted = True
         self.expected = seq + 1

@@ -141,6 +141,8 @@ class NatsServer:
         if self._proc is None or self._proc.poll() is not None:
             raise RuntimeError("nats-server is not running")
         self._proc.send_signal(signal.SIGSTOP)
+        # SIGSTOP lands asynchronously; return only once the process has really stopped.
+        os.waitpid(self._proc.pid, os.WUNTRACED)
         self._paused = True
 
     def resume(self) -> None:
