@@ -146,7 +146,12 @@ class Codec:
         """Encode a RelayBatch in the configured format (JSON writes bytes as lowercase hex)."""
         if self.format == "msgpack":
             return self._msgpack.encode(batch)
-        return self._json.encode(_hex_bytes(msgspec.to_builtins(batch, builtin_types=(bytes,))))
+        try:
+            return self._json.encode(
+                _hex_bytes(msgspec.to_builtins(batch, builtin_types=(bytes,))))
+        except (TypeError, ValueError, RecursionError) as exc:
+            # Passed-on content JSON cannot carry (msgpack ext types, absurd nesting).
+            raise MalformedPayload("unencodable", repr(exc)) from None
 
 
 def _hex_bytes(node: Any) -> Any:
@@ -155,7 +160,9 @@ def _hex_bytes(node: Any) -> Any:
     if isinstance(node, list):
         return [_hex_bytes(v) for v in node]
     if isinstance(node, dict):
-        return {k: _hex_bytes(v) for k, v in node.items()}
+        # JSON keys are strings; msgpack's may be anything.
+        return {k if isinstance(k, str) else str(_hex_bytes(k)): _hex_bytes(v)
+                for k, v in node.items()}
     return node
 
 

@@ -10,7 +10,7 @@ _LATENCY_BUCKETS = (
 
 DROP_REASONS = ("overflow", "malformed", "rejected", "too_large", "shutdown")
 DECODE_ERROR_KINDS = (
-    "frame_count", "seq_length", "msgpack", "batch_shape", "invalid_event",
+    "frame_count", "seq_length", "msgpack", "batch_shape", "invalid_event", "unencodable",
 )
 
 

@@ -77,7 +77,8 @@ class Publisher:
         self._wake = asyncio.Event()
         self._retry_at: float | None = None
         self._backoff = 0.05
-        self._dropped: dict[int, Resync] = {}  # dp_rank -> resync for a batch we could not send
+        # dp_rank -> resyncs owed from batches that could not be sent, for the next one.
+        self._dropped: dict[int, list[Resync]] = {}
         self.connected = False
         self.stream_ready = asyncio.Event()
         self.fatal: asyncio.Future[StreamMismatch] = asyncio.get_running_loop().create_future()
@@ -206,28 +207,28 @@ class Publisher:
     async def _send(self, frame: Frame) -> None:
         try:
             decoded = self._codec.decode(frame.payload)
+            carried = self._dropped.get(frame.dp_rank, [])
+            events: list[Any] = [*carried, *frame.resyncs, *decoded.events]
+            payload = self._codec.encode(RelayBatch(
+                instance_id=self._instance_id, dp_rank=frame.dp_rank, epoch=frame.epoch,
+                seq=frame.seq, ts=decoded.ts, relay_ts=frame.recv_ts, events=events,
+            ))
         except MalformedPayload as exc:
             self._metrics.decode_errors.labels(exc.kind).inc()
             self._metrics.drop("malformed", 1)
-            self._warn.warning(exc.kind, "dropped an undecodable batch (dp_rank %d seq %d): %s",
+            self._warn.warning(exc.kind, "dropped a batch (dp_rank %d seq %d): %s",
                                frame.dp_rank, frame.seq, exc)
-            self._dropped[frame.dp_rank] = Resync("gap", frame.seq, frame.seq)
+            # What this batch had to announce, and its own loss, go with the next one.
+            self._dropped.setdefault(frame.dp_rank, []).extend(
+                (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
             self._metrics.resyncs.labels("gap").inc()
             return
+        self._dropped.pop(frame.dp_rank, None)
         if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
             self._warn.warning("rank", "batch says data_parallel_rank %d but arrived on the "
                                "endpoint of dp_rank %d; publishing under %d",
                                decoded.dp_rank, frame.dp_rank, frame.dp_rank)
-        events: list[Any] = list(frame.resyncs)
-        carried = self._dropped.pop(frame.dp_rank, None)
-        if carried is not None:
-            events.insert(0, carried)
-        events.extend(decoded.events)
         self._metrics.events_received.inc(len(decoded.events))
-        payload = self._codec.encode(RelayBatch(
-            instance_id=self._instance_id, dp_rank=frame.dp_rank, epoch=frame.epoch,
-            seq=frame.seq, ts=decoded.ts, relay_ts=frame.recv_ts, events=events,
-        ))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
         pending = _Pending(self.subject(frame.dp_rank),
                            {"Nats-Msg-Id": msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)},

@@ -393,3 +393,20 @@ def test_deeply_nested_payload_is_malformed(payload: bytes) -> None:
     with pytest.raises(MalformedPayload) as info:
         Codec().decode(payload)
     assert info.value.kind == "msgpack"
+
+
+def test_json_stringifies_non_string_keys_of_passed_on_content() -> None:
+    """Passed-on maps with int or bytes keys still encode to JSON, keys as text (bytes as hex)."""
+    batch = RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=1, ts=1.0, relay_ts=1.0,
+                       events=[Unknown(tag="Future", raw={1: "a", b"\x0f": "b"})])
+    doc = msgspec.json.decode(Codec("json").encode(batch))
+    assert doc["events"][0]["raw"] == {"1": "a", "0f": "b"}
+
+
+def test_json_refuses_content_it_cannot_carry_as_malformed() -> None:
+    """A msgpack ext value passed on in JSON mode is a counted MalformedPayload, not a crash."""
+    batch = RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=1, ts=1.0, relay_ts=1.0,
+                       events=[Unknown(tag="Future", raw=msgspec.msgpack.Ext(5, b"x"))])
+    with pytest.raises(MalformedPayload) as caught:
+        Codec("json").encode(batch)
+    assert caught.value.kind == "unencodable"
