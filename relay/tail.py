@@ -9,6 +9,7 @@ from typing import Any, TextIO
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 import uvloop
 from nats.js.api import DeliverPolicy
 
@@ -50,15 +51,20 @@ async def tail_async(url: str, stream: str, subject: str, *, from_start: bool, c
     """Follow `subject` with an ordered consumer; returns an exit code."""
     try:
         nc = await nats.connect([u.strip() for u in url.split(",")], connect_timeout=3,
-                                max_reconnect_attempts=3, allow_reconnect=True)
+                                max_reconnect_attempts=3, reconnect_time_wait=0.5,
+                                allow_reconnect=True)
     except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
         print(f"kvrelay tail: cannot reach NATS at {url}: {exc!r}", file=sys.stderr)
         return 1
     seen = 0
     try:
         policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
-        sub = await nc.jetstream().subscribe(subject, stream=stream, ordered_consumer=True,
-                                             deliver_policy=policy)
+        try:
+            sub = await nc.jetstream().subscribe(subject, stream=stream, ordered_consumer=True,
+                                                 deliver_policy=policy)
+        except nats.js.errors.NotFoundError:
+            print(f"kvrelay tail: no stream {stream} on {url}", file=sys.stderr)
+            return 1
         async for msg in sub.messages:
             try:
                 line = describe(decode_relay_batch(msg.data), msg.subject)
