@@ -106,7 +106,9 @@ class Relay:
         topic = config.topic.encode()
         for spec in specs:
             source = Source(spec, self._zmq, self._deliver, self.metrics, topic=topic,
-                            hold_limit=config.buffer_batches,
+                            # Held batches share the buffer's bounds across the sources.
+                            hold_limit=max(1, config.buffer_batches // len(specs)),
+                            hold_bytes=max(1024, config.buffer_bytes // len(specs)),
                             replay_timeout=config.replay_timeout,
                             replay_cooldown=config.replay_cooldown)
             self._sources.append(source)
@@ -167,7 +169,15 @@ class Relay:
         held_lost = 0
         for source in self._sources:
             within = 0.0 if self._force.is_set() else deadline - time.monotonic()
-            held_lost += await source.settle(within)
+            settle = asyncio.ensure_future(source.settle(within))
+            force = asyncio.ensure_future(self._force.wait())
+            await asyncio.wait({settle, force}, return_when=asyncio.FIRST_COMPLETED)
+            force.cancel()
+            if not settle.done():  # a second signal: settle again without waiting
+                settle.cancel()
+                await asyncio.gather(settle, return_exceptions=True)
+                settle = asyncio.ensure_future(source.settle(0.0))
+            held_lost += await settle
         # Phase 2: publish what is buffered and wait for the acks, bounded by the drain timeout
         # (and by a second signal).
         if self.publisher is not None and self.buffer is not None:
@@ -189,12 +199,13 @@ class Relay:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.publisher is not None:
+            # nats-py flushes on close, which a frozen server would never let finish.
             with contextlib.suppress(Exception):
-                await self.publisher.close()
+                await asyncio.wait_for(self.publisher.close(), timeout=2.0)
         if self.system is not None:
             await self.system.stop()
         if self._zmq is not None:
-            self._zmq.term()
+            self._zmq.destroy(linger=0)
         log.info("stopped")
 
     # -- state ---------------------------------------------------------------------------------

@@ -9,10 +9,28 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Iterable
 
 from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.schema import Resync
+
+
+def merge_resyncs(owed: Iterable[Resync], new: Iterable[Resync]) -> tuple[Resync, ...]:
+    """Resyncs owed to consumers, with a run of the same reason folded into one range.
+
+    Announcements pile up while nothing can be sent; folding keeps them (and the batch that
+    finally carries them) small however long that lasts.
+    """
+    merged: list[Resync] = list(owed)
+    for resync in new:
+        last = merged[-1] if merged else None
+        if (last is not None and last.reason == resync.reason
+                and isinstance(last.missed_from, int) and isinstance(resync.missed_to, int)):
+            merged[-1] = Resync(resync.reason, last.missed_from, resync.missed_to)
+        elif last is None or last != resync:
+            merged.append(resync)
+    return tuple(merged)
 
 
 class Buffer:
@@ -74,7 +92,7 @@ class Buffer:
         previous = self._dropped.get(frame.dp_rank)
         first, carried = frame.seq, frame.resyncs
         if previous is not None:
-            carried = previous[3] + frame.resyncs
+            carried = merge_resyncs(previous[3], frame.resyncs)
             if previous[0] == frame.epoch:
                 first = previous[1]
         self._dropped[frame.dp_rank] = (frame.epoch, first, frame.seq, carried)

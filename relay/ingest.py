@@ -59,6 +59,7 @@ class Source:
         *,
         topic: bytes = b"",
         hold_limit: int = 50_000,
+        hold_bytes: int = 64 << 20,
         replay_timeout: float = 2.0,
         replay_cooldown: float = 5.0,
     ) -> None:
@@ -68,6 +69,7 @@ class Source:
         self._metrics = metrics
         self._topic = topic
         self._hold_limit = hold_limit
+        self._hold_bytes = hold_bytes
         self._replay_timeout = replay_timeout
         self._replay_cooldown = replay_cooldown
         self._warn = RateLimitedLog(log)
@@ -85,6 +87,7 @@ class Source:
         # highest seq dropped so the hole is announced as `overflow`).
         self._holding = True
         self._held: deque[tuple[int, bytes, float]] = deque()
+        self._held_bytes = 0
         self._overflow_upto: int | None = None
         self._cooldown_until = 0.0
         self._watcher: asyncio.Task[None] | None = None
@@ -130,6 +133,7 @@ class Source:
         lost = len(self._held)
         if lost:
             self._held.clear()
+            self._held_bytes = 0
             self._metrics.drop("shutdown", lost)
         return lost
 
@@ -140,19 +144,25 @@ class Source:
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
         self._watcher = asyncio.ensure_future(self._watch(sock.get_monitor_socket()))
         delay = 0.1
-        while True:
-            try:
-                if self.spec.bind:
-                    sock.bind(self.spec.endpoint)
-                else:
-                    sock.connect(self.spec.endpoint)
-                break
-            except zmq.ZMQError as exc:
-                verb = "bind" if self.spec.bind else "connect to"
-                log.error("cannot %s %s: %s; retrying in %.1fs", verb, self.spec.endpoint, exc,
-                          delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        try:
+            while True:
+                try:
+                    if self.spec.bind:
+                        sock.bind(self.spec.endpoint)
+                    else:
+                        sock.connect(self.spec.endpoint)
+                    break
+                except zmq.ZMQError as exc:
+                    verb = "bind" if self.spec.bind else "connect to"
+                    log.error("cannot %s %s: %s; retrying in %.1fs", verb, self.spec.endpoint,
+                              exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        except BaseException:
+            # Stopped while retrying: an open socket would block the context's termination.
+            self._watcher.cancel()
+            sock.close(linger=0)
+            raise
         self.subscribed = True
         mode = "bound" if self.spec.bind else "connecting to"
         log.info("ZMQ SUB %s %s (dp_rank %d)", mode, self.spec.endpoint, self.spec.dp_rank)
@@ -208,8 +218,11 @@ class Source:
 
     def _hold(self, seq: int, payload: bytes, now: float) -> None:
         self._held.append((seq, payload, now))
-        if len(self._held) > self._hold_limit:
-            dropped = self._held.popleft()[0]
+        self._held_bytes += len(payload)
+        while len(self._held) > self._hold_limit or (
+                self._held_bytes > self._hold_bytes and len(self._held) > 1):
+            dropped, dropped_payload, _ = self._held.popleft()
+            self._held_bytes -= len(dropped_payload)
             self._overflow_upto = max(dropped, self._overflow_upto or dropped)
             self._metrics.drop("overflow", 1)
 
@@ -272,7 +285,7 @@ class Source:
         self._metrics.replays.labels("requested").inc()
         try:
             replies = await self._request_replay(start)
-        except (TimeoutError, ReplayError) as exc:
+        except Exception as exc:  # timeout, garbage, or a socket error: all fall back to resync
             self._metrics.replays.labels("failed").inc()
             self._cooldown_until = time.monotonic() + self._replay_cooldown
             log.warning("replay from seq %d on %s failed (%s); emitting resync instead",
@@ -290,8 +303,13 @@ class Source:
 
     def _release_held(self, replayed_from: int | None) -> None:
         held, self._held = self._held, deque()
+        self._held_bytes = 0
         self._holding = False
+        previous = -1
         for seq, payload, recv_ts in held:
+            if seq < previous:
+                replayed_from = None  # vLLM restarted meanwhile: these are a new epoch's
+            previous = seq
             if (replayed_from is not None and self.expected is not None
                     and replayed_from <= seq < self.expected):
                 continue  # the replay delivered it already

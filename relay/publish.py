@@ -21,7 +21,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from relay.buffer import Buffer
+from relay.buffer import Buffer, merge_resyncs
 from relay.codec import Codec, MalformedPayload
 from relay.config import Config
 from relay.ingest import Frame
@@ -47,10 +47,12 @@ class _PubAck(msgspec.Struct):
 
 
 class _Pending:
-    __slots__ = ("events", "headers", "payload", "sent_at", "subject", "ts")
+    __slots__ = ("dp_rank", "events", "headers", "payload", "sent_at", "seq", "subject", "ts")
 
-    def __init__(self, subject: str, headers: dict[str, str], payload: bytes,
+    def __init__(self, frame: Frame, subject: str, headers: dict[str, str], payload: bytes,
                  ts: float, events: int) -> None:
+        self.dp_rank = frame.dp_rank
+        self.seq = frame.seq
         self.subject = subject
         self.headers = headers
         self.payload = payload
@@ -78,7 +80,7 @@ class Publisher:
         self._retry_at: float | None = None
         self._backoff = 0.05
         # dp_rank -> resyncs owed from batches that could not be sent, for the next one.
-        self._dropped: dict[int, list[Resync]] = {}
+        self._dropped: dict[int, tuple[Resync, ...]] = {}
         self.connected = False
         self.stream_ready = asyncio.Event()
         self.fatal: asyncio.Future[StreamMismatch] = asyncio.get_running_loop().create_future()
@@ -207,7 +209,7 @@ class Publisher:
     async def _send(self, frame: Frame) -> None:
         try:
             decoded = self._codec.decode(frame.payload)
-            carried = self._dropped.get(frame.dp_rank, [])
+            carried = self._dropped.get(frame.dp_rank, ())
             events: list[Any] = [*carried, *frame.resyncs, *decoded.events]
             payload = self._codec.encode(RelayBatch(
                 instance_id=self._instance_id, dp_rank=frame.dp_rank, epoch=frame.epoch,
@@ -219,9 +221,7 @@ class Publisher:
             self._warn.warning(exc.kind, "dropped a batch (dp_rank %d seq %d): %s",
                                frame.dp_rank, frame.seq, exc)
             # What this batch had to announce, and its own loss, go with the next one.
-            self._dropped.setdefault(frame.dp_rank, []).extend(
-                (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
-            self._metrics.resyncs.labels("gap").inc()
+            self._owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
             return
         self._dropped.pop(frame.dp_rank, None)
         if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
@@ -230,13 +230,18 @@ class Publisher:
                                decoded.dp_rank, frame.dp_rank, frame.dp_rank)
         self._metrics.events_received.inc(len(decoded.events))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
-        pending = _Pending(self.subject(frame.dp_rank),
+        pending = _Pending(frame, self.subject(frame.dp_rank),
                            {"Nats-Msg-Id": msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)},
                            payload, decoded.ts, len(decoded.events))
         token = self._next_token
         self._next_token += 1
         self._window[token] = pending
         await self._publish(token, pending)
+
+    def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
+        """Announce a loss with the next batch of `dp_rank` that is sent."""
+        self._metrics.resyncs.labels("gap").inc()
+        self._dropped[dp_rank] = merge_resyncs(self._dropped.get(dp_rank, ()), resyncs)
 
     async def _publish(self, token: int, pending: _Pending) -> None:
         assert self._nc is not None
@@ -247,6 +252,7 @@ class Publisher:
         except nats.errors.MaxPayloadError:
             del self._window[token]
             self._metrics.drop("too_large", 1, pending.events)
+            self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
         except (nats.errors.Error, OSError) as exc:
@@ -311,6 +317,7 @@ class Publisher:
                 return
             del self._window[token]
             self._metrics.drop("rejected", 1, pending.events)
+            self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
             self._warn.warning("rejected", "JetStream rejected a publish on %s: %s (code %d)",
                                pending.subject, ack.error.description, ack.error.code)
             return

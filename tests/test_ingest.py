@@ -1,0 +1,87 @@
+"""Ingest's sequence logic at its edges, and resync bookkeeping that must stay bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import zmq
+import zmq.asyncio
+
+from relay.app import Relay
+from relay.buffer import merge_resyncs
+from relay.config import Config, SourceSpec
+from relay.ingest import Frame, Source
+from relay.metrics import Metrics
+from relay.natsserver import NatsServer, free_port
+from relay.schema import Resync
+
+
+def make_source(frames: list[Frame]) -> Source:
+    spec = SourceSpec("tcp://127.0.0.1:1", False, None, 0)
+    return Source(spec, zmq.asyncio.Context.instance(), frames.append, Metrics())
+
+
+async def test_restart_during_replay_is_not_taken_for_replayed_batches() -> None:
+    """Held batches after seq went back belong to a new epoch, even if the replay covered them."""
+    frames: list[Frame] = []
+    source = make_source(frames)
+    source.expected = 0
+    for seq in range(51):  # what the replay from 0 delivered
+        source._emit(seq, b"old", 0.0)
+    for seq in (45, 46, 50, 0, 1, 2):  # live batches held meanwhile; vLLM restarted after 50
+        source._held.append((seq, b"live", 0.0))
+    source._release_held(replayed_from=0)
+    after = frames[51:]
+    assert [(f.epoch, f.seq) for f in after] == [(1, 0), (1, 1), (1, 2)]
+    assert after[0].resyncs == (Resync("restart"),)
+    assert all(f.payload == b"live" for f in after)
+
+
+async def test_overflow_while_holding_is_announced_as_overflow() -> None:
+    """Batches dropped past the hold bound are announced as `overflow` with their range."""
+    frames: list[Frame] = []
+    source = make_source(frames)
+    source._hold_limit = 3
+    for seq in range(6):
+        source._hold(seq, b"x", 0.0)
+    source.expected = 0
+    source._emitted = True
+    source._release_held(replayed_from=None)
+    assert [f.seq for f in frames] == [3, 4, 5]
+    assert frames[0].resyncs == (Resync("overflow", 0, 2),)
+    assert frames[1].resyncs == ()
+
+
+def test_merge_resyncs_folds_runs_of_the_same_reason() -> None:
+    """A long run of gaps becomes one range; different reasons stay separate and in order."""
+    owed: tuple[Resync, ...] = ()
+    for seq in range(1000):
+        owed = merge_resyncs(owed, (Resync("gap", seq, seq),))
+    assert owed == (Resync("gap", 0, 999),)
+    owed = merge_resyncs(owed, (Resync("restart"), Resync("restart"), Resync("gap", 5, 5)))
+    assert owed == (Resync("gap", 0, 999), Resync("restart"), Resync("gap", 5, 5))
+
+
+async def test_stop_while_bind_keeps_failing_does_not_hang(nats_server: NatsServer) -> None:
+    """A relay retrying a bind on a taken port still stops promptly when told to."""
+    port = free_port()
+    ctx = zmq.Context()
+    taken = ctx.socket(zmq.PUB)
+    taken.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        config = Config.load({"zmq_bind": [f"tcp://127.0.0.1:{port}"], "nats": nats_server.url,
+                              "instance_id": "5", "system_port": "0",
+                              "system_host": "127.0.0.1"}, {})
+        relay = Relay(config)
+        served = asyncio.ensure_future(relay.serve())
+        await relay.started.wait()
+        await asyncio.sleep(0.3)  # inside the bind retry loop
+        assert relay.readiness()["zmq"].startswith("not subscribed")
+        began = time.monotonic()
+        relay.handle_exit()
+        assert await asyncio.wait_for(served, timeout=10) == 0
+        assert time.monotonic() - began < 5
+    finally:
+        taken.close(linger=0)
+        ctx.term()
