@@ -780,22 +780,28 @@ async def test_nats_down_at_start_then_up(fresh_nats: NatsServer) -> None:
     assert resyncs(got) == []
 
 
+async def publish_then_crash_nats(relay: Relay, vllm: SyntheticVllm, server: NatsServer,
+                                  instance: int, batches: int) -> None:
+    """Get `batches` stored through a ready relay, then SIGKILL nats-server."""
+    await eventually(lambda: is_ready(relay), "relay ready")
+    await join(vllm, relay)
+    publish(vllm, batches)
+    async with nats_client(server.url) as client:
+        await read_stream(client, subject_of(instance), batches, settle=0)
+    await asyncio.sleep(0.2)  # let nats-server's file store flush before the crash
+    server.kill()
+
+
 async def test_nats_killed_mid_stream_and_restarted(fresh_nats: NatsServer) -> None:
     """NATS crashes and comes back: the relay buffers, reconnects and loses nothing."""
     instance = new_instance_id()
     with SyntheticVllm(ANY_PORT) as vllm:
         async with running_relay(nats=fresh_nats.url, instance_id=instance,
                                  zmq=[vllm.address]) as relay:
-            assert relay.publisher is not None
+            await publish_then_crash_nats(relay, vllm, fresh_nats, instance, 20)
             publisher = relay.publisher
-            await eventually(lambda: is_ready(relay), "relay ready")
-            await join(vllm, relay)
-            publish(vllm, 20)
-            async with nats_client(fresh_nats.url) as client:
-                await read_stream(client, subject_of(instance), 20, settle=0)
-            await asyncio.sleep(0.2)  # let nats-server's file store flush before the crash
+            assert publisher is not None
             received = metric(relay, "kvrelay_batches_received_total", dp_rank="0")
-            fresh_nats.kill()
             publish(vllm, 10)  # some may be written into the dying connection
             await eventually(lambda: not publisher.connected, "the relay to see NATS gone")
             publish(vllm, 10)
@@ -819,15 +825,9 @@ async def test_buffer_bound_drops_oldest_and_resyncs(fresh_nats: NatsServer) -> 
     with SyntheticVllm(ANY_PORT) as vllm:
         async with running_relay(nats=fresh_nats.url, instance_id=instance,
                                  zmq=[vllm.address], buffer_batches=50) as relay:
-            assert relay.publisher is not None
+            await publish_then_crash_nats(relay, vllm, fresh_nats, instance, 10)
             publisher = relay.publisher
-            await eventually(lambda: is_ready(relay), "relay ready")
-            await join(vllm, relay)
-            publish(vllm, 10)
-            async with nats_client(fresh_nats.url) as client:
-                await read_stream(client, subject_of(instance), 10, settle=0)
-            await asyncio.sleep(0.2)  # let nats-server's file store flush before the crash
-            fresh_nats.kill()
+            assert publisher is not None
             await eventually(lambda: not publisher.connected, "the relay to see NATS gone")
             publish(vllm, 80)  # seq 10..89; 50 fit
             await eventually(lambda: metric(relay, "kvrelay_batches_dropped_total",
