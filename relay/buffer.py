@@ -7,7 +7,6 @@ counted, and the next batch of its (instance, dp_rank) carries a `resync` for wh
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import Iterable
 
@@ -42,10 +41,8 @@ class Buffer:
         self._metrics = metrics
         self._frames: deque[Frame] = deque()
         self._bytes = 0
-        # dp_rank -> (epoch, first seq dropped, last seq dropped, resyncs the dropped carried),
-        # all announced with the next frame of that rank.
-        self._dropped: dict[int, tuple[int, int, int, tuple[Resync, ...]]] = {}
-        self.readable = asyncio.Event()
+        # dp_rank -> resyncs owed to consumers, announced with the next frame of that rank.
+        self._owed: dict[int, tuple[Resync, ...]] = {}
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -61,38 +58,34 @@ class Buffer:
             self._bytes > self.max_bytes and len(self._frames) > 1
         ):
             self._drop_oldest()
-        self.readable.set()
+
+    def owe(self, dp_rank: int, resyncs: Iterable[Resync]) -> None:
+        """Have the next frame of `dp_rank` announce `resyncs` (a loss it comes after)."""
+        self._owed[dp_rank] = merge_resyncs(self._owed.get(dp_rank, ()), resyncs)
 
     def pop(self) -> Frame:
-        """The oldest frame, with a `resync` prepended if batches of its rank were dropped."""
+        """The oldest frame, with the resyncs owed to its rank prepended."""
         frame = self._frames.popleft()
         self._bytes -= len(frame.payload)
-        if not self._frames:
-            self.readable.clear()
-        dropped = self._dropped.pop(frame.dp_rank, None)
-        if dropped is None:
+        owed = self._owed.pop(frame.dp_rank, None)
+        if owed is None:
             return frame
-        _, first, last, carried = dropped
-        self._metrics.resyncs.labels("overflow").inc()
-        resyncs = (*carried, Resync("overflow", first, last), *frame.resyncs)
-        return frame._replace(resyncs=resyncs)
+        overflows = sum(resync.reason == "overflow" for resync in owed)
+        if overflows:
+            self._metrics.resyncs.labels("overflow").inc(overflows)
+        return frame._replace(resyncs=(*owed, *frame.resyncs))
 
     def drain_all(self) -> list[Frame]:
         """Everything left, for counting at shutdown."""
         frames = list(self._frames)
         self._frames.clear()
         self._bytes = 0
-        self.readable.clear()
         return frames
 
     def _drop_oldest(self) -> None:
         frame = self._frames.popleft()
         self._bytes -= len(frame.payload)
         self._metrics.drop("overflow", 1)
-        previous = self._dropped.get(frame.dp_rank)
-        first, carried = frame.seq, frame.resyncs
-        if previous is not None:
-            carried = merge_resyncs(previous[3], frame.resyncs)
-            if previous[0] == frame.epoch:
-                first = previous[1]
-        self._dropped[frame.dp_rank] = (frame.epoch, first, frame.seq, carried)
+        # What the dropped frame had to announce, then its own loss; a run of drops folds
+        # into one `overflow` range, and a restart among them breaks the run as it should.
+        self.owe(frame.dp_rank, (*frame.resyncs, Resync("overflow", frame.seq, frame.seq)))

@@ -21,7 +21,7 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from relay.buffer import Buffer, merge_resyncs
+from relay.buffer import Buffer
 from relay.codec import Codec, MalformedPayload
 from relay.config import Config
 from relay.ingest import Frame
@@ -79,8 +79,6 @@ class Publisher:
         self._wake = asyncio.Event()
         self._retry_at: float | None = None
         self._backoff = 0.05
-        # dp_rank -> resyncs owed from batches that could not be sent, for the next one.
-        self._dropped: dict[int, tuple[Resync, ...]] = {}
         self.connected = False
         self.stream_ready = asyncio.Event()
         self.fatal: asyncio.Future[StreamMismatch] = asyncio.get_running_loop().create_future()
@@ -209,8 +207,7 @@ class Publisher:
     async def _send(self, frame: Frame) -> None:
         try:
             decoded = self._codec.decode(frame.payload)
-            carried = self._dropped.get(frame.dp_rank, ())
-            events: list[Any] = [*carried, *frame.resyncs, *decoded.events]
+            events: list[Any] = [*frame.resyncs, *decoded.events]
             payload = self._codec.encode(RelayBatch(
                 instance_id=self._instance_id, dp_rank=frame.dp_rank, epoch=frame.epoch,
                 seq=frame.seq, ts=decoded.ts, relay_ts=frame.recv_ts, events=events,
@@ -223,7 +220,6 @@ class Publisher:
             # What this batch had to announce, and its own loss, go with the next one.
             self._owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
             return
-        self._dropped.pop(frame.dp_rank, None)
         if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
             self._warn.warning("rank", "batch says data_parallel_rank %d but arrived on the "
                                "endpoint of dp_rank %d; publishing under %d",
@@ -241,7 +237,7 @@ class Publisher:
     def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
         """Announce a loss with the next batch of `dp_rank` that is sent."""
         self._metrics.resyncs.labels("gap").inc()
-        self._dropped[dp_rank] = merge_resyncs(self._dropped.get(dp_rank, ()), resyncs)
+        self._buffer.owe(dp_rank, resyncs)
 
     async def _publish(self, token: int, pending: _Pending) -> None:
         assert self._nc is not None
