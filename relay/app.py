@@ -13,8 +13,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
 
 import uvloop
 import zmq.asyncio
@@ -32,6 +32,8 @@ log = logging.getLogger("kvrelay")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
+
+T = TypeVar("T")
 
 
 class StartupError(Exception):
@@ -169,27 +171,16 @@ class Relay:
         held_lost = 0
         for source in self._sources:
             within = 0.0 if self._force.is_set() else deadline - time.monotonic()
-            settle = asyncio.ensure_future(source.settle(within))
-            force = asyncio.ensure_future(self._force.wait())
-            await asyncio.wait({settle, force}, return_when=asyncio.FIRST_COMPLETED)
-            force.cancel()
-            if not settle.done():  # a second signal: settle again without waiting
-                settle.cancel()
-                await asyncio.gather(settle, return_exceptions=True)
-                settle = asyncio.ensure_future(source.settle(0.0))
-            held_lost += await settle
+            lost = await self._unless_forced(source.settle(within))
+            held_lost += await source.settle(0.0) if lost is None else lost
         # Phase 2: publish what is buffered and wait for the acks, bounded by the drain timeout
         # (and by a second signal).
         if self.publisher is not None and self.buffer is not None:
             pending = len(self.buffer) + self.publisher.in_flight
             if pending and not self._force.is_set():
                 log.info("draining %d batches (up to %.0fs)", pending, self.config.drain_timeout)
-                flush = asyncio.ensure_future(
+                await self._unless_forced(
                     self.publisher.flush(max(0.0, deadline - time.monotonic())))
-                force = asyncio.ensure_future(self._force.wait())
-                await asyncio.wait({flush, force}, return_when=asyncio.FIRST_COMPLETED)
-                force.cancel()
-                flush.cancel()
             lost = self.publisher.abandon() + held_lost
             if lost:
                 log.error("stopped with %d batches not delivered (counted as dropped: shutdown)",
@@ -207,6 +198,18 @@ class Relay:
         if self._zmq is not None:
             self._zmq.destroy(linger=0)
         log.info("stopped")
+
+    async def _unless_forced(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """Await `work`, or cancel it and return None when a second signal comes first."""
+        task = asyncio.ensure_future(work)
+        force = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait({task, force}, return_when=asyncio.FIRST_COMPLETED)
+        force.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
 
     # -- state ---------------------------------------------------------------------------------
 
