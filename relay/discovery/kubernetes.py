@@ -21,6 +21,7 @@ is not allowed. A 403 is final: it names the permission the service account lack
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from pathlib import Path
@@ -119,7 +120,7 @@ class KubernetesSource(Source):
                 pacing.waiting(reason)
                 if can_watch and pacing.remaining() > 0:
                     try:
-                        return await self._watch(client, pacing)
+                        return await self._watch(client, pacing, reason)
                     except _NotYet as missing:
                         reason = str(missing)
                     except _WatchForbidden as exc:
@@ -155,14 +156,17 @@ class KubernetesSource(Source):
             return self._instance(response.content)
         self._fail(response.status_code, response.content, "get")
 
-    async def _watch(self, client: httpx.AsyncClient, pacing: Pacing) -> InstanceId:
+    async def _watch(self, client: httpx.AsyncClient, pacing: Pacing,
+                     reason: str) -> InstanceId:
+        """Follow the resource until it is usable, the watch ends, or the deadline passes;
+        _NotYet carries the latest reason for waiting."""
         seconds = max(1, int(min(WATCH_SECONDS, pacing.remaining())))
         params = {"watch": "true", "fieldSelector": f"metadata.name={self._pod}",
                   "timeoutSeconds": str(seconds)}
-        reason = "watch ended before the resource appeared"
         try:
-            async with client.stream("GET", self._path, params=params, headers=self._headers(),
-                                     timeout=httpx.Timeout(10.0, read=seconds + 10.0)) as resp:
+            async with asyncio.timeout(pacing.remaining()), client.stream(
+                    "GET", self._path, params=params, headers=self._headers(),
+                    timeout=httpx.Timeout(10.0, read=seconds + 10.0)) as resp:
                 if resp.status_code != 200:
                     body = await resp.aread()
                     if resp.status_code == 403:
@@ -179,6 +183,8 @@ class KubernetesSource(Source):
                         pacing.waiting(reason)
         except httpx.TransportError as exc:
             raise _NotYet(self._unreachable(exc)) from None
+        except TimeoutError:
+            pass  # the deadline: the caller gives up with the reason
         raise _NotYet(reason)
 
     # -- responses -----------------------------------------------------------------------------
