@@ -54,8 +54,8 @@ async def test_reads_this_hosts_worker_registration(etcd_server: EtcdServer) -> 
     etcd_server.register_worker(ours, host="127.0.0.1")
     found = await discover(etcd_server.url)
     assert (found.value, found.source) == (ours, "etcd")
-    assert found.detail.endswith("(transport 127.0.0.1:36125)")
-    assert found.detail.startswith(f"v1/instances/dynamo/backend/")
+    assert found.detail == (f"v1/instances/dynamo/backend/clear_kv_blocks/{ours:x} "
+                            "(transport 127.0.0.1:36125)")
 
 
 async def test_waits_until_the_worker_registers(etcd_server: EtcdServer) -> None:
