@@ -18,12 +18,12 @@ from typing import NamedTuple, TextIO
 from urllib.parse import urlsplit
 
 import httpx
-import nats
 import nats.errors
 import nats.js.errors
 import uvloop
 import zmq
 import zmq.asyncio
+from nats.aio.client import Client
 
 from relay.config import Config, SourceSpec
 from relay.discovery import DiscoveryError, InstanceId, select_source
@@ -92,9 +92,12 @@ async def check_jetstream(config: Config, subjects: list[str], within: float) ->
     """JetStream enabled, and the stream usable: present and covering, or creatable."""
     options = {**nats_options(config), "allow_reconnect": False, "max_reconnect_attempts": 0,
                "connect_timeout": within}
+    nc = Client()
     try:
-        nc = await asyncio.wait_for(nats.connect(**options), within + 1)
+        await asyncio.wait_for(nc.connect(**options), within + 1)
     except (nats.errors.Error, OSError, TimeoutError) as exc:
+        with contextlib.suppress(Exception):  # a refused connect leaves its socket open
+            await asyncio.wait_for(nc.close(), within)
         return [Finding("FAIL", "NATS connect", f"{exc!r}; check --nats and the credentials")]
     try:
         js = nc.jetstream(timeout=within)
@@ -168,11 +171,14 @@ async def check_zmq(ctx: zmq.asyncio.Context, spec: SourceSpec, topic: bytes,
     started = time.monotonic()
     try:
         try:
-            sub.bind(spec.endpoint) if spec.bind else sub.connect(spec.endpoint)
+            if spec.bind:
+                sub.bind(spec.endpoint)
+            else:
+                sub.connect(spec.endpoint)
         except zmq.ZMQError as exc:
             hint = " (is a relay already bound there?)" if exc.errno == errno.EADDRINUSE else ""
             return Finding("FAIL", what, f"cannot {'bind' if spec.bind else 'connect'}: "
-                                         f"{exc.strerror}{hint}")
+                                         f"{zmq.strerror(exc.errno or 0)}{hint}")
         try:
             frames = await asyncio.wait_for(sub.recv_multipart(), within)
         except TimeoutError:
@@ -191,8 +197,9 @@ async def check_zmq(ctx: zmq.asyncio.Context, spec: SourceSpec, topic: bytes,
 async def _silent(ctx: zmq.asyncio.Context, spec: SourceSpec, what: str,
                   within: float) -> Finding:
     """No frame: ask vLLM's replay socket, if any, whether the engine is up but idle."""
-    advice = ("check that vLLM runs with --kv-events-config publisher zmq on this endpoint "
-              f"({'it connects: --zmq-bind' if spec.bind else 'it binds: --zmq'})")
+    side = ("vLLM connecting to it (--zmq-bind)" if spec.bind
+            else "vLLM binding it (--zmq)")
+    advice = (f"check that vLLM runs with --kv-events-config publisher zmq, {side}")
     if spec.replay is None:
         return Finding("FAIL", what, (
             f"no frame in {within:g}s; {advice}; an idle engine publishes nothing, so send it "
