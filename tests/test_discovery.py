@@ -79,8 +79,7 @@ def test_hostname_used_without_pod_name() -> None:
     ({"POD_NAME": "w"}, PodNameHashSource),
 ])
 def test_first_source_that_applies(env: dict[str, str], source: type, tmp_path: Path) -> None:
-    """Kubernetes needs POD_NAME and a namespace (POD_NAMESPACE or the service-account file),
-    etcd only its backend; any other backend falls back to the pod-name hash."""
+    """Kubernetes needs POD_NAME and a namespace, etcd its backend; others get the hash."""
     (tmp_path / "namespace").write_text("ns\n")
     flags = {"kube_serviceaccount_dir": str(tmp_path)}
     assert type(select_source(Config.load(flags, env), env)) is source

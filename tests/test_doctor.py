@@ -70,8 +70,7 @@ def dropping_port() -> Iterator[int]:
 
 
 async def test_nats_timeout_points_at_a_firewall(dropping_port: int) -> None:
-    """A connect that times out is named as packets dropped, usually a firewall or security
-    group on the port."""
+    """A connect timeout is named as dropped packets, usually a firewall or security group."""
     found = await check_tcp("127.0.0.1", dropping_port, 0.5)
     assert found.level == "FAIL"
     assert found.detail.startswith("TCP connect timed out after 0.5s")

@@ -67,7 +67,6 @@ class Pacing:
         self._deadline = self._start + timeout
         self._logged_reason: str | None = None
         self._logged_at = 0.0
-        self.attempts = 0
 
     def remaining(self) -> float:
         return max(0.0, self._deadline - time.monotonic())
@@ -88,7 +87,6 @@ class Pacing:
 
     async def wait(self, reason: str) -> None:
         """Sleep the next backoff step; DiscoveryError once the deadline has passed."""
-        self.attempts += 1
         self.waiting(reason)
         remaining = self.remaining()
         if remaining <= 0:
