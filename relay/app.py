@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 import uvloop
 import zmq.asyncio
 
+from relay import discovery
 from relay.buffer import Buffer
 from relay.config import Config
-from relay.discovery import InstanceId, resolve_instance_id
+from relay.discovery import DiscoveryError, InstanceId
 from relay.health import SystemServer
 from relay.ingest import Frame, Source
 from relay.metrics import Metrics
@@ -49,6 +50,7 @@ class Relay:
         self.metrics = Metrics()
         self.exit_code = EXIT_OK
         self.identity: InstanceId | None = None
+        self.discovery: discovery.Source | None = None
         self._env = os.environ if env is None else env
         self._install_signal_handlers = install_signal_handlers
         self._exit = asyncio.Event()
@@ -73,7 +75,8 @@ class Relay:
                 loop.add_signal_handler(sig, self.handle_exit, sig)
         try:
             await self.startup()
-            await self.main_loop()
+            if self.started.is_set():  # not stopped while discovery waited
+                await self.main_loop()
         except StartupError as exc:
             log.error("%s", exc)
             self.exit_code = EXIT_FAILED
@@ -82,16 +85,10 @@ class Relay:
         return self.exit_code
 
     async def startup(self) -> None:
+        """System port first (probes answer while discovery waits), then the instance ID, then
+        the pipeline; returns early, without setting `started`, when told to stop meanwhile."""
         config = self.config
-        self.identity = resolve_instance_id(config.instance_id, self._env)
-        instance_id = self.identity.value
-        log.info("instance ID %d (%s: %s)", instance_id, self.identity.source,
-                 self.identity.detail)
-        self.metrics.instance.labels(str(instance_id), self.identity.source).set(1)
         log.debug("configuration: %s", config.redacted())
-
-        self.buffer = Buffer(config.buffer_batches, config.buffer_bytes, self.metrics)
-        self.publisher = Publisher(config, instance_id, self.buffer, self.metrics)
         self.system = SystemServer(config.system_host, config.system_port, self.metrics,
                                    self.readiness)
         try:
@@ -101,6 +98,22 @@ class Relay:
                                f"{config.system_host}:{config.system_port}: {exc.strerror}; "
                                "choose another --system-port") from None
 
+        self.discovery = discovery.select_source(config, self._env)
+        log.info("discovery: reading %s", self.discovery.target)
+        try:
+            self.identity = await self._until(self._exit, self.discovery.resolve())
+        except DiscoveryError as exc:
+            raise StartupError(f"discovery: {exc}") from None
+        if self.identity is None:
+            log.info("stopped while waiting for %s", self.discovery.target)
+            return
+        instance_id = self.identity.value
+        log.info("instance ID %d (%s: %s)", instance_id, self.identity.source,
+                 self.identity.detail)
+        self.metrics.instance.labels(str(instance_id), self.identity.source).set(1)
+
+        self.buffer = Buffer(config.buffer_batches, config.buffer_bytes, self.metrics)
+        self.publisher = Publisher(config, instance_id, self.buffer, self.metrics)
         specs = config.sources()
         self._spawn(self.publisher.connect([s.dp_rank for s in specs]))
         self._spawn(self.publisher.run())
@@ -201,10 +214,15 @@ class Relay:
 
     async def _unless_forced(self, work: Coroutine[Any, Any, T]) -> T | None:
         """Await `work`, or cancel it and return None when a second signal comes first."""
+        return await self._until(self._force, work)
+
+    @staticmethod
+    async def _until(event: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
+        """Await `work`, or cancel it and return None when `event` is set first."""
         task = asyncio.ensure_future(work)
-        force = asyncio.ensure_future(self._force.wait())
-        await asyncio.wait({task, force}, return_when=asyncio.FIRST_COMPLETED)
-        force.cancel()
+        stop = asyncio.ensure_future(event.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
         if task.done():
             return task.result()
         task.cancel()
@@ -217,6 +235,8 @@ class Relay:
         """Each part and "ok", or what is wrong with it."""
         publisher = self.publisher
         parts: dict[str, str] = {}
+        if self.identity is None and self.discovery is not None:
+            return {"discovery": self.discovery.status}
         if publisher is None:
             return {"relay": "starting"}
         parts["nats"] = "ok" if publisher.connected else publisher.last_error

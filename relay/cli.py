@@ -46,6 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Relay a vLLM worker's KV events into JetStream.")
     _add_config_flags(run)
 
+    discover = commands.add_parser(
+        "discover", help="print the instance ID the relay would use and how it was found",
+        description="Print the instance ID the relay would use and how it was found; exit 1 "
+                    "when the configured discovery backend fails.")
+    _add_config_flags(discover)
+
+    check = commands.add_parser(
+        "check", help="check NATS, JetStream, ZMQ, discovery and the system port",
+        description="Check what the relay depends on, one line each (ok, warn or FAIL with how "
+                    "to fix it); exit 1 on any FAIL. Changes nothing.")
+    check.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="bound of each check, e.g. the wait for a ZMQ frame")
+    _add_config_flags(check)
+
     demo = commands.add_parser(
         "demo", help="local nats-server + synthetic vLLM + relay + consumer, then stop",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -70,16 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "run":
-        flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-        try:
-            config = Config.load(flags, os.environ)
-        except ConfigError as exc:
-            print(f"kvrelay: error: {exc}", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
+        config = _load_config(args)
         _setup_logging(config.log_level)
         from relay.app import run
 
         sys.exit(run(config))
+    elif args.command == "discover":
+        config = _load_config(args)
+        _setup_logging(config.log_level)
+        from relay.doctor import discover
+
+        sys.exit(discover(config, os.environ))
+    elif args.command == "check":
+        config = _load_config(args)
+        _setup_logging("error")
+        from relay.doctor import check
+
+        sys.exit(check(config, os.environ, args.timeout))
     elif args.command == "demo":
         _setup_logging("warning")
         from relay.demo import demo
@@ -91,6 +112,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         sys.exit(tail(args.nats, args.stream, args.subject, from_start=args.from_start,
                       count=args.count))
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    try:
+        return Config.load(flags, os.environ)
+    except ConfigError as exc:
+        print(f"kvrelay: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def _setup_logging(level: str) -> None:

@@ -69,7 +69,24 @@ class Config:
     component: str = field(default="backend", metadata=_opt(
         "component of the subject, ^[a-z0-9-_]+$", env=("DYN_COMPONENT",)))
     instance_id: int | None = field(default=None, metadata=_opt(
-        "worker instance ID (u64); default: discovered (pod-name hash as Dynamo does)"))
+        "worker instance ID (u64); default: discovered (see --discovery-backend)"))
+    discovery_backend: str | None = field(default=None, metadata=_opt(
+        "where the worker registers: kubernetes (its DynamoWorkerMetadata) or etcd; "
+        "otherwise the ID is Dynamo's hash of POD_NAME (else the hostname)",
+        env=("DYN_DISCOVERY_BACKEND",)))
+    discovery_timeout: float = field(default=300.0, metadata=_opt(
+        "seconds to wait for the worker's registration before giving up (exit 1)"))
+    discovery_retry_max: float = field(default=5.0, metadata=_opt(
+        "cap of the backoff between discovery attempts in seconds"))
+    discovery_host: str | None = field(default=None, metadata=_opt(
+        "etcd: the worker's advertised host or host:port; default: any address of this host",
+        metavar="HOST[:PORT]"))
+    etcd_endpoints: str = field(default="http://localhost:2379", metadata=_opt(
+        "etcd URL(s) for --discovery-backend etcd, comma-separated", env=("ETCD_ENDPOINTS",),
+        metavar="URL"))
+    kube_serviceaccount_dir: str = field(
+        default="/var/run/secrets/kubernetes.io/serviceaccount", metadata=_opt(
+            "service-account token, CA and namespace for the Kubernetes API", metavar="DIR"))
     format: Literal["msgpack", "json"] = field(default="msgpack", metadata=_opt(
         "payload encoding of the RelayBatch", choices=("msgpack", "json")))
     system_host: str = field(default="0.0.0.0", metadata=_opt(
@@ -154,9 +171,14 @@ class Config:
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}")
         for name in ("ack_timeout", "reconnect_wait_max", "replay_timeout", "replay_cooldown",
-                     "drain_timeout", "stream_max_age", "stream_duplicate_window"):
+                     "drain_timeout", "stream_max_age", "stream_duplicate_window",
+                     "discovery_timeout", "discovery_retry_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.discovery_host and not re.fullmatch(
+                r"(\[[0-9a-fA-F:.]+\]|[^:\[\]\s]+)(:\d{1,5})?|[0-9a-fA-F:]+", self.discovery_host):
+            raise ConfigError(f"--discovery-host {self.discovery_host!r} is not HOST or HOST:PORT "
+                              "(IPv6 with a port: [ADDR]:PORT)")
         if not 0 <= self.system_port <= 65535:
             raise ConfigError(f"--system-port {self.system_port} is not a port")
         if bool(self.nats_tls_cert) != bool(self.nats_tls_key):

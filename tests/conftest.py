@@ -1,9 +1,12 @@
-"""Shared fixtures: real nats-server processes, so tests see real JetStream behaviour."""
+"""Shared fixtures: real nats-server and etcd processes, so tests see the real behaviour, and a
+local HTTPS Kubernetes API (the one part that cannot run here) serving recorded responses."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from etcdserver import EtcdServer, etcd_binary
+from kubeapi import KubeApi
 
 from relay.natsserver import NatsServer
 
@@ -19,6 +22,30 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 def fresh_nats(tmp_path: Path) -> Iterator[NatsServer]:
     """A private JetStream server a test may kill, restart or pause; always stopped after."""
     server = NatsServer(tmp_path / "nats", name="fresh")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def kube_api(tmp_path: Path) -> AsyncIterator[KubeApi]:
+    """A local HTTPS Kubernetes API serving recorded DynamoWorkerMetadata responses."""
+    api = KubeApi(tmp_path / "kube")
+    await api.start()
+    try:
+        yield api
+    finally:
+        await api.stop()
+
+
+@pytest.fixture
+def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A real etcd on free loopback ports with its own data dir; always stopped after."""
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed: apt-get install etcd-server (.ci/run does)")
+    server = EtcdServer(tmp_path / "etcd-data")
     server.start()
     try:
         yield server

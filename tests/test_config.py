@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
+from relay import flagtable
 from relay.cli import build_parser
-from relay.config import Config, ConfigError, SourceSpec
+from relay.config import Config, ConfigError, SourceSpec, env_var
 
 
 def test_defaults_match_a_vllm_sidecar() -> None:
@@ -86,10 +88,10 @@ def test_invalid_env_value_names_the_variable() -> None:
 
 def test_redacted_masks_secrets() -> None:
     """Config dumps never show passwords, tokens or credentials in URLs."""
-    config = Config.load({"nats": "nats://u:secret@host:4222", "nats_password": "pw",
+    config = Config.load({"nats": "nats://u:url-pa55word@host:4222", "nats_password": "pw",
                           "nats_token": "s3cr3t-t0ken", "nats_user": "u"}, {})
     text = repr(config.redacted())
-    assert "secret" not in text
+    assert "url-pa55word" not in text
     assert "'pw'" not in text
     assert "s3cr3t-t0ken" not in text
 
@@ -119,3 +121,22 @@ def test_cli_errors_exit_2(args: list[str], message: str) -> None:
                           text=True, timeout=30, check=False)
     assert done.returncode == 2
     assert message in done.stderr
+
+
+def test_readme_flag_table_is_generated_from_config() -> None:
+    """README.md's settings table is what Config generates (`python -m relay.flagtable`)."""
+    readme = flagtable.README.read_text()
+    assert flagtable.render(readme) == readme
+    for f in dataclasses.fields(Config):
+        assert f"| `--{f.name.replace('_', '-')}` | `{env_var(f.name)}`" in readme
+
+
+def test_stale_flag_table_is_rewritten_and_the_rest_kept() -> None:
+    """Regenerating replaces only the table: a stale row goes, the text around it stays."""
+    stale = "intro\n\n| flag | environment | default | meaning |\n|---|---|---|---|\n" \
+            "| `--gone` | `KVRELAY_GONE` | - | removed |\n\nafter\n"
+    fresh = flagtable.render(stale)
+    assert "--gone" not in fresh
+    assert fresh.startswith("intro\n\n| flag |")
+    assert fresh.endswith("|\n\nafter\n")
+    assert flagtable.render(fresh) == fresh
