@@ -49,8 +49,7 @@ NANOSECONDS = 1_000_000_000
 
 
 def test_stream_file_holds_the_relay_defaults() -> None:
-    """deploy/nats/stream.json has every field `nats stream add --config` requires, with the
-    relay's defaults (durations in nanoseconds, as the JetStream API takes them)."""
+    """stream.json has what `nats stream add --config` requires, set to the relay's defaults."""
     stream = json.loads(STREAM_FILE.read_text())
     config = Config()
     assert set(NATS_CLI_REQUIRED) <= set(stream)
@@ -106,8 +105,7 @@ async def file_and_relay_streams(url: str, document: bytes) -> tuple[dict[str, A
 
 @pytest.mark.integration
 async def test_stream_file_makes_the_stream_the_relay_makes(fresh_nats: NatsServer) -> None:
-    """nats-server stores the same stream configuration from the file as from the relay's own
-    ensure_stream, and keeps every field the file sets as it is written."""
+    """nats-server stores the same stream from stream.json as from the relay's ensure_stream."""
     document = STREAM_FILE.read_bytes()
     answer, from_relay = await file_and_relay_streams(fresh_nats.url, document)
     assert "error" not in answer, answer
@@ -125,8 +123,7 @@ async def test_stream_file_makes_the_stream_the_relay_makes(fresh_nats: NatsServ
 ], ids=["age-in-seconds", "window-in-seconds", "memory", "one-per-subject"])
 async def test_stream_comparison_catches_a_wrong_file(fresh_nats: NatsServer, key: str,
                                                       value: Any, refused: str | None) -> None:
-    """A stream file that differs from the relay's stream is refused by the server (durations
-    given in seconds) or stored with the difference, which the comparison sees."""
+    """A stream file unlike the relay's stream is refused by the server or told apart."""
     document = json.dumps({**json.loads(STREAM_FILE.read_text()), key: value}).encode()
     answer, from_relay = await file_and_relay_streams(fresh_nats.url, document)
     if refused is not None:
@@ -188,8 +185,7 @@ def final_stage() -> list[tuple[str, str]]:
 
 
 def test_image_runs_the_relay_as_a_numeric_non_root_user() -> None:
-    """The image is python:3.11-slim, runs `kvrelay run` as a numeric non-root user, exposes the
-    system port, checks /live through the shipped health check and writes no bytecode."""
+    """The image runs `kvrelay run` as a numeric non-root user, with port and health check."""
     parser = DockerfileParser(fileobj=io.BytesIO(DOCKERFILE.read_bytes()))
     assert parser.parent_images == ["python:3.11-slim", "python:3.11-slim"]
     stage = final_stage()
@@ -231,8 +227,7 @@ def build_context() -> set[str]:
 
 
 def test_build_context_is_just_what_the_image_needs() -> None:
-    """.dockerignore sends the package, its metadata and the health check, and nothing else
-    (no tests, no venv, no git)."""
+    """.dockerignore sends the package, its metadata and the health check, nothing else."""
     sent = build_context()
     for op, value in instructions():
         if op == "COPY" and not value.startswith("--from"):
@@ -266,8 +261,7 @@ def healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.integration
 async def test_healthcheck_follows_the_relay_port_settings() -> None:
-    """The image's health check passes against a live relay on the port the environment names
-    (KVRELAY_SYSTEM_PORT or Dynamo's DYN_SYSTEM_PORT) and fails where no relay answers."""
+    """The health check finds the relay on the port its environment names; fails elsewhere."""
     port = free_port()
     with relay_on(port):
         env = {"KVRELAY_SYSTEM_HOST": "127.0.0.1"}
@@ -360,8 +354,7 @@ def test_systemd_unit_is_hardened(tmp_path: Path) -> None:
 
 
 def test_systemd_unit_stops_after_the_drain() -> None:
-    """The unit drains on SIGTERM, waits longer than the relay's drain and close before
-    SIGKILL, restarts on failure but not on a configuration error, and runs as no one."""
+    """The unit drains on SIGTERM past the relay's drain, restarts on failure, runs as no one."""
     unit = unit_settings(UNIT.read_text())
     settings = env_file(UNIT_ENV)
     config = Config.load({}, settings)
@@ -376,8 +369,7 @@ def test_systemd_unit_stops_after_the_drain() -> None:
 
 
 def test_systemd_environment_file_holds_real_settings() -> None:
-    """Every variable in the example environment file is one the relay reads, and the relay
-    accepts the values."""
+    """The example environment file holds only settings the relay reads, values it accepts."""
     settings = env_file(UNIT_ENV)
     assert set(settings) <= validate.known_environment()
     config = Config.load({}, settings)

@@ -82,8 +82,7 @@ def millicores(quantity: str) -> float:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_passes_every_check(rendered: dict[str, list[Obj]], overlay: str) -> None:
-    """Each overlay renders and passes schemas (oldest and newest Kubernetes), references and
-    the relay's settings."""
+    """Each overlay passes schemas (oldest and newest Kubernetes), references, relay settings."""
     objects = rendered[overlay]
     assert {o["kind"] for o in objects} >= {"ServiceAccount", "ConfigMap", "Service",
                                            "ServiceMonitor", "Deployment"}
@@ -91,15 +90,13 @@ def test_overlay_passes_every_check(rendered: dict[str, list[Obj]], overlay: str
 
 
 def test_native_sidecar_needs_kubernetes_1_29(rendered: dict[str, list[Obj]]) -> None:
-    """The sidecar overlay is refused by Kubernetes 1.27's schema (no native sidecars there),
-    which shows the schemas really are applied per version."""
+    """Kubernetes 1.27's schema refuses the native sidecar: schemas are applied per version."""
     problems = validate.check(rendered["sidecar"], ["1.27"])
     assert any("restartPolicy" in p and "was unexpected" in p for p in problems), problems
 
 
 def test_sidecar_is_native_with_downward_identity(rendered: dict[str, list[Obj]]) -> None:
-    """The relay runs as a native sidecar beside vLLM with the pod's identity from the downward
-    API and Kubernetes discovery selected."""
+    """The relay is a native sidecar with downward-API identity and Kubernetes discovery."""
     spec = pod_spec(rendered["sidecar"])
     (relay,) = [c for c in spec["initContainers"] if c["name"] == "kvrelay"]
     assert relay["restartPolicy"] == "Always"
@@ -111,8 +108,7 @@ def test_sidecar_is_native_with_downward_identity(rendered: dict[str, list[Obj]]
 
 
 def test_discovery_role_is_least_privilege(rendered: dict[str, list[Obj]]) -> None:
-    """The only permission is get and watch on DynamoWorkerMetadata in the pod's namespace;
-    the standalone relay gets no API access at all."""
+    """Only get and watch on DynamoWorkerMetadata are granted; standalone gets no API access."""
     sidecar, standalone = rendered["sidecar"], rendered["standalone"]
     (role,) = kind(sidecar, "Role")
     assert role["rules"] == [{"apiGroups": ["nvidia.com"], "resources": ["dynamoworkermetadatas"],
@@ -132,8 +128,7 @@ def test_discovery_role_is_least_privilege(rendered: dict[str, list[Obj]]) -> No
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_relay_container_is_locked_down_and_small(rendered: dict[str, list[Obj]],
                                                   overlay: str) -> None:
-    """The relay runs as a non-root user on a read-only root with no capabilities, within
-    sidecar-sized resources."""
+    """The relay runs non-root, read-only, without capabilities, with sidecar-sized resources."""
     objects = rendered[overlay]
     relay = container(objects, "kvrelay")
     context = {**pod_spec(objects).get("securityContext", {}), **relay["securityContext"]}
@@ -286,8 +281,7 @@ def run_validator(*overlays: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_validator_command_fails_on_a_broken_file(overlay_copy: Path) -> None:
-    """`python deploy/validate.py` exits 1 and names the field when a manifest on disk has a
-    wrong field, and exits 0 on the same overlay unbroken."""
+    """deploy/validate.py exits 1 naming a wrong field in a manifest on disk, 0 without it."""
     assert run_validator(overlay_copy).returncode == 0
     manifest = overlay_copy / "vllm-worker.yaml"
     manifest.write_text(manifest.read_text().replace("periodSeconds: 10", "periodSecond: 10"))
@@ -473,9 +467,7 @@ async def _at_least(count: Callable[[], Any], n: int) -> bool:
 async def test_sidecar_settings_drive_a_real_relay(rendered: dict[str, list[Obj]],
                                                    fresh_nats: NatsServer,
                                                    tmp_path: Path) -> None:
-    """The sidecar's env, ConfigMap and vLLM flags, given to a real relay and a synthetic vLLM,
-    pass the readiness probe, publish every batch under the pod-name ID into a stream made
-    from deploy/nats/stream.json, and stop cleanly on SIGTERM within the grace period."""
+    """The sidecar's settings run a real relay: ready, every batch under the pod ID, clean stop."""
     await rehearse(rendered["sidecar"], fresh_nats, tmp_path, [])
 
 
@@ -485,7 +477,6 @@ async def test_sidecar_settings_drive_a_real_relay(rendered: dict[str, list[Obj]
 async def test_relay_runs_on_a_read_only_filesystem(rendered: dict[str, list[Obj]],
                                                     fresh_nats: NatsServer,
                                                     tmp_path: Path) -> None:
-    """With every filesystem read-only, /tmp included (readOnlyRootFilesystem and no emptyDir),
-    the relay still starts, relays and drains: it needs no writable path."""
+    """With every filesystem read-only, /tmp included, the relay still relays and drains."""
     probes = [Path("/"), Path("/tmp"), REPO, Path(sys.prefix), tmp_path]
     await rehearse(rendered["sidecar"], fresh_nats, tmp_path, ro_wrapper(probes))
