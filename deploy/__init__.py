@@ -1,0 +1,1 @@
+"""Deployment files of kvrelay and the checks that keep them honest (deploy/validate.py)."""

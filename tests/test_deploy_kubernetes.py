@@ -1,0 +1,496 @@
+"""The Kubernetes manifests in deploy/kubernetes: rendered with kustomize, checked by
+deploy/validate.py (schemas, references, the relay's own settings), and their settings run
+through a real relay against a real nats-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from deploy import validate
+from relay.codec import decode_relay_batch
+from relay.discovery import hash_pod_name
+from relay.natsserver import NatsServer, free_port
+from relay.synthetic import SyntheticVllm
+
+pytestmark = pytest.mark.deploy
+
+REPO = Path(__file__).resolve().parent.parent
+OVERLAYS = ("sidecar", "standalone")
+STREAM_FILE = REPO / "deploy" / "nats" / "stream.json"
+Obj = dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[Obj]]:
+    """Each overlay rendered once by kustomize."""
+    return {name: validate.render(validate.OVERLAYS / name) for name in OVERLAYS}
+
+
+def kind(objects: list[Obj], wanted: str) -> list[Obj]:
+    return [o for o in objects if o["kind"] == wanted]
+
+
+def workload(objects: list[Obj]) -> Obj:
+    (found,) = [o for o in objects if o["kind"] in validate.WORKLOAD_KINDS]
+    return found
+
+
+def pod_spec(objects: list[Obj]) -> Obj:
+    spec: Obj = workload(objects)["spec"]["template"]["spec"]
+    return spec
+
+
+def container(objects: list[Obj], name: str) -> Obj:
+    (found,) = [c for c in validate.all_containers(pod_spec(objects)) if c["name"] == name]
+    return found
+
+
+def env_entry(c: Obj, name: str) -> Obj:
+    found: list[Obj] = [e for e in c["env"] if e["name"] == name]
+    assert len(found) == 1, f"{name}: {len(found)} entries"
+    return found[0]
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1.0, "Gi": 1024.0}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def millicores(quantity: str) -> float:
+    return float(quantity[:-1]) if quantity.endswith("m") else float(quantity) * 1000
+
+
+# -- the shipped overlays ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_passes_every_check(rendered: dict[str, list[Obj]], overlay: str) -> None:
+    """Each overlay passes schemas (oldest and newest Kubernetes), references, relay settings."""
+    objects = rendered[overlay]
+    assert {o["kind"] for o in objects} >= {"ServiceAccount", "ConfigMap", "Service",
+                                           "ServiceMonitor", "Deployment"}
+    assert validate.check(objects, validate.kubernetes_versions()) == []
+
+
+def test_native_sidecar_needs_kubernetes_1_29(rendered: dict[str, list[Obj]]) -> None:
+    """Kubernetes 1.27's schema refuses the native sidecar: schemas are applied per version."""
+    problems = validate.check(rendered["sidecar"], ["1.27"])
+    assert any("restartPolicy" in p and "was unexpected" in p for p in problems), problems
+
+
+def test_sidecar_is_native_with_downward_identity(rendered: dict[str, list[Obj]]) -> None:
+    """The relay is a native sidecar with downward-API identity and Kubernetes discovery."""
+    spec = pod_spec(rendered["sidecar"])
+    (relay,) = [c for c in spec["initContainers"] if c["name"] == "kvrelay"]
+    assert relay["restartPolicy"] == "Always"
+    assert [c["name"] for c in spec["containers"]] == ["vllm"]
+    for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
+                       ("POD_UID", "metadata.uid")):
+        assert env_entry(relay, name)["valueFrom"]["fieldRef"]["fieldPath"] == path
+    assert env_entry(relay, "DYN_DISCOVERY_BACKEND")["value"] == "kubernetes"
+
+
+def test_standalone_without_readiness_probe_fails(rendered: dict[str, list[Obj]]) -> None:
+    """A standalone relay must keep its /health readiness probe (only a sidecar drops it)."""
+    objects = copy.deepcopy(rendered["standalone"])
+    container(objects, "kvrelay").pop("readinessProbe")
+    problems = validate.check(objects, [validate.MIN_KUBERNETES])
+    assert any("no readinessProbe on /health" in p for p in problems), problems
+
+
+def test_discovery_role_is_least_privilege(rendered: dict[str, list[Obj]]) -> None:
+    """Only get and watch on DynamoWorkerMetadata are granted; standalone gets no API access."""
+    sidecar, standalone = rendered["sidecar"], rendered["standalone"]
+    (role,) = kind(sidecar, "Role")
+    assert role["rules"] == [{"apiGroups": ["nvidia.com"], "resources": ["dynamoworkermetadatas"],
+                              "verbs": ["get", "watch"]}]
+    (binding,) = kind(sidecar, "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kvrelay",
+                                    "namespace": role["metadata"]["namespace"]}]
+    assert pod_spec(sidecar)["serviceAccountName"] == "kvrelay"
+    for objects in (sidecar, standalone):
+        assert not kind(objects, "ClusterRole")
+        assert not kind(objects, "ClusterRoleBinding")
+    assert not kind(standalone, "Role")
+    assert not kind(standalone, "RoleBinding")
+    assert pod_spec(standalone)["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_relay_container_is_locked_down_and_small(rendered: dict[str, list[Obj]],
+                                                  overlay: str) -> None:
+    """The relay runs non-root, read-only, without capabilities, with sidecar-sized resources."""
+    objects = rendered[overlay]
+    relay = container(objects, "kvrelay")
+    context = {**pod_spec(objects).get("securityContext", {}), **relay["securityContext"]}
+    assert context["runAsNonRoot"] is True
+    assert context["runAsUser"] != 0
+    assert context["readOnlyRootFilesystem"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert context["seccompProfile"] == {"type": "RuntimeDefault"}
+    resources = relay["resources"]
+    assert mebibytes(resources["requests"]["memory"]) <= mebibytes(
+        resources["limits"]["memory"]) <= 256
+    assert millicores(resources["requests"]["cpu"]) <= 250
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_nats_secrets_come_from_a_secret(rendered: dict[str, list[Obj]], overlay: str) -> None:
+    """NATS credentials reach the relay only by Secret reference; no Secret value is shipped."""
+    objects = rendered[overlay]
+    relay = container(objects, "kvrelay")
+    for name in ("KVRELAY_NATS_USER", "KVRELAY_NATS_PASSWORD", "KVRELAY_NATS_TOKEN"):
+        entry = env_entry(relay, name)
+        assert "value" not in entry
+        assert entry["valueFrom"]["secretKeyRef"]["name"] == "kvrelay-nats"
+    (mount,) = relay["volumeMounts"]
+    (volume,) = [v for v in pod_spec(objects)["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] is True
+    assert volume["secret"]["secretName"] == "kvrelay-nats"
+    assert not kind(objects, "Secret")
+    (configmap,) = kind(objects, "ConfigMap")
+    assert not {"KVRELAY_NATS_PASSWORD", "KVRELAY_NATS_TOKEN"} & set(configmap["data"])
+
+
+# -- broken manifests fail -----------------------------------------------------------------------
+
+
+def _relay(objects: list[Obj]) -> Obj:
+    return container(objects, "kvrelay")
+
+
+def _vllm_config(objects: list[Obj], **changes: Any) -> None:
+    args = container(objects, "vllm")["args"]
+    index = args.index("--kv-events-config") + 1
+    args[index] = json.dumps({**json.loads(args[index]), **changes})
+
+
+def _set_env(objects: list[Obj], name: str, value: str) -> None:
+    relay = _relay(objects)
+    relay["env"] = [e for e in relay["env"] if e["name"] != name] + [
+        {"name": name, "value": value}]
+
+
+BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
+    ("misspelled-field",
+     lambda o: _relay(o)["securityContext"].update(readOnlyRootFileSystem=True),
+     "'readOnlyRootFileSystem' was unexpected"),
+    ("wrong-type",
+     lambda o: _relay(o)["ports"][0].update(containerPort="9090"),
+     "'9090' is not of type 'integer'"),
+    ("unknown-kind",
+     lambda o: o.append({"apiVersion": "example.com/v1", "kind": "Widget",
+                         "metadata": {"name": "w"}}),
+     "no schema for example.com/v1 Widget"),
+    ("servicemonitor-unknown-field",
+     lambda o: kind(o, "ServiceMonitor")[0]["spec"]["endpoints"][0].update(targetport=9090),
+     "spec.endpoints[0].targetport: unknown field"),
+    ("servicemonitor-bad-interval",
+     lambda o: kind(o, "ServiceMonitor")[0]["spec"]["endpoints"][0].update(
+         interval="15 seconds"),
+     "String should match pattern"),
+    ("servicemonitor-port",
+     lambda o: kind(o, "ServiceMonitor")[0]["spec"]["endpoints"][0].update(port="metrics"),
+     "endpoint port 'metrics' is not a port of Service/kvrelay"),
+    ("service-target-port",
+     lambda o: kind(o, "Service")[0]["spec"]["ports"][0].update(targetPort="metrics"),
+     "targetPort 'metrics' is no container port"),
+    ("service-selector",
+     lambda o: kind(o, "Service")[0]["spec"].update(selector={"app": "nothing"}),
+     "matches no pod template"),
+    ("missing-configmap",
+     lambda o: _relay(o)["envFrom"][0]["configMapRef"].update(name="kvrelay-settings"),
+     "ConfigMap 'kvrelay-settings' is not defined"),
+    ("missing-service-account",
+     lambda o: kind(o, "RoleBinding")[0]["subjects"][0].update(name="worker"),
+     "ServiceAccount 'worker' is not defined"),
+    ("missing-volume",
+     lambda o: _relay(o)["volumeMounts"][0].update(name="nats-secrets"),
+     "mounts volume 'nats-secrets'"),
+    ("unknown-setting",
+     lambda o: _set_env(o, "KVRELAY_NATS_SERVER", "nats://nats:4222"),
+     "KVRELAY_NATS_SERVER is not a setting the relay reads"),
+    ("invalid-setting",
+     lambda o: _set_env(o, "KVRELAY_DP_RANKS", "0"),
+     "the relay refuses its settings: --dp-ranks must be at least 1"),
+    ("unknown-flag",
+     lambda o: _relay(o).update(args=["--natz", "nats://nats:4222"]),
+     "unrecognized arguments: --natz"),
+    ("probe-path",
+     lambda o: _relay(o)["livenessProbe"]["httpGet"].update(path="/healthz"),
+     "livenessProbe asks /healthz on port 9090; the relay serves /live on 9090"),
+    ("probe-port",
+     lambda o: _set_env(o, "KVRELAY_SYSTEM_PORT", "9091"),
+     "startupProbe asks /live on port 9090; the relay serves /live on 9091"),
+    ("sidecar-readiness",
+     lambda o: _relay(o).update(readinessProbe={"httpGet": {"path": "/health", "port": 9090}}),
+     "a sidecar's readinessProbe would take the vLLM worker out of its Service"),
+    ("sidecar-no-startup-probe",
+     lambda o: _relay(o).pop("startupProbe"),
+     "no startupProbe on /live"),
+    ("sidecar-without-restart-policy",
+     lambda o: _relay(o).pop("restartPolicy"),
+     "never finishes"),
+    ("short-grace-period",
+     lambda o: pod_spec(o).update(terminationGracePeriodSeconds=10),
+     "terminationGracePeriodSeconds 10 leaves no time"),
+    ("vllm-port",
+     lambda o: _vllm_config(o, endpoint="tcp://*:5559"),
+     "vLLM publishes on tcp://*:5559, the relay reads tcp://127.0.0.1:5557"),
+    ("vllm-connects",
+     lambda o: _vllm_config(o, endpoint="tcp://127.0.0.1:5557"),
+     "so the relay must bind (--zmq-bind)"),
+    ("vllm-no-replay",
+     lambda o: _vllm_config(o, replay_endpoint=None),
+     "vLLM replays on None, the relay asks tcp://127.0.0.1:5558"),
+    ("vllm-unknown-field",
+     lambda o: _vllm_config(o, replay_port=5558),
+     "--kv-events-config has no field 'replay_port'"),
+    ("vllm-events-off",
+     lambda o: _vllm_config(o, enable_kv_cache_events=False),
+     "KV events are off"),
+]
+
+
+@pytest.mark.parametrize(("breakage", "expected"), [(b[1], b[2]) for b in BREAKAGES],
+                         ids=[b[0] for b in BREAKAGES])
+def test_broken_manifest_fails(rendered: dict[str, list[Obj]],
+                               breakage: Callable[[list[Obj]], None], expected: str) -> None:
+    """Each kind of mistake in the sidecar overlay is reported, saying what is wrong."""
+    objects = copy.deepcopy(rendered["sidecar"])
+    breakage(objects)
+    problems = validate.check(objects, [validate.MIN_KUBERNETES])
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.fixture
+def overlay_copy(tmp_path: Path) -> Path:
+    """A copy of deploy/kubernetes to break on disk; returns its sidecar overlay."""
+    shutil.copytree(REPO / "deploy" / "kubernetes", tmp_path / "kubernetes")
+    return tmp_path / "kubernetes" / "overlays" / "sidecar"
+
+
+def run_validator(*overlays: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPO / "deploy" / "validate.py"),
+                           *map(str, overlays)], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def test_validator_command_fails_on_a_broken_file(overlay_copy: Path) -> None:
+    """deploy/validate.py exits 1 naming a wrong field in a manifest on disk, 0 without it."""
+    assert run_validator(overlay_copy).returncode == 0
+    manifest = overlay_copy / "vllm-worker.yaml"
+    manifest.write_text(manifest.read_text().replace("periodSeconds: 10", "periodSecond: 10"))
+    result = run_validator(overlay_copy)
+    assert result.returncode == 1
+    assert "'periodSecond' was unexpected" in result.stdout, result.stdout
+
+
+def test_validator_command_reports_render_errors(overlay_copy: Path) -> None:
+    """An overlay kustomize cannot render fails validation with kustomize's error."""
+    kustomization = overlay_copy / "kustomization.yaml"
+    kustomization.write_text(kustomization.read_text().replace("role.yaml", "roles.yaml"))
+    result = run_validator(overlay_copy)
+    assert result.returncode == 1
+    assert "kustomize failed" in result.stdout
+    assert "roles.yaml" in result.stdout
+
+
+# -- the sidecar's settings drive a real relay -------------------------------------------------
+
+
+def ro_wrapper(probe_paths: list[Path]) -> list[str]:
+    """A command prefix running its command in a mount namespace where every filesystem but
+    /proc, /sys and /dev is read-only (a read-only root filesystem, no writable /tmp); it exits
+    97 if any of `probe_paths` can still be written."""
+    script = (
+        'for m in $(cut -d" " -f5 /proc/self/mountinfo | sort -u); do '
+        'case "$m" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue;; esac; '
+        'mount -o remount,bind,ro "$m" || exit 98; done; '
+        'for p in ' + " ".join(f'"{p}"' for p in probe_paths) + '; do '
+        'if touch "$p/.kvrelay-rw-probe" 2>/dev/null; then echo "writable: $p"; exit 97; fi; '
+        'done; exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "ro"]
+
+
+def can_remount_read_only() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -o remount,bind,ro /"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+def remap_port(endpoint: str, port: int) -> str:
+    return re.sub(r":\d+$", f":{port}", endpoint)
+
+
+class Rehearsal:
+    """The sidecar pod's relay settings with its ports moved to free ones on this machine."""
+
+    def __init__(self, objects: list[Obj], nats_url: str) -> None:
+        spec = pod_spec(objects)
+        relay = container(objects, "kvrelay")
+        configmaps = {o["metadata"]["name"]: o["data"] for o in kind(objects, "ConfigMap")}
+        env = {k: v for k, v in validate.relay_environment(relay, configmaps).items()
+               if v is not None}
+        args = container(objects, "vllm")["args"]
+        kv = json.loads(args[args.index("--kv-events-config") + 1])
+        pub, replay, system = free_port(), free_port(), free_port()
+        self.vllm_endpoint = remap_port(kv["endpoint"], pub)
+        self.vllm_replay = remap_port(kv["replay_endpoint"], replay)
+        self.topic = kv["topic"].encode()
+        env["KVRELAY_ZMQ"] = remap_port(env["KVRELAY_ZMQ"], pub)
+        env["KVRELAY_REPLAY"] = remap_port(env["KVRELAY_REPLAY"], replay)
+        env["KVRELAY_SYSTEM_PORT"] = str(system)
+        env["NATS_SERVER"] = nats_url
+        # No Kubernetes API here: the relay falls back to the pod-name hash, the ID Dynamo's
+        # Kubernetes discovery gives the worker.
+        env.pop("DYN_DISCOVERY_BACKEND")
+        self.env = env
+        self.system_port = system
+        self.grace = float(spec["terminationGracePeriodSeconds"])
+        self.health_path = "/health"
+        self.subject = (f"kv.{env['DYN_NAMESPACE']}.{env['DYN_COMPONENT']}."
+                        f"{hash_pod_name(env['POD_NAME'])}.0")
+        self.stream = env["KVRELAY_STREAM"]
+
+
+async def http_status(port: int, path: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readline(), timeout=5)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return int(head.split()[1])
+
+
+@contextlib.contextmanager
+def relay_process(env: dict[str, str], log: Path, prefix: list[str]) -> Iterator[
+        subprocess.Popen[bytes]]:
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("KVRELAY_", "DYN_", "NATS_SERVER", "POD_"))}
+    with log.open("ab") as out:
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "relay", "run"],
+                                env={**base, **env, "PYTHONUNBUFFERED": "1"}, cwd="/",
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+async def until(cond: Callable[[], Any], what: str, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def stream_from_file(url: str) -> AsyncIterator[Any]:
+    """A NATS connection to a server whose stream was created from deploy/nats/stream.json,
+    as `nats stream add --config` does: the file's JSON on the JetStream API."""
+    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=2)
+    try:
+        config = json.loads(STREAM_FILE.read_text())
+        reply = await nc.request(f"$JS.API.STREAM.CREATE.{config['name']}",
+                                 STREAM_FILE.read_bytes(), timeout=5)
+        assert "error" not in json.loads(reply.data), reply.data
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def rehearse(objects: list[Obj], server: NatsServer, tmp_path: Path,
+                   prefix: list[str]) -> None:
+    """Run the relay with the manifest's settings beside a synthetic vLLM configured by the
+    manifest's --kv-events-config; check probes, delivery and a clean stop."""
+    plan = Rehearsal(objects, server.url)
+    log = tmp_path / "relay.log"
+    async with stream_from_file(server.url) as nc:
+        js = nc.jetstream()
+        with SyntheticVllm(plan.vllm_endpoint, replay_endpoint=plan.vllm_replay,
+                           topic=plan.topic) as vllm, \
+                relay_process(plan.env, log, prefix) as proc:
+
+            async def ready() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"relay exited {proc.returncode}:\n{log.read_text()}")
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    return await http_status(plan.system_port, plan.health_path) == 200
+                return False
+
+            await until(ready, "the readiness probe to pass")
+            assert await http_status(plan.system_port, "/live") == 200
+
+            async def stored() -> int:
+                info = await js.stream_info(plan.stream, subjects_filter=plan.subject)
+                return int(info.state.messages)
+
+            async def arrived() -> bool:
+                if await stored() == 0:
+                    vllm.publish_next()  # until the first lands; replay fills what ZMQ lost
+                return await stored() > 0
+
+            await until(arrived, f"a batch on {plan.subject}")
+            vllm.publish_next()
+            vllm.publish_next()
+            expected = vllm.seq
+            await until(lambda: _at_least(stored, expected), f"{expected} batches")
+            sub = await js.pull_subscribe(plan.subject, stream=plan.stream)
+            batches = [decode_relay_batch(m.data) for m in await sub.fetch(expected, timeout=5)]
+            assert [b.seq for b in batches] == list(range(expected))
+            assert {b.instance_id for b in batches} == {hash_pod_name(plan.env["POD_NAME"])}
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, plan.grace) == 0, log.read_text()
+            assert time.monotonic() - started < plan.grace
+
+
+async def _at_least(count: Callable[[], Any], n: int) -> bool:
+    return bool(await count() >= n)
+
+
+@pytest.mark.integration
+async def test_sidecar_settings_drive_a_real_relay(rendered: dict[str, list[Obj]],
+                                                   fresh_nats: NatsServer,
+                                                   tmp_path: Path) -> None:
+    """The sidecar's settings run a real relay: ready, every batch under the pod ID, clean stop."""
+    await rehearse(rendered["sidecar"], fresh_nats, tmp_path, [])
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not can_remount_read_only(),
+                    reason="needs unshare and mount (root in a mount namespace) for a read-only /")
+async def test_relay_runs_on_a_read_only_filesystem(rendered: dict[str, list[Obj]],
+                                                    fresh_nats: NatsServer,
+                                                    tmp_path: Path) -> None:
+    """With every filesystem read-only, /tmp included, the relay still relays and drains."""
+    probes = [Path("/"), Path("/tmp"), REPO, Path(sys.prefix), tmp_path]
+    await rehearse(rendered["sidecar"], fresh_nats, tmp_path, ro_wrapper(probes))
