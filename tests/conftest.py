@@ -1,9 +1,11 @@
 """Shared fixtures: real nats-server processes, so tests see real JetStream behaviour."""
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from harness import RelayProcess, nats_client
 
 from relay.natsserver import NatsServer
 
@@ -24,3 +26,25 @@ def fresh_nats(tmp_path: Path) -> Iterator[NatsServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Any]:
+    """A client of the session server, closed after the test."""
+    async with nats_client(nats_server.url) as client:
+        yield client
+
+
+@pytest.fixture
+def relay_procs(tmp_path: Path) -> Iterator[Callable[[list[str]], RelayProcess]]:
+    """Starts relay processes; kills whatever is still running after the test."""
+    started: list[RelayProcess] = []
+
+    def start(args: list[str]) -> RelayProcess:
+        proc = RelayProcess(args, tmp_path / f"relay-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
