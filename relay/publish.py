@@ -210,6 +210,7 @@ class Publisher:
                 await self._wake.wait()
                 self._wake.clear()
                 if not self._online() or not self.stream_ready.is_set():
+                    self._update_gauges()  # the buffer grows while NATS is away: show it
                     continue
                 if self._retry_at is not None:
                     if time.monotonic() < self._retry_at:
