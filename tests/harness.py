@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -350,17 +351,33 @@ def publish(vllm: SyntheticVllm, n: int) -> list[int]:
 
 @contextlib.contextmanager
 def dead_replay_endpoint(kind: str) -> Iterator[str]:
-    """A replay endpoint where nobody listens, or a ROUTER that never answers."""
+    """A replay endpoint where nobody listens (`absent`), a ROUTER that never answers
+    (`silent`), or one that answers every request with frames that are not a replay
+    (`garbage`)."""
     if kind == "absent":
         yield f"tcp://127.0.0.1:{free_port()}"
         return
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
+    stop = threading.Event()
+
+    def answer_garbage() -> None:
+        while not stop.is_set():
+            if router.poll(50):
+                identity, *_ = router.recv_multipart()
+                router.send_multipart([identity, b"", b"\x00" * 8, b"not", b"a replay"])
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
     try:
         router.bind(ANY_PORT)
+        if kind == "garbage":
+            thread.start()
         yield router.getsockopt_string(zmq.LAST_ENDPOINT)
     finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=5)
         router.close(linger=0)
         ctx.term()
 
