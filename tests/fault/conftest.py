@@ -16,17 +16,18 @@ COLUMNS = ("fault", "offered", "delivered", "lost", "announced", "duplicates",
            "order_violations", "resyncs")
 
 
-def _rows(config: pytest.Config) -> list[Tally]:
+def rows(config: pytest.Config) -> list[Tally]:
+    """The run's fault table."""
     return config.stash.setdefault(ROWS, [])
 
 
 @pytest.fixture
 def record(request: pytest.FixtureRequest) -> Callable[[Tally], Tally]:
     """Adds a Tally to the run's fault table and hands it back for asserting."""
-    rows = _rows(request.config)
+    table = rows(request.config)
 
     def add(row: Tally) -> Tally:
-        rows.append(row)
+        table.append(row)
         return row
 
     return add
@@ -39,8 +40,7 @@ def fault_table_file(request: pytest.FixtureRequest,
     path = tmp_path_factory.getbasetemp() / "fault-table.json"
     request.config.stash[TABLE_FILE] = path
     yield path
-    rows = _rows(request.config)
-    path.write_text(json.dumps([row._asdict() for row in rows], indent=1))
+    path.write_text(json.dumps([row._asdict() for row in rows(request.config)], indent=1))
 
 
 def format_table(rows: list[Tally]) -> list[str]:
@@ -52,11 +52,11 @@ def format_table(rows: list[Tally]) -> list[str]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
                             config: pytest.Config) -> None:
-    rows = _rows(config)
-    if not rows:
+    table = rows(config)
+    if not table:
         return
     terminalreporter.write_sep("-", "fault accounting (batches)")
-    for line in format_table(rows):
+    for line in format_table(table):
         terminalreporter.write_line(line)
     if TABLE_FILE in config.stash:
         terminalreporter.write_line(f"written to {config.stash[TABLE_FILE]}")
