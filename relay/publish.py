@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -46,6 +47,29 @@ from relay.stream import (
 log = logging.getLogger("kvrelay.publish")
 
 WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence did not hold
+
+
+class NatsRefused(Exception):
+    """NATS refused the relay's credentials or TLS settings at start: retrying cannot help."""
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What the operator must fix when `exc` says NATS refused the relay's settings, else None.
+
+    An unreachable server is retried forever; a server that answers "not with these
+    credentials" or a TLS handshake that cannot succeed will answer the same way next time.
+    """
+    text = str(exc).lower()
+    if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text \
+            or "authentication" in text:
+        return (f"NATS refused the relay's credentials ({exc}); check --nats-user and "
+                "--nats-password, --nats-token, --nats-nkey-seed or --nats-creds")
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS with NATS failed ({exc}); check --nats-tls-ca, --nats-tls-cert and "
+                "--nats-tls-key")
+    if "tls" in text or "secure connection" in text:
+        return f"TLS with NATS failed ({exc}); check the --nats-tls-* settings and the URL"
+    return None
 
 
 class _ApiError(msgspec.Struct):
@@ -100,7 +124,9 @@ class Publisher:
         self._backoff = 0.05
         self.connected = False
         self.stream_ready = asyncio.Event()
-        self.fatal: asyncio.Future[StreamMismatch] = asyncio.get_running_loop().create_future()
+        # A configuration NATS or the stream will never accept: the relay exits (code 2).
+        self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        self._connected_once = False
         self.last_error = "not connected yet"
 
     def _online(self) -> bool:
@@ -129,6 +155,7 @@ class Publisher:
         self._inbox = self._nc.new_inbox() + "."
         await self._nc.subscribe(self._inbox + "*", cb=self._on_ack)
         self.connected = True
+        self._connected_once = True
         url = self._nc.connected_url
         log.info("connected to NATS at %s", url.netloc if url else "?")
         await self._ensure_stream([self.subject(rank) for rank in dp_ranks])
@@ -178,6 +205,12 @@ class Publisher:
     async def _on_error(self, exc: Exception) -> None:
         self._metrics.nats_errors.inc()
         self.last_error = f"NATS: {exc!r}"
+        if not self._connected_once and (reason := refusal(exc)) is not None:
+            # Refused before ever connecting: misconfigured, not unreachable. (Once connected,
+            # a refusal while reconnecting is retried: the buffer is worth keeping.)
+            if not self.fatal.done():
+                self.fatal.set_result(NatsRefused(reason))
+            return
         self._warn.warning("nats", "NATS at %s: %r (the relay keeps buffering and retrying)",
                            self._config.redacted()["nats"], exc)
 
