@@ -157,7 +157,9 @@ class Publisher:
         self.connected = True
         self._connected_once = True
         url = self._nc.connected_url
-        log.info("connected to NATS at %s", url.netloc if url else "?")
+        # host:port only: the URL may carry a user and password.
+        log.info("connected to NATS at %s:%s", url.hostname if url else "?",
+                 url.port if url else "?")
         await self._ensure_stream([self.subject(rank) for rank in dp_ranks])
         self._wake.set()
 
