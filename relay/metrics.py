@@ -8,7 +8,7 @@ _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 
-DROP_REASONS = ("overflow", "malformed", "rejected", "too_large", "shutdown")
+DROP_REASONS = ("overflow", "malformed", "rejected", "too_large", "out_of_order", "shutdown")
 DECODE_ERROR_KINDS = (
     "frame_count", "seq_length", "msgpack", "batch_shape", "invalid_event", "unencodable",
 )

@@ -162,3 +162,64 @@ class NatsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class NatsCluster:
+    """Nodes routed to each other on loopback into one JetStream cluster (replicated streams).
+
+    Each node has its own store dir, client port and route port, all fixed for the object's
+    lifetime, so a killed node restarts into the same place and rejoins the cluster.
+    """
+
+    def __init__(self, store_dir: Path, *, size: int = 3, name: str = "kvrelay",
+                 host: str = "127.0.0.1") -> None:
+        route_ports = [free_port(host) for _ in range(size)]
+        routes = [f"nats-route://{host}:{port}" for port in route_ports]
+        self.name = name
+        self.nodes = [
+            NatsServer(
+                Path(store_dir) / f"n{i}", host=host, name=f"n{i}",
+                extra_args=["--cluster_name", name, "--cluster", routes[i],
+                            "--routes", ",".join(r for j, r in enumerate(routes) if j != i)],
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> str:
+        """Every node's client URL, comma-separated, as --nats takes them."""
+        return ",".join(node.url for node in self.nodes)
+
+    def node(self, name: str) -> NatsServer:
+        """The node whose server name is `name` (as JetStream's cluster info reports it)."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(f"no node {name!r} in cluster {self.name}")
+
+    def node_at(self, port: int) -> NatsServer:
+        """The node serving clients on `port`."""
+        for node in self.nodes:
+            if node.port == port:
+                return node
+        raise KeyError(f"no node on port {port} in cluster {self.name}")
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start every node; each is ready to take clients (JetStream elects its leader after)."""
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> NatsCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

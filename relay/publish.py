@@ -2,15 +2,22 @@
 
 The publisher owns the NATS connection. It keeps a window of publishes awaiting their JetStream
 ack (core publish with a reply inbox, not one await per message). Every message carries
-`Nats-Msg-Id` = instance.dp_rank.epoch.seq, so whenever the outcome of a publish is unknown
-(ack timeout, error, reconnect) the whole unacknowledged window is sent again, in its original
-order, and JetStream's dedup drops what it had already stored.
+`Nats-Msg-Id` = instance.dp_rank.epoch.seq.
+
+When a publish fails or its outcome is unknown (ack timeout, error, reconnect, a leader change
+in a clustered stream), the window is not simply sent again: a later batch may already be stored
+after an earlier one was refused, and what was stored may have left the duplicate window. The
+publisher stops taking new batches, reads what the stream holds past the last ack on each
+subject, settles what is there, announces what can no longer go in order, and resends the rest
+one at a time, each expecting the subject's last sequence to be its predecessor's
+(`Nats-Expected-Last-Subject-Sequence`), so nothing is stored twice or out of order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from typing import Any
 
@@ -28,9 +35,41 @@ from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimitedLog
 from relay.schema import SCHEMA_VERSION, RelayBatch, ResumePoint, Resync
-from relay.stream import StreamMismatch, ensure_stream, last_published, nats_options
+from relay.stream import (
+    StreamMismatch,
+    ensure_stream,
+    last_published,
+    last_stored,
+    nats_options,
+    stored_from,
+)
 
 log = logging.getLogger("kvrelay.publish")
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence did not hold
+
+
+class NatsRefused(Exception):
+    """NATS refused the relay's credentials or TLS settings at start: retrying cannot help."""
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What the operator must fix when `exc` says NATS refused the relay's settings, else None.
+
+    An unreachable server is retried forever; a server that answers "not with these
+    credentials" or a TLS handshake that cannot succeed will answer the same way next time.
+    """
+    text = str(exc).lower()
+    if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text \
+            or "authentication" in text:
+        return (f"NATS refused the relay's credentials ({exc}); check --nats-user and "
+                "--nats-password, --nats-token, --nats-nkey-seed or --nats-creds")
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS with NATS failed ({exc}); check --nats-tls-ca, --nats-tls-cert and "
+                "--nats-tls-key")
+    if "tls" in text or "secure connection" in text:
+        return f"TLS with NATS failed ({exc}); check the --nats-tls-* settings and the URL"
+    return None
 
 
 class _ApiError(msgspec.Struct):
@@ -47,11 +86,13 @@ class _PubAck(msgspec.Struct):
 
 
 class _Pending:
-    __slots__ = ("dp_rank", "events", "headers", "payload", "sent_at", "seq", "subject", "ts")
+    __slots__ = ("dp_rank", "epoch", "events", "headers", "payload", "sent_at", "seq", "subject",
+                 "ts")
 
     def __init__(self, frame: Frame, subject: str, headers: dict[str, str], payload: bytes,
                  ts: float, events: int) -> None:
         self.dp_rank = frame.dp_rank
+        self.epoch = frame.epoch
         self.seq = frame.seq
         self.subject = subject
         self.headers = headers
@@ -75,13 +116,17 @@ class Publisher:
         self._nc: Client | None = None
         self._inbox = ""
         self._window: dict[int, _Pending] = {}
+        # subject -> stream sequence of the latest message known stored on it (ack or resume).
+        self._acked_at: dict[str, int] = {}
         self._next_token = 0
         self._wake = asyncio.Event()
         self._retry_at: float | None = None
         self._backoff = 0.05
         self.connected = False
         self.stream_ready = asyncio.Event()
-        self.fatal: asyncio.Future[StreamMismatch] = asyncio.get_running_loop().create_future()
+        # A configuration NATS or the stream will never accept: the relay exits (code 2).
+        self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        self._connected_once = False
         self.last_error = "not connected yet"
 
     def _online(self) -> bool:
@@ -110,8 +155,11 @@ class Publisher:
         self._inbox = self._nc.new_inbox() + "."
         await self._nc.subscribe(self._inbox + "*", cb=self._on_ack)
         self.connected = True
+        self._connected_once = True
         url = self._nc.connected_url
-        log.info("connected to NATS at %s", url.netloc if url else "?")
+        # host:port only: the URL may carry a user and password.
+        log.info("connected to NATS at %s:%s", url.hostname if url else "?",
+                 url.port if url else "?")
         await self._ensure_stream([self.subject(rank) for rank in dp_ranks])
         self._wake.set()
 
@@ -145,15 +193,26 @@ class Publisher:
         subject = self.subject(dp_rank)
         while True:
             try:
-                return await last_published(self._nc.jetstream(), self._config.stream, subject)
+                stored = await last_published(self._nc.jetstream(), self._config.stream, subject)
             except (nats.errors.Error, TimeoutError) as exc:
                 self._warn.warning("resume", "cannot read the last message on %s: %r; retrying",
                                    subject, exc)
                 await asyncio.sleep(0.5)
+                continue
+            if stored is None:
+                return None
+            self._acked_at[subject] = max(stored.stream_seq, self._acked_at.get(subject, 0))
+            return stored.point
 
     async def _on_error(self, exc: Exception) -> None:
         self._metrics.nats_errors.inc()
         self.last_error = f"NATS: {exc!r}"
+        if not self._connected_once and (reason := refusal(exc)) is not None:
+            # Refused before ever connecting: misconfigured, not unreachable. (Once connected,
+            # a refusal while reconnecting is retried: the buffer is worth keeping.)
+            if not self.fatal.done():
+                self.fatal.set_result(NatsRefused(reason))
+            return
         self._warn.warning("nats", "NATS at %s: %r (the relay keeps buffering and retrying)",
                            self._config.redacted()["nats"], exc)
 
@@ -186,12 +245,15 @@ class Publisher:
                 await self._wake.wait()
                 self._wake.clear()
                 if not self._online() or not self.stream_ready.is_set():
+                    self._update_gauges()  # the buffer grows while NATS is away: show it
                     continue
                 if self._retry_at is not None:
                     if time.monotonic() < self._retry_at:
                         continue
                     self._retry_at = None
-                    await self._resend_window()
+                    if not await self._recover():
+                        self._schedule_retry()
+                        continue
                 while self._buffer and len(self._window) < self._config.max_in_flight:
                     await self._send(self._buffer.pop())
                     if not self._online():
@@ -255,12 +317,98 @@ class Publisher:
             self._warn.warning("publish", "publish failed: %r; will resend", exc)
             self._schedule_retry()
 
-    async def _resend_window(self) -> None:
-        for token, pending in list(self._window.items()):
-            if not self._online():
-                return
-            if token in self._window:
-                await self._publish(token, pending)
+    # -- the failure path ----------------------------------------------------------------------
+
+    async def _recover(self) -> bool:
+        """Settle the window with the stream, then resend it one at a time, in order.
+
+        Returns False (to be tried again after a backoff) while the stream cannot take it.
+        """
+        try:
+            for subject in {p.subject for p in self._window.values()}:
+                await self._settle(subject)
+            for token, pending in list(self._window.items()):
+                while token in self._window:
+                    if not self._online() or not await self._resend(token, pending):
+                        return False
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            self._warn.warning("recover", "cannot settle unacknowledged publishes with stream "
+                               "%s yet: %r; retrying", self._config.stream, exc)
+            return False
+        self._backoff = 0.05
+        return True
+
+    async def _settle(self, subject: str) -> None:
+        """Take what the stream holds on `subject` since the last ack out of the window.
+
+        A pending batch older than one found stored can no longer be stored in order: it is
+        dropped (`out_of_order`) and announced with a `resync` gap instead.
+        """
+        assert self._nc is not None
+        js = self._nc.jetstream()
+        waiting = {(p.epoch, p.seq): t for t, p in self._window.items() if p.subject == subject}
+        last = self._acked_at.get(subject, 0)
+        newest: tuple[int, int] | None = None
+        # From the last known message itself: it says where the subject's batches stand.
+        async for stored in stored_from(js, self._config.stream, subject, last):
+            last = max(last, stored.stream_seq)
+            if stored.point is None:
+                continue
+            newest = (stored.point.epoch, stored.point.seq)
+            token = waiting.get(newest)
+            pending = self._window.pop(token, None) if token is not None else None
+            if pending is not None:
+                self._published(pending, duplicate=False)
+        self._acked_at[subject] = last
+        if newest is None:
+            return
+        for point, token in waiting.items():
+            pending = self._window.get(token)
+            if pending is not None and point < newest:
+                del self._window[token]
+                self._metrics.drop("out_of_order", 1, pending.events)
+                self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+                self._warn.warning("out-of-order", "batch epoch %d seq %d on %s was refused "
+                                   "while a later one was stored; announced as a gap",
+                                   pending.epoch, pending.seq, subject)
+
+    async def _resend(self, token: int, pending: _Pending) -> bool:
+        """Publish one batch expecting its predecessor last on the subject; False: not now."""
+        assert self._nc is not None
+        expected = self._acked_at.get(pending.subject, 0)
+        headers = {**pending.headers, "Nats-Expected-Last-Subject-Sequence": str(expected)}
+        pending.sent_at = time.monotonic()
+        try:
+            reply = await self._nc.request(pending.subject, pending.payload, headers=headers,
+                                           timeout=self._config.ack_timeout)
+        except nats.errors.NoRespondersError:
+            self.last_error = f"stream {self._config.stream} did not answer (no responders)"
+            return False
+        try:
+            ack = msgspec.json.decode(reply.data, type=_PubAck)
+        except msgspec.DecodeError:
+            return False
+        if token not in self._window:
+            return True  # an earlier attempt's ack came meanwhile
+        if ack.error is None:
+            del self._window[token]
+            self._acked_at[pending.subject] = max(ack.seq, expected)
+            self._published(pending, ack.duplicate)
+            return True
+        if ack.error.err_code == WRONG_LAST_SEQUENCE:
+            # Stored since we looked (a late earlier attempt) or the last one aged out.
+            stored = await last_stored(self._nc.jetstream(), self._config.stream,
+                                       pending.subject)
+            if stored is not None and stored.stream_seq > expected:
+                await self._settle(pending.subject)
+            else:
+                self._acked_at[pending.subject] = 0 if stored is None else stored.stream_seq
+            return True
+        if ack.error.code == 503 or ack.error.code == 0:
+            self.last_error = f"stream {self._config.stream}: {ack.error.description}"
+            return False
+        self._reject(token, pending, ack.error)
+        return True
 
     def _schedule_retry(self, delay: float | None = None) -> None:
         if delay is None:
@@ -311,23 +459,30 @@ class Publisher:
                                    "retrying", pending.subject, ack.error.description)
                 self._schedule_retry()
                 return
-            del self._window[token]
-            self._metrics.drop("rejected", 1, pending.events)
-            self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
-            self._warn.warning("rejected", "JetStream rejected a publish on %s: %s (code %d)",
-                               pending.subject, ack.error.description, ack.error.code)
+            self._reject(token, pending, ack.error)
             return
         del self._window[token]
+        if ack.seq > self._acked_at.get(pending.subject, 0):
+            self._acked_at[pending.subject] = ack.seq
         self._backoff = 0.05
-        now = time.monotonic()
-        if ack.duplicate:
+        self._published(pending, ack.duplicate)
+        if len(self._window) < self._config.max_in_flight:
+            self._wake.set()
+
+    def _published(self, pending: _Pending, duplicate: bool) -> None:
+        if duplicate:
             self._metrics.duplicates.inc()
         self._metrics.batches_published.inc()
         self._metrics.events_published.inc(pending.events)
-        self._metrics.publish_latency.observe(now - pending.sent_at)
+        self._metrics.publish_latency.observe(time.monotonic() - pending.sent_at)
         self._metrics.lag.observe(max(0.0, time.time() - pending.ts))
-        if len(self._window) < self._config.max_in_flight:
-            self._wake.set()
+
+    def _reject(self, token: int, pending: _Pending, error: _ApiError) -> None:
+        del self._window[token]
+        self._metrics.drop("rejected", 1, pending.events)
+        self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+        self._warn.warning("rejected", "JetStream rejected a publish on %s: %s (code %d)",
+                           pending.subject, error.description, error.code)
 
     def _update_gauges(self) -> None:
         self._metrics.in_flight.set(len(self._window))

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -86,15 +87,49 @@ async def ensure_stream(js: JetStreamContext, config: Config, subjects: list[str
     return f"using JetStream stream {config.stream} (subjects {patterns})"
 
 
-async def last_published(js: JetStreamContext, stream: str, subject: str) -> ResumePoint | None:
-    """(epoch, seq) of the last RelayBatch on `subject`; None when there is none to resume."""
+class Stored(NamedTuple):
+    """A message of the stream: its stream sequence and the batch it holds (None: not ours)."""
+
+    stream_seq: int
+    point: ResumePoint | None
+
+
+def _stored(seq: int | None, data: bytes | None) -> Stored:
+    try:
+        return Stored(seq or 0, decode_resume_point(data or b""))
+    except ValueError:
+        return Stored(seq or 0, None)
+
+
+async def last_stored(js: JetStreamContext, stream: str, subject: str) -> Stored | None:
+    """The last message on `subject`, None when the subject has none."""
     try:
         msg = await js.get_last_msg(stream, subject)
     except nats.js.errors.NotFoundError:
         return None
-    try:
-        return decode_resume_point(msg.data or b"")
-    except ValueError as exc:
-        log.error("last message on %s is not a RelayBatch (%s); starting a new epoch",
-                  subject, exc)
-        return None
+    return _stored(msg.seq, msg.data)
+
+
+async def stored_from(js: JetStreamContext, stream: str, subject: str,
+                      first: int) -> AsyncIterator[Stored]:
+    """Every message on `subject` from stream sequence `first` on, in stream order.
+
+    Reads go to the stream leader (not direct gets), so they see what is committed.
+    """
+    seq = max(first, 1)
+    while True:
+        try:
+            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except nats.js.errors.NotFoundError:
+            return
+        stored = _stored(msg.seq, msg.data)
+        yield stored
+        seq = stored.stream_seq + 1
+
+
+async def last_published(js: JetStreamContext, stream: str, subject: str) -> Stored | None:
+    """The last message on `subject` (its (epoch, seq) to resume after), None if it has none."""
+    stored = await last_stored(js, stream, subject)
+    if stored is not None and stored.point is None:
+        log.error("last message on %s is not a RelayBatch; starting a new epoch", subject)
+    return stored

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from typing import Any, TextIO
 
@@ -54,7 +55,7 @@ async def tail_async(url: str, stream: str, subject: str, *, from_start: bool, c
                                 max_reconnect_attempts=3, reconnect_time_wait=0.5,
                                 allow_reconnect=True)
     except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
-        print(f"kvrelay tail: cannot reach NATS at {url}: {exc!r}", file=sys.stderr)
+        print(f"kvrelay tail: cannot reach NATS at {_shown(url)}: {exc!r}", file=sys.stderr)
         return 1
     seen = 0
     try:
@@ -63,7 +64,7 @@ async def tail_async(url: str, stream: str, subject: str, *, from_start: bool, c
             sub = await nc.jetstream().subscribe(subject, stream=stream, ordered_consumer=True,
                                                  deliver_policy=policy)
         except nats.js.errors.NotFoundError:
-            print(f"kvrelay tail: no stream {stream} on {url}", file=sys.stderr)
+            print(f"kvrelay tail: no stream {stream} on {_shown(url)}", file=sys.stderr)
             return 1
         async for msg in sub.messages:
             try:
@@ -77,6 +78,11 @@ async def tail_async(url: str, stream: str, subject: str, *, from_start: bool, c
     finally:
         await nc.close()
     return 0
+
+
+def _shown(url: str) -> str:
+    """The URL without the credentials it may carry."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
 
 
 def tail(url: str, stream: str, subject: str, *, from_start: bool, count: int) -> int:

@@ -1,12 +1,14 @@
 """Shared fixtures: real nats-server and etcd processes, so tests see the real behaviour, and a
 local HTTPS Kubernetes API (the one part that cannot run here) serving recorded responses."""
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from etcdserver import EtcdServer, etcd_binary
 from kubeapi import KubeApi
+from harness import RelayProcess, nats_client
 
 from relay.natsserver import NatsServer
 
@@ -51,3 +53,25 @@ def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Any]:
+    """A client of the session server, closed after the test."""
+    async with nats_client(nats_server.url) as client:
+        yield client
+
+
+@pytest.fixture
+def relay_procs(tmp_path: Path) -> Iterator[Callable[[list[str]], RelayProcess]]:
+    """Starts relay processes; kills whatever is still running after the test."""
+    started: list[RelayProcess] = []
+
+    def start(args: list[str]) -> RelayProcess:
+        proc = RelayProcess(args, tmp_path / f"relay-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
+import msgspec
 from hypothesis import strategies as st
 from msgspec import UNSET
 
@@ -419,3 +420,29 @@ def relay_batches(draw: st.DrawFn, any_bytes: bool = True) -> RelayBatch:
         relay_ts=draw(st.floats(allow_nan=False, allow_infinity=False)),
         events=[*resyncs, *case.events],
     )
+
+
+# -- whole ZMQ messages, as the relay's SUB socket may receive them ---------------------------
+
+
+@st.composite
+def zmq_messages(draw: st.DrawFn) -> list[bytes]:
+    """One message on vLLM's PUB socket, from valid to garbage: the wrong number of frames, a
+    seq that is not 8 bytes, or [topic, seq, payload] with any payload (valid batches, near
+    misses, other msgpack, random bytes). The seq frame of a 3-frame message is left for the
+    sender to number, so the stream stays in sequence."""
+    shape = draw(st.sampled_from(["frames", "seq", "payload"]))
+    if shape == "frames":
+        count = draw(st.sampled_from([1, 2, 4, 5]))
+        return draw(st.lists(st.binary(max_size=40), min_size=count, max_size=count))
+    topic = draw(st.sampled_from([b"", b"kv-events"]))
+    if shape == "seq":
+        seq = draw(st.binary(max_size=16).filter(lambda raw: len(raw) != 8))
+        return [topic, seq, draw(st.binary(max_size=64))]
+    payload = draw(st.one_of(
+        st.binary(max_size=300),
+        msgpack_values().map(msgspec.msgpack.encode),
+        near_batches().map(msgspec.msgpack.encode),
+        vllm_batches().map(lambda case: msgspec.msgpack.encode(case.raw)),
+    ))
+    return [topic, bytes(8), payload]

@@ -8,371 +8,50 @@ worker IDs can be), so each reads only its own subjects of the one `kv.>` stream
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
-import os
-import re
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
-import nats
-import nats.errors
-import nats.js.errors
 import pytest
-import zmq
-from nats.js.api import DeliverPolicy
-from prometheus_client.parser import text_string_to_metric_families
+from harness import (
+    ANY_PORT,
+    COMP,
+    CONTRACT_METRICS,
+    NS,
+    RelayProcess,
+    as_output,
+    consecutive_ports,
+    dead_replay_endpoint,
+    eventually,
+    http_get,
+    is_ready,
+    join,
+    last_seq,
+    load_vector,
+    metric,
+    nats_client,
+    new_instance_id,
+    plain,
+    publish,
+    publish_then_crash_nats,
+    read_stream,
+    resyncs,
+    run_cli,
+    running_relay,
+    scrape,
+    seqs,
+    subject_of,
+)
 
 from relay.app import Relay
-from relay.codec import decode_relay_batch
 from relay.config import Config
 from relay.natsserver import NatsServer, free_port
-from relay.schema import RelayBatch, Resync, Unknown
+from relay.schema import Resync, Unknown
 from relay.synthetic import SyntheticVllm, WorkloadFactory, block_stored, encode_batch
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parent.parent
-VECTOR_DIR = REPO / "schemas" / "vectors" / "input"  # frames captured from vLLM 0.32
-STREAM = "KV_EVENTS"
-NS = "kvtest"
-COMP = "worker"
-ANY_PORT = "tcp://127.0.0.1:*"
-VLLM_TYPES = {"BlockStored": "stored", "BlockRemoved": "removed", "AllBlocksCleared": "cleared"}
-CONTRACT_METRICS = (
-    "kvrelay_batches_received_total",
-    "kvrelay_batches_published_total",
-    "kvrelay_batches_dropped_total",
-    "kvrelay_events_received_total",
-    "kvrelay_events_published_total",
-    "kvrelay_events_dropped_total",
-    "kvrelay_gaps_total",
-    "kvrelay_replays_total",
-    "kvrelay_engine_restarts_total",
-    "kvrelay_resyncs_total",
-    "kvrelay_publish_in_flight",
-    "kvrelay_buffer_batches",
-    "kvrelay_buffer_bytes",
-    "kvrelay_publish_latency_seconds_bucket",
-    "kvrelay_lag_seconds_bucket",
-    "kvrelay_nats_reconnects_total",
-    "kvrelay_decode_errors_total",
-)
-
-_instance_ids = itertools.count(2**63 + 1001)
-
-
-def new_instance_id() -> int:
-    """A worker ID no other test of this run uses (above 2**63, as u64 IDs can be)."""
-    return next(_instance_ids)
-
-
-def subject_of(instance_id: int, dp_rank: int = 0) -> str:
-    return f"kv.{NS}.{COMP}.{instance_id}.{dp_rank}"
-
-
-# -- polling ---------------------------------------------------------------------------------------
-
-
-async def eventually(cond: Callable[[], bool], what: str, within: float = 8.0) -> None:
-    """Poll `cond` until it holds; fail saying `what` did not happen."""
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def metric(relay: Relay, name: str, **labels: str) -> float:
-    """A sample of the relay's own registry, 0 when the series does not exist yet."""
-    value = relay.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
-def is_ready(relay: Relay) -> bool:
-    return all(state == "ok" for state in relay.readiness().values())
-
-
-# -- in-process relays -----------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def running_relay(**flags: Any) -> AsyncIterator[Relay]:
-    """Serve a relay in this event loop; on exit drain it and check it stopped cleanly."""
-    base: dict[str, Any] = {"system_port": 0, "system_host": "127.0.0.1", "namespace": NS,
-                            "component": COMP, "drain_timeout": 3.0}
-    relay = Relay(Config.load({**base, **flags}, {}), env={})
-    served = asyncio.ensure_future(relay.serve())
-    clean = False
-    try:
-        await eventually(lambda: relay.started.is_set() or served.done(), "relay start-up")
-        if served.done():
-            raise AssertionError(f"relay stopped during start-up: {served.result()}")
-        yield relay
-        clean = True
-    finally:
-        relay.handle_exit()
-        code = await asyncio.wait_for(served, timeout=15)
-    if clean:
-        assert code == 0, f"relay exit code {code}"
-        assert metric(relay, "kvrelay_batches_dropped_total", reason="shutdown") == 0
-
-
-async def join(vllm: SyntheticVllm, relay: Relay, within: float = 5.0) -> None:
-    """Beat ZMQ's slow joiner without spending a seq: send 1-frame probes until the relay counts
-    one as malformed, then wait until the probes still in flight have landed."""
-
-    def probes() -> float:
-        return metric(relay, "kvrelay_decode_errors_total", kind="frame_count")
-
-    before = probes()
-    deadline = time.monotonic() + within
-    while probes() == before:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"relay never received a probe from {vllm.address}")
-        vllm.send_raw([b"kvrelay-test-probe"])
-        await asyncio.sleep(0.02)
-    last = -1.0
-    while probes() != last:
-        last = probes()
-        await asyncio.sleep(0.1)
-
-
-# -- reading JetStream -----------------------------------------------------------------------------
-
-
-class Received(NamedTuple):
-    subject: str
-    headers: dict[str, str]
-    data: bytes
-    batch: RelayBatch
-
-
-@contextlib.asynccontextmanager
-async def nats_client(url: str) -> AsyncIterator[Any]:
-    nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=2)
-    try:
-        yield nc
-    finally:
-        await nc.close()
-
-
-@pytest.fixture
-async def nc(nats_server: NatsServer) -> AsyncIterator[Any]:
-    """A client of the session server, closed after the test."""
-    async with nats_client(nats_server.url) as client:
-        yield client
-
-
-async def read_stream(nc: Any, subject: str, count: int, *, within: float = 10.0,
-                      settle: float = 0.3, stream: str = STREAM) -> list[Received]:
-    """Everything on `subject` from the start (ordered consumer): at least `count` messages,
-    plus whatever else arrives within `settle` seconds, so duplicates and extras show."""
-    deadline = time.monotonic() + within
-    while True:  # the relay may not have created the stream yet
-        try:
-            sub = await nc.jetstream().subscribe(subject, stream=stream, ordered_consumer=True,
-                                                 deliver_policy=DeliverPolicy.ALL)
-            break
-        except nats.js.errors.NotFoundError:
-            assert time.monotonic() < deadline, f"no stream {stream}"
-            await asyncio.sleep(0.05)
-    out: list[Received] = []
-    try:
-        while len(out) < count:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                msg = await sub.next_msg(timeout=min(left, 1.0))
-            except nats.errors.TimeoutError:
-                continue
-            out.append(Received(msg.subject, dict(msg.headers or {}), msg.data,
-                                decode_relay_batch(msg.data)))
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=settle)
-            except nats.errors.TimeoutError:
-                break
-            out.append(Received(msg.subject, dict(msg.headers or {}), msg.data,
-                                decode_relay_batch(msg.data)))
-    finally:
-        await sub.unsubscribe()
-    assert len(out) >= count, f"{len(out)} of {count} batches on {subject}: " + str(
-        [(r.batch.epoch, r.batch.seq) for r in out])
-    return out
-
-
-async def last_seq(nc: Any, subject: str) -> int | None:
-    """Seq of the last RelayBatch stored on `subject`, None when there is none."""
-    try:
-        msg = await nc.jetstream().get_last_msg(STREAM, subject)
-    except nats.js.errors.NotFoundError:
-        return None
-    return decode_relay_batch(msg.data).seq
-
-
-def seqs(got: list[Received]) -> list[tuple[int, int]]:
-    return [(r.batch.epoch, r.batch.seq) for r in got]
-
-
-def resyncs(got: list[Received]) -> list[tuple[int, Resync]]:
-    return [(r.batch.seq, e) for r in got for e in r.batch.events if isinstance(e, Resync)]
-
-
-def plain(event: Any) -> Any:
-    """An output event as builtins (bytes kept as bytes), for comparing with vLLM's input."""
-    return msgspec.to_builtins(event, builtin_types=(bytes,))
-
-
-def as_output(vllm_event: dict[str, Any]) -> dict[str, Any]:
-    """What a vLLM map event must become on the output: same fields, relay's type tag."""
-    return {**vllm_event, "type": VLLM_TYPES[vllm_event["type"]]}
-
-
-# -- HTTP on the system port -----------------------------------------------------------------------
-
-
-async def http_get(port: int, path: str) -> tuple[int, bytes]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout=5)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
-
-
-async def scrape(port: int, name: str, **labels: str) -> float:
-    """One sample from a relay process's /metrics, 0 when absent."""
-    _, body = await http_get(port, "/metrics")
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return 0.0
-
-
-# -- relay processes -------------------------------------------------------------------------------
-
-
-class RelayProcess:
-    """`python -m relay run ...` with its log in a file and its system port known."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self._system_port: int | None = None
-        self.log = log
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("KVRELAY_", "DYN_", "NATS_SERVER", "POD_"))}
-        env["PYTHONUNBUFFERED"] = "1"
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "run", "--system-host", "127.0.0.1",
-                 "--system-port", "0", *args],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                cwd=REPO)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    @property
-    def system_port(self) -> int:
-        """The port the relay bound (it picks a free one: no race with parallel runs)."""
-        if self._system_port is None:
-            found = re.search(r"system server on http://[^:/]+:(\d+)", self.output())
-            if found is None:
-                raise LookupError("the relay has not opened its system port yet")
-            self._system_port = int(found.group(1))
-        return self._system_port
-
-    async def healthy(self, within: float = 10.0) -> None:
-        deadline = time.monotonic() + within
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"relay exited {self.proc.returncode}:\n{self.output()}")
-            with contextlib.suppress(OSError, IndexError, ValueError, LookupError):
-                if (await http_get(self.system_port, "/health"))[0] == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"relay not healthy after {within}s:\n{self.output()}")
-            await asyncio.sleep(0.05)
-
-    async def exited(self, within: float) -> int:
-        deadline = time.monotonic() + within
-        while self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"relay still running after {within}s:\n{self.output()}")
-            await asyncio.sleep(0.02)
-        return self.proc.returncode
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-
-
-@pytest.fixture
-def relay_procs(tmp_path: Path) -> Iterator[Callable[[list[str]], RelayProcess]]:
-    """Starts relay processes; kills whatever is still running after the test."""
-    started: list[RelayProcess] = []
-
-    def start(args: list[str]) -> RelayProcess:
-        proc = RelayProcess(args, tmp_path / f"relay-{len(started)}.log")
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        proc.stop()
-
-
-def run_cli(args: list[str], timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KVRELAY_", "DYN_"))}
-    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=REPO, check=False)
-
-
-# -- misc ------------------------------------------------------------------------------------------
-
-
-def load_vector(name: str) -> list[list[bytes]]:
-    """Captured vLLM frames, each [topic, seq, payload] as they left vLLM's PUB socket."""
-    return msgspec.msgpack.decode((VECTOR_DIR / name).read_bytes(), type=list[list[bytes]])
-
-
-def consecutive_ports(n: int) -> int:
-    """A base port with n free ports from it (on all interfaces, as `tcp://*:p` binds)."""
-    for _ in range(50):
-        base = free_port("0.0.0.0")
-        socks: list[socket.socket] = []
-        try:
-            for offset in range(n):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("0.0.0.0", base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
-def publish(vllm: SyntheticVllm, n: int) -> list[int]:
-    return [vllm.publish_next() for _ in range(n)]
-
 
 # -- 1. real vLLM frames, both formats -------------------------------------------------------------
 
@@ -542,23 +221,6 @@ async def test_replay_with_nothing_missing_counts_as_succeeded(
             await eventually(lambda: outcomes() == 1, "the start-up replay to finish")
             assert metric(relay, "kvrelay_replays_total", outcome="partial") == 0
             assert metric(relay, "kvrelay_replays_total", outcome="succeeded") == 1
-
-
-@contextlib.contextmanager
-def dead_replay_endpoint(kind: str) -> Iterator[str]:
-    """A replay endpoint where nobody listens, or a ROUTER that never answers."""
-    if kind == "absent":
-        yield f"tcp://127.0.0.1:{free_port()}"
-        return
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    try:
-        router.bind(ANY_PORT)
-        yield router.getsockopt_string(zmq.LAST_ENDPOINT)
-    finally:
-        router.close(linger=0)
-        ctx.term()
 
 
 @pytest.mark.parametrize("kind", ["absent", "silent"])
@@ -778,18 +440,6 @@ async def test_nats_down_at_start_then_up(fresh_nats: NatsServer) -> None:
             assert metric(relay, "kvrelay_batches_dropped_total", reason="overflow") == 0
     assert seqs(got) == [(0, s) for s in range(25)]
     assert resyncs(got) == []
-
-
-async def publish_then_crash_nats(relay: Relay, vllm: SyntheticVllm, server: NatsServer,
-                                  instance: int, batches: int) -> None:
-    """Get `batches` stored through a ready relay, then SIGKILL nats-server."""
-    await eventually(lambda: is_ready(relay), "relay ready")
-    await join(vllm, relay)
-    publish(vllm, batches)
-    async with nats_client(server.url) as client:
-        await read_stream(client, subject_of(instance), batches, settle=0)
-    await asyncio.sleep(0.2)  # let nats-server's file store flush before the crash
-    server.kill()
 
 
 async def test_nats_killed_mid_stream_and_restarted(fresh_nats: NatsServer) -> None:
