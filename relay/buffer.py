@@ -43,6 +43,9 @@ class Buffer:
         self._bytes = 0
         # dp_rank -> resyncs owed to consumers, announced with the next frame of that rank.
         self._owed: dict[int, tuple[Resync, ...]] = {}
+        # Read at scrape time: right while nothing is published, and free on the hot path.
+        metrics.buffer_batches.set_function(self.__len__)
+        metrics.buffer_bytes.set_function(lambda: self._bytes)
 
     def __len__(self) -> int:
         return len(self._frames)

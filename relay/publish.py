@@ -245,7 +245,6 @@ class Publisher:
                 await self._wake.wait()
                 self._wake.clear()
                 if not self._online() or not self.stream_ready.is_set():
-                    self._update_gauges()  # the buffer grows while NATS is away: show it
                     continue
                 if self._retry_at is not None:
                     if time.monotonic() < self._retry_at:
@@ -486,8 +485,6 @@ class Publisher:
 
     def _update_gauges(self) -> None:
         self._metrics.in_flight.set(len(self._window))
-        self._metrics.buffer_batches.set(len(self._buffer))
-        self._metrics.buffer_bytes.set(self._buffer.nbytes)
 
     # -- shutdown ------------------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 from etcdserver import EtcdServer, etcd_binary
-from kubeapi import KubeApi
 from harness import RelayProcess, nats_client
+from kubeapi import KubeApi
 
 from relay.natsserver import NatsServer
 

@@ -482,7 +482,11 @@ async def test_buffer_bound_drops_oldest_and_resyncs(fresh_nats: NatsServer) -> 
             publish(vllm, 80)  # seq 10..89; 50 fit
             await eventually(lambda: metric(relay, "kvrelay_batches_dropped_total",
                                             reason="overflow") == 30, "30 overflow drops")
-            assert len(relay.buffer or ()) == 50
+            buffer = relay.buffer
+            assert buffer is not None
+            assert len(buffer) == 50
+            assert metric(relay, "kvrelay_buffer_batches") == 50
+            assert metric(relay, "kvrelay_buffer_bytes") == buffer.nbytes > 0
             fresh_nats.start()
             async with nats_client(fresh_nats.url) as client:
                 got = await read_stream(client, subject_of(instance), 60)
