@@ -437,7 +437,8 @@ def test_restore_rejects_malformed_chains() -> None:
     """A chain with no block or a None block is refused before the index changes."""
     index = KvIndex()
     applied(index, batch(A, 0, stored(1)))
-    for chains in ([[None]], [[None, 1, None]]):
+    malformed: list[list[list[BlockHash | None]]] = [[[None]], [[None, 1, None]]]
+    for chains in malformed:
         bad = WorkerSnapshot(instance_id=A[0], dp_rank=A[1], epoch=0, seq=0, stream_seq=1,
                              exact=True, tiers=[TierSnapshot("GPU", 0, chains)])
         with pytest.raises(ValueError, match="malformed snapshot"):
