@@ -132,6 +132,7 @@ class KvConsumer:
         self._task: asyncio.Task[None] | None = None
         self._sub: JetStreamContext.PushSubscription | None = None
         self._warn = RateLimitedLog(log)
+        self._closing = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -173,8 +174,15 @@ class KvConsumer:
     def connected(self) -> bool:
         return self._client is not None and self._client.is_connected
 
+    @property
+    def running(self) -> bool:
+        """False once the consumer stopped: closed, or failed (`ready()` raises why)."""
+        return self._task is not None and not self._task.done()
+
+
     async def close(self) -> None:
         """Stop following; closes the connection when this consumer opened it."""
+        self._closing = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -196,6 +204,7 @@ class KvConsumer:
             return
         while queue.full():  # nobody is reading: make room for the end marker
             queue.get_nowait()
+            queue.task_done()
         queue.put_nowait(None)
 
     async def batches(self) -> AsyncIterator[Delivery]:
@@ -203,17 +212,28 @@ class KvConsumer:
         when the consumer closes, raising what stopped it, if anything did."""
         if self._deliveries is None:
             raise RuntimeError("construct KvConsumer with deliveries=N to iterate its batches")
+        queue = self._deliveries
         while True:
-            item = await self._deliveries.get()
+            item = await queue.get()
             if item is None:
-                self._deliveries.put_nowait(None)  # for any other iterator
+                queue.task_done()
+                queue.put_nowait(None)  # for any other iterator
                 task = self._task
                 if task is not None and task.done() and not task.cancelled():
                     failure = task.exception()
                     if failure is not None:
                         raise failure
                 return
-            yield item
+            try:
+                yield item
+            finally:
+                queue.task_done()
+
+    async def delivered(self) -> None:
+        """Wait until `batches()` handed out every batch applied so far and its reader came
+        back for the next one (so whatever it does with a batch is done)."""
+        if self._deliveries is not None:
+            await self._deliveries.join()
 
     # -- following the stream ------------------------------------------------------------------
 
@@ -336,7 +356,8 @@ class KvConsumer:
         self._warn.warning(type(exc).__name__, "NATS: %r", exc)
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not self._closing:
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
         self.metrics.nats_reconnects.inc()
