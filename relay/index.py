@@ -224,7 +224,9 @@ class KvIndex:
         parent = event.parent_block_hash
         for block in event.block_hashes:
             if block not in blocks:
-                holders[block] = holders.get(block, 0) | bit
+                others = holders.get(block)
+                # A block only this worker holds shares the worker's own bit object.
+                holders[block] = bit if others is None else others | bit
             blocks[block] = parent
             parent = block
 
@@ -360,7 +362,8 @@ class KvIndex:
             for block in islice(chain, 1, None):
                 assert block is not None
                 if block not in blocks:
-                    holders[block] = holders.get(block, 0) | worker.bit
+                    others = holders.get(block)
+                    holders[block] = worker.bit if others is None else others | worker.bit
                 blocks[block] = parent
                 parent = block
         worker.epoch, worker.seq = snapshot.epoch, snapshot.seq

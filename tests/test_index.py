@@ -444,3 +444,15 @@ def test_restore_rejects_malformed_chains() -> None:
         with pytest.raises(ValueError, match="malformed snapshot"):
             index.restore(bad)
     assert index.blocks(A) == {1: None}
+
+
+def test_index_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The index benchmark runs at a small size and reports what it built and measured."""
+    from bench.index_bench import main
+
+    main(["--workers", "3", "--blocks", "64", "--chain", "8", "--queries", "50"])
+    out = capsys.readouterr().out
+    # 6 own blocks per 8-block chain, 2 shared by all: 48 own + 2 shared per worker.
+    assert "held (worker, block) pairs 150, distinct blocks 146" in out
+    for figure in ("events/s", "batches/s", "p50", "bytes per held"):
+        assert figure in out
