@@ -244,7 +244,7 @@ class KvConsumer:
             js = self._client.jetstream()
             self._sub = await self._subscribe(js)
             self._target = await self._last_sequence(js)
-            if self.stream_seq >= self._target:
+            if self.stream_seq >= self._target or await self._nothing_pending():
                 self._caught_up.set()
             log.info("following %s on stream %s from %s", self.subject, self.stream,
                      f"sequence {self.start_sequence}" if self.start_sequence else "the start")
@@ -300,6 +300,17 @@ class KvConsumer:
                 self._warn.warning("last", "cannot read the last message of %s: %r; retrying",
                                    self.subject, exc)
                 await asyncio.sleep(0.5)
+
+    async def _nothing_pending(self) -> bool:
+        """True when a durable consumer resumes with nothing to deliver or acknowledge (its
+        position may be past the last message)."""
+        if self._sub is None or self.durable is None:
+            return False
+        try:
+            info = await self._sub.consumer_info()
+        except (nats.errors.Error, TimeoutError):
+            return False  # the first message will tell
+        return info.num_pending == 0 and info.num_ack_pending == 0
 
     async def _handle(self, msg: Msg) -> None:
         meta = msg.metadata

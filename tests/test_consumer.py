@@ -394,7 +394,7 @@ async def test_bootstrap_from_snapshots_then_tail(nats_server: NatsServer,
 async def test_durable_consumer_resumes_where_it_left(nats_server: NatsServer,
                                                       stream: Stream) -> None:
     """With a durable name, a consumer started again (with the index it kept) continues after
-    the last message it applied: nothing twice, no gap."""
+    the last message it applied: nothing twice, no gap; with nothing new it is ready at once."""
     durable = f"router-{stream.namespace}"
     await stream.publish(*[relay_batch(A, seq, stored(seq)) for seq in range(10)])
     index = KvIndex()
@@ -407,6 +407,9 @@ async def test_durable_consumer_resumes_where_it_left(nats_server: NatsServer,
     assert sample(again, "kvrelay_consumer_batches_total") == 5
     assert sample(again, "kvrelay_consumer_duplicates_total") == 0
     assert (again.gaps, set(index.blocks(A))) == (0, set(range(15)))
+    async with consumer_of(nats_server, stream, durable=durable, index=index) as idle:
+        await asyncio.wait_for(idle.ready(), 5)  # nothing new: ready all the same
+        assert sample(idle, "kvrelay_consumer_batches_total") == 0
     await stream.js.delete_consumer("KV_EVENTS", durable)
 
 

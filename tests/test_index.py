@@ -116,7 +116,7 @@ def applied(index: KvIndex, b: RelayBatch, stream_seq: int | None = None) -> Gap
 # -- against the model -------------------------------------------------------------------------
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(index_scripts(), st.lists(index_chains, max_size=5))
 def test_index_equals_model(script: list[RelayBatch], chains: list[list[BlockHash]]) -> None:
     """After any mix of stores, removes, clears, resyncs and unknown events over shared hashes,
@@ -137,7 +137,7 @@ def test_index_equals_model(script: list[RelayBatch], chains: list[list[BlockHas
             assert index.overlap(chain, tier) == model.overlap(chain, tier)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(index_scripts(resyncs=False), st.data())
 def test_lost_batches_are_gaps(script: list[RelayBatch], data: st.DataObject) -> None:
     """Any batches lost unannounced: one gap per lost run that a later batch shows, and each
@@ -171,7 +171,7 @@ def test_lost_batches_are_gaps(script: list[RelayBatch], data: st.DataObject) ->
         assert index.status(worker).gaps == sum(g.worker == worker for g in gaps)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(index_scripts())
 def test_snapshot_round_trip(script: list[RelayBatch]) -> None:
     """Every worker's snapshot, encoded and decoded, restores the same blocks, parents,
