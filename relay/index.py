@@ -1,34 +1,26 @@
 """An in-memory KV index: which blocks each worker (instance_id, dp_rank) holds, from RelayBatches.
 
-Pure (no I/O), so the consumer, the commands and a snapshot writer share it. It answers the
-query KV routers make, `overlap(block_hashes)`: for a request's chain of block hashes, how many
-leading blocks each worker holds.
+Pure (no I/O): the consumer, the commands and a snapshot writer share it. `overlap()` answers a
+KV router's question: for a request's block hashes, how many leading ones each worker holds.
 
-Layout. A block is held per tier, (medium, group_idx): vLLM reports the GPU cache and offloaded
-tiers (medium) and, for hybrid models, one block pool per KV cache group (group_idx), and the
-same hash may live in several at once. Per tier one dict maps a hash to a bitmask of the worker
-slots holding it, so `overlap` costs one dict lookup and one `&` per leading block however many
-workers there are; per worker and tier a dict maps each held hash to its parent (for snapshots,
-and to clear a worker in time proportional to its own blocks).
+Layout. Blocks are held per tier, (medium, group_idx): vLLM reports the GPU cache, offloaded
+tiers and, for hybrid models, one block pool per KV cache group, and one hash may live in
+several. Per tier a dict maps each hash to a bitmask of the worker slots holding it (`overlap`:
+one lookup and one `&` per block, however many workers); per worker and tier a dict maps each
+held hash to its parent (for snapshots, and to clear a worker in time of its own blocks).
 
-What the index believes after a loss (the router's question is "which worker surely has this
-prefix"): a block claimed but evicted sends requests to a worker that will recompute them, a
-block missed only costs a routing opportunity. So a `resync`, a gap this side detects, an epoch
-going back, or a known vLLM event the relay could not read empties that worker (every tier), as
-the contract says for `resync`; what it stores afterwards is known again. `exact` says whether
-the index saw every event since the worker's cache was last empty (engine start at seq 0, a
-`cleared`, a `restart` with nothing missed): while it is False the worker holds at least what
-the index says. `cleared` empties every tier of the worker, never claiming what may be gone.
-Unknown event types are counted and otherwise ignored.
+Losses. A block claimed but evicted sends requests to a worker that recomputes them; a block
+missed only costs a hit. So a `resync`, a gap found here, an epoch going back, or a vLLM event
+the relay could not read empties the worker (every tier), as the contract says for `resync`.
+`exact` says the index saw every event since the worker's cache was last empty (seq 0 of an
+engine, a `cleared`, a `restart` with nothing missed); while False the worker holds at least
+what the index says. `cleared` empties every tier. Unknown event types are only counted.
 
-Sequence checks (per worker, in stream order): the same epoch must continue at seq + 1; a new
-epoch (engine restart: its cache starts empty) at 0; anything missing not announced by the
-batch's own `resync` ranges is a Gap, returned to the caller and treated like a resync. A seq at
-or below the last one applied in the same epoch is a duplicate and skipped.
-
-Snapshots: `snapshot(worker)` is the worker's state plus the stream sequence it is complete up
-to; `restore()` puts it back, after which messages at or below that sequence are skipped
-(`Outcome.COVERED`), so bootstrap = restore snapshots, then consume from stream_seq + 1.
+Sequence checks, per worker in stream order: the same epoch continues at seq + 1, a new epoch
+(engine restart: the worker is emptied) starts at 0; anything missing that the batch's own
+`resync` ranges do not announce is a Gap, returned and handled like a resync. A seq at or below
+the last one applied in the same epoch is a duplicate, skipped. After `restore()` of a snapshot,
+messages at or below its stream sequence are skipped (`Outcome.COVERED`).
 """
 
 from __future__ import annotations
