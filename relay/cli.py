@@ -90,7 +90,7 @@ def _add_watch_flags(parser: argparse.ArgumentParser, *, stats: bool) -> None:
                         help="print one frame once caught up with the stream, then exit"
                         if stats else "with --index: one frame once caught up, then exit")
     parser.add_argument("--duration", type=float, default=None,
-                        help="exit after this many seconds (default: run until Ctrl-C)")
+                        help="exit after this many seconds; without it, run until Ctrl-C")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
