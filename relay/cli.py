@@ -78,7 +78,33 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--from-start", action="store_true",
                       help="from the stream's first message instead of new ones")
     tail.add_argument("--count", type=int, default=0, help="stop after N batches (0: never)")
+    tail.add_argument("--index", action="store_true",
+                      help="instead of batches, each worker's blocks as a router's index holds "
+                           "them, refreshed every --interval seconds (reads the whole stream)")
+    _add_watch_flags(tail, stats=False)
+
+    stats = commands.add_parser(
+        "stats", help="per-worker events/s, lag, last (epoch, seq), resyncs and gaps",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    stats.add_argument("--nats", default=os.environ.get(env_var("nats"), "nats://127.0.0.1:4222"),
+                       help="NATS server URL(s), comma-separated")
+    stats.add_argument("--stream", default=os.environ.get(env_var("stream"), "KV_EVENTS"),
+                       help="JetStream stream")
+    stats.add_argument("--subject", default="kv.>", help="subject filter")
+    stats.add_argument("--window", type=float, default=10.0,
+                       help="seconds of relay timestamps events/s is averaged over")
+    _add_watch_flags(stats, stats=True)
     return parser
+
+
+def _add_watch_flags(parser: argparse.ArgumentParser, *, stats: bool) -> None:
+    """Refresh options of the views that follow the stream (`stats`, `tail --index`)."""
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between frames")
+    parser.add_argument("--once", action="store_true",
+                        help="print one frame once caught up with the stream, then exit"
+                        if stats else "with --index: one frame once caught up, then exit")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="exit after this many seconds; without it, run until Ctrl-C")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -106,12 +132,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         from relay.demo import demo
 
         sys.exit(demo(batches=args.batches, fmt=args.format))
-    elif args.command == "tail":
+    elif args.command == "tail" and not args.index:
         _setup_logging("warning")
         from relay.tail import tail
 
         sys.exit(tail(args.nats, args.stream, args.subject, from_start=args.from_start,
                       count=args.count))
+    elif args.command in ("tail", "stats"):
+        _setup_logging("error")
+        from relay.stats import run as watch
+
+        sys.exit(watch(args.nats, args.stream, args.subject,
+                       mode="index" if args.command == "tail" else "stats",
+                       interval=args.interval, once=args.once, duration=args.duration,
+                       window=getattr(args, "window", 10.0)))
 
 
 def _load_config(args: argparse.Namespace) -> Config:

@@ -182,13 +182,17 @@ def decode_resume_point(data: bytes) -> ResumePoint:
 
 
 def decode_relay_batch(data: bytes) -> RelayBatch:
-    """A published RelayBatch in either format, bytes restored from hex in JSON."""
+    """A published RelayBatch in either format, bytes restored from hex in JSON; ValueError
+    (msgspec.DecodeError is one) if the payload is not a RelayBatch."""
     if data[:1] != b"{":
         return _RELAY_MSGPACK.decode(data)
     obj = msgspec.json.decode(data)
-    for event in obj.get("events", ()):
-        if event.get("type") in ("stored", "removed"):
-            event["block_hashes"] = [_unhex(h) for h in event.get("block_hashes", ())]
+    events = obj.get("events", ()) if isinstance(obj, dict) else ()
+    for event in events if isinstance(events, list) else ():
+        if isinstance(event, dict) and event.get("type") in ("stored", "removed"):
+            hashes = event.get("block_hashes")
+            if isinstance(hashes, list):
+                event["block_hashes"] = [_unhex(h) for h in hashes]
             if "parent_block_hash" in event:
                 event["parent_block_hash"] = _unhex(event["parent_block_hash"])
     return msgspec.convert(obj, RelayBatch)

@@ -172,3 +172,32 @@ def relay_batch_json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = f"kvrelay RelayBatch v{SCHEMA_VERSION}"
     return schema
+
+
+# -- a worker's KV index state, as a snapshot stores it -----------------------------------------
+
+SNAPSHOT_VERSION: Final = 1
+
+
+class TierSnapshot(Struct, array_like=True, gc=False):
+    """One tier's blocks as chains: `[parent_of_first, h1, h2, ...]`, each hash's parent the one
+    before it, so a prefix path costs one hash per block. Chains and tiers are in a canonical
+    order: the same state always encodes to the same bytes."""
+
+    medium: str
+    group_idx: int
+    chains: list[list[BlockHash | None]]
+
+
+class WorkerSnapshot(Struct, kw_only=True, gc=False):
+    """What the KV index holds for one (instance_id, dp_rank), complete up to `stream_seq`: every
+    JetStream message at or below it is reflected, so a consumer resumes at `stream_seq + 1`."""
+
+    v: int = SNAPSHOT_VERSION
+    instance_id: int
+    dp_rank: int
+    epoch: int | None  # the last batch applied; None when none was
+    seq: int | None
+    stream_seq: int
+    exact: bool  # see KvIndex: every event since the cache was last empty was applied
+    tiers: list[TierSnapshot]

@@ -22,6 +22,11 @@ log = logging.getLogger("kvrelay.stream")
 STREAM_SUBJECTS = "kv.>"
 
 
+def worker_subjects(namespace: str, component: str, instance_id: int | None = None) -> str:
+    """What a router subscribes to: every worker of a component, or every DP rank of one."""
+    return f"kv.{namespace}.{component}.{'>' if instance_id is None else f'{instance_id}.*'}"
+
+
 class StreamMismatch(Exception):
     """The configured stream exists but does not take the relay's subjects."""
 

@@ -446,3 +446,62 @@ def zmq_messages(draw: st.DrawFn) -> list[bytes]:
         vllm_batches().map(lambda case: msgspec.msgpack.encode(case.raw)),
     ))
     return [topic, bytes(8), payload]
+
+
+# -- KV index scripts --------------------------------------------------------------------------
+# Few workers, tiers and hashes, so stores, removes and queries keep meeting the same blocks.
+
+INDEX_WORKERS: Final = ((7, 0), (7, 1), (2**64 - 1, 0))
+INDEX_TIERS: Final = (("GPU", 0), ("GPU", 1), ("CPU", 0))
+INDEX_HASHES: Final[tuple[BlockHash, ...]] = (
+    *range(10), 2**64 - 1, -(2**63), b"\x00" * 32, b"\xff" * 32)
+index_hashes: Final = st.sampled_from(INDEX_HASHES)
+index_chains: Final = st.lists(index_hashes, max_size=6)  # what a router asks about
+
+
+@st.composite
+def _tier_fields(draw: st.DrawFn) -> dict[str, Any]:
+    """medium and group_idx of a tier, sometimes left out the way older vLLMs leave them."""
+    medium, group = draw(st.sampled_from(INDEX_TIERS))
+    fields: dict[str, Any] = {"medium": medium, "group_idx": group}
+    if medium == "GPU" and draw(st.booleans()):
+        fields["medium"] = None  # vLLM <= 0.10.1 sends none: GPU
+    if group == 0 and draw(st.booleans()):
+        fields["group_idx"] = draw(st.sampled_from((None, UNSET)))  # before 0.20: group 0
+    return fields
+
+
+@st.composite
+def index_events(draw: st.DrawFn, resyncs: bool = True) -> RelayEvent:
+    """An event as a RelayBatch carries it, over INDEX_HASHES and INDEX_TIERS."""
+    kinds = ["stored"] * 4 + ["removed"] * 3 + ["cleared", "unknown"] + (
+        ["resync"] if resyncs else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "stored":
+        hashes = draw(st.lists(index_hashes, min_size=1, max_size=4, unique=True))
+        return Stored(hashes, draw(st.none() | index_hashes), [0] * len(hashes), 1,
+                      **draw(_tier_fields()))
+    if kind == "removed":
+        return Removed(draw(st.lists(index_hashes, min_size=1, max_size=4)),
+                       **draw(_tier_fields()))
+    if kind == "cleared":
+        return Cleared()
+    if kind == "resync":
+        return draw(resync_events)
+    tag = draw(st.sampled_from(("BlockUpdated", "BlockStored", "BlockRemoved",
+                                "AllBlocksCleared")))
+    return Unknown(tag=tag, raw=[tag])
+
+
+@st.composite
+def index_scripts(draw: st.DrawFn, resyncs: bool = True) -> list[RelayBatch]:
+    """Batches of INDEX_WORKERS interleaved, each worker's seqs 0, 1, 2, ... in epoch 0."""
+    next_seq = dict.fromkeys(INDEX_WORKERS, 0)
+    batches: list[RelayBatch] = []
+    for _ in range(draw(st.integers(0, 30))):
+        worker = draw(st.sampled_from(INDEX_WORKERS))
+        events = draw(st.lists(index_events(resyncs), max_size=3))
+        batches.append(RelayBatch(instance_id=worker[0], dp_rank=worker[1], epoch=0,
+                                  seq=next_seq[worker], ts=1.0, relay_ts=1.0, events=events))
+        next_seq[worker] += 1
+    return batches
