@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats
 import xxhash
 
@@ -139,8 +138,11 @@ def u64(block_hash: int | bytes) -> int:
     return block_hash % U64
 
 
-def tokens_hash(tokens: Iterable[int], lora_name: str | None = None) -> int:
+def tokens_hash(tokens: Iterable[int], lora_name: str | None = None,
+                cache_salt: str | None = None) -> int:
+    """The contract's rule: XXH3-64 of the u32 LE token ids, seed 1337 (+ adapter, + salt)."""
     seed = 1337 + (xxhash.xxh3_64_intdigest(lora_name.encode()) if lora_name else 0)
+    seed += xxhash.xxh3_64_intdigest(cache_salt.encode(), seed=1) if cache_salt else 0
     data = b"".join(t.to_bytes(4, "little") for t in tokens)
     return xxhash.xxh3_64_intdigest(data, seed=seed % U64)
 
@@ -213,6 +215,3 @@ def held_by_router(dump: list[dict[str, Any]], worker_id: int, dp_rank: int
             parent = block["block_hash"]
     return out
 
-
-def to_builtins(value: Any) -> Any:
-    return msgspec.to_builtins(value)

@@ -265,7 +265,7 @@ async def test_dynamos_router_holds_exactly_what_vllm_stored(
                 b, stored_b = trees.store(3)
                 c, stored_c = trees.store(2, parent=a[1])
                 d, stored_d = trees.store(5)
-                e, stored_e = trees.store(2, parent=d[2])
+                _, stored_e = trees.store(2, parent=d[2])
                 ranks[1].publish([stored_a])
                 ranks[1].publish([stored_b, stored_c])
                 ranks[1].publish([block_removed([a[3]])])
@@ -308,7 +308,7 @@ async def test_dynamos_router_holds_exactly_what_vllm_stored(
 
             assert not any(p.is_file() for p in file_kv.rglob("*")), "records left behind"
             deadline = time.monotonic() + 20
-            while any(key.startswith(f"{WORKER}/") for key in
-                      (await router.overlap(list(range(BLOCK)))).keys()):
+            while any(key.startswith(f"{WORKER}/")
+                      for key in await router.overlap(list(range(BLOCK)))):
                 assert time.monotonic() < deadline, "the router kept the stopped worker"
                 await asyncio.sleep(0.2)
