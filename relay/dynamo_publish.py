@@ -109,6 +109,10 @@ class DynamoPublisher:
     def publisher_id(self, dp_rank: int) -> int:
         return self._streams[dp_rank].publisher_id
 
+    def last_event_id(self, dp_rank: int) -> int:
+        """The event_id of the last event numbered for the rank; 0 before the first."""
+        return self._streams[dp_rank].event_id - 1
+
     @property
     def in_flight(self) -> int:
         return len(self._window)
@@ -198,6 +202,7 @@ class DynamoPublisher:
                 if self._resend:
                     self._resend = False
                     for sent in list(self._window):
+                        self._metrics.republished.inc()
                         await self._publish(sent)
                         if not self._online():
                             break

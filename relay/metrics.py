@@ -100,6 +100,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.republished = Counter(
+            "kvrelay_dynamo_republished",
+            "--format dynamo: messages published again because NATS had not confirmed them "
+            "(Dynamo's router ignores the repeats)",
+            registry=r,
+        )
         self.ready = Gauge("kvrelay_ready", "1 when the relay is ready", registry=r)
         self.instance = Gauge(
             "kvrelay_instance_info",
