@@ -17,6 +17,7 @@ import xxhash
 from relay.app import Relay
 from relay.config import Config
 from relay.dynamo import RouterEvent, decode_message, kv_events_subject
+from relay.dynamo_publish import DynamoPublisher
 from relay.synthetic import SyntheticVllm
 
 NS = "kvdyn"
@@ -43,6 +44,11 @@ def metric(relay: Relay, name: str, **labels: str) -> float:
 
 def is_ready(relay: Relay) -> bool:
     return all(state == "ok" for state in relay.readiness().values())
+
+
+def publisher(relay: Relay) -> DynamoPublisher:
+    assert isinstance(relay.publisher, DynamoPublisher)
+    return relay.publisher
 
 
 @contextlib.asynccontextmanager

@@ -1,7 +1,7 @@
 """Interop with NVIDIA Dynamo's own KV router: kvrelay in `--format dynamo` feeds the router of
 the ai-dynamo-runtime wheel, unchanged, through a real nats-server and Dynamo's file discovery.
 
-The router runs in a process of its own (tests/dynamo_router_probe.py). After each phase the
+Dynamo's parts run in processes of their own (tests/dynamo_probe.py). After each phase the
 test waits until the router's indexer (`dump_events()`) holds, for each worker rank, exactly the
 blocks Dynamo's rules keep of what vLLM stored and removed (RouterModel), then checks with
 `get_overlap_scores` that a request for every block ever stored matches as many blocks as are
@@ -37,13 +37,16 @@ from dynamo_support import (
     held_by_router,
     is_ready,
     join,
+    kv_event_reader,
     metric,
+    publisher,
     running_dynamo_relay,
     u64,
 )
 
+from relay.dynamo import DynamoEventData, DynamoStoreData, RouterEvent
 from relay.natsserver import NatsServer
-from relay.synthetic import SyntheticVllm, block_removed, block_stored
+from relay.synthetic import SyntheticVllm, block_removed, block_stored, encode_batch
 
 pytestmark = [
     pytest.mark.integration,
@@ -56,24 +59,24 @@ HERE = Path(__file__).resolve().parent
 CAPTURE = HERE.parent / "schemas" / "vectors" / "input" / "vllm-0.32-int-hashes.msgpack"
 WORKER = 2**63 + 77  # worker IDs above 2**63 occur; JSON and msgpack must keep them exact
 BLOCK = 16
+CANARY = 2**40  # block hash of the batches that wait for a late subscriber
 
 
-class RouterProbe:
-    """Dynamo's KvRouter in its own process, answering one JSON request per line."""
+class DynamoProcess:
+    """A part of Dynamo in its own process (tests/dynamo_probe.py), one JSON line per request."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
         with log.open("ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, str(HERE / "dynamo_router_probe.py"), NS, COMP, ENDPOINT,
-                 str(BLOCK)],
+                [sys.executable, str(HERE / "dynamo_probe.py"), *args],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
 
     async def read(self, within: float = 30.0) -> Any:
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(asyncio.to_thread(self.proc.stdout.readline), within)
         if not line:
-            raise AssertionError(f"Dynamo's router exited:\n{self.log_tail()}")
+            raise AssertionError(f"Dynamo's process exited:\n{self.log_tail()}")
         return json.loads(line)
 
     async def ask(self, request: dict[str, Any]) -> Any:
@@ -107,16 +110,18 @@ class RouterProbe:
 
 
 @contextlib.contextmanager
-def dynamo_router(nats_url: str, file_kv: Path, log: Path) -> Iterator[RouterProbe]:
+def dynamo(role: str, nats_url: str, file_kv: Path, log: Path, *args: str
+           ) -> Iterator[DynamoProcess]:
+    """Dynamo's router or relay, on file discovery in `file_kv` and NATS as its event plane."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "NATS_"))}
     env.update(DYN_DISCOVERY_BACKEND="file", DYN_FILE_KV=str(file_kv), DYN_REQUEST_PLANE="tcp",
                DYN_EVENT_PLANE="nats", NATS_SERVER=nats_url, DYN_SYSTEM_PORT="-1",
                DYN_LOG="warn")
-    probe = RouterProbe(env, log)
+    process = DynamoProcess([role, NS, COMP, ENDPOINT, str(BLOCK), *args], env, log)
     try:
-        yield probe
+        yield process
     finally:
-        probe.close()
+        process.close()
 
 
 class Rank:
@@ -164,7 +169,7 @@ class Rank:
         return held
 
 
-async def settle(router: RouterProbe, ranks: dict[int, Rank], what: str) -> None:
+async def settle(router: DynamoProcess, ranks: dict[int, Rank], what: str) -> None:
     """Wait until the router's indexer holds exactly each rank's modelled blocks, then check
     the overlap of every block ever stored, as the router scores a request for it."""
     deadline = time.monotonic() + 20
@@ -186,7 +191,7 @@ async def settle(router: RouterProbe, ranks: dict[int, Rank], what: str) -> None
                 what, r, block, scores)
 
 
-async def until_admitted(router: RouterProbe, ranks: dict[int, Rank], relay: Any) -> None:
+async def until_admitted(router: DynamoProcess, ranks: dict[int, Rank], relay: Any) -> None:
     """Store a canary block on each rank until the router applies it, then remove it: from
     then on the router has bound the relay's event sources and drops nothing."""
     canaries = {r: ([900_000 + r], [60_000 + 16 * r + i for i in range(BLOCK)]) for r in ranks}
@@ -245,7 +250,7 @@ async def test_dynamos_router_holds_exactly_what_vllm_stored(
     clear), matches requests against them, and forgets the worker when the relay stops."""
     file_kv = tmp_path / "dynamo_store_kv"
     capture = msgspec.msgpack.decode(CAPTURE.read_bytes())
-    with dynamo_router(fresh_nats.url, file_kv, tmp_path / "router.log") as router:
+    with dynamo("router", fresh_nats.url, file_kv, tmp_path / "router.log") as router:
         assert await router.read() == {"ready": True}
         async with vllm_ranks(2) as ranks:
             async with running_dynamo_relay(
@@ -312,3 +317,67 @@ async def test_dynamos_router_holds_exactly_what_vllm_stored(
                       for key in await router.overlap(list(range(BLOCK)))):
                 assert time.monotonic() < deadline, "the router kept the stopped worker"
                 await asyncio.sleep(0.2)
+
+
+def is_canary(event: RouterEvent) -> bool:
+    data = event.event.data
+    return (isinstance(data, DynamoEventData) and isinstance(data.stored, DynamoStoreData)
+            and data.stored.blocks[0].block_hash == CANARY)
+
+
+async def test_same_router_events_as_dynamos_own_relay(
+        fresh_nats: NatsServer, tmp_path: Path) -> None:
+    """Fed the same vLLM frames, kvrelay and Dynamo 1.6.1's own ZMQ relay (KvEventPublisher)
+    publish the same RouterEvents, field for field, one message per batch, in the same order:
+    real vLLM 0.32 frames, int64 hashes, a LoRA adapter, a cache salt, CPU blocks, a cut
+    block."""
+    capture = msgspec.msgpack.decode(CAPTURE.read_bytes())
+    chains = Chains(seed=9, hash_kind="int64")
+    batches = [payload for _, _, payload in capture]
+    variants: list[dict[str, Any]] = [{"lora_id": 1, "lora_name": "my-lora"},
+                                      {"cache_salt": "tenant-a"}, {"medium": "CPU"},
+                                      {"medium": None}, {}]
+    for fields in variants:
+        hashes, stored = chains.store(2, **fields)
+        batches.append(encode_batch([stored], 1.0))
+        batches.append(encode_batch([block_removed(hashes[1:], medium=fields.get(
+            "medium", "GPU"))], 1.0))
+    short = block_stored([11, 12], None, list(range(100, 124)))  # 1.5 blocks of tokens
+    batches.append(encode_batch([short], 1.0))
+    canary = [block_stored([CANARY], None, list(range(BLOCK)))]
+    async with kv_event_reader(fresh_nats.url) as reader:
+        with SyntheticVllm(ANY_PORT) as vllm, dynamo(
+                "relay", fresh_nats.url, tmp_path / "dynamo-kv", tmp_path / "relay.log",
+                vllm.address, str(WORKER)) as theirs:
+            assert await theirs.read() == {"ready": True}
+            async with running_dynamo_relay(tmp_path / "kvrelay-kv", nats=fresh_nats.url,
+                                            instance_id=WORKER, zmq=[vllm.address]) as relay:
+                await eventually(lambda: is_ready(relay), "relay ready")
+                await join(vllm, relay)
+                ours = publisher(relay).publisher_id(0)
+                deadline = time.monotonic() + 30
+                while not {m.publisher_id for m in reader.messages} - {ours}:
+                    assert time.monotonic() < deadline, (
+                        f"Dynamo's relay published nothing\n{theirs.log_tail()}")
+                    vllm.publish(canary)  # until Dynamo's late ZMQ subscriber is attached
+                    await asyncio.sleep(0.2)
+                for payload in batches:
+                    vllm.publish_payload(payload)
+
+                def after_canaries(publisher_id: int) -> list[Any]:
+                    return [[msgspec.to_builtins(e) for e in m.events]
+                            for m in reader.messages if m.publisher_id == publisher_id
+                            and not is_canary(m.events[0])]
+
+                await eventually(lambda: all(
+                    len(after_canaries(p)) == len(batches) for p in
+                    {m.publisher_id for m in reader.messages}), "both relays done", within=20)
+    theirs_id = next(p for p in {m.publisher_id for m in reader.messages} if p != ours)
+    mine, dynamos = after_canaries(ours), after_canaries(theirs_id)
+    for messages in (mine, dynamos):
+        ids = [e["event"]["event_id"] for m in messages for e in m]
+        assert ids == list(range(ids[0], ids[0] + len(ids)))
+        for event in (e for m in messages for e in m):
+            event["event"]["event_id"] = 0
+    assert mine == dynamos
+

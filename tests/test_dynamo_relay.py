@@ -21,13 +21,13 @@ from dynamo_support import (
     join,
     kv_event_reader,
     metric,
+    publisher,
     running_dynamo_relay,
 )
 
 from relay.app import EXIT_CONFIG, Relay
 from relay.config import Config
 from relay.dynamo_discovery import FileStore, Registration
-from relay.dynamo_publish import DynamoPublisher
 from relay.natsserver import NatsServer
 from relay.synthetic import SyntheticVllm, WorkloadFactory
 
@@ -41,11 +41,6 @@ _instance_ids = iter(range(2**63 + 5001, 2**64))
 def files(root: Path) -> dict[str, Path]:
     """Every record file under the discovery directory, by bucket/file name."""
     return {f"{p.parent.relative_to(root)}/{p.name}": p for p in root.rglob("*") if p.is_file()}
-
-
-def publisher(relay: Relay) -> DynamoPublisher:
-    assert isinstance(relay.publisher, DynamoPublisher)
-    return relay.publisher
 
 
 def event_ids(reader: KvEventReader, publisher_id: int) -> list[int]:
