@@ -73,17 +73,9 @@ class DynamoPublisher:
         self._warn = RateLimitedLog(log)
         self._subject = kv_events_subject(config.namespace, config.component,
                                           config.dynamo_endpoint)
-        # One Dynamo publisher per DP rank, new IDs each run: the router then starts the
-        # rank afresh instead of taking our event_ids as ones it has seen.
-        self._streams = {spec.dp_rank: EventStream(new_publisher_id(), instance_id, spec.dp_rank)
-                         for spec in config.sources()}
+        self._streams: dict[int, EventStream] = {}
         self.file_kv = Path(config.dynamo_file_kv or default_file_kv())
-        self.registrar = Registrar(FileStore(self.file_kv), Registration(
-            namespace=config.namespace, component=config.component,
-            endpoint=config.dynamo_endpoint, worker_id=instance_id,
-            publishers={rank: s.publisher_id for rank, s in self._streams.items()},
-            kv_block_size=config.kv_block_size, model=config.dynamo_model,
-            register_worker=config.dynamo_register == "worker"))
+        self.registrar: Registrar | None = None
         self._nc: Client | None = None
         self._inbox = ""
         self._markers: dict[int, asyncio.Future[None]] = {}
@@ -118,12 +110,25 @@ class DynamoPublisher:
         return len(self._window)
 
     def readiness(self) -> str:
+        if self.registrar is None:
+            return "discovery records not written yet"
         return "ok" if self.registrar.registered else self.registrar.last_error
 
     # -- discovery and connection --------------------------------------------------------------
 
     async def connect(self, dp_ranks: list[int]) -> None:
         """Register in Dynamo's discovery, then connect to NATS (retrying forever)."""
+        # One Dynamo publisher per DP rank, new IDs each run: the router then starts the
+        # rank afresh instead of taking our event_ids as ones it has seen.
+        self._streams = {rank: EventStream(new_publisher_id(), self._instance_id, rank)
+                         for rank in dp_ranks}
+        config = self._config
+        self.registrar = Registrar(FileStore(self.file_kv), Registration(
+            namespace=config.namespace, component=config.component,
+            endpoint=config.dynamo_endpoint, worker_id=self._instance_id,
+            publishers={rank: s.publisher_id for rank, s in self._streams.items()},
+            kv_block_size=config.kv_block_size, model=config.dynamo_model,
+            register_worker=config.dynamo_register == "worker"))
         try:
             await self.registrar.register()
         except OSError as exc:
@@ -217,6 +222,7 @@ class DynamoPublisher:
 
     async def _keep_registered(self) -> None:
         await self._registered.wait()
+        assert self.registrar is not None
         await self.registrar.run()
 
     def notify(self) -> None:
@@ -366,7 +372,7 @@ class DynamoPublisher:
     async def close(self) -> None:
         """Leave Dynamo's discovery (the router drops the worker's ranks), then NATS."""
         self.connected = False
-        if self.registrar.written:
+        if self.registrar is not None and self.registrar.written:
             try:
                 await self.registrar.unregister()
             except OSError as exc:
