@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Coroutine, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvloop
 import zmq.asyncio
@@ -27,6 +27,9 @@ from relay.health import SystemServer
 from relay.ingest import Frame, Source
 from relay.metrics import Metrics
 from relay.publish import Publisher
+
+if TYPE_CHECKING:
+    from relay.dynamo_publish import DynamoPublisher
 
 log = logging.getLogger("kvrelay")
 
@@ -61,7 +64,7 @@ class Relay:
         self._sources: list[Source] = []
         self._zmq: zmq.asyncio.Context | None = None
         self.buffer: Buffer | None = None
-        self.publisher: Publisher | None = None
+        self.publisher: Publisher | DynamoPublisher | None = None
         self.system: SystemServer | None = None
         self.started = asyncio.Event()
 
@@ -89,6 +92,7 @@ class Relay:
         the pipeline; returns early, without setting `started`, when told to stop meanwhile."""
         config = self.config
         log.debug("configuration: %s", config.redacted())
+
         self.system = SystemServer(config.system_host, config.system_port, self.metrics,
                                    self.readiness)
         try:
@@ -113,7 +117,12 @@ class Relay:
         self.metrics.instance.labels(str(instance_id), self.identity.source).set(1)
 
         self.buffer = Buffer(config.buffer_batches, config.buffer_bytes, self.metrics)
-        self.publisher = Publisher(config, instance_id, self.buffer, self.metrics)
+        if config.format == "dynamo":
+            from relay.dynamo_publish import DynamoPublisher  # needs the dynamo extra
+
+            self.publisher = DynamoPublisher(config, instance_id, self.buffer, self.metrics)
+        else:
+            self.publisher = Publisher(config, instance_id, self.buffer, self.metrics)
         specs = config.sources()
         self._spawn(self.publisher.connect([s.dp_rank for s in specs]))
         self._spawn(self.publisher.run())
@@ -240,8 +249,11 @@ class Relay:
         if publisher is None:
             return {"relay": "starting"}
         parts["nats"] = "ok" if publisher.connected else publisher.last_error
-        parts["stream"] = "ok" if publisher.stream_ready.is_set() else (
-            f"stream {self.config.stream} not verified yet")
+        if isinstance(publisher, Publisher):
+            parts["stream"] = "ok" if publisher.stream_ready.is_set() else (
+                f"stream {self.config.stream} not verified yet")
+        else:
+            parts["dynamo_records"] = publisher.readiness()
         idle = [s.spec.endpoint for s in self._sources if not s.subscribed]
         parts["zmq"] = "ok" if not idle else f"not subscribed: {', '.join(idle)}"
         if self._draining:

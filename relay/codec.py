@@ -33,7 +33,7 @@ from relay.schema import (
 
 log = logging.getLogger("kvrelay.codec")
 
-Format = Literal["msgpack", "json"]
+Format = Literal["msgpack", "json", "dynamo"]  # dynamo: decode here, encode in relay/dynamo.py
 
 
 class MalformedPayload(ValueError):
@@ -146,6 +146,8 @@ class Codec:
         """Encode a RelayBatch in the configured format (JSON writes bytes as lowercase hex)."""
         if self.format == "msgpack":
             return self._msgpack.encode(batch)
+        if self.format == "dynamo":
+            raise ValueError("--format dynamo sends Dynamo's RouterEvents, not RelayBatches")
         try:
             return self._json.encode(
                 _hex_bytes(msgspec.to_builtins(batch, builtin_types=(bytes,))))

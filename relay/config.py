@@ -9,6 +9,7 @@ ConfigError, which the CLI turns into exit code 2.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -72,7 +73,8 @@ class Config:
         "worker instance ID (u64); default: discovered (see --discovery-backend)"))
     discovery_backend: str | None = field(default=None, metadata=_opt(
         "where the worker registers: kubernetes (its DynamoWorkerMetadata) or etcd; "
-        "otherwise the ID is Dynamo's hash of POD_NAME (else the hostname)",
+        "otherwise the ID is Dynamo's hash of POD_NAME (else the hostname); --format dynamo "
+        "writes its records to Dynamo's file backend (file or unset)",
         env=("DYN_DISCOVERY_BACKEND",)))
     discovery_timeout: float = field(default=300.0, metadata=_opt(
         "seconds to wait for the worker's registration before giving up (exit 1)"))
@@ -87,8 +89,24 @@ class Config:
     kube_serviceaccount_dir: str = field(
         default="/var/run/secrets/kubernetes.io/serviceaccount", metadata=_opt(
             "service-account token, CA and namespace for the Kubernetes API", metavar="DIR"))
-    format: Literal["msgpack", "json"] = field(default="msgpack", metadata=_opt(
-        "payload encoding of the RelayBatch", choices=("msgpack", "json")))
+    format: Literal["msgpack", "json", "dynamo"] = field(default="msgpack", metadata=_opt(
+        "payload encoding of the RelayBatch; dynamo: NVIDIA Dynamo's own KV event plane "
+        "(core NATS) instead", choices=("msgpack", "json", "dynamo")))
+    dynamo_endpoint: str = field(default="generate", metadata=_opt(
+        "--format dynamo: the worker's Dynamo endpoint, ^[a-z0-9-_]+$"))
+    dynamo_register: str = field(default="worker", metadata=_opt(
+        "--format dynamo: what the relay registers in Dynamo's discovery; worker: the worker "
+        "(endpoint instance, model card with its DP ranks) and its event sources; events: "
+        "only the event sources, for a worker Dynamo runs and registers itself",
+        choices=("worker", "events")))
+    dynamo_model: str = field(default="kvrelay", metadata=_opt(
+        "--format dynamo: model name on the registered model card"))
+    kv_block_size: int = field(default=16, metadata=_opt(
+        "--format dynamo: vLLM's --block-size; blocks of another size are left out, as "
+        "Dynamo's router cannot match them"))
+    dynamo_file_kv: str = field(default="", metadata=_opt(
+        "--format dynamo: directory of Dynamo's file discovery backend; default: "
+        "$TMPDIR/dynamo_store_kv, as Dynamo", env=("DYN_FILE_KV",), metavar="DIR"))
     system_host: str = field(default="0.0.0.0", metadata=_opt(
         "address of the /live, /health and /metrics server"))
     system_port: int = field(default=9090, metadata=_opt(
@@ -160,14 +178,14 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError for any value that cannot work."""
-        for name in ("namespace", "component"):
+        for name in ("namespace", "component", "dynamo_endpoint"):
             if not NAME_RULE.match(getattr(self, name)):
                 raise ConfigError(f"--{name} {getattr(self, name)!r} must match ^[a-z0-9-_]+$")
         if self.instance_id is not None and not 0 <= self.instance_id <= MAX_U64:
             raise ConfigError(f"--instance-id {self.instance_id} is not an unsigned 64-bit value")
         for name, low in (("dp_ranks", 1), ("dp_rank_start", 0), ("buffer_batches", 1),
                           ("buffer_bytes", 1024), ("max_in_flight", 1),
-                          ("stream_replicas", 1)):
+                          ("stream_replicas", 1), ("kv_block_size", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}")
         for name in ("ack_timeout", "reconnect_wait_max", "replay_timeout", "replay_cooldown",
@@ -186,6 +204,19 @@ class Config:
         if not self.stream or any(c in self.stream for c in " .*>"):
             raise ConfigError(f"--stream {self.stream!r} is not a valid JetStream stream name")
         self.sources()  # validates the ZMQ layout
+        if self.format == "dynamo":
+            self._validate_dynamo()
+
+    def _validate_dynamo(self) -> None:
+        if (self.discovery_backend or "file").strip().lower() != "file":
+            raise ConfigError(
+                f"--format dynamo registers in Dynamo's file discovery backend only; "
+                f"--discovery-backend (DYN_DISCOVERY_BACKEND) is {self.discovery_backend!r}")
+        try:
+            importlib.import_module("xxhash")
+        except ImportError:
+            raise ConfigError("--format dynamo needs the xxhash package: "
+                              "pip install 'kvrelay[dynamo]'") from None
 
     def sources(self) -> tuple[SourceSpec, ...]:
         """One SourceSpec per vLLM publisher, with --dp-ranks expanded as vLLM lays ports out."""

@@ -9,6 +9,8 @@ _LATENCY_BUCKETS = (
 )
 
 DROP_REASONS = ("overflow", "malformed", "rejected", "too_large", "out_of_order", "shutdown")
+# Blocks `--format dynamo` cannot carry, by why (see relay/dynamo.py).
+BLOCK_DROP_REASONS = ("block_size", "short_tokens", "duplicate", "medium", "invalid")
 DECODE_ERROR_KINDS = (
     "frame_count", "seq_length", "msgpack", "batch_shape", "invalid_event", "unencodable",
 )
@@ -92,6 +94,18 @@ class Metrics:
         self.nats_errors = Counter(
             "kvrelay_nats_errors", "Errors reported by the NATS connection", registry=r
         )
+        self.dynamo_blocks_dropped = Counter(
+            "kvrelay_dynamo_blocks_dropped",
+            "Blocks --format dynamo left out (Dynamo's format or router cannot take them)",
+            ["reason"],
+            registry=r,
+        )
+        self.republished = Counter(
+            "kvrelay_dynamo_republished",
+            "--format dynamo: messages published again because NATS had not confirmed them "
+            "(Dynamo's router ignores the repeats)",
+            registry=r,
+        )
         self.ready = Gauge("kvrelay_ready", "1 when the relay is ready", registry=r)
         self.instance = Gauge(
             "kvrelay_instance_info",
@@ -103,6 +117,9 @@ class Metrics:
         for reason in DROP_REASONS:
             self.batches_dropped.labels(reason)
             self.events_dropped.labels(reason)
+        self.events_dropped.labels("untranslatable")  # --format dynamo: no Dynamo equivalent
+        for reason in BLOCK_DROP_REASONS:
+            self.dynamo_blocks_dropped.labels(reason)
         for kind in DECODE_ERROR_KINDS:
             self.decode_errors.labels(kind)
         for reason in ("gap", "restart", "overflow", "start"):

@@ -5,7 +5,8 @@
 Every input in schemas/vectors/input/*.msgpack (a msgpack list of raw ZMQ frames [topic,
 seq (8 bytes big-endian), payload], the format of the contract's real vLLM captures) goes through
 the codec with fixed envelope values; schemas/vectors/<name>.json records, per frame, the input
-and the RelayBatch expected in both output formats. The hand-made inputs below are written to
+and the RelayBatch expected in both output formats; schemas/vectors/dynamo/<name>.json records
+the message `--format dynamo` publishes for it. The hand-made inputs below are written to
 input/ too; the real captures were copied there from the contract's spec/vectors/.
 """
 
@@ -20,12 +21,16 @@ from typing import Any, Final
 import msgspec
 
 from relay.codec import Codec
-from relay.schema import RelayBatch, relay_batch_json_schema
+from relay.dynamo import EventStream, Translator, decode_message
+from relay.schema import RelayBatch, Stored, relay_batch_json_schema
+from relay.synthetic import all_blocks_cleared, block_removed, block_stored
 
 ROOT: Final = Path(__file__).resolve().parent.parent / "schemas"
 INSTANCE_ID: Final = 7
 EPOCH: Final = 0
 RELAY_TS: Final = 0.0
+DYNAMO_PUBLISHER_ID: Final = 0x1D00  # + dp_rank
+DYNAMO_PUBLISHED_AT: Final = 0
 
 _H1, _H2 = bytes(range(32)), bytes(range(255, 223, -1))  # 32-byte hashes
 _STORED_0_33: Final = {
@@ -74,6 +79,25 @@ HANDMADE: Final[dict[str, list[Any]]] = {
 }
 
 
+_T16, _T32 = list(range(1, 17)), list(range(1, 33))
+HANDMADE["handmade-dynamo"] = [  # what --format dynamo keeps, maps and leaves out
+    [1700000010.0, [block_stored([1, 2], None, _T32)], 0],  # tokens 1..16 -> 1686344...
+    [1700000010.5, [block_stored([-3], 2, _T16, lora_id=1, lora_name="my-lora"),  # LoRA seed
+                    block_stored([_H1], None, _T16, cache_salt="tenant-a")], 0],  # salt seed
+    [1700000011.0, [block_stored([5], None, _T16, medium="CPU"),  # host_pinned
+                    block_stored([6], None, _T16, medium="FS"),  # disk
+                    block_stored([7], None, _T16, medium="STORAGE")], 0],  # left out
+    [1700000011.5, [block_stored([8, 9], None, _T32[:24]),  # second block cut: 8 tokens short
+                    block_stored([10], None, _T16[:8], block_size=8),  # not the router's size
+                    block_stored([11, 11], None, _T32)], 0],  # repeated hash: left out
+    [1700000012.0, [block_removed([1, -3]), {"type": "BlockPinned", "block_hashes": [1]},
+                    block_removed([_H1], medium="CPU")], 0],
+    [1700000012.5, [{"type": "BlockPinned", "block_hashes": [1]}], 0],  # nothing to send
+    [1700000013.0, [all_blocks_cleared()], 0],
+    [1700000013.5, [block_stored([12], None, _T16)], 1],  # rank 1: its own publisher
+]
+
+
 def _text(doc: Any) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
@@ -106,6 +130,38 @@ def vectors(input_file: bytes) -> bytes:
     return ("[\n" + ",\n".join(json.dumps(row, sort_keys=True) for row in rows) + "\n]\n").encode()
 
 
+def dynamo_vectors(input_file: bytes) -> bytes:
+    """The `--format dynamo` vector file for one input file: per frame, the message published
+    (null when nothing in the batch can go), numbered on from the previous frames of its rank.
+    The router's block size is the one the file's first BlockStored declares."""
+    codec = Codec()
+    frames = msgspec.msgpack.decode(input_file)
+    batches = [codec.decode(payload) for _, _, payload in frames]
+    sizes = [e.block_size for b in batches for e in b.events if isinstance(e, Stored)]
+    translator = Translator(sizes[0] if sizes else 16)
+    streams: dict[int, EventStream] = {}
+    rows = []
+    for (topic, seq_bytes, payload), decoded in zip(frames, batches, strict=True):
+        rank = decoded.dp_rank or 0
+        stream = streams.setdefault(
+            rank, EventStream(DYNAMO_PUBLISHER_ID + rank, INSTANCE_ID, rank))
+        items = translator.translate((), decoded.events)
+        message = stream.encode(items, DYNAMO_PUBLISHED_AT) if items else None
+        expected = None
+        if message is not None:
+            envelope, events = decode_message(message)
+            expected = {**msgspec.to_builtins(envelope), "payload": msgspec.to_builtins(events)}
+        rows.append({
+            "topic": topic.decode(), "seq": int.from_bytes(seq_bytes, "big"), "dp_rank": rank,
+            "worker_id": INSTANCE_ID, "publisher_id": DYNAMO_PUBLISHER_ID + rank,
+            "published_at": DYNAMO_PUBLISHED_AT, "kv_block_size": translator.kv_block_size,
+            "input_payload_hex": payload.hex(),
+            "expected_message_hex": None if message is None else message.hex(),
+            "expected_message": expected,
+        })
+    return ("[\n" + ",\n".join(json.dumps(row, sort_keys=True) for row in rows) + "\n]\n").encode()
+
+
 def render(root: Path = ROOT) -> dict[Path, bytes]:
     """Every generated file under `root` (schemas/) with its content."""
     inputs = root / "vectors" / "input"
@@ -115,6 +171,7 @@ def render(root: Path = ROOT) -> dict[Path, bytes]:
         input_files[name] = files[inputs / f"{name}.msgpack"] = encode_frames(batches)
     for name, data in sorted(input_files.items()):
         files[root / "vectors" / f"{name}.json"] = vectors(data)
+        files[root / "vectors" / "dynamo" / f"{name}.json"] = dynamo_vectors(data)
     return files
 
 
@@ -126,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root: Path = args.root
     files = render(root)
-    stale = [p for p in sorted((root / "vectors").glob("*.json")) if p not in files]
+    generated = [*(root / "vectors").glob("*.json"), *(root / "vectors" / "dynamo").glob("*.json")]
+    stale = [p for p in sorted(generated) if p not in files]
     changed = [p for p, data in files.items() if not p.is_file() or p.read_bytes() != data]
     if args.check:
         for path in changed + stale:

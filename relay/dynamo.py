@@ -1,0 +1,290 @@
+"""`--format dynamo`: vLLM events as NVIDIA Dynamo 1.6's KV event plane carries them.
+
+Dynamo's KV router reads msgpack envelopes from core NATS, each carrying a msgpack array of
+RouterEvents; the Structs below are that wire format (field order is Dynamo's). The relay is
+one Dynamo event publisher per DP rank: its own `publisher_id`, `sequence` from 0 per message
+and `event_id` from 1 per event, without holes, because Dynamo's router resets a rank whose
+event_ids jump and ignores ids it has already applied.
+
+How vLLM's events map onto Dynamo's (the choices Dynamo's own ZMQ relay makes, except where
+marked):
+- Block hashes become u64: signed int64 as two's complement, 32-byte hashes as their last 8
+  bytes big-endian (Dynamo 1.6.1 fails such batches; its later relay maps them so).
+- `tokens_hash` is XXH3-64 of each block's token ids as u32 little-endian, seeded with 1337,
+  plus XXH3-64(lora_name) and XXH3-64(cache_salt, seed 1) when present (wrapping).
+- `medium` becomes `storage_tier`: GPU device, CPU host_pinned, DISK/NVME disk, EXTERNAL
+  external; vLLM's FS is disk and OBJ external (Dynamo 1.6.1 drops both). Events of any other
+  medium are dropped and counted.
+- A BlockStored whose block_size is not the router's `--kv-block-size`, whose hashes repeat, or
+  whose values do not fit u64/u32, is dropped and counted; blocks without a full block of
+  token ids are cut from the first such block on (counted per block).
+- Event types Dynamo cannot express are dropped and counted.
+- Every `resync` (gap, restart, overflow, start) becomes one `cleared` for the rank, first in
+  the message, so the router forgets what may be wrong and rebuilds from what follows.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Iterable, Sequence
+from typing import Final, Literal
+
+import msgspec
+import xxhash
+from msgspec import UNSET, Struct, UnsetType
+
+from relay.metrics import Metrics
+from relay.schema import BlockHash, Cleared, RelayEvent, Removed, Resync, Stored
+
+KV_EVENTS_TOPIC: Final = "kv-events"
+TOKENS_HASH_SEED: Final = 1337
+CACHE_SALT_SEED: Final = 1
+_U64: Final = 1 << 64
+
+StorageTier = Literal["device", "host_pinned", "disk", "external"]
+
+STORAGE_TIERS: Final[dict[str | None, StorageTier]] = {
+    None: "device",
+    "GPU": "device",
+    "DEVICE": "device",
+    "CPU": "host_pinned",
+    "CPU_PINNED": "host_pinned",
+    "CPU_TIER1": "host_pinned",
+    "CPU_TIER2": "disk",
+    "DISK": "disk",
+    "NVME": "disk",
+    "FS": "disk",
+    "EXTERNAL": "external",
+    "NETWORK": "external",
+    "REMOTE": "external",
+    "SHARED": "external",
+    "OBJ": "external",
+}
+
+# -- the wire format ----------------------------------------------------------------------------
+
+
+class DynamoBlock(Struct, gc=False):
+    """One stored block: the engine's hash and the hash of its tokens."""
+
+    block_hash: int
+    tokens_hash: int
+    mm_extra_info: None = None
+
+
+class DynamoStoreData(Struct, kw_only=True, gc=False):
+    parent_hash: int | None
+    start_position: int | None = None
+    blocks: list[DynamoBlock]
+
+
+class DynamoRemoveData(Struct, gc=False):
+    block_hashes: list[int]
+
+
+class DynamoEventData(Struct, omit_defaults=True, gc=False):
+    """Rust's externally tagged enum: `{"stored": ...}` or `{"removed": ...}`."""
+
+    stored: DynamoStoreData | UnsetType = UNSET
+    removed: DynamoRemoveData | UnsetType = UNSET
+
+
+CLEARED: Final = "cleared"  # the enum's unit variant is a bare string
+EventData = DynamoEventData | Literal["cleared"]
+
+
+class KvCacheEvent(Struct, gc=False):
+    event_id: int
+    data: EventData
+    dp_rank: int
+
+
+class RouterEvent(Struct, gc=False):
+    """One event of one worker rank, as Dynamo's router applies it."""
+
+    worker_id: int
+    storage_tier: StorageTier
+    residency_domain: str
+    event: KvCacheEvent
+
+
+class EventEnvelope(Struct, gc=False):
+    """One NATS message: `payload` is the msgpack array of RouterEvents, as bin."""
+
+    publisher_id: int
+    sequence: int
+    published_at: int
+    topic: str
+    payload: bytes
+
+
+def kv_events_subject(namespace: str, component: str, endpoint: str) -> str:
+    """The core NATS subject Dynamo's router subscribes to for an endpoint's KV events."""
+    return f"namespace.{namespace}.component.{component}.endpoint.{endpoint}.{KV_EVENTS_TOPIC}"
+
+
+# -- hashing ------------------------------------------------------------------------------------
+
+
+def block_hash_u64(value: BlockHash) -> int:
+    """A vLLM block hash as Dynamo's u64; ValueError when an int does not fit 64 bits."""
+    if isinstance(value, bytes):
+        return int.from_bytes(value[-8:], "big")
+    if -(1 << 63) <= value < 0:
+        return value + _U64
+    if 0 <= value < _U64:
+        return value
+    raise ValueError(f"block hash {value} does not fit 64 bits")
+
+
+def tokens_hash_seed(lora_name: str | None = None, cache_salt: str | None = None) -> int:
+    """Dynamo's seed for a block's tokens_hash: 1337, shifted by the adapter and the salt."""
+    seed = TOKENS_HASH_SEED
+    if lora_name:
+        seed += xxhash.xxh3_64_intdigest(lora_name.encode())
+    if cache_salt:
+        seed += xxhash.xxh3_64_intdigest(cache_salt.encode(), seed=CACHE_SALT_SEED)
+    return seed % _U64
+
+
+def tokens_hashes(token_ids: Sequence[int], block_size: int, seed: int = TOKENS_HASH_SEED
+                  ) -> list[int]:
+    """XXH3-64 of each full block of token ids as u32 little-endian; OverflowError if a token
+    id is not a u32."""
+    full = len(token_ids) // block_size
+    raw = array("I", token_ids[: full * block_size])  # C unsigned int: 32 bits
+    if sys.byteorder != "little":
+        raw.byteswap()
+    data = raw.tobytes()
+    step = 4 * block_size
+    return [xxhash.xxh3_64_intdigest(data[i : i + step], seed=seed)
+            for i in range(0, len(data), step)]
+
+
+# -- translation --------------------------------------------------------------------------------
+
+
+class Translated(Struct, array_like=True, gc=False):
+    """One event ready for Dynamo, before the publisher numbers it."""
+
+    storage_tier: StorageTier
+    data: EventData
+
+
+class Translator:
+    """vLLM events (as the codec decodes them) -> Dynamo event data, counting what cannot go."""
+
+    def __init__(self, kv_block_size: int, metrics: Metrics | None = None) -> None:
+        self.kv_block_size = kv_block_size
+        self._metrics = metrics
+
+    def translate(self, resyncs: Iterable[Resync], events: Iterable[RelayEvent]
+                  ) -> list[Translated]:
+        """The events one message carries: a `cleared` for any resync, then the batch."""
+        out: list[Translated] = []
+        if any(True for _ in resyncs):
+            out.append(Translated("device", CLEARED))
+        for event in events:
+            item = self._event(event)
+            if item is not None:
+                out.append(item)
+            elif self._metrics is not None:
+                self._metrics.events_dropped.labels("untranslatable").inc()
+        return out
+
+    def _event(self, event: RelayEvent) -> Translated | None:
+        if isinstance(event, Stored):
+            return self._stored(event)
+        if isinstance(event, Removed):
+            return self._removed(event)
+        if isinstance(event, Cleared):
+            return Translated("device", CLEARED)
+        if isinstance(event, Resync):
+            return Translated("device", CLEARED)
+        return None  # Unknown: Dynamo has no way to carry it
+
+    def _stored(self, event: Stored) -> Translated | None:
+        count = len(event.block_hashes)
+        tier = STORAGE_TIERS.get(event.medium)
+        if tier is None:
+            return self._drop("medium", count)
+        if event.block_size != self.kv_block_size:
+            return self._drop("block_size", count)
+        try:
+            hashes = [block_hash_u64(h) for h in event.block_hashes]
+            parent = (None if event.parent_block_hash is None
+                      else block_hash_u64(event.parent_block_hash))
+            salt = event.cache_salt if isinstance(event.cache_salt, str) else None
+            tokens = tokens_hashes(event.token_ids, self.kv_block_size,
+                                   tokens_hash_seed(event.lora_name, salt))
+        except (ValueError, OverflowError, TypeError):
+            return self._drop("invalid", count)
+        if len(set(hashes)) != count or parent in hashes:
+            return self._drop("duplicate", count)
+        if len(tokens) < count:
+            self._count("short_tokens", count - len(tokens))
+            if not tokens:
+                return None
+        blocks = [DynamoBlock(h, t) for h, t in zip(hashes, tokens, strict=False)]
+        return Translated(tier, DynamoEventData(
+            stored=DynamoStoreData(parent_hash=parent, blocks=blocks)))
+
+    def _removed(self, event: Removed) -> Translated | None:
+        tier = STORAGE_TIERS.get(event.medium)
+        if tier is None:
+            return self._drop("medium", len(event.block_hashes))
+        try:
+            hashes = [block_hash_u64(h) for h in event.block_hashes]
+        except ValueError:
+            return self._drop("invalid", len(event.block_hashes))
+        return Translated(tier, DynamoEventData(removed=DynamoRemoveData(hashes)))
+
+    def _drop(self, reason: str, blocks: int) -> Translated | None:
+        """Leave the whole event out: its blocks are counted here, the event by `translate`."""
+        self._count(reason, blocks)
+        return None
+
+    def _count(self, reason: str, blocks: int) -> None:
+        if self._metrics is not None and blocks:
+            self._metrics.dynamo_blocks_dropped.labels(reason).inc(blocks)
+
+
+# -- numbering and encoding ---------------------------------------------------------------------
+
+_ENCODER: Final = msgspec.msgpack.Encoder()
+ENVELOPE_DECODER: Final = msgspec.msgpack.Decoder(EventEnvelope)
+PAYLOAD_DECODER: Final = msgspec.msgpack.Decoder(list[RouterEvent])
+
+
+class EventStream:
+    """One Dynamo event publisher (one DP rank): its id, message sequence and event ids."""
+
+    def __init__(self, publisher_id: int, worker_id: int, dp_rank: int) -> None:
+        self.publisher_id = publisher_id
+        self.worker_id = worker_id
+        self.dp_rank = dp_rank
+        self.sequence = 0  # of the next message
+        self.event_id = 1  # of the next event
+
+    def encode(self, items: Sequence[Translated], published_at_ms: int) -> bytes:
+        """The next message, numbered; call `rollback` if it is not sent after all."""
+        events = [RouterEvent(self.worker_id, item.storage_tier, "worker",
+                              KvCacheEvent(self.event_id + i, item.data, self.dp_rank))
+                  for i, item in enumerate(items)]
+        envelope = EventEnvelope(self.publisher_id, self.sequence, published_at_ms,
+                                 KV_EVENTS_TOPIC, _ENCODER.encode(events))
+        self.sequence += 1
+        self.event_id += len(items)
+        return _ENCODER.encode(envelope)
+
+    def rollback(self, items: int) -> None:
+        """Give back the numbers of the last message, which was not sent."""
+        self.sequence -= 1
+        self.event_id -= items
+
+
+def decode_message(data: bytes) -> tuple[EventEnvelope, list[RouterEvent]]:
+    """A Dynamo KV event message: its envelope and the RouterEvents of its payload."""
+    envelope = ENVELOPE_DECODER.decode(data)
+    return envelope, PAYLOAD_DECODER.decode(envelope.payload)

@@ -1,0 +1,382 @@
+"""Publish `--format dynamo`: Dynamo KV event messages on core NATS, in order, each confirmed.
+
+Dynamo's KV event plane is core NATS, which has no acks. A message counts as delivered once a
+marker published after it on the same connection comes back through the relay's own inbox:
+the server handles a connection's messages in order, so it has by then passed the message to
+every subscriber. (nats-py's flush() cannot say this: its PING can overtake publishes still
+queued in the client.) Until then a message stays in a window. When the connection drops, or a
+marker does not come back within the ack timeout, the whole window is published again, in order;
+Dynamo's router ignores event_ids it has already applied, so a repeat changes nothing and
+nothing goes missing. The discovery records that make the router listen are written before the
+first message and removed after the last (relay/dynamo_discovery.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from relay.buffer import Buffer
+from relay.codec import Codec, MalformedPayload
+from relay.config import Config
+from relay.dynamo import EventStream, Translator, kv_events_subject
+from relay.dynamo_discovery import (
+    FileStore,
+    Registrar,
+    Registration,
+    default_file_kv,
+    new_publisher_id,
+)
+from relay.ingest import Frame
+from relay.metrics import Metrics
+from relay.ratelimit import RateLimitedLog
+from relay.schema import ResumePoint, Resync
+from relay.stream import nats_options
+
+log = logging.getLogger("kvrelay.dynamo")
+
+
+class DiscoveryError(Exception):
+    """The discovery records cannot be written where configured."""
+
+
+class _Sent:
+    __slots__ = ("dp_rank", "events", "payload", "sent_at", "seq", "ts")
+
+    def __init__(self, frame: Frame, payload: bytes, ts: float, events: int) -> None:
+        self.dp_rank = frame.dp_rank
+        self.seq = frame.seq
+        self.payload = payload
+        self.ts = ts
+        self.events = events
+        self.sent_at = 0.0
+
+
+class DynamoPublisher:
+    """Takes Frames from the Buffer and keeps them flowing to Dynamo's router over core NATS."""
+
+    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics) -> None:
+        self._config = config
+        self._instance_id = instance_id
+        self._buffer = buffer
+        self._metrics = metrics
+        self._codec = Codec(metrics=metrics)
+        self._translator = Translator(config.kv_block_size, metrics)
+        self._warn = RateLimitedLog(log)
+        self._subject = kv_events_subject(config.namespace, config.component,
+                                          config.dynamo_endpoint)
+        self._streams: dict[int, EventStream] = {}
+        self.file_kv = Path(config.dynamo_file_kv or default_file_kv())
+        self.registrar: Registrar | None = None
+        self._nc: Client | None = None
+        self._inbox = ""
+        self._markers: dict[int, asyncio.Future[None]] = {}
+        self._next_marker = 0
+        self._window: deque[_Sent] = deque()
+        self._last_published: _Sent | None = None  # on the current connection
+        self._generation = 0  # grows whenever what was published may not have arrived
+        self._resend = False
+        self._backoff = 0.05
+        self._wake = asyncio.Event()
+        self._published = asyncio.Event()
+        self._registered = asyncio.Event()
+        self.connected = False
+        self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        self.last_error = "not connected yet"
+
+    def _online(self) -> bool:
+        return self.connected and self._nc is not None and self._nc.is_connected
+
+    def subject(self, dp_rank: int) -> str:
+        return self._subject
+
+    def publisher_id(self, dp_rank: int) -> int:
+        return self._streams[dp_rank].publisher_id
+
+    def last_event_id(self, dp_rank: int) -> int:
+        """The event_id of the last event numbered for the rank; 0 before the first."""
+        return self._streams[dp_rank].event_id - 1
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._window)
+
+    def readiness(self) -> str:
+        if self.registrar is None:
+            return "discovery records not written yet"
+        return "ok" if self.registrar.registered else self.registrar.last_error
+
+    # -- discovery and connection --------------------------------------------------------------
+
+    async def connect(self, dp_ranks: list[int]) -> None:
+        """Register in Dynamo's discovery, then connect to NATS (retrying forever)."""
+        # One Dynamo publisher per DP rank, new IDs each run: the router then starts the
+        # rank afresh instead of taking our event_ids as ones it has seen.
+        self._streams = {rank: EventStream(new_publisher_id(), self._instance_id, rank)
+                         for rank in dp_ranks}
+        config = self._config
+        self.registrar = Registrar(FileStore(self.file_kv), Registration(
+            namespace=config.namespace, component=config.component,
+            endpoint=config.dynamo_endpoint, worker_id=self._instance_id,
+            publishers={rank: s.publisher_id for rank, s in self._streams.items()},
+            kv_block_size=config.kv_block_size, model=config.dynamo_model,
+            register_worker=config.dynamo_register == "worker"))
+        try:
+            await self.registrar.register()
+        except OSError as exc:
+            self.registrar.last_error = str(exc)
+            self.fatal.set_result(DiscoveryError(
+                f"cannot write Dynamo discovery records under {self.file_kv}: {exc}; "
+                "set --dynamo-file-kv (DYN_FILE_KV) to a writable directory"))
+            return
+        self._registered.set()
+        log.info("connecting to NATS at %s", self._config.redacted()["nats"])
+        self._nc = await nats.connect(
+            **nats_options(self._config),
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        self._inbox = self._nc.new_inbox()
+        await self._nc.subscribe(self._inbox, cb=self._on_marker)
+        self.connected = True
+        url = self._nc.connected_url
+        log.info("connected to NATS at %s; publishing Dynamo KV events on %s",
+                 url.netloc if url else "?", self._subject)
+        self._wake.set()
+
+    async def resume_point(self, dp_rank: int) -> ResumePoint | None:
+        """Core NATS keeps nothing to resume from: every run starts new publishers."""
+        return None
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._metrics.nats_errors.inc()
+        self.last_error = f"NATS: {exc!r}"
+        self._warn.warning("nats", "NATS at %s: %r (the relay keeps buffering and retrying)",
+                           self._config.redacted()["nats"], exc)
+
+    async def _on_disconnected(self) -> None:
+        if self.connected:
+            log.warning("disconnected from NATS; buffering until it is back")
+        self.connected = False
+        self.last_error = "disconnected from NATS"
+        self._lose_connection()
+        if self._nc is not None:
+            # nats-py would send what it had not written yet before our ordered resend; the
+            # window holds all of it, so drop nats-py's copy (see publish.py).
+            self._nc._pending = []
+            self._nc._pending_data_size = 0
+
+    async def _on_reconnected(self) -> None:
+        self._metrics.nats_reconnects.inc()
+        self.connected = True
+        log.info("reconnected to NATS; publishing %d unconfirmed messages again",
+                 len(self._window))
+        self._wake.set()
+
+    def _lose_connection(self) -> None:
+        """What was published but not confirmed may be lost: publish it all again."""
+        self._generation += 1
+        self._last_published = None
+        if self._window:
+            self._resend = True
+        for marker in self._markers.values():
+            if not marker.done():
+                marker.set_exception(ConnectionError("NATS connection lost"))
+
+    # -- the publish loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Move frames from the buffer into the window until cancelled."""
+        side = [asyncio.ensure_future(self._confirm_loop()),
+                asyncio.ensure_future(self._keep_registered())]
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if not self._online():
+                    continue
+                if self._resend:
+                    self._resend = False
+                    for sent in list(self._window):
+                        self._metrics.republished.inc()
+                        await self._publish(sent)
+                        if not self._online():
+                            break
+                while self._buffer and len(self._window) < self._config.max_in_flight:
+                    await self._send(self._buffer.pop())
+                    if not self._online():
+                        break
+                self._update_gauges()
+        finally:
+            for task in side:
+                task.cancel()
+
+    async def _keep_registered(self) -> None:
+        await self._registered.wait()
+        assert self.registrar is not None
+        await self.registrar.run()
+
+    def notify(self) -> None:
+        """Called by the buffer's producer: there is something to send."""
+        self._wake.set()
+
+    async def _send(self, frame: Frame) -> None:
+        assert self._nc is not None
+        try:
+            decoded = self._codec.decode(frame.payload)
+        except MalformedPayload as exc:
+            self._metrics.decode_errors.labels(exc.kind).inc()
+            self._metrics.drop("malformed", 1)
+            self._warn.warning(exc.kind, "dropped a batch (dp_rank %d seq %d): %s",
+                               frame.dp_rank, frame.seq, exc)
+            self._owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
+            return
+        if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
+            self._warn.warning("rank", "batch says data_parallel_rank %d but arrived on the "
+                               "endpoint of dp_rank %d; publishing under %d",
+                               decoded.dp_rank, frame.dp_rank, frame.dp_rank)
+        self._metrics.events_received.inc(len(decoded.events))
+        items = self._translator.translate(frame.resyncs, decoded.events)
+        if not items:
+            return  # nothing in this batch that Dynamo's format can carry (counted)
+        stream = self._streams[frame.dp_rank]
+        payload = stream.encode(items, int(time.time() * 1000))
+        if len(payload) > self._nc.max_payload:
+            stream.rollback(len(items))
+            self._metrics.drop("too_large", 1, len(decoded.events))
+            self._owe(frame.dp_rank, (Resync("gap", frame.seq, frame.seq),))
+            log.error("dropped a batch of %d bytes for dp_rank %d: larger than the server's "
+                      "max_payload", len(payload), frame.dp_rank)
+            return
+        sent = _Sent(frame, payload, decoded.ts, len(items))
+        self._window.append(sent)
+        await self._publish(sent)
+
+    def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
+        """Announce a loss (as `cleared`) with the next message of `dp_rank`."""
+        self._metrics.resyncs.labels("gap").inc()
+        self._buffer.owe(dp_rank, resyncs)
+
+    async def _publish(self, sent: _Sent) -> None:
+        assert self._nc is not None
+        sent.sent_at = time.monotonic()
+        try:
+            await self._nc.publish(self._subject, sent.payload)
+        except (nats.errors.Error, OSError) as exc:
+            self._warn.warning("publish", "publish failed: %r; will publish again", exc)
+            self._lose_connection()
+            return
+        self._last_published = sent
+        self._published.set()
+
+    # -- confirmation --------------------------------------------------------------------------
+
+    async def _confirm_loop(self) -> None:
+        """After publishing, send a marker; confirm what went before it when it comes back."""
+        while True:
+            await self._published.wait()
+            self._published.clear()
+            while self._last_published is not None and self._online():
+                generation, mark = self._generation, self._last_published
+                try:
+                    await self._round_trip()
+                except (nats.errors.Error, TimeoutError, OSError) as exc:
+                    if generation == self._generation:
+                        self._warn.warning("confirm", "NATS did not confirm %d messages "
+                                           "within %.1fs (%r); publishing them again",
+                                           len(self._window), self._config.ack_timeout, exc)
+                        self._lose_connection()
+                        await asyncio.sleep(self._backoff)
+                        self._backoff = min(self._backoff * 2, self._config.reconnect_wait_max)
+                        self._wake.set()
+                    break
+                if generation != self._generation:
+                    break
+                self._backoff = 0.05
+                self._confirm(mark)
+                if mark is self._last_published:
+                    break
+
+    async def _round_trip(self) -> None:
+        """Publish a marker to our own inbox and wait until the server hands it back."""
+        assert self._nc is not None
+        self._next_marker += 1
+        token = self._next_marker
+        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._markers[token] = marker
+        try:
+            await self._nc.publish(self._inbox, str(token).encode())
+            await asyncio.wait_for(marker, self._config.ack_timeout)
+        finally:
+            del self._markers[token]
+
+    async def _on_marker(self, msg: Msg) -> None:
+        try:
+            marker = self._markers.get(int(msg.data))
+        except ValueError:
+            return
+        if marker is not None and not marker.done():
+            marker.set_result(None)
+
+    def _confirm(self, mark: _Sent) -> None:
+        now, wall = time.monotonic(), time.time()
+        while self._window:
+            sent = self._window.popleft()
+            self._metrics.batches_published.inc()
+            self._metrics.events_published.inc(sent.events)
+            self._metrics.publish_latency.observe(now - sent.sent_at)
+            self._metrics.lag.observe(max(0.0, wall - sent.ts))
+            if sent is mark:
+                break
+        if len(self._window) < self._config.max_in_flight:
+            self._wake.set()
+
+    def _update_gauges(self) -> None:
+        self._metrics.in_flight.set(len(self._window))
+        self._metrics.buffer_batches.set(len(self._buffer))
+        self._metrics.buffer_bytes.set(self._buffer.nbytes)
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def flush(self, within: float) -> bool:
+        """Wait until the buffer and the window are empty; False if `within` seconds pass."""
+        deadline = time.monotonic() + within
+        while self._buffer or self._window:
+            if time.monotonic() >= deadline:
+                return False
+            self._wake.set()
+            await asyncio.sleep(0.01)
+        self._update_gauges()
+        return True
+
+    def abandon(self) -> int:
+        """Count what could not be delivered; returns the number of batches."""
+        lost = len(self._buffer) + len(self._window)
+        events = sum(s.events for s in self._window)
+        self._buffer.drain_all()
+        self._window.clear()
+        if lost:
+            self._metrics.drop("shutdown", lost, events)
+        self._update_gauges()
+        return lost
+
+    async def close(self) -> None:
+        """Leave Dynamo's discovery (the router drops the worker's ranks), then NATS."""
+        self.connected = False
+        if self.registrar is not None and self.registrar.written:
+            try:
+                await self.registrar.unregister()
+            except OSError as exc:
+                log.error("cannot remove the Dynamo discovery records: %s (they expire in "
+                          "10s)", exc)
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
