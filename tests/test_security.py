@@ -2,28 +2,50 @@
 clear message and code 2 on settings the server refuses; secrets never reach the logs.
 
 A throwaway CA, server and client certificates are made per run with `cryptography`; each
-nats-server is started from a configuration file with TLS and an authorization block.
+nats-server is started from a configuration file with TLS and an authorization block. For
+credentials files, an operator, its accounts and users are minted per test with `nkeys` and
+their JWTs signed here, so the server runs in operator mode with nothing taken from outside.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import msgspec
+import nats
+import nats.errors
 import nkeys
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from harness import COMP, NS, RelayProcess, new_instance_id
+from harness import (
+    ANY_PORT,
+    COMP,
+    NS,
+    RelayProcess,
+    as_output,
+    last_seq,
+    new_instance_id,
+    plain,
+    read_stream,
+    subject_of,
+)
+from nats.aio.client import Client
+from natsjwt import creds_file, new_keys, operator_mode
 
 from relay.natsserver import NatsServer, free_port
+from relay.schema import Resync
+from relay.synthetic import SyntheticVllm
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -225,3 +247,89 @@ async def test_secrets_never_logged(tmp_path: Path, pki: Pki, relay_procs: Procs
                pki.client_key.read_text().splitlines()[1]]
     leaked = [secret for secret in secrets if secret in output]
     assert leaked == [], output
+
+
+# -- credentials files (decentralized JWT auth) ----------------------------------------------------
+
+def creds_args(server: NatsServer, creds: Path, zmq: str, instance: int) -> list[str]:
+    return ["--nats", server.url, "--zmq", zmq, "--instance-id", str(instance), "--namespace",
+            NS, "--component", COMP, "--nats-creds", str(creds), "--log-level", "debug"]
+
+
+async def test_operator_mode_refuses_clients_without_credentials(tmp_path: Path) -> None:
+    """The minted operator configuration is in force: a client with no credentials is refused,
+    one with the relay's credentials file gets JetStream."""
+    trust = operator_mode()
+    creds, _ = creds_file(tmp_path / "relay.creds", trust.account, "relay")
+    server = server_with(tmp_path, trust.config)
+    try:
+        anonymous = Client()
+        try:
+            with pytest.raises(nats.errors.Error, match=r"(?i)authorization violation"):
+                await anonymous.connect(server.url, allow_reconnect=False, connect_timeout=2)
+        finally:
+            await anonymous.close()  # a refused connect leaves its socket open
+        nc = await nats.connect(server.url, user_credentials=str(creds),
+                                allow_reconnect=False, connect_timeout=2)
+        try:
+            info = await nc.jetstream().account_info()
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
+    assert info.limits.max_streams == -1
+
+
+async def test_credentials_file(tmp_path: Path, relay_procs: Procs) -> None:
+    """--nats-creds: the relay connects with a user JWT of a trusted account, gets ready and
+    stores vLLM's batches in JetStream; the seed never reaches the log, debug included."""
+    trust = operator_mode()
+    creds, seed = creds_file(tmp_path / "relay.creds", trust.account, "relay")
+    server = server_with(tmp_path, trust.config)
+    instance = new_instance_id()
+    sent: dict[int, list[Any]] = {}
+    try:
+        with SyntheticVllm(ANY_PORT) as vllm:
+            proc = relay_procs(creds_args(server, creds, vllm.address, instance))
+            await proc.healthy(within=15)
+            nc = await nats.connect(server.url, user_credentials=str(creds),
+                                    connect_timeout=2, max_reconnect_attempts=2)
+            try:
+                deadline = time.monotonic() + 15
+                while await last_seq(nc, subject_of(instance)) is None:  # ZMQ's slow joiner
+                    assert time.monotonic() < deadline, proc.output()
+                    events = vllm.factory.next_events()
+                    sent[vllm.publish(events)] = msgspec.msgpack.decode(
+                        msgspec.msgpack.encode(events))
+                    await asyncio.sleep(0.1)
+                got = await read_stream(nc, subject_of(instance), 1)
+            finally:
+                await nc.close()
+            proc.proc.send_signal(signal.SIGTERM)
+            assert await proc.exited(15) == 0, proc.output()
+    finally:
+        server.stop()
+    for received in got:
+        batch = received.batch
+        assert (batch.instance_id, batch.epoch) == (instance, 0)
+        assert [plain(e) for e in batch.events if not isinstance(e, Resync)] == [
+            as_output(e) for e in sent[batch.seq]]
+    output = proc.output()
+    assert "'nats_creds': " in output  # the configuration was logged, the path with it
+    assert seed not in output, output
+
+
+async def test_credentials_file_of_untrusted_account(tmp_path: Path, relay_procs: Procs) -> None:
+    """A user JWT signed by an account the operator never signed: exit 2 naming --nats-creds,
+    the seed kept out of the log."""
+    trust = operator_mode()
+    stranger = new_keys(nkeys.PREFIX_BYTE_ACCOUNT)
+    creds, seed = creds_file(tmp_path / "stranger.creds", stranger, "relay")
+    server = server_with(tmp_path, trust.config)
+    try:
+        proc = relay_procs(creds_args(server, creds, f"tcp://127.0.0.1:{free_port()}",
+                                      new_instance_id()))
+        await refused(proc, "NATS refused the relay's credentials", "--nats-creds")
+    finally:
+        server.stop()
+    assert seed not in proc.output(), proc.output()
