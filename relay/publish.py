@@ -53,7 +53,12 @@ class NatsRefused(Exception):
     """NATS refused the relay's credentials or TLS settings at start: retrying cannot help."""
 
 
-def refusal(exc: BaseException) -> str | None:
+_AUTH_FLAGS = (("nats_user", "--nats-user"), ("nats_password", "--nats-password"),
+               ("nats_token", "--nats-token"), ("nats_nkey_seed", "--nats-nkey-seed"),
+               ("nats_creds", "--nats-creds"))
+
+
+def refusal(exc: BaseException, config: Config) -> str | None:
     """What the operator must fix when `exc` says NATS refused the relay's settings, else None.
 
     An unreachable server is retried forever; a server that answers "not with these
@@ -62,8 +67,13 @@ def refusal(exc: BaseException) -> str | None:
     text = str(exc).lower()
     if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text \
             or "authentication" in text:
-        return (f"NATS refused the relay's credentials ({exc}); check --nats-user and "
-                "--nats-password, --nats-token, --nats-nkey-seed or --nats-creds")
+        given = [flag for name, flag in _AUTH_FLAGS if getattr(config, name)]
+        if "@" in config.nats:
+            given.append("the user in the --nats URL")
+        advice = (f"check {', '.join(given)}" if given else
+                  "the relay sent none: set --nats-user and --nats-password, --nats-token, "
+                  "--nats-nkey-seed or --nats-creds")
+        return f"NATS refused the relay's credentials ({exc}); {advice}"
     if isinstance(exc, ssl.SSLError):
         return (f"TLS with NATS failed ({exc}); check --nats-tls-ca, --nats-tls-cert and "
                 "--nats-tls-key")
@@ -207,7 +217,7 @@ class Publisher:
     async def _on_error(self, exc: Exception) -> None:
         self._metrics.nats_errors.inc()
         self.last_error = f"NATS: {exc!r}"
-        if not self._connected_once and (reason := refusal(exc)) is not None:
+        if not self._connected_once and (reason := refusal(exc, self._config)) is not None:
             # Refused before ever connecting: misconfigured, not unreachable. (Once connected,
             # a refusal while reconnecting is retried: the buffer is worth keeping.)
             if not self.fatal.done():

@@ -195,7 +195,9 @@ async def test_token(tmp_path: Path, relay_procs: Procs) -> None:
     try:
         await connects(relay_procs(relay_args(server, "--nats-token", TOKEN)))
         await refused(relay_procs(relay_args(server, "--nats-token", "nope")),
-                      "NATS refused the relay's credentials")
+                      "NATS refused the relay's credentials", "check --nats-token")
+        await refused(relay_procs(relay_args(server)),
+                      "NATS refused the relay's credentials", "the relay sent none")
     finally:
         server.stop()
 
