@@ -9,6 +9,7 @@ stamped it with (in shared memory) to the receipt of its last event here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import signal
 import time
@@ -25,7 +26,14 @@ import uvloop
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from bench.workload import CLEARED, REMOVED, STORED, Fingerprint, fingerprint
+from bench.workload import (
+    CLEARED,
+    REMOVED,
+    STORED,
+    Fingerprint,
+    fingerprint,
+    shared_floats,
+)
 
 OutputKind = Literal["relaybatch", "naive", "dynamo"]
 WARM_BATCHES = 1  # batches per publisher sent before the timed phase (seq 0)
@@ -103,7 +111,7 @@ def dynamo_fingerprint(data: Any) -> Fingerprint:
 class Track:
     """One publisher (worker, dp_rank): where its sequence stands and what arrived."""
 
-    def __init__(self, index: int, fingerprints: list[list[Fingerprint]], ts: memoryview,
+    def __init__(self, index: int, fingerprints: list[list[Fingerprint]], ts: memoryview[float],
                  capacity: int, lags: array[float]) -> None:
         self.index = index
         self._flat: list[Fingerprint] = []
@@ -214,7 +222,7 @@ class Consumer:
     def __init__(self, plan: ConsumePlan) -> None:
         self.plan = plan
         self._shm = SharedMemory(name=plan.shm_name)
-        self._ts = self._shm.buf.cast("d")
+        self._ts = shared_floats(self._shm)
         self.lags: array[float] = array("d")
         self.tracks = [Track(i, fps, self._ts, plan.capacity, self.lags)
                        for i, fps in enumerate(plan.fingerprints)]
@@ -369,9 +377,9 @@ async def _consume(conn: Connection, plan: ConsumePlan) -> None:
         consumer.close()
 
 
-async def _wait_for(event: asyncio.Event, timeout: float) -> bool:
+async def _wait_for(event: asyncio.Event, seconds: float) -> bool:
     try:
-        await asyncio.wait_for(event.wait(), max(0.0, timeout))
+        await asyncio.wait_for(event.wait(), max(0.0, seconds))
     except TimeoutError:
         return False
     return True
@@ -384,7 +392,5 @@ def consumer_main(conn: Connection, plan: ConsumePlan) -> None:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(_consume(conn, plan))
     except Exception as exc:
-        try:
+        with contextlib.suppress(BrokenPipeError, OSError):
             conn.send(("error", f"consumer failed: {exc!r}"))
-        except (BrokenPipeError, OSError):
-            pass

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import zmq
 
-from bench.workload import Pool, ts_field
+from bench.workload import Pool, shared_floats, ts_field
 
 TOPIC: Final = b"kv-events"
 PUB_HWM: Final = 100_000  # vLLM's default
@@ -54,7 +54,7 @@ class Feeder:
         self._ctx = zmq.Context()
         self._socks: list[zmq.Socket[bytes]] = []
         self._shm = SharedMemory(name=plan.shm_name)
-        self._ts = self._shm.buf.cast("d")
+        self._ts = shared_floats(self._shm)
         self._next = [0] * len(plan.endpoints)
         self._events = [0] * len(plan.endpoints)
         for endpoint in plan.endpoints:
@@ -72,9 +72,8 @@ class Feeder:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no subscriber on {endpoint} within {timeout:.0f}s")
-                if sock.poll(int(left * 1000), zmq.POLLIN):
-                    if sock.recv()[:1] == b"\x01":
-                        break
+                if sock.poll(int(left * 1000), zmq.POLLIN) and sock.recv()[:1] == b"\x01":
+                    break
 
     def _send(self, p: int, ts: float, ts_bytes: bytes) -> bool:
         b = self._next[p]

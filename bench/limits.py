@@ -9,6 +9,7 @@ message; JetStream one awaited publish at a time (the naive relay's way) and wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import tempfile
 import time
@@ -186,11 +187,9 @@ def _subscriber(url: str, conn: Connection, duration: float) -> int:
 
 
 async def _ensure_stream(js: Any) -> None:
-    try:
+    with contextlib.suppress(nats.js.errors.BadRequestError):
         await js.add_stream(StreamConfig(name="LIMITS", subjects=["limits.>"],
                                          storage=StorageType.FILE))
-    except nats.js.errors.BadRequestError:
-        pass
 
 
 async def _js_await(url: str, payloads: list[bytes], duration: float) -> float:

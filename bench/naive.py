@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 from collections.abc import Sequence
 from typing import Any, Final
@@ -50,11 +51,9 @@ async def relay_rank(sock: zmq.asyncio.Socket, js: JetStreamContext, worker_id: 
 async def main_async(zmq_endpoint: str, dp_ranks: int, nats_url: str, worker_id: int) -> None:
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    try:
+    with contextlib.suppress(nats.js.errors.BadRequestError):  # another created it first
         await js.add_stream(StreamConfig(name=STREAM, subjects=[SUBJECTS],
                                          storage=StorageType.FILE))
-    except nats.js.errors.BadRequestError:
-        pass  # another naive relay created it first
     ctx = zmq.asyncio.Context()
     host, port = zmq_endpoint.rsplit(":", 1)
     tasks = []

@@ -8,6 +8,7 @@ the CPU spent between two instants without stopping anything.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import threading
 import time
@@ -48,10 +49,9 @@ class CpuSampler:
     def _total(self) -> float:
         total = 0.0
         for pid in self.pids:
-            try:
+            # A process that has ended left what it spent in the earlier samples.
+            with contextlib.suppress(OSError, ValueError, IndexError):
                 total += cpu_seconds(pid)
-            except (OSError, ValueError, IndexError):
-                pass  # the process has ended; what it spent is in earlier samples
         return total
 
     def sample(self) -> None:

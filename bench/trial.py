@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import multiprocessing
 import multiprocessing.context
+import os
 import socket
 import subprocess
 import tempfile
@@ -241,8 +241,11 @@ def _summarize(target: Target, rate: float | None, duration: float, workers: int
     timed_events = max(0, received_events - warm_events)
     timed_batches = max(0, received_batches - warm_batches)
     span = max(got.last_receipt - feed.started, 1e-9)
-    per_m = (lambda cpu: cpu / (timed_events / 1e6) if timed_events else None)
-    lags = [v * 1000 for v in got.lags] or [None, None, None, None]
+
+    def per_m(cpu: float) -> float | None:
+        return cpu / (timed_events / 1e6) if timed_events else None
+
+    lags: list[float | None] = [v * 1000 for v in got.lags] or [None, None, None, None]
     lost_events = sent_events - received_events
     notes = list(got.notes)
     if feed.capacity_reached:

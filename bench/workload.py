@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import struct
 from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Final, Literal
 
 from relay.synthetic import BatchForm, EventForm, WorkloadFactory, all_blocks_cleared, encode_batch
@@ -86,6 +87,14 @@ class Pool:
 def ts_field(ts: float) -> bytes:
     """The msgpack float64 encoding of a timestamp, to splice into a pooled batch."""
     return b"\xcb" + struct.pack(">d", ts)
+
+
+def shared_floats(shm: SharedMemory) -> memoryview[float]:
+    """A shared memory block as an array of doubles (the batch timestamps)."""
+    buf = shm.buf
+    if buf is None:
+        raise RuntimeError("shared memory is closed")
+    return buf.cast("d")
 
 
 def fingerprint(event: Any) -> Fingerprint:
