@@ -350,6 +350,7 @@ async def _consume(conn: Connection, plan: ConsumePlan) -> None:
                     await nc.jetstream().subscribe(
                         plan.subject, stream=plan.stream, cb=consumer.on_msg,
                         ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+                await nc.flush()  # the server has the subscription before anything is sent
                 conn.send(("subscribed",))
             elif command[0] == "await_warm":
                 deadline = time.monotonic() + command[1]

@@ -145,15 +145,17 @@ def _fmt(value: Any, digits: int = 0) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def _table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)
+           ) -> list[str]:
+    """Aligned columns: numbers to the right, the columns in `left` to the left."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) if i else h.ljust(w)
-                       for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
-    lines += ["  ".join(c.rjust(w) if i else c.ljust(w)
-                        for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-              for row in rows]
-    return lines
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return [line(header), *(line(row) for row in rows)]
 
 
 def render_table(report: dict[str, Any]) -> str:
@@ -186,7 +188,7 @@ def render_table(report: dict[str, Any]) -> str:
         lines += _table(["target", "batches/s", "events/s", "stopped by (the step above)"],
                         [[s["target"], _fmt(s["max_batches_per_s"]),
                           _fmt(s["max_events_per_s"]), "; ".join(s["stopped_by"])]
-                         for s in report["search"]])
+                         for s in report["search"]], left=(0, 3))
         lines.append("")
     if report["limits"]["median"]:
         lines.append("raw limits of the parts, msg/s: " + ", ".join(
@@ -207,7 +209,7 @@ def render_table(report: dict[str, Any]) -> str:
                          f"{_fmt(fields['relay_peak_rss_mib'], 2)}")
         lines.append(f"{name}: " + "; ".join(parts))
     for error in report["errors"]:
-        lines.append(f"error: {error}")
+        lines.append(f"error: {error.splitlines()[0]} (details in the JSON report)")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -86,8 +86,8 @@ def verdict(result: TrialResult, rate: float, lag_limit_ms: float) -> str | None
 Progress = Callable[[str], None]
 
 
-def search(target: Target, pools: list[Pool], spec: BenchSpec, progress: Progress
-           ) -> SearchResult:
+def search(target: Target, pools: list[Pool], spec: BenchSpec, progress: Progress,
+           errors: list[str]) -> SearchResult:
     """The highest offered rate the target sustains with zero loss and bounded lag."""
     assert spec.search is not None
     s = spec.search
@@ -102,8 +102,9 @@ def search(target: Target, pools: list[Pool], spec: BenchSpec, progress: Progres
             result = run_trial(target, pools, rate=rate, duration=s.step_duration,
                                workers=spec.workers, dp_ranks=spec.dp_ranks, tick=spec.tick)
         except TrialError as exc:
+            errors.append(f"search {target.name} @ {rate:.0f}/s: {exc}")
             progress(f"  search {target.name} @ {rate:.0f}/s: failed to run: {exc}")
-            return f"trial failed: {exc}"
+            return f"trial failed: {str(exc).splitlines()[0]}"
         steps.append(result)
         why = verdict(result, rate, s.lag_limit_ms)
         progress(f"  search {target.name} @ {rate:.0f}/s: {describe(result)}"
@@ -176,5 +177,5 @@ def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun
                 progress(f"  {target.name} @ {offered}: {describe(result)}")
         if spec.search is not None:
             for target in targets:
-                run.searches.append(search(target, pools, spec, progress))
+                run.searches.append(search(target, pools, spec, progress, run.errors))
     return run

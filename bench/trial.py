@@ -30,7 +30,7 @@ from bench.targets import Launch, Target, TrialSite, Worker
 from bench.workload import Pool
 from relay.natsserver import NatsServer, free_port
 
-WORKER_ID_BASE = 7_000_000_000_000_000_000  # above 2**53 and 2**63, as real instance IDs are
+WORKER_ID_BASE = 10_000_000_000_000_000_000  # above 2**63, as real instance IDs can be
 MAX_RATE_GUESS = 300_000  # batches/s the timestamp array is sized for when sending flat out
 READY_TIMEOUT = 60.0
 SETTLE_IDLE = 3.0  # seconds without a new message before the consumer stops waiting
@@ -214,7 +214,12 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
         feeder_conn.send(("warm_up", READY_TIMEOUT))
         _expect(feeder_conn, "warmed", READY_TIMEOUT + 5, "feeder")
         consumer_conn.send(("await_warm", 30.0))
-        _expect(consumer_conn, "warmed", 35, "consumer")
+        try:
+            _expect(consumer_conn, "warmed", 35, "consumer")
+        except TrialError as exc:
+            logs = "\n".join(f"--- {launch.name} log:\n{_tail(launch.log)}"
+                             for launch in relays.launches)
+            raise TrialError(f"{exc}\n{logs}") from None
 
         with CpuSampler([p.pid for p in relays.procs]) as relay_cpu, \
                 CpuSampler([server.pid or 0]) as nats_cpu:
@@ -223,11 +228,15 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
             consumer_conn.send(("expect", feed.sent_batches, SETTLE_IDLE, SETTLE_MAX))
             got: ConsumerResult = _expect(consumer_conn, "result", SETTLE_MAX + 10,
                                           "consumer")[1]
-        rss = max(peak_rss_bytes(p.pid) for p in relays.procs if p.poll() is None)
+        exited = [f"{launch.name} exited with {proc.returncode} during the run"
+                  for launch, proc in zip(relays.launches, relays.procs, strict=True)
+                  if proc.poll() is not None]
+        rss = max((peak_rss_bytes(p.pid) for p in relays.procs if p.poll() is None), default=0)
         result = _summarize(target, rate, duration, workers, dp_ranks, pools, feed, got,
                             relay_cpu.between(feed.started, got.last_receipt),
                             nats_cpu.between(feed.started, got.last_receipt),
                             rss, len(relays.procs))
+        result.notes += exited
     return result
 
 
