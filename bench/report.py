@@ -69,13 +69,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def build_report(run: BenchRun) -> dict[str, Any]:
-    """The whole result as JSON-ready data (see README, section Benchmark)."""
+    """The whole result as JSON-ready data (see README, section Benchmark). A search that a
+    failed trial cut short has no maximum and stays out of the median."""
     summary = summarize(run.trials)
     by_target: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in run.searches:
         by_target[s.target].append(s.as_dict())
     search = [{"target": target,
                "runs": len(results),
+               "aborted_runs": sum(r["aborted"] for r in results),
                "max_batches_per_s": _median([r["max_batches_per_s"] for r in results]),
                "max_events_per_s": _median([r["max_events_per_s"] for r in results]),
                "stopped_by": [r["stopped_by"] for r in results],

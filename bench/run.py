@@ -52,6 +52,7 @@ class SearchResult:
     max_events_per_s: float | None
     stopped_by: str  # what failed at the step above the maximum
     steps: list[TrialResult]
+    aborted: bool = False  # a step could not run: the maximum is not known
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -119,7 +120,8 @@ def search(target: Target, pools: list[Pool], spec: BenchSpec, progress: Progres
             break
         best, best_rate = steps[-1], rate
         rate *= s.factor
-    if failed_rate is not None and best is not None and not stopped_by.startswith("feeder"):
+    if (failed_rate is not None and best is not None
+            and not stopped_by.startswith(("feeder", "trial failed"))):
         low, high = best_rate, failed_rate
         for _ in range(s.refine):
             mid = math.sqrt(low * high)
@@ -127,8 +129,11 @@ def search(target: Target, pools: list[Pool], spec: BenchSpec, progress: Progres
                 best, low = steps[-1], mid
             else:
                 high = mid
+    aborted = stopped_by.startswith("trial failed")
+    if aborted:
+        best = None
     return SearchResult(target.name, best.batches_per_s if best else None,
-                        best.events_per_s if best else None, stopped_by, steps)
+                        best.events_per_s if best else None, stopped_by, steps, aborted)
 
 
 def describe(r: TrialResult) -> str:
