@@ -224,6 +224,7 @@ def plot(report: dict[str, Any], path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     points: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for trial in report["trials"] + [st for s in report["search"] for st in s["steps"]]:
@@ -248,6 +249,9 @@ def plot(report: dict[str, Any], path: str) -> None:
                     label=target)
     for ax in (lag_ax, cpu_ax):
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("offered rate, vLLM batches/s")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
