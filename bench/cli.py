@@ -146,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("interrupted; everything started has been stopped", file=sys.stderr)
         sys.exit(130)
+    except FileNotFoundError as exc:  # no nats-server: the message says how to get one
+        print(f"python -m bench: {exc}", file=sys.stderr)
+        sys.exit(1)
     report = build_report(run)
     if args.json == "-":
         json.dump(report, sys.stdout, indent=1)
