@@ -72,6 +72,11 @@ class NatsServer:
         return f"nats://{self.host}:{self._port}"
 
     @property
+    def pid(self) -> int | None:
+        """The server's process ID while it runs (for resource accounting)."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

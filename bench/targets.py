@@ -1,0 +1,197 @@
+"""The relays the benchmark can drive, by name. Add one by subclassing Target and registering it.
+
+A target says how to start one relay process per vLLM worker (all of the worker's DP ranks in
+it), how to tell it is ready, and what its output looks like to the consumer. `unavailable()`
+names what is missing when the target cannot run here; the benchmark lists it and skips it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from bench import dynamo_relay, naive
+from bench.consumer import OutputKind
+from relay.config import Config
+
+NAMESPACE = "dynamo"
+COMPONENT = "backend"
+DYNAMO_SUBJECT = "namespace.*.component.*.endpoint.*.kv-events"
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One vLLM worker of a trial: its ID and the ZMQ endpoint of its DP rank 0."""
+
+    index: int
+    worker_id: int
+    zmq: str  # tcp://127.0.0.1:<port of rank 0>; rank r publishes on port + r
+    system_port: int
+
+
+@dataclass(frozen=True)
+class TrialSite:
+    """What every target of a trial shares: the NATS server, a scratch dir, the workers."""
+
+    nats_url: str
+    workdir: Path
+    workers: list[Worker]
+    dp_ranks: int
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One relay process to start: its command, environment, log and readiness check."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    ready: Callable[[], bool]
+
+
+def log_says(log: Path, marker: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        return log.exists() and marker.encode() in log.read_bytes()
+
+    return ready
+
+
+def health_ok(port: int) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as resp:
+                return int(resp.status) == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    return ready
+
+
+class Target:
+    """A relay under test. Subclasses set the class attributes and `launches`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    output: ClassVar[OutputKind]
+    subject: ClassVar[str]
+    stream: ClassVar[str | None]
+
+    def unavailable(self) -> str | None:
+        """Why this target cannot run here, or None when it can."""
+        return None
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        raise NotImplementedError
+
+
+TARGETS: dict[str, Target] = {}
+
+
+def register(cls: type[Target]) -> type[Target]:
+    TARGETS[cls.name] = cls()
+    return cls
+
+
+def _kvrelay_argv(site: TrialSite, worker: Worker, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "relay", "run", "--zmq", worker.zmq,
+            "--dp-ranks", str(site.dp_ranks), "--nats", site.nats_url,
+            "--namespace", NAMESPACE, "--component", COMPONENT,
+            "--instance-id", str(worker.worker_id), "--system-host", "127.0.0.1",
+            "--system-port", str(worker.system_port), "--log-level", "warning", *extra]
+
+
+@register
+class KvRelay(Target):
+    name = "kvrelay"
+    summary = "kvrelay run into JetStream (file storage), as in production"
+    output = "relaybatch"
+    subject = "kv.>"
+    stream = "KV_EVENTS"
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        return [Launch(f"kvrelay-{w.index}", _kvrelay_argv(site, w), {},
+                       site.workdir / f"kvrelay-{w.index}.log", health_ok(w.system_port))
+                for w in site.workers]
+
+
+def _dynamo_env(site: TrialSite) -> dict[str, str]:
+    return {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(site.workdir / "dynamo-kv"),
+            "DYN_REQUEST_PLANE": "tcp", "DYN_EVENT_PLANE": "nats", "NATS_SERVER": site.nats_url,
+            "DYN_LOG": os.environ.get("DYN_LOG", "warn")}
+
+
+@register
+class KvRelayDynamo(Target):
+    name = "kvrelay-dynamo"
+    summary = "kvrelay run --format dynamo: Dynamo's KV event plane on core NATS"
+    output = "dynamo"
+    subject = DYNAMO_SUBJECT
+    stream = None
+
+    def unavailable(self) -> str | None:
+        formats = next(f for f in dataclasses.fields(Config) if f.name == "format")
+        if "dynamo" not in formats.metadata["choices"]:
+            return "not available: kvrelay has no --format dynamo yet"
+        return None
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        return [Launch(f"kvrelay-dynamo-{w.index}",
+                       _kvrelay_argv(site, w, "--format", "dynamo"), _dynamo_env(site),
+                       site.workdir / f"kvrelay-dynamo-{w.index}.log",
+                       health_ok(w.system_port))
+                for w in site.workers]
+
+
+@register
+class Dynamo(Target):
+    name = "dynamo"
+    summary = "Dynamo 1.6's KvEventPublisher (ai-dynamo-runtime) onto core NATS"
+    output = "dynamo"
+    subject = DYNAMO_SUBJECT
+    stream = None
+
+    def unavailable(self) -> str | None:
+        if importlib.util.find_spec("dynamo") is None:
+            return ("not available: ai-dynamo-runtime is not installed "
+                    "(pip install 'kvrelay[bench-dynamo]')")
+        return None
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        launches = []
+        for w in site.workers:
+            log = site.workdir / f"dynamo-{w.index}.log"
+            argv = [sys.executable, "-m", "bench.dynamo_relay", "--zmq", w.zmq,
+                    "--dp-ranks", str(site.dp_ranks), "--worker-id", str(w.worker_id),
+                    "--namespace", NAMESPACE, "--component", COMPONENT]
+            launches.append(Launch(f"dynamo-{w.index}", argv, _dynamo_env(site), log,
+                                   log_says(log, dynamo_relay.READY)))
+        return launches
+
+
+@register
+class Naive(Target):
+    name = "naive"
+    summary = "the floor: one awaited JetStream publish per event (bench/naive.py)"
+    output = "naive"
+    subject = naive.SUBJECTS
+    stream = naive.STREAM
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        launches = []
+        for w in site.workers:
+            log = site.workdir / f"naive-{w.index}.log"
+            argv = [sys.executable, "-m", "bench.naive", "--zmq", w.zmq,
+                    "--dp-ranks", str(site.dp_ranks), "--nats", site.nats_url,
+                    "--worker-id", str(w.worker_id)]
+            launches.append(Launch(f"naive-{w.index}", argv, {}, log,
+                                   log_says(log, naive.READY)))
+        return launches

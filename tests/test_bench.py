@@ -1,0 +1,305 @@
+"""The benchmark tool: its workload, its consumer's check, its report, and short real runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from bench.cli import main
+from bench.consumer import Track, percentiles
+from bench.report import summarize
+from bench.run import verdict
+from bench.trial import TrialResult
+from bench.workload import (
+    CLEARED,
+    REMOVED,
+    STORED,
+    Fingerprint,
+    WorkloadSpec,
+    build_pool,
+    fingerprint,
+    ts_field,
+)
+from relay.codec import Codec
+from relay.schema import Cleared, Removed, Stored
+
+TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialResult)}
+REPORT_KEYS = {"version", "config", "machine", "targets", "unavailable", "limits", "summary",
+               "search", "ratios", "trials", "errors"}
+LIMIT_KEYS = {"zmq_pub_sub", "nats_core_publish", "jetstream_publish_await",
+              "jetstream_publish_window"}
+MEASURED = ("batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms", "lag_p999_ms",
+            "lag_max_ms", "relay_cpu_s", "relay_cpu_s_per_m_events", "relay_cpu_percent",
+            "relay_peak_rss_mib", "nats_cpu_s_per_m_events", "feeder_batches_per_s")
+
+
+# -- workload -------------------------------------------------------------------------------------
+
+
+def test_pooled_batch_is_a_vllm_batch_carrying_the_send_timestamp() -> None:
+    """A pooled batch with a spliced-in ts decodes as vLLM's array batch with that ts."""
+    pool = build_pool(WorkloadSpec(pool_batches=50), publisher=3, dp_rank=1)
+    for i in (0, 17, 49, 50 + 17):
+        raw = msgspec.msgpack.decode(pool.payload(i, ts_field(1_700_000_123.25)))
+        assert raw[0] == 1_700_000_123.25
+        assert raw[2] == 1
+        assert [fingerprint(e) for e in raw[1]] == pool.fingerprints[i % 50]
+        decoded = Codec().decode(pool.payload(i, ts_field(5.5)))
+        assert decoded.ts == 5.5
+        assert all(isinstance(e, Stored | Removed | Cleared) for e in decoded.events)
+
+
+def test_pool_cycle_stores_each_block_once_and_removes_it_at_most_once() -> None:
+    """Each cycle starts empty and ends with a clear, so reference-counting relays pass all."""
+    pool = build_pool(WorkloadSpec(pool_batches=400, blocks_min=1, blocks_max=64,
+                                   clear_probability=0.01, capacity=256), 0, 0)
+    stored: set[Any] = set()
+    removed: set[Any] = set()
+    for i in range(len(pool)):
+        for event in msgspec.msgpack.decode(pool.payload(i, ts_field(0.0)))[1]:
+            if event["type"] == "BlockStored":
+                assert 1 <= len(event["block_hashes"]) <= 64
+                assert len(event["token_ids"]) == 16 * len(event["block_hashes"])
+                assert not stored & set(event["block_hashes"])
+                stored |= set(event["block_hashes"])
+            elif event["type"] == "BlockRemoved":
+                assert set(event["block_hashes"]) <= stored - removed
+                removed |= set(event["block_hashes"])
+            else:
+                stored.clear()
+                removed.clear()
+    assert pool.fingerprints[-1] == [(CLEARED, None)]
+
+
+def test_legacy_array_events_are_fingerprinted_like_map_events() -> None:
+    """The same seed gives the same events whether encoded as maps or legacy arrays."""
+    as_map = build_pool(WorkloadSpec(pool_batches=30, event_form="map"), 0, 0)
+    as_array = build_pool(WorkloadSpec(pool_batches=30, event_form="array"), 0, 0)
+    assert as_map.fingerprints == as_array.fingerprints
+    first = msgspec.msgpack.decode(as_array.payload(0, ts_field(0.0)))[1][0]
+    assert first[0] == "BlockStored"
+
+
+def test_workload_spec_rejects_impossible_mixes() -> None:
+    """Block ranges and probabilities outside their domain are refused with a reason."""
+    with pytest.raises(ValueError, match="blocks"):
+        WorkloadSpec(blocks_min=5, blocks_max=4)
+    with pytest.raises(ValueError, match="remove_probability"):
+        WorkloadSpec(remove_probability=1.5)
+
+
+# -- the consumer's check -------------------------------------------------------------------------
+
+
+def _track(fps: list[list[Fingerprint]], capacity: int = 100) -> tuple[Track, array[float]]:
+    ts = memoryview(bytearray(8 * capacity)).cast("d")
+    for b in range(capacity):
+        ts[b] = 1000.0 + b
+    lags: array[float] = array("d")
+    return Track(0, fps, ts, capacity, lags), lags
+
+
+POOL: list[list[Fingerprint]] = [[(STORED, 1)], [(STORED, 2), (REMOVED, 1)], [(STORED, 3)],
+                                 [(CLEARED, None)]]
+
+
+def test_track_matches_every_event_once_across_pool_cycles() -> None:
+    """Events in order over two cycles all match; each batch after warm-up gets a lag."""
+    track, lags = _track(POOL)
+    flat = [fp for batch in POOL for fp in batch] * 2
+    for fp in flat:
+        track.event(fp, now=2000.0)
+    assert (track.matched, track.batches, track.duplicates, track.corrupt) == (10, 8, 0, 0)
+    assert list(lags) == [2000.0 - (1000.0 + b) for b in range(1, 8)]
+
+
+def test_track_realigns_by_content_after_lost_events() -> None:
+    """A missing event is not matched, and the events after it still are."""
+    track, _ = _track(POOL)
+    flat = [fp for batch in POOL for fp in batch] * 2
+    for i, fp in enumerate(flat):
+        if i not in (2, 6):
+            track.event(fp, now=2000.0)
+    assert track.matched == len(flat) - 2
+    assert track.duplicates == 0
+
+
+def test_track_counts_repeats_and_wrong_content() -> None:
+    """A batch seen twice counts as duplicates; an event unlike the one at its place, corrupt."""
+    track, _ = _track(POOL)
+    track.event((STORED, 1), 0.0, at=track.position(0))
+    track.event((STORED, 1), 0.0, at=track.position(0))
+    track.event((STORED, 99), 0.0, at=track.position(1))
+    assert (track.matched, track.duplicates, track.corrupt) == (1, 1, 1)
+
+
+def test_track_counts_order_keys_that_do_not_follow() -> None:
+    """Only a key that is not the expected successor counts as out of order."""
+    track, _ = _track(POOL)
+    track.order((0, 0), (0, 0))
+    track.order((1, 0), (1, 0))
+    track.order((3, 0), (2, 0))
+    assert track.out_of_order == 1
+
+
+def test_percentiles_are_nearest_rank_then_max() -> None:
+    """p50/p99 of 1..100 are 50 and 99, and the maximum comes last."""
+    assert percentiles(array("d", range(100, 0, -1)), (50.0, 99.0)) == [50, 99, 100]
+    assert percentiles(array("d"), (50.0,)) == []
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def _trial(**overrides: Any) -> TrialResult:
+    values: dict[str, Any] = {name: 0 for name in TRIAL_FIELDS}
+    values.update(target="kvrelay", offered_batches_per_s=1000.0, ok=True, notes=[],
+                  feeder_batches_per_s=1000.0, batches_per_s=1000.0, lag_p99_ms=2.0)
+    values.update(overrides)
+    return TrialResult(**values)
+
+
+def test_summary_takes_medians_and_sums_losses() -> None:
+    """Repeats of one configuration: medians of measurements, sum of what was lost."""
+    rows = summarize([_trial(events_per_s=10.0, lost_events=0),
+                      _trial(events_per_s=30.0, lost_events=2, ok=False),
+                      _trial(events_per_s=20.0, lost_events=1, ok=False)])
+    assert len(rows) == 1
+    assert rows[0]["events_per_s"] == 20.0
+    assert rows[0]["lost_events"] == 3
+    assert rows[0]["ok"] is False
+    assert rows[0]["runs"] == 3
+
+
+def test_search_step_verdicts() -> None:
+    """A step fails on feeder shortfall, loss, falling behind or lag; passes otherwise."""
+    assert verdict(_trial(), 1000.0, 500.0) is None
+    assert "feeder" in (verdict(_trial(feeder_batches_per_s=500.0), 1000.0, 500.0) or "")
+    assert "loss" in (verdict(_trial(ok=False, lost_events=3), 1000.0, 500.0) or "")
+    assert "behind" in (verdict(_trial(batches_per_s=800.0), 1000.0, 500.0) or "")
+    assert "lag" in (verdict(_trial(lag_p99_ms=900.0), 1000.0, 500.0) or "")
+
+
+def test_cli_lists_targets_with_the_placeholder_unavailable(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--list-targets names every target; kvrelay-dynamo says it is not available yet."""
+    main(["--list-targets"])
+    out = capsys.readouterr().out
+    for name in ("kvrelay", "kvrelay-dynamo", "dynamo", "naive"):
+        assert name in out
+    assert "kvrelay has no --format dynamo yet" in out
+
+
+@pytest.mark.parametrize("args", [["--rates", "0"], ["--rates", "fast"], ["--targets", "x"],
+                                  ["--blocks", "9-2"], ["--workers", "0"]])
+def test_cli_rejects_bad_arguments(args: list[str]) -> None:
+    """Invalid arguments exit with usage status 2 before anything starts."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+
+
+# -- real runs ------------------------------------------------------------------------------------
+
+
+def _bench(tmp_path: Path, *args: str, timeout: float = 240) -> dict[str, Any]:
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--json", str(out)],
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
+
+
+def _assert_complete_and_lossless(report: dict[str, Any], targets: list[str]) -> None:
+    assert set(report) >= REPORT_KEYS
+    assert report["errors"] == []
+    assert sorted(t["target"] for t in report["trials"]) == sorted(targets)
+    for trial in report["trials"]:
+        assert set(trial) == TRIAL_FIELDS
+        assert trial["lost_events"] == 0, trial
+        assert trial["ok"], trial
+        assert trial["received_events"] == trial["sent_events"] > 0
+        for name in MEASURED:
+            assert isinstance(trial[name], float), (name, trial)
+            assert trial[name] > 0, (name, trial)
+    for row in report["summary"]:
+        assert row["lost_events"] == 0
+
+
+@pytest.mark.integration
+def test_bench_kvrelay_and_naive_deliver_every_event(tmp_path: Path) -> None:
+    """A 3 s run of kvrelay and naive at 500 batches/s loses nothing and reports every field."""
+    report = _bench(tmp_path, "--targets", "kvrelay,naive", "--rates", "500",
+                    "--duration", "3", "--limits-duration", "0.5")
+    _assert_complete_and_lossless(report, ["kvrelay", "naive"])
+    assert set(report["limits"]["median"]) == LIMIT_KEYS
+    assert all(v > 0 for v in report["limits"]["median"].values())
+    assert set(report["ratios"]["kvrelay/naive"]["at_offered_rate"]["500"]) >= {
+        "events_per_s", "relay_cpu_s_per_m_events", "lag_p99_ms"}
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(importlib.util.find_spec("dynamo") is None,
+                    reason="ai-dynamo-runtime is not installed (extra bench-dynamo)")
+def test_bench_dynamo_delivers_every_event(tmp_path: Path) -> None:
+    """Dynamo's own relay, fed the same way, delivers every event in order to the consumer."""
+    report = _bench(tmp_path, "--targets", "dynamo", "--rates", "500", "--duration", "3",
+                    "--no-limits")
+    _assert_complete_and_lossless(report, ["dynamo"])
+
+
+def _processes_using(marker: str, command: bytes = b"") -> list[int]:
+    """Other processes whose command line or environment holds `marker` (and `command`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if marker.encode() in cmdline + environ and command in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.integration
+def test_bench_ctrl_c_stops_every_process_it_started(tmp_path: Path) -> None:
+    """SIGINT mid-run: the bench exits 130 and no relay, server or helper process is left."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--targets", "kvrelay", "--rates", "500",
+         "--duration", "60", "--no-limits"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        deadline = time.monotonic() + 60
+        while not _processes_using(str(tmp_path), b"relay\x00run"):
+            assert time.monotonic() < deadline, "the relay never started"
+            assert proc.poll() is None, "the bench exited early"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    deadline = time.monotonic() + 5
+    while _processes_using(str(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_using(str(tmp_path)) == []
