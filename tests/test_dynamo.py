@@ -38,6 +38,7 @@ from relay.dynamo import (
 )
 from relay.dynamo_discovery import (
     TEMP_PREFIX,
+    FileBackend,
     FileStore,
     Registrar,
     Registration,
@@ -393,7 +394,7 @@ async def test_registrar_lifecycle(tmp_path: Path, caplog: pytest.LogCaptureFixt
     other = _registration(worker_id=42, publishers={0: 998}, register_worker=False)
     for record in (*crashed.records(), *other.records()):
         store.put(*record)
-    registrar = Registrar(store, ours, keep_alive=0.05)
+    registrar = Registrar(FileBackend(store), ours, keep_alive=0.05)
     await registrar.register()
     keys = {(b, k) for b, k, _ in ours.records()}
     on_disk = {(b, k) for b in ("v1/instances", "v1/mdc", "v1/event_channels",
