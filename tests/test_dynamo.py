@@ -435,7 +435,9 @@ def test_dynamo_settings_from_flags_and_dynamos_env() -> None:
 
 
 @pytest.mark.parametrize(("flags", "env", "message"), [
-    ({"format": "dynamo"}, {"DYN_DISCOVERY_BACKEND": "etcd"}, "file discovery backend only"),
+    ({"format": "dynamo"}, {"DYN_DISCOVERY_BACKEND": "kubernetes"}, "file or etcd discovery"),
+    ({"format": "dynamo", "etcd_endpoints": " , "}, {"DYN_DISCOVERY_BACKEND": "etcd"},
+     "needs --etcd-endpoints"),
     ({"format": "dynamo", "dynamo_endpoint": "Gen"}, {}, "must match"),
     ({"format": "dynamo", "kv_block_size": 0}, {}, "--kv-block-size must be at least 1"),
     ({"format": "dynamo", "dynamo_register": "all"}, {}, "not one of worker, events"),
