@@ -116,5 +116,8 @@ class EtcdServer:
         """Seconds the lease has left; -1 once it is gone."""
         return int(self._post("/v3/lease/timetolive", {"ID": lease}).get("TTL", 0))
 
+    def delete(self, key: str) -> None:
+        self._post("/v3/kv/deleterange", {"key": _b64(key)})
+
     def put(self, key: str, value: str) -> None:
         self._post("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
