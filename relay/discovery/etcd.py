@@ -16,6 +16,11 @@ which Dynamo fills with the worker's own IP. The relay picks the worker under
 the hostname's addresses, the primary interface's, loopback), or exactly the one given with
 --discovery-host (host or host:port, for several workers on one host). Several workers matching
 (a restarted worker's old lease not expired yet) keep the relay waiting until one is left.
+
+`--format dynamo --dynamo-register worker` has no worker registration to read: the relay is the
+one registering. `EtcdLeaseSource` then grants the relay's own lease (Dynamo's 10 s TTL), whose
+ID is the instance ID, as a Dynamo process's is; relay/dynamo_etcd.py attaches the records to it.
+`EtcdGateway` is the JSON-gateway client both use.
 """
 
 from __future__ import annotations
