@@ -120,7 +120,8 @@ class Relay:
         if config.format == "dynamo":
             from relay.dynamo_publish import DynamoPublisher  # needs the dynamo extra
 
-            self.publisher = DynamoPublisher(config, instance_id, self.buffer, self.metrics)
+            self.publisher = DynamoPublisher(config, instance_id, self.buffer, self.metrics,
+                                             lease=self.identity.lease)
         else:
             self.publisher = Publisher(config, instance_id, self.buffer, self.metrics)
         specs = config.sources()

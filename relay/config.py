@@ -74,7 +74,8 @@ class Config:
     discovery_backend: str | None = field(default=None, metadata=_opt(
         "where the worker registers: kubernetes (its DynamoWorkerMetadata) or etcd; "
         "otherwise the ID is Dynamo's hash of POD_NAME (else the hostname); --format dynamo "
-        "writes its records to Dynamo's file backend (file or unset)",
+        "writes its records to Dynamo's file backend (file or unset) or to etcd, attached to "
+        "a lease of its own whose ID is the instance ID with --dynamo-register worker",
         env=("DYN_DISCOVERY_BACKEND",)))
     discovery_timeout: float = field(default=300.0, metadata=_opt(
         "seconds to wait for the worker's registration before giving up (exit 1)"))
@@ -84,7 +85,8 @@ class Config:
         "etcd: the worker's advertised host or host:port; default: any address of this host",
         metavar="HOST[:PORT]"))
     etcd_endpoints: str = field(default="http://localhost:2379", metadata=_opt(
-        "etcd URL(s) for --discovery-backend etcd, comma-separated", env=("ETCD_ENDPOINTS",),
+        "etcd URL(s) for --discovery-backend etcd, comma-separated (v3 JSON gateway)",
+        env=("ETCD_ENDPOINTS",),
         metavar="URL"))
     kube_serviceaccount_dir: str = field(
         default="/var/run/secrets/kubernetes.io/serviceaccount", metadata=_opt(
@@ -207,11 +209,21 @@ class Config:
         if self.format == "dynamo":
             self._validate_dynamo()
 
+    def dynamo_backend(self) -> str:
+        """Where `--format dynamo` writes its discovery records: "file" or "etcd"."""
+        return (self.discovery_backend or "file").strip().lower()
+
+    def etcd_endpoint_list(self) -> list[str]:
+        return [e.strip() for e in self.etcd_endpoints.split(",") if e.strip()]
+
     def _validate_dynamo(self) -> None:
-        if (self.discovery_backend or "file").strip().lower() != "file":
+        if self.dynamo_backend() not in ("file", "etcd"):
             raise ConfigError(
-                f"--format dynamo registers in Dynamo's file discovery backend only; "
+                f"--format dynamo registers in Dynamo's file or etcd discovery backend; "
                 f"--discovery-backend (DYN_DISCOVERY_BACKEND) is {self.discovery_backend!r}")
+        if self.dynamo_backend() == "etcd" and not self.etcd_endpoint_list():
+            raise ConfigError("--format dynamo with --discovery-backend etcd needs "
+                              "--etcd-endpoints (ETCD_ENDPOINTS)")
         try:
             importlib.import_module("xxhash")
         except ImportError:

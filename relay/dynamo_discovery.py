@@ -5,11 +5,14 @@ EventChannel and an EventSource record per publisher (one per DP rank here) nami
 and rank, and, unless the worker registers itself (`--dynamo-register events`), the worker's
 endpoint instance and model card, whose runtime config lists its DP ranks.
 
-The store is Dynamo's file backend (`DYN_DISCOVERY_BACKEND=file`, directory `DYN_FILE_KV`):
-one directory per bucket, one file per key, the key URL-encoded with every character but ASCII
-letters and digits escaped; files are written whole (temp file, then rename) and expire 10 s
-after their last modification, so the owner touches them every few seconds and deletes them on
-a clean stop. Another backend (etcd, Kubernetes) plugs in behind `KeyValueStore`.
+Both of Dynamo's key-value backends keep the same (bucket, key) pairs; the registrar writes
+them through a `KeyValueStore`:
+- file (`DYN_DISCOVERY_BACKEND=file`, directory `DYN_FILE_KV`): one directory per bucket, one
+  file per key, the key URL-encoded with every character but ASCII letters and digits escaped;
+  files are written whole (temp file, then rename) and expire 10 s after their last
+  modification, so the owner touches them every few seconds and deletes them on a clean stop;
+- etcd (`DYN_DISCOVERY_BACKEND=etcd`): the key `<bucket>/<key>`, attached to a lease that
+  is kept alive and revoked on a clean stop (relay/dynamo_etcd.py).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import secrets
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final, NamedTuple, Protocol
 
@@ -206,10 +209,24 @@ class Registration(NamedTuple):
 class KeyValueStore(Protocol):
     """What registration needs of a Dynamo discovery backend."""
 
-    def put(self, bucket: str, key: str, value: bytes) -> None: ...
-    def refresh(self, bucket: str, key: str, value: bytes) -> bool: ...
-    def delete(self, bucket: str, key: str) -> bool: ...
-    def items(self, bucket: str) -> list[tuple[str, bytes]]: ...
+    @property
+    def where(self) -> str:
+        """Where the records go, for messages."""
+
+    @property
+    def ttl(self) -> float:
+        """Seconds a record outlives the relay's last keep-alive."""
+
+    async def put(self, record: Record) -> None: ...
+
+    async def keep_alive(self, records: Sequence[Record]) -> int:
+        """Push the records' expiry back; write back any gone or changed. How many were."""
+
+    async def delete(self, bucket: str, key: str) -> bool: ...
+    async def items(self, bucket: str) -> list[tuple[str, bytes]]: ...
+
+    async def close(self) -> None:
+        """Release what the store holds (etcd: revoke the lease, so its records go)."""
 
 
 class FileStore:
@@ -266,6 +283,37 @@ class FileStore:
         return out
 
 
+class FileBackend:
+    """`FileStore` as a `KeyValueStore`: its file operations off the event loop."""
+
+    def __init__(self, store: FileStore) -> None:
+        self.store = store
+
+    @property
+    def where(self) -> str:
+        return str(self.store.root)
+
+    @property
+    def ttl(self) -> float:
+        return FILE_KV_TTL
+
+    async def put(self, record: Record) -> None:
+        await asyncio.to_thread(self.store.put, *record)
+
+    async def keep_alive(self, records: Sequence[Record]) -> int:
+        return await asyncio.to_thread(
+            lambda: sum(not self.store.refresh(*record) for record in records))
+
+    async def delete(self, bucket: str, key: str) -> bool:
+        return await asyncio.to_thread(self.store.delete, bucket, key)
+
+    async def items(self, bucket: str) -> list[tuple[str, bytes]]:
+        return await asyncio.to_thread(self.store.items, bucket)
+
+    async def close(self) -> None:
+        """Nothing held: the records are deleted one by one."""
+
+
 class _SourceWorker(Struct, gc=False):
     worker_id: int
     dp_rank: int = 0
@@ -299,30 +347,28 @@ class Registrar:
 
     async def register(self) -> None:
         """Replace what an earlier run of this worker left behind, then write every record."""
-        await asyncio.to_thread(self._register)
-        self.registered = self.written = True
-        log.info("registered worker %d (dp_ranks %s, publishers %s) in Dynamo discovery",
-                 self.registration.worker_id, sorted(self.registration.publishers),
-                 ", ".join(f"{p:x}" for _, p in sorted(self.registration.publishers.items())))
-
-    def _register(self) -> None:
-        stale = self._stale_sources()
+        stale = await self._stale_sources()
         for key in stale:
-            self.store.delete("v1/event_sources", key)
-            self.store.delete("v1/event_channels", key)
+            await self.store.delete("v1/event_sources", key)
+            await self.store.delete("v1/event_channels", key)
         if stale:
             log.warning("removed %d event source(s) of worker %d left by an earlier run that "
                         "did not stop cleanly (Dynamo's router ignores a rank with two sources)",
                         len(stale), self.registration.worker_id)
         for record in self.records:
-            self.store.put(*record)
+            await self.store.put(record)
+        self.registered = self.written = True
+        log.info("registered worker %d (dp_ranks %s, publishers %s) in Dynamo discovery (%s)",
+                 self.registration.worker_id, sorted(self.registration.publishers),
+                 ", ".join(f"{p:x}" for _, p in sorted(self.registration.publishers.items())),
+                 self.store.where)
 
-    def _stale_sources(self) -> list[str]:
+    async def _stale_sources(self) -> list[str]:
         """Keys of event sources for our worker and endpoint that are not ours."""
         reg = self.registration
         ours = set(reg.publishers.values())
         stale = []
-        for key, data in self.store.items("v1/event_sources"):
+        for key, data in await self.store.items("v1/event_sources"):
             try:
                 source = _SOURCE_DECODER.decode(data)
             except msgspec.DecodeError:
@@ -336,12 +382,12 @@ class Registrar:
         return stale
 
     async def run(self) -> None:
-        """Touch the records every `keep_alive` seconds, writing back any that vanished."""
+        """Keep the records alive every `keep_alive` seconds, writing back any that vanished."""
         while True:
             await asyncio.sleep(self.keep_alive)
             started = time.monotonic()
             try:
-                rewritten = await asyncio.to_thread(self._refresh)
+                rewritten = await self.store.keep_alive(self.records)
             except OSError as exc:
                 self.registered = False
                 self.last_error = f"discovery records not refreshed: {exc}"
@@ -350,19 +396,19 @@ class Registrar:
             self.registered = True
             if rewritten:
                 log.warning("wrote back %d Dynamo discovery record(s) that had expired or "
-                            "changed (the relay was stalled for over %.0fs?)", rewritten,
-                            FILE_KV_TTL)
+                            "changed (the relay or %s was away for over %.0fs?)", rewritten,
+                            self.store.where, self.store.ttl)
             log.debug("refreshed discovery records in %.3fs", time.monotonic() - started)
 
-    def _refresh(self) -> int:
-        return sum(not self.store.refresh(*record) for record in self.records)
-
     async def unregister(self) -> None:
-        """Delete every record; the router then drops the worker's ranks."""
-        self.registered = self.written = False
-        await asyncio.to_thread(self._unregister)
-        log.info("removed worker %d from Dynamo discovery", self.registration.worker_id)
-
-    def _unregister(self) -> None:
-        for bucket, key, _ in reversed(self.records):  # sources before the worker
-            self.store.delete(bucket, key)
+        """Delete every record written (the router then drops the worker's ranks), then
+        release the store."""
+        written, self.registered, self.written = self.written, False, False
+        try:
+            if written:
+                for bucket, key, _ in reversed(self.records):  # sources before the worker
+                    await self.store.delete(bucket, key)
+                log.info("removed worker %d from Dynamo discovery",
+                         self.registration.worker_id)
+        finally:
+            await self.store.close()

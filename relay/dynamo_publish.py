@@ -27,14 +27,18 @@ from nats.aio.msg import Msg
 from relay.buffer import Buffer
 from relay.codec import Codec, MalformedPayload
 from relay.config import Config
+from relay.discovery.etcd import EtcdGateway, EtcdRefused
 from relay.dynamo import EventStream, Translator, kv_events_subject
 from relay.dynamo_discovery import (
+    FileBackend,
     FileStore,
+    KeyValueStore,
     Registrar,
     Registration,
     default_file_kv,
     new_publisher_id,
 )
+from relay.dynamo_etcd import EtcdStore
 from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimitedLog
@@ -63,9 +67,11 @@ class _Sent:
 class DynamoPublisher:
     """Takes Frames from the Buffer and keeps them flowing to Dynamo's router over core NATS."""
 
-    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics) -> None:
+    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics,
+                 lease: int | None = None) -> None:
         self._config = config
         self._instance_id = instance_id
+        self._lease = lease  # the etcd lease discovery took, whose ID is the instance ID
         self._buffer = buffer
         self._metrics = metrics
         self._codec = Codec(metrics=metrics)
@@ -123,7 +129,14 @@ class DynamoPublisher:
         self._streams = {rank: EventStream(new_publisher_id(), self._instance_id, rank)
                          for rank in dp_ranks}
         config = self._config
-        self.registrar = Registrar(FileStore(self.file_kv), Registration(
+        store: KeyValueStore
+        if config.dynamo_backend() == "etcd":
+            store = EtcdStore(EtcdGateway(config.etcd_endpoint_list()), lease=self._lease)
+            hint = "check --etcd-endpoints (ETCD_ENDPOINTS)"
+        else:
+            store = FileBackend(FileStore(self.file_kv))
+            hint = "set --dynamo-file-kv (DYN_FILE_KV) to a writable directory"
+        self.registrar = Registrar(store, Registration(
             namespace=config.namespace, component=config.component,
             endpoint=config.dynamo_endpoint, worker_id=self._instance_id,
             publishers={rank: s.publisher_id for rank, s in self._streams.items()},
@@ -131,11 +144,10 @@ class DynamoPublisher:
             register_worker=config.dynamo_register == "worker"))
         try:
             await self.registrar.register()
-        except OSError as exc:
+        except (OSError, EtcdRefused) as exc:
             self.registrar.last_error = str(exc)
             self.fatal.set_result(DiscoveryError(
-                f"cannot write Dynamo discovery records under {self.file_kv}: {exc}; "
-                "set --dynamo-file-kv (DYN_FILE_KV) to a writable directory"))
+                f"cannot write Dynamo discovery records to {store.where}: {exc}; {hint}"))
             return
         self._registered.set()
         log.info("connecting to NATS at %s", self._config.redacted()["nats"])
@@ -372,11 +384,12 @@ class DynamoPublisher:
     async def close(self) -> None:
         """Leave Dynamo's discovery (the router drops the worker's ranks), then NATS."""
         self.connected = False
-        if self.registrar is not None and self.registrar.written:
+        if self.registrar is not None:
             try:
                 await self.registrar.unregister()
-            except OSError as exc:
-                log.error("cannot remove the Dynamo discovery records: %s (they expire in "
-                          "10s)", exc)
+            except (OSError, EtcdRefused) as exc:
+                log.error("cannot remove the Dynamo discovery records from %s: %s (they "
+                          "expire in %.0fs)", self.registrar.store.where, exc,
+                          self.registrar.store.ttl)
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()

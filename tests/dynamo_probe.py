@@ -3,8 +3,9 @@
     python dynamo_probe.py router NAMESPACE COMPONENT ENDPOINT BLOCK_SIZE
     python dynamo_probe.py relay NAMESPACE COMPONENT ENDPOINT BLOCK_SIZE ZMQ_ENDPOINT WORKER_ID
 
-with Dynamo's environment (DYN_DISCOVERY_BACKEND=file, DYN_FILE_KV, DYN_REQUEST_PLANE=tcp,
-DYN_EVENT_PLANE=nats, NATS_SERVER). Both print {"ready": true} once running.
+with Dynamo's environment (DYN_DISCOVERY_BACKEND=file with DYN_FILE_KV, or etcd with
+ETCD_ENDPOINTS; DYN_REQUEST_PLANE=tcp, DYN_EVENT_PLANE=nats, NATS_SERVER). Both print
+{"ready": true} once running.
 - router: Dynamo's KvRouter; answers one JSON line per request line on stdin:
   {"overlap": [token ids], "lora_name": null} -> {"<worker_id>/<dp_rank>": device blocks
   matched} for every worker rank it admits; {"dump": true} -> its indexer as `dump_events()`
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
@@ -27,7 +29,8 @@ async def router(namespace: str, component: str, endpoint: str, block_size: int)
     from dynamo.runtime import DistributedRuntime
 
     loop = asyncio.get_running_loop()
-    runtime = DistributedRuntime(loop, "file", "tcp", event_plane="nats")
+    runtime = DistributedRuntime(loop, os.environ["DYN_DISCOVERY_BACKEND"], "tcp",
+                                 event_plane="nats")
     kv_router = KvRouter(runtime.endpoint(f"{namespace}.{component}.{endpoint}"), block_size,
                          KvRouterConfig())
     print(json.dumps({"ready": True}), flush=True)
@@ -53,7 +56,8 @@ async def relay(namespace: str, component: str, endpoint: str, block_size: int,
     from dynamo.runtime import DistributedRuntime
 
     loop = asyncio.get_running_loop()
-    runtime = DistributedRuntime(loop, "file", "tcp", event_plane="nats")
+    runtime = DistributedRuntime(loop, os.environ["DYN_DISCOVERY_BACKEND"], "tcp",
+                                 event_plane="nats")
     publisher = KvEventPublisher(runtime.endpoint(f"{namespace}.{component}.{endpoint}"),
                                  worker_id=worker_id, kv_block_size=block_size,
                                  zmq_endpoint=zmq_endpoint)

@@ -96,5 +96,28 @@ class EtcdServer:
             self._post("/v3/kv/put", {"key": _b64(key), "value": _b64(json.dumps(value)),
                                       "lease": lease})
 
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix`, sorted."""
+        raw = prefix.encode()
+        end = raw[:-1] + bytes([raw[-1] + 1])
+        found = self._post("/v3/kv/range", {"key": _b64(prefix),
+                                            "range_end": base64.b64encode(end).decode(),
+                                            "keys_only": True})
+        return sorted(base64.b64decode(kv["key"]).decode() for kv in found.get("kvs", []))
+
+    def get(self, key: str) -> tuple[bytes, int] | None:
+        """The value of `key` and the lease it is attached to (0: none), if it exists."""
+        found = self._post("/v3/kv/range", {"key": _b64(key)}).get("kvs", [])
+        if not found:
+            return None
+        return base64.b64decode(found[0].get("value", "")), int(found[0].get("lease", 0))
+
+    def lease_ttl(self, lease: int) -> int:
+        """Seconds the lease has left; -1 once it is gone."""
+        return int(self._post("/v3/lease/timetolive", {"ID": lease}).get("TTL", 0))
+
+    def delete(self, key: str) -> None:
+        self._post("/v3/kv/deleterange", {"key": _b64(key)})
+
     def put(self, key: str, value: str) -> None:
         self._post("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})

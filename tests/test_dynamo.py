@@ -38,6 +38,7 @@ from relay.dynamo import (
 )
 from relay.dynamo_discovery import (
     TEMP_PREFIX,
+    FileBackend,
     FileStore,
     Registrar,
     Registration,
@@ -393,7 +394,7 @@ async def test_registrar_lifecycle(tmp_path: Path, caplog: pytest.LogCaptureFixt
     other = _registration(worker_id=42, publishers={0: 998}, register_worker=False)
     for record in (*crashed.records(), *other.records()):
         store.put(*record)
-    registrar = Registrar(store, ours, keep_alive=0.05)
+    registrar = Registrar(FileBackend(store), ours, keep_alive=0.05)
     await registrar.register()
     keys = {(b, k) for b, k, _ in ours.records()}
     on_disk = {(b, k) for b in ("v1/instances", "v1/mdc", "v1/event_channels",
@@ -434,7 +435,9 @@ def test_dynamo_settings_from_flags_and_dynamos_env() -> None:
 
 
 @pytest.mark.parametrize(("flags", "env", "message"), [
-    ({"format": "dynamo"}, {"DYN_DISCOVERY_BACKEND": "etcd"}, "file discovery backend only"),
+    ({"format": "dynamo"}, {"DYN_DISCOVERY_BACKEND": "kubernetes"}, "file or etcd discovery"),
+    ({"format": "dynamo", "etcd_endpoints": " , "}, {"DYN_DISCOVERY_BACKEND": "etcd"},
+     "needs --etcd-endpoints"),
     ({"format": "dynamo", "dynamo_endpoint": "Gen"}, {}, "must match"),
     ({"format": "dynamo", "kv_block_size": 0}, {}, "--kv-block-size must be at least 1"),
     ({"format": "dynamo", "dynamo_register": "all"}, {}, "not one of worker, events"),

@@ -43,6 +43,7 @@ from dynamo_support import (
     running_dynamo_relay,
     u64,
 )
+from etcdserver import EtcdServer
 
 from relay.dynamo import DynamoEventData, DynamoStoreData, RouterEvent
 from relay.natsserver import NatsServer
@@ -110,13 +111,17 @@ class DynamoProcess:
 
 
 @contextlib.contextmanager
-def dynamo(role: str, nats_url: str, file_kv: Path, log: Path, *args: str
-           ) -> Iterator[DynamoProcess]:
-    """Dynamo's router or relay, on file discovery in `file_kv` and NATS as its event plane."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYN_", "NATS_"))}
+def dynamo(role: str, nats_url: str, file_kv: Path, log: Path, *args: str,
+           etcd: str | None = None) -> Iterator[DynamoProcess]:
+    """Dynamo's router or relay, on file discovery in `file_kv` (or etcd at `etcd`) and NATS
+    as its event plane."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DYN_", "NATS_", "ETCD_"))}
     env.update(DYN_DISCOVERY_BACKEND="file", DYN_FILE_KV=str(file_kv), DYN_REQUEST_PLANE="tcp",
                DYN_EVENT_PLANE="nats", NATS_SERVER=nats_url, DYN_SYSTEM_PORT="-1",
                DYN_LOG="warn")
+    if etcd is not None:
+        env.update(DYN_DISCOVERY_BACKEND="etcd", ETCD_ENDPOINTS=etcd)
     process = DynamoProcess([role, NS, COMP, ENDPOINT, str(BLOCK), *args], env, log)
     try:
         yield process
@@ -169,13 +174,14 @@ class Rank:
         return held
 
 
-async def settle(router: DynamoProcess, ranks: dict[int, Rank], what: str) -> None:
+async def settle(router: DynamoProcess, ranks: dict[int, Rank], what: str,
+                 worker: int = WORKER) -> None:
     """Wait until the router's indexer holds exactly each rank's modelled blocks, then check
     the overlap of every block ever stored, as the router scores a request for it."""
     deadline = time.monotonic() + 20
     while True:
         dump = await router.dump()
-        got = {r: held_by_router(dump, WORKER, r) for r in ranks}
+        got = {r: held_by_router(dump, worker, r) for r in ranks}
         want = {r: rank.model.held() for r, rank in ranks.items()}
         if got == want:
             break
@@ -187,11 +193,12 @@ async def settle(router: DynamoProcess, ranks: dict[int, Rank], what: str) -> No
         for block in rank.history:
             chain, tokens = rank.path(block)
             scores = await router.overlap(tokens, rank.history[block].lora_name)
-            assert scores.get(f"{WORKER}/{r}", 0) == rank.expected_overlap(chain), (
+            assert scores.get(f"{worker}/{r}", 0) == rank.expected_overlap(chain), (
                 what, r, block, scores)
 
 
-async def until_admitted(router: DynamoProcess, ranks: dict[int, Rank], relay: Any) -> None:
+async def until_admitted(router: DynamoProcess, ranks: dict[int, Rank], relay: Any,
+                         worker: int = WORKER) -> None:
     """Store a canary block on each rank until the router applies it, then remove it: from
     then on the router has bound the relay's event sources and drops nothing."""
     canaries = {r: ([900_000 + r], [60_000 + 16 * r + i for i in range(BLOCK)]) for r in ranks}
@@ -199,7 +206,7 @@ async def until_admitted(router: DynamoProcess, ranks: dict[int, Rank], relay: A
     while True:
         dump = await router.dump()
         missing = [r for r in ranks
-                   if u64(canaries[r][0][0]) not in held_by_router(dump, WORKER, r)]
+                   if u64(canaries[r][0][0]) not in held_by_router(dump, worker, r)]
         if not missing:
             break
         assert time.monotonic() < deadline, (
@@ -381,3 +388,42 @@ async def test_same_router_events_as_dynamos_own_relay(
             event["event"]["event_id"] = 0
     assert mine == dynamos
 
+
+
+async def test_dynamos_router_on_etcd_discovery(
+        fresh_nats: NatsServer, etcd_server: EtcdServer, tmp_path: Path) -> None:
+    """With DYN_DISCOVERY_BACKEND=etcd on both sides, Dynamo's KvRouter admits the worker the
+    relay registers in etcd under its lease (the lease ID as instance ID), holds exactly the
+    blocks vLLM stored on each rank, and forgets the worker once the relay revokes the lease."""
+    with dynamo("router", fresh_nats.url, tmp_path / "unused", tmp_path / "router.log",
+                etcd=etcd_server.url) as router:
+        assert await router.read() == {"ready": True}
+        async with vllm_ranks(2) as ranks:
+            async with running_dynamo_relay(
+                    tmp_path / "unused", nats=fresh_nats.url, discovery_backend="etcd",
+                    etcd_endpoints=etcd_server.url,
+                    zmq=[ranks[0].vllm.address, ranks[1].vllm.address]) as relay:
+                assert relay.identity is not None
+                assert relay.identity.source == "etcd-lease"
+                worker = relay.identity.value
+                await eventually(lambda: is_ready(relay), "relay ready")
+                assert len(etcd_server.keys("v1/")) == 6  # instance, card, 2 x (channel, source)
+                for rank in ranks.values():
+                    await join(rank.vllm, relay)
+                await until_admitted(router, ranks, relay, worker)
+                trees = Chains(seed=11, hash_kind="bytes")
+                a, stored_a = trees.store(4)
+                _, stored_b = trees.store(2, parent=a[1])
+                signed = Chains(seed=12, hash_kind="int64")
+                _, stored_c = signed.store(3)
+                ranks[0].publish([stored_a])
+                ranks[0].publish([stored_b, block_removed([a[3]])])
+                ranks[1].publish([stored_c])
+                await settle(router, ranks, "stored over etcd discovery", worker)
+                assert (len(ranks[0].model.blocks), len(ranks[1].model.blocks)) == (5, 3)
+            assert etcd_server.keys("v1/") == [], "records left in etcd"
+            deadline = time.monotonic() + 20
+            while any(key.startswith(f"{worker}/")
+                      for key in await router.overlap(list(range(BLOCK)))):
+                assert time.monotonic() < deadline, "the router kept the stopped worker"
+                await asyncio.sleep(0.2)

@@ -4,7 +4,9 @@ Sources, first that applies (CONTRACT.md section 3), each a `Source`:
 1. `ExplicitSource`: --instance-id / KVRELAY_INSTANCE_ID;
 2. `KubernetesSource`: DYN_DISCOVERY_BACKEND=kubernetes with POD_NAME and POD_NAMESPACE: the
    worker's DynamoWorkerMetadata custom resource;
-3. `EtcdSource`: DYN_DISCOVERY_BACKEND=etcd: the worker's registration in etcd (ETCD_ENDPOINTS);
+3. DYN_DISCOVERY_BACKEND=etcd (ETCD_ENDPOINTS): with `--format dynamo --dynamo-register worker`
+   the relay registers the worker itself, so `EtcdLeaseSource` takes a lease of its own and its
+   ID is the instance ID, as Dynamo's is; otherwise `EtcdSource`: the worker's registration;
 4. `PodNameHashSource`: Dynamo's hash of POD_NAME, else of the hostname.
 The relay resolves the ID after its system port is up, so probes answer while it waits.
 """
@@ -17,12 +19,13 @@ from pathlib import Path
 
 from relay.config import Config
 from relay.discovery.base import DiscoveryError, InstanceId, Source
-from relay.discovery.etcd import EtcdSource, local_addresses
+from relay.discovery.etcd import LEASE_TTL, EtcdLeaseSource, EtcdSource, local_addresses
 from relay.discovery.kubernetes import KubernetesSource
 from relay.discovery.local import ExplicitSource, PodNameHashSource, hash_pod_name, siphash13
 
 __all__ = [
     "DiscoveryError",
+    "EtcdLeaseSource",
     "EtcdSource",
     "ExplicitSource",
     "InstanceId",
@@ -58,9 +61,14 @@ def select_source(config: Config, env: Mapping[str, str]) -> Source:
                     "downward API to find the worker's DynamoWorkerMetadata; using the pod-name "
                     "hash")
     elif backend == "etcd":
+        endpoints = config.etcd_endpoint_list()
+        if config.format == "dynamo" and config.dynamo_register == "worker":
+            return EtcdLeaseSource(endpoints=endpoints, ttl=LEASE_TTL,
+                                   timeout=config.discovery_timeout,
+                                   retry_max=config.discovery_retry_max)
         hosts, port = _host_filter(config.discovery_host, env)
         return EtcdSource(
-            endpoints=[e.strip() for e in config.etcd_endpoints.split(",") if e.strip()],
+            endpoints=endpoints,
             namespace=config.namespace, component=config.component, hosts=hosts,
             host_port=port, timeout=config.discovery_timeout,
             retry_max=config.discovery_retry_max)

@@ -19,8 +19,9 @@ class InstanceId(NamedTuple):
     """The worker instance ID the relay publishes under, and how it was found."""
 
     value: int
-    source: str  # "explicit" | "kubernetes" | "etcd" | "pod-name-hash" | "hostname-hash"
+    source: str  # "explicit" | "kubernetes" | "etcd" | "etcd-lease" | "pod-name-hash" | ...
     detail: str
+    lease: int | None = None  # the etcd lease the ID is, when the relay holds it
 
 
 class DiscoveryError(Exception):
