@@ -192,14 +192,17 @@ def test_search_step_verdicts() -> None:
     assert "lag" in (verdict(_trial(lag_p99_ms=900.0), 1000.0, 500.0) or "")
 
 
-def test_cli_lists_targets_with_the_placeholder_unavailable(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    """--list-targets names every target; kvrelay-dynamo says it is not available yet."""
+def test_cli_lists_targets_with_their_availability(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """--list-targets names every target; kvrelay-dynamo says what it needs when xxhash is gone."""
     main(["--list-targets"])
     out = capsys.readouterr().out
     for name in ("kvrelay", "kvrelay-dynamo", "dynamo", "naive"):
         assert name in out
-    assert "kvrelay has no --format dynamo yet" in out
+    assert "not available" not in out.split("kvrelay-dynamo", 1)[1].splitlines()[0]
+    monkeypatch.setitem(sys.modules, "xxhash", None)
+    main(["--list-targets"])
+    assert "--format dynamo needs xxhash" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args", [["--rates", "0"], ["--rates", "fast"], ["--targets", "x"],
