@@ -130,6 +130,7 @@ class Publisher:
         self._acked_at: dict[str, int] = {}
         self._next_token = 0
         self._wake = asyncio.Event()
+        self._parked = False  # the publish loop waits for work: notify() may send directly
         self._retry_at: float | None = None
         self._backoff = 0.05
         self.connected = False
@@ -252,7 +253,9 @@ class Publisher:
         watchdog = asyncio.ensure_future(self._watch_acks())
         try:
             while True:
+                self._parked = True
                 await self._wake.wait()
+                self._parked = False
                 self._wake.clear()
                 if not self._online() or not self.stream_ready.is_set():
                     continue
@@ -269,13 +272,34 @@ class Publisher:
                         break
                 self._update_gauges()
         finally:
+            self._parked = False
             watchdog.cancel()
 
     def notify(self) -> None:
-        """Called by the buffer's producer: there is something to send."""
+        """Called by the buffer's producer: there is something to send.
+
+        In the steady state (this loop idle, nothing queued before, room in the window, NATS
+        up) the frame is sent right here, in the producer's turn of the event loop: no wake-up
+        of the publish task per batch. Anything else is left to the publish loop, in order.
+        """
+        if self._parked and self._retry_at is None and self._online() \
+                and self.stream_ready.is_set():
+            while (self._buffer and len(self._window) < self._config.max_in_flight
+                   and self._writable()):
+                entry = self._enter(self._buffer.pop())
+                if entry is not None:
+                    self._publish_now(*entry)
+            if not self._buffer:
+                return
         self._wake.set()
 
     async def _send(self, frame: Frame) -> None:
+        entry = self._enter(frame)
+        if entry is not None:
+            await self._publish(*entry)
+
+    def _enter(self, frame: Frame) -> tuple[int, _Pending] | None:
+        """Encode a frame and put it in the window; None if it was dropped (counted)."""
         try:
             decoded = self._codec.decode(frame.payload)
             events: list[Any] = [*frame.resyncs, *decoded.events]
@@ -290,7 +314,7 @@ class Publisher:
                                frame.dp_rank, frame.seq, exc)
             # What this batch had to announce, and its own loss, go with the next one.
             self._owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
-            return
+            return None
         if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
             self._warn.warning("rank", "batch says data_parallel_rank %d but arrived on the "
                                "endpoint of dp_rank %d; publishing under %d",
@@ -303,7 +327,7 @@ class Publisher:
         token = self._next_token
         self._next_token += 1
         self._window[token] = pending
-        await self._publish(token, pending)
+        return token, pending
 
     def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
         """Announce a loss with the next batch of `dp_rank` that is sent."""
@@ -325,6 +349,49 @@ class Publisher:
         except (nats.errors.Error, OSError) as exc:
             self._warn.warning("publish", "publish failed: %r; will resend", exc)
             self._schedule_retry()
+
+    def _writable(self) -> bool:
+        """nats-py's flusher runs and its outgoing buffer has room (past it, nats-py's publish
+        waits for a flush: the publish loop's path)."""
+        nc = self._nc
+        assert nc is not None
+        flusher = nc._flusher_task
+        limit = nc._max_pending_size
+        return (flusher is not None and not flusher.done()
+                and (limit <= 0 or nc._pending_data_size < limit))
+
+    def _publish_now(self, token: int, pending: _Pending) -> None:
+        """`_publish` without awaiting, for the steady state: only while online and writable.
+
+        The HPUB command goes into nats-py's outgoing buffer the way its own publish puts it
+        there (this skips its per-call subject and header validation: ours are well-formed by
+        construction), and its flusher task is woken once per event loop turn, so all the
+        publishes of one turn leave in one socket write.
+        """
+        nc = self._nc
+        assert nc is not None
+        pending.sent_at = time.monotonic()
+        if len(pending.payload) > nc.max_payload:
+            del self._window[token]
+            self._metrics.drop("too_large", 1, pending.events)
+            self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+            log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
+                      len(pending.payload), pending.subject)
+            return
+        header = "".join([f"{key}: {value}\r\n" for key, value in pending.headers.items()])
+        head = f"NATS/1.0\r\n{header}\r\n".encode()
+        size = len(head) + len(pending.payload)
+        command = b"".join((
+            f"HPUB {pending.subject} {self._inbox}{token} {len(head)} {size}\r\n".encode(),
+            head, pending.payload, b"\r\n"))
+        nc._pending.append(command)
+        nc._pending_data_size += len(command)
+        nc.stats["out_msgs"] += 1
+        nc.stats["out_bytes"] += len(pending.payload)
+        flush_queue = nc._flush_queue
+        if flush_queue is not None and flush_queue.empty():
+            # What nats-py's publish does: one token in its flusher's queue per turn.
+            flush_queue.put_nowait(asyncio.get_running_loop().create_future())
 
     # -- the failure path ----------------------------------------------------------------------
 
