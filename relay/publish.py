@@ -19,6 +19,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -26,7 +27,6 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from relay.buffer import Buffer
 from relay.codec import Codec, MalformedPayload
@@ -95,6 +95,33 @@ class _PubAck(msgspec.Struct):
     error: _ApiError | None = None
 
 
+_ACK = msgspec.json.Decoder(_PubAck)
+
+AckHandler = Callable[[bytes, bytes], None]
+
+
+class _AckClient(Client):
+    """nats-py's client with the acks of the relay's inbox handed straight to the publisher.
+
+    nats-py would build a Msg for each ack and pass it through a queue to a task of its own;
+    at one ack per batch that hop costs more than handling the ack. Everything else (and every
+    other subscription) takes nats-py's own path.
+    """
+
+    ack_sid = -1
+    ack_handler: AckHandler | None = None
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes) -> None:
+        if sid != self.ack_sid or self.ack_handler is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        try:
+            self.ack_handler(subject, data)
+        except Exception:  # this runs in nats-py's read loop, which an exception would end
+            log.exception("could not handle a JetStream ack")
+
+
 class _Pending:
     __slots__ = ("dp_rank", "epoch", "events", "headers", "payload", "sent_at", "seq", "subject",
                  "ts")
@@ -125,6 +152,7 @@ class Publisher:
         self._subject_prefix = f"kv.{config.namespace}.{config.component}.{instance_id}"
         self._nc: Client | None = None
         self._inbox = ""
+        self._inbox_bytes = b""
         self._window: dict[int, _Pending] = {}
         # subject -> stream sequence of the latest message known stored on it (ack or resume).
         self._acked_at: dict[str, int] = {}
@@ -157,14 +185,18 @@ class Publisher:
         """Connect (retrying forever), then create or verify the stream."""
         options = nats_options(self._config)
         log.info("connecting to NATS at %s", self._config.redacted()["nats"])
-        self._nc = await nats.connect(
+        nc = _AckClient()
+        await nc.connect(
             **options,
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
-        self._inbox = self._nc.new_inbox() + "."
-        await self._nc.subscribe(self._inbox + "*", cb=self._on_ack)
+        self._nc = nc
+        self._inbox = nc.new_inbox() + "."
+        self._inbox_bytes = self._inbox.encode()
+        nc.ack_handler = self._on_ack
+        nc.ack_sid = (await nc.subscribe(self._inbox + "*"))._id
         self.connected = True
         self._connected_once = True
         url = self._nc.connected_url
@@ -511,24 +543,24 @@ class Publisher:
                 oldest.sent_at = time.monotonic()
                 self._schedule_retry(0.0)
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _on_ack(self, subject: bytes, data: bytes) -> None:
         try:
-            token = int(msg.subject[len(self._inbox):])
+            token = int(subject[len(self._inbox_bytes):])
         except ValueError:
             return
         pending = self._window.get(token)
         if pending is None:
             return  # the ack of an earlier attempt already came
-        if not msg.data:
+        if not data:
             # A status message (503: no responders) - the stream is not there right now.
             self._warn.warning("no-responders", "JetStream did not answer a publish on %s; "
                                "retrying", pending.subject)
             self._schedule_retry()
             return
         try:
-            ack = msgspec.json.decode(msg.data, type=_PubAck)
+            ack = _ACK.decode(data)
         except msgspec.DecodeError:
-            ack = _PubAck(error=_ApiError(description=f"unreadable ack {msg.data[:80]!r}"))
+            ack = _PubAck(error=_ApiError(description=f"unreadable ack {data[:80]!r}"))
         if ack.error is not None:
             if ack.error.code == 503 or ack.error.code == 0:
                 self._warn.warning("ack-error", "JetStream could not store a publish on %s: %s; "
