@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -16,24 +21,101 @@ DECODE_ERROR_KINDS = (
 )
 
 
+class Tally:
+    """A counter for once-per-batch paths: a plain number, exported as a Prometheus counter
+    at scrape time (prometheus_client's counters take a lock on every increment)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class LabelledTally:
+    """A Tally per value of one label."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.children: dict[str, Tally] = {}
+
+    def labels(self, value: str) -> Tally:
+        return self.children.setdefault(value, Tally())
+
+
+class HistogramTally:
+    """A histogram for once-per-batch paths: bucket counts in a plain list, exported at scrape
+    time like prometheus_client's Histogram."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class _TallyCollector(Collector):
+    def __init__(self, documented: list[tuple[str, str, Tally | LabelledTally | HistogramTally]]
+                 ) -> None:
+        self._documented = documented
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc, tally in self._documented:
+            if isinstance(tally, Tally):
+                yield CounterMetricFamily(name, doc, value=tally.value)
+            elif isinstance(tally, LabelledTally):
+                family = CounterMetricFamily(name, doc, labels=[tally.label])
+                for value, child in list(tally.children.items()):
+                    family.add_metric([value], child.value)
+                yield family
+            else:
+                cumulative, buckets = 0, []
+                for bound, count in zip((*tally.bounds, float("inf")), tally.counts,
+                                        strict=True):
+                    cumulative += count
+                    buckets.append((_bound_label(bound), float(cumulative)))
+                yield HistogramMetricFamily(name, doc, buckets=buckets, sum_value=tally.sum)
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+
+def _bound_label(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
 class Metrics:
     """Every metric the contract names, prefixed `kvrelay_`."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.batches_received = Counter(
-            "kvrelay_batches_received", "vLLM batches read from ZMQ", ["dp_rank"], registry=r
-        )
-        self.events_received = Counter(
-            "kvrelay_events_received", "KV events decoded from vLLM batches", registry=r
-        )
-        self.batches_published = Counter(
-            "kvrelay_batches_published", "Batches acknowledged by JetStream", registry=r
-        )
-        self.events_published = Counter(
-            "kvrelay_events_published", "Events in batches acknowledged by JetStream", registry=r
-        )
+        # Counted once per batch: tallies, read at scrape time.
+        self.batches_received = LabelledTally("dp_rank")
+        self.events_received = Tally()
+        self.batches_published = Tally()
+        self.events_published = Tally()
+        self.publish_latency = HistogramTally(_LATENCY_BUCKETS)
+        self.lag = HistogramTally(_LATENCY_BUCKETS)
+        r.register(_TallyCollector([
+            ("kvrelay_batches_received", "vLLM batches read from ZMQ", self.batches_received),
+            ("kvrelay_events_received", "KV events decoded from vLLM batches",
+             self.events_received),
+            ("kvrelay_batches_published", "Batches acknowledged by JetStream",
+             self.batches_published),
+            ("kvrelay_events_published", "Events in batches acknowledged by JetStream",
+             self.events_published),
+            ("kvrelay_publish_latency_seconds", "From publish to JetStream ack",
+             self.publish_latency),
+            ("kvrelay_lag_seconds", "From vLLM's batch timestamp to the JetStream ack", self.lag),
+        ]))
         self.duplicates = Counter(
             "kvrelay_publish_duplicates",
             "Publishes JetStream acknowledged as duplicates (retries, replays)",
@@ -75,18 +157,6 @@ class Metrics:
         )
         self.buffer_bytes = Gauge(
             "kvrelay_buffer_bytes", "Payload bytes buffered for publishing", registry=r
-        )
-        self.publish_latency = Histogram(
-            "kvrelay_publish_latency_seconds",
-            "From publish to JetStream ack",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.lag = Histogram(
-            "kvrelay_lag_seconds",
-            "From vLLM's batch timestamp to the JetStream ack",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
         self.nats_reconnects = Counter(
             "kvrelay_nats_reconnects", "Reconnections to NATS", registry=r

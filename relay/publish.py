@@ -19,6 +19,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -26,7 +27,6 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from relay.buffer import Buffer
 from relay.codec import Codec, MalformedPayload
@@ -95,6 +95,33 @@ class _PubAck(msgspec.Struct):
     error: _ApiError | None = None
 
 
+_ACK = msgspec.json.Decoder(_PubAck)
+
+AckHandler = Callable[[bytes, bytes], None]
+
+
+class _AckClient(Client):
+    """nats-py's client with the acks of the relay's inbox handed straight to the publisher.
+
+    nats-py would build a Msg for each ack and pass it through a queue to a task of its own;
+    at one ack per batch that hop costs more than handling the ack. Everything else (and every
+    other subscription) takes nats-py's own path.
+    """
+
+    ack_sid = -1
+    ack_handler: AckHandler | None = None
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes) -> None:
+        if sid != self.ack_sid or self.ack_handler is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        try:
+            self.ack_handler(subject, data)
+        except Exception:  # this runs in nats-py's read loop, which an exception would end
+            log.exception("could not handle a JetStream ack")
+
+
 class _Pending:
     __slots__ = ("dp_rank", "epoch", "events", "headers", "payload", "sent_at", "seq", "subject",
                  "ts")
@@ -125,11 +152,13 @@ class Publisher:
         self._subject_prefix = f"kv.{config.namespace}.{config.component}.{instance_id}"
         self._nc: Client | None = None
         self._inbox = ""
+        self._inbox_bytes = b""
         self._window: dict[int, _Pending] = {}
         # subject -> stream sequence of the latest message known stored on it (ack or resume).
         self._acked_at: dict[str, int] = {}
         self._next_token = 0
         self._wake = asyncio.Event()
+        self._parked = False  # the publish loop waits for work: notify() may send directly
         self._retry_at: float | None = None
         self._backoff = 0.05
         self.connected = False
@@ -156,14 +185,18 @@ class Publisher:
         """Connect (retrying forever), then create or verify the stream."""
         options = nats_options(self._config)
         log.info("connecting to NATS at %s", self._config.redacted()["nats"])
-        self._nc = await nats.connect(
+        nc = _AckClient()
+        await nc.connect(
             **options,
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
-        self._inbox = self._nc.new_inbox() + "."
-        await self._nc.subscribe(self._inbox + "*", cb=self._on_ack)
+        self._nc = nc
+        self._inbox = nc.new_inbox() + "."
+        self._inbox_bytes = self._inbox.encode()
+        nc.ack_handler = self._on_ack
+        nc.ack_sid = (await nc.subscribe(self._inbox + "*"))._id
         self.connected = True
         self._connected_once = True
         url = self._nc.connected_url
@@ -252,7 +285,9 @@ class Publisher:
         watchdog = asyncio.ensure_future(self._watch_acks())
         try:
             while True:
+                self._parked = True
                 await self._wake.wait()
+                self._parked = False
                 self._wake.clear()
                 if not self._online() or not self.stream_ready.is_set():
                     continue
@@ -269,13 +304,34 @@ class Publisher:
                         break
                 self._update_gauges()
         finally:
+            self._parked = False
             watchdog.cancel()
 
     def notify(self) -> None:
-        """Called by the buffer's producer: there is something to send."""
+        """Called by the buffer's producer: there is something to send.
+
+        In the steady state (this loop idle, nothing queued before, room in the window, NATS
+        up) the frame is sent right here, in the producer's turn of the event loop: no wake-up
+        of the publish task per batch. Anything else is left to the publish loop, in order.
+        """
+        if self._parked and self._retry_at is None and self._online() \
+                and self.stream_ready.is_set():
+            while (self._buffer and len(self._window) < self._config.max_in_flight
+                   and self._writable()):
+                entry = self._enter(self._buffer.pop())
+                if entry is not None:
+                    self._publish_now(*entry)
+            if not self._buffer:
+                return
         self._wake.set()
 
     async def _send(self, frame: Frame) -> None:
+        entry = self._enter(frame)
+        if entry is not None:
+            await self._publish(*entry)
+
+    def _enter(self, frame: Frame) -> tuple[int, _Pending] | None:
+        """Encode a frame and put it in the window; None if it was dropped (counted)."""
         try:
             decoded = self._codec.decode(frame.payload)
             events: list[Any] = [*frame.resyncs, *decoded.events]
@@ -290,7 +346,7 @@ class Publisher:
                                frame.dp_rank, frame.seq, exc)
             # What this batch had to announce, and its own loss, go with the next one.
             self._owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
-            return
+            return None
         if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
             self._warn.warning("rank", "batch says data_parallel_rank %d but arrived on the "
                                "endpoint of dp_rank %d; publishing under %d",
@@ -303,7 +359,7 @@ class Publisher:
         token = self._next_token
         self._next_token += 1
         self._window[token] = pending
-        await self._publish(token, pending)
+        return token, pending
 
     def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
         """Announce a loss with the next batch of `dp_rank` that is sent."""
@@ -325,6 +381,49 @@ class Publisher:
         except (nats.errors.Error, OSError) as exc:
             self._warn.warning("publish", "publish failed: %r; will resend", exc)
             self._schedule_retry()
+
+    def _writable(self) -> bool:
+        """nats-py's flusher runs and its outgoing buffer has room (past it, nats-py's publish
+        waits for a flush: the publish loop's path)."""
+        nc = self._nc
+        assert nc is not None
+        flusher = nc._flusher_task
+        limit = nc._max_pending_size
+        return (flusher is not None and not flusher.done()
+                and (limit <= 0 or nc._pending_data_size < limit))
+
+    def _publish_now(self, token: int, pending: _Pending) -> None:
+        """`_publish` without awaiting, for the steady state: only while online and writable.
+
+        The HPUB command goes into nats-py's outgoing buffer the way its own publish puts it
+        there (this skips its per-call subject and header validation: ours are well-formed by
+        construction), and its flusher task is woken once per event loop turn, so all the
+        publishes of one turn leave in one socket write.
+        """
+        nc = self._nc
+        assert nc is not None
+        pending.sent_at = time.monotonic()
+        if len(pending.payload) > nc.max_payload:
+            del self._window[token]
+            self._metrics.drop("too_large", 1, pending.events)
+            self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+            log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
+                      len(pending.payload), pending.subject)
+            return
+        header = "".join([f"{key}: {value}\r\n" for key, value in pending.headers.items()])
+        head = f"NATS/1.0\r\n{header}\r\n".encode()
+        size = len(head) + len(pending.payload)
+        command = b"".join((
+            f"HPUB {pending.subject} {self._inbox}{token} {len(head)} {size}\r\n".encode(),
+            head, pending.payload, b"\r\n"))
+        nc._pending.append(command)
+        nc._pending_data_size += len(command)
+        nc.stats["out_msgs"] += 1
+        nc.stats["out_bytes"] += len(pending.payload)
+        flush_queue = nc._flush_queue
+        if flush_queue is not None and flush_queue.empty():
+            # What nats-py's publish does: one token in its flusher's queue per turn.
+            flush_queue.put_nowait(asyncio.get_running_loop().create_future())
 
     # -- the failure path ----------------------------------------------------------------------
 
@@ -444,24 +543,24 @@ class Publisher:
                 oldest.sent_at = time.monotonic()
                 self._schedule_retry(0.0)
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _on_ack(self, subject: bytes, data: bytes) -> None:
         try:
-            token = int(msg.subject[len(self._inbox):])
+            token = int(subject[len(self._inbox_bytes):])
         except ValueError:
             return
         pending = self._window.get(token)
         if pending is None:
             return  # the ack of an earlier attempt already came
-        if not msg.data:
+        if not data:
             # A status message (503: no responders) - the stream is not there right now.
             self._warn.warning("no-responders", "JetStream did not answer a publish on %s; "
                                "retrying", pending.subject)
             self._schedule_retry()
             return
         try:
-            ack = msgspec.json.decode(msg.data, type=_PubAck)
+            ack = _ACK.decode(data)
         except msgspec.DecodeError:
-            ack = _PubAck(error=_ApiError(description=f"unreadable ack {msg.data[:80]!r}"))
+            ack = _PubAck(error=_ApiError(description=f"unreadable ack {data[:80]!r}"))
         if ack.error is not None:
             if ack.error.code == 503 or ack.error.code == 0:
                 self._warn.warning("ack-error", "JetStream could not store a publish on %s: %s; "
