@@ -104,7 +104,12 @@ class Source:
         drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)  # same socket, sync
         try:
             while True:
-                batch = [await sock.recv_multipart()]
+                pending = sock.recv_multipart()
+                if pending.done():
+                    # A message already waiting completes the await without suspending: under
+                    # a flood this loop would never let publishing and acks run. Give them a turn.
+                    await asyncio.sleep(0)
+                batch = [await pending]
                 # One wake-up, then drain without awaiting: awaiting each message costs 4x.
                 while len(batch) < 1024:
                     try:

@@ -85,3 +85,53 @@ async def test_stop_while_bind_keeps_failing_does_not_hang(nats_server: NatsServ
     finally:
         taken.close(linger=0)
         ctx.term()
+
+
+async def test_queued_messages_do_not_starve_other_tasks() -> None:
+    """With messages already waiting, the reader yields between turns so publishing can run."""
+    port = free_port()
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    ticks = 0
+    ticks_at: list[int] = []  # the ticker's count as each frame arrived
+
+    def deliver(frame: Frame) -> None:
+        ticks_at.append(ticks)
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    spec = SourceSpec(f"tcp://127.0.0.1:{port}", False, None, 0)
+    source = Source(spec, zmq.asyncio.Context.instance(), deliver, Metrics())
+    resumed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    resumed.set_result(None)
+    reading = asyncio.ensure_future(source.run(resumed))
+    ticking = asyncio.ensure_future(ticker())
+    try:
+        seq = 0
+        while not ticks_at:  # until the subscription is up
+            pub.send_multipart([b"", seq.to_bytes(8, "big"), b"x"])
+            seq += 1
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        first = len(ticks_at)
+        # Queue a flood while the loop is blocked here, so every message is already waiting.
+        for _ in range(1500):
+            pub.send_multipart([b"", seq.to_bytes(8, "big"), b"x"])
+            seq += 1
+        time.sleep(0.3)
+        while len(ticks_at) < first + 1500:
+            await asyncio.sleep(0.01)
+        flood = ticks_at[first:first + 1500]
+        assert flood[-1] > flood[0], "no other task ran while queued messages were read"
+    finally:
+        reading.cancel()
+        ticking.cancel()
+        await asyncio.gather(reading, ticking, return_exceptions=True)
+        pub.close(linger=0)
+        ctx.term()
