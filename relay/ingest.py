@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import zmq
 import zmq.asyncio
@@ -104,7 +104,8 @@ class Source:
         drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)  # same socket, sync
         try:
             while True:
-                pending = sock.recv_multipart()
+                # zmq.asyncio returns an asyncio Future (its stubs say only Awaitable).
+                pending = cast("asyncio.Future[list[bytes]]", sock.recv_multipart())
                 if pending.done():
                     # A message already waiting completes the await without suspending: under
                     # a flood this loop would never let publishing and acks run. Give them a turn.

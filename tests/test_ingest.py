@@ -96,9 +96,13 @@ async def test_queued_messages_do_not_starve_other_tasks() -> None:
     pub.bind(f"tcp://127.0.0.1:{port}")
     ticks = 0
     ticks_at: list[int] = []  # the ticker's count as each frame arrived
+    flood_read = asyncio.Event()
+    expected = 0
 
     def deliver(frame: Frame) -> None:
         ticks_at.append(ticks)
+        if expected and len(ticks_at) >= expected:
+            flood_read.set()
 
     async def ticker() -> None:
         nonlocal ticks
@@ -124,9 +128,9 @@ async def test_queued_messages_do_not_starve_other_tasks() -> None:
         for _ in range(1500):
             pub.send_multipart([b"", seq.to_bytes(8, "big"), b"x"])
             seq += 1
-        time.sleep(0.3)
-        while len(ticks_at) < first + 1500:
-            await asyncio.sleep(0.01)
+        time.sleep(0.3)  # noqa: ASYNC251 - blocks the loop on purpose, so the flood queues up
+        expected = first + 1500
+        await asyncio.wait_for(flood_read.wait(), 10)
         flood = ticks_at[first:first + 1500]
         assert flood[-1] > flood[0], "no other task ran while queued messages were read"
     finally:
