@@ -19,6 +19,8 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -86,11 +88,14 @@ class _PubAck(msgspec.Struct):
 
 
 class _Pending:
-    __slots__ = ("dp_rank", "epoch", "events", "headers", "payload", "sent_at", "seq", "subject",
-                 "ts")
+    __slots__ = ("batch", "dp_rank", "epoch", "events", "headers", "payload", "sent_at", "seq",
+                 "stored_at", "subject", "token", "ts")
 
     def __init__(self, frame: Frame, subject: str, headers: dict[str, str], payload: bytes,
-                 ts: float, events: int) -> None:
+                 ts: float, batch: RelayBatch, token: int) -> None:
+        self.batch = batch
+        self.token = token
+        self.stored_at = 0  # stream sequence once JetStream stored it
         self.dp_rank = frame.dp_rank
         self.epoch = frame.epoch
         self.seq = frame.seq
@@ -98,14 +103,17 @@ class _Pending:
         self.headers = headers
         self.payload = payload
         self.ts = ts
-        self.events = events
+        self.events = len(batch.events) - len(frame.resyncs)
         self.sent_at = 0.0
 
 
 class Publisher:
     """Takes Frames from the Buffer, encodes them and keeps them flowing into JetStream."""
 
-    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics) -> None:
+    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics,
+                 on_stored: Callable[[RelayBatch, int], None] | None = None) -> None:
+        """`on_stored(batch, stream_seq)` hears of every batch JetStream stored, once each,
+        in the order of its subject's stream."""
         self._config = config
         self._instance_id = instance_id
         self._buffer = buffer
@@ -116,6 +124,10 @@ class Publisher:
         self._nc: Client | None = None
         self._inbox = ""
         self._window: dict[int, _Pending] = {}
+        # Sent batches not yet reported to on_stored, in send order: a stored one waits for
+        # those before it to be stored or dropped (acks can come out of order after a failure).
+        self._on_stored = on_stored
+        self._unreported: deque[_Pending] = deque()
         # subject -> stream sequence of the latest message known stored on it (ack or resume).
         self._acked_at: dict[str, int] = {}
         self._next_token = 0
@@ -269,10 +281,11 @@ class Publisher:
         try:
             decoded = self._codec.decode(frame.payload)
             events: list[Any] = [*frame.resyncs, *decoded.events]
-            payload = self._codec.encode(RelayBatch(
+            batch = RelayBatch(
                 instance_id=self._instance_id, dp_rank=frame.dp_rank, epoch=frame.epoch,
                 seq=frame.seq, ts=decoded.ts, relay_ts=frame.recv_ts, events=events,
-            ))
+            )
+            payload = self._codec.encode(batch)
         except MalformedPayload as exc:
             self._metrics.decode_errors.labels(exc.kind).inc()
             self._metrics.drop("malformed", 1)
@@ -287,12 +300,14 @@ class Publisher:
                                decoded.dp_rank, frame.dp_rank, frame.dp_rank)
         self._metrics.events_received.inc(len(decoded.events))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
-        pending = _Pending(frame, self.subject(frame.dp_rank),
-                           {"Nats-Msg-Id": msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)},
-                           payload, decoded.ts, len(decoded.events))
         token = self._next_token
         self._next_token += 1
+        pending = _Pending(frame, self.subject(frame.dp_rank),
+                           {"Nats-Msg-Id": msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)},
+                           payload, decoded.ts, batch, token)
         self._window[token] = pending
+        if self._on_stored is not None:
+            self._unreported.append(pending)
         await self._publish(token, pending)
 
     def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
@@ -310,6 +325,7 @@ class Publisher:
             del self._window[token]
             self._metrics.drop("too_large", 1, pending.events)
             self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+            self._report_stored()
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
         except (nats.errors.Error, OSError) as exc:
@@ -357,7 +373,7 @@ class Publisher:
             token = waiting.get(newest)
             pending = self._window.pop(token, None) if token is not None else None
             if pending is not None:
-                self._published(pending, duplicate=False)
+                self._published(pending, False, stored.stream_seq)
         self._acked_at[subject] = last
         if newest is None:
             return
@@ -370,6 +386,7 @@ class Publisher:
                 self._warn.warning("out-of-order", "batch epoch %d seq %d on %s was refused "
                                    "while a later one was stored; announced as a gap",
                                    pending.epoch, pending.seq, subject)
+        self._report_stored()
 
     async def _resend(self, token: int, pending: _Pending) -> bool:
         """Publish one batch expecting its predecessor last on the subject; False: not now."""
@@ -392,7 +409,7 @@ class Publisher:
         if ack.error is None:
             del self._window[token]
             self._acked_at[pending.subject] = max(ack.seq, expected)
-            self._published(pending, ack.duplicate)
+            self._published(pending, ack.duplicate, ack.seq)
             return True
         if ack.error.err_code == WRONG_LAST_SEQUENCE:
             # Stored since we looked (a late earlier attempt) or the last one aged out.
@@ -464,11 +481,13 @@ class Publisher:
         if ack.seq > self._acked_at.get(pending.subject, 0):
             self._acked_at[pending.subject] = ack.seq
         self._backoff = 0.05
-        self._published(pending, ack.duplicate)
+        self._published(pending, ack.duplicate, ack.seq)
         if len(self._window) < self._config.max_in_flight:
             self._wake.set()
 
-    def _published(self, pending: _Pending, duplicate: bool) -> None:
+    def _published(self, pending: _Pending, duplicate: bool, stream_seq: int) -> None:
+        pending.stored_at = stream_seq
+        self._report_stored()
         if duplicate:
             self._metrics.duplicates.inc()
         self._metrics.batches_published.inc()
@@ -480,8 +499,17 @@ class Publisher:
         del self._window[token]
         self._metrics.drop("rejected", 1, pending.events)
         self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+        self._report_stored()
         self._warn.warning("rejected", "JetStream rejected a publish on %s: %s (code %d)",
                            pending.subject, error.description, error.code)
+
+    def _report_stored(self) -> None:
+        """Hand on_stored every batch stored with nothing unsettled sent before it."""
+        queue, window, report = self._unreported, self._window, self._on_stored
+        while queue and (queue[0].stored_at or queue[0].token not in window):
+            pending = queue.popleft()
+            if pending.stored_at and report is not None:
+                report(pending.batch, pending.stored_at)
 
     def _update_gauges(self) -> None:
         self._metrics.in_flight.set(len(self._window))
@@ -505,6 +533,7 @@ class Publisher:
         events = sum(p.events for p in self._window.values())
         self._buffer.drain_all()
         self._window.clear()
+        self._report_stored()
         if lost:
             self._metrics.drop("shutdown", lost, events)
         self._update_gauges()
