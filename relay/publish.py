@@ -7,10 +7,11 @@ ack (core publish with a reply inbox, not one await per message). Every message 
 When a publish fails or its outcome is unknown (ack timeout, error, reconnect, a leader change
 in a clustered stream), the window is not simply sent again: a later batch may already be stored
 after an earlier one was refused, and what was stored may have left the duplicate window. The
-publisher stops taking new batches, reads what the stream holds past the last ack on each
-subject, settles what is there, announces what can no longer go in order, and resends the rest
-one at a time, each expecting the subject's last sequence to be its predecessor's
-(`Nats-Expected-Last-Subject-Sequence`), so nothing is stored twice or out of order.
+publisher stops taking new batches, reads what the stream holds past the last batch of each
+subject settled in send order, settles what is there, announces what can no longer go in order,
+and resends the rest one at a time, each expecting the subject's last sequence to be its
+predecessor's (`Nats-Expected-Last-Subject-Sequence`), so nothing is stored twice or out of
+order. Stored batches are reported to `on_stored` once each, in their subject's stream order.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ class _Pending:
                  "stored_at", "subject", "token", "ts")
 
     def __init__(self, frame: Frame, subject: str, headers: dict[str, str], payload: bytes,
-                 ts: float, batch: RelayBatch, token: int) -> None:
-        self.batch = batch
+                 ts: float, events: int, token: int, batch: RelayBatch | None) -> None:
+        self.batch = batch  # kept for on_stored only
         self.token = token
         self.stored_at = 0  # stream sequence once JetStream stored it
         self.dp_rank = frame.dp_rank
@@ -103,7 +104,7 @@ class _Pending:
         self.headers = headers
         self.payload = payload
         self.ts = ts
-        self.events = len(batch.events) - len(frame.resyncs)
+        self.events = events
         self.sent_at = 0.0
 
 
@@ -124,12 +125,15 @@ class Publisher:
         self._nc: Client | None = None
         self._inbox = ""
         self._window: dict[int, _Pending] = {}
-        # Sent batches not yet reported to on_stored, in send order: a stored one waits for
-        # those before it to be stored or dropped (acks can come out of order after a failure).
-        self._on_stored = on_stored
-        self._unreported: deque[_Pending] = deque()
         # subject -> stream sequence of the latest message known stored on it (ack or resume).
         self._acked_at: dict[str, int] = {}
+        # Per subject, sent batches in send order until they and all before them are settled
+        # (stored or dropped): acks can come out of order after a failure. `_settled_at` is the
+        # stream sequence of the last one stored in that order, so an unsettled batch, if
+        # stored, lies after it: where the failure path starts reading the stream.
+        self._unsettled: dict[str, deque[_Pending]] = {}
+        self._settled_at: dict[str, int] = {}
+        self._on_stored = on_stored
         self._next_token = 0
         self._wake = asyncio.Event()
         self._retry_at: float | None = None
@@ -214,6 +218,7 @@ class Publisher:
             if stored is None:
                 return None
             self._acked_at[subject] = max(stored.stream_seq, self._acked_at.get(subject, 0))
+            self._settled_at[subject] = max(stored.stream_seq, self._settled_at.get(subject, 0))
             return stored.point
 
     async def _on_error(self, exc: Exception) -> None:
@@ -304,10 +309,10 @@ class Publisher:
         self._next_token += 1
         pending = _Pending(frame, self.subject(frame.dp_rank),
                            {"Nats-Msg-Id": msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)},
-                           payload, decoded.ts, batch, token)
+                           payload, decoded.ts, len(decoded.events), token,
+                           batch if self._on_stored is not None else None)
         self._window[token] = pending
-        if self._on_stored is not None:
-            self._unreported.append(pending)
+        self._unsettled.setdefault(pending.subject, deque()).append(pending)
         await self._publish(token, pending)
 
     def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
@@ -325,7 +330,7 @@ class Publisher:
             del self._window[token]
             self._metrics.drop("too_large", 1, pending.events)
             self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
-            self._report_stored()
+            self._settle_in_order(pending.subject)
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
         except (nats.errors.Error, OSError) as exc:
@@ -364,8 +369,10 @@ class Publisher:
         waiting = {(p.epoch, p.seq): t for t, p in self._window.items() if p.subject == subject}
         last = self._acked_at.get(subject, 0)
         newest: tuple[int, int] | None = None
-        # From the last known message itself: it says where the subject's batches stand.
-        async for stored in stored_from(js, self._config.stream, subject, last):
+        # From the last message settled in order (a later one may have been acked while an
+        # earlier one, stored too, lost its ack): it says where the subject's batches stand.
+        async for stored in stored_from(js, self._config.stream, subject,
+                                        self._settled_at.get(subject, 0)):
             last = max(last, stored.stream_seq)
             if stored.point is None:
                 continue
@@ -386,7 +393,7 @@ class Publisher:
                 self._warn.warning("out-of-order", "batch epoch %d seq %d on %s was refused "
                                    "while a later one was stored; announced as a gap",
                                    pending.epoch, pending.seq, subject)
-        self._report_stored()
+        self._settle_in_order(subject)
 
     async def _resend(self, token: int, pending: _Pending) -> bool:
         """Publish one batch expecting its predecessor last on the subject; False: not now."""
@@ -487,7 +494,8 @@ class Publisher:
 
     def _published(self, pending: _Pending, duplicate: bool, stream_seq: int) -> None:
         pending.stored_at = stream_seq
-        self._report_stored()
+        pending.payload = b""  # out of the window: never sent again
+        self._settle_in_order(pending.subject)
         if duplicate:
             self._metrics.duplicates.inc()
         self._metrics.batches_published.inc()
@@ -499,17 +507,22 @@ class Publisher:
         del self._window[token]
         self._metrics.drop("rejected", 1, pending.events)
         self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
-        self._report_stored()
+        self._settle_in_order(pending.subject)
         self._warn.warning("rejected", "JetStream rejected a publish on %s: %s (code %d)",
                            pending.subject, error.description, error.code)
 
-    def _report_stored(self) -> None:
-        """Hand on_stored every batch stored with nothing unsettled sent before it."""
-        queue, window, report = self._unreported, self._window, self._on_stored
+    def _settle_in_order(self, subject: str) -> None:
+        """Pass over the subject's batches settled with none unsettled before them; report
+        the stored ones to on_stored."""
+        queue = self._unsettled.get(subject)
+        window, report = self._window, self._on_stored
         while queue and (queue[0].stored_at or queue[0].token not in window):
             pending = queue.popleft()
-            if pending.stored_at and report is not None:
-                report(pending.batch, pending.stored_at)
+            if pending.stored_at:
+                if pending.stored_at > self._settled_at.get(subject, 0):
+                    self._settled_at[subject] = pending.stored_at
+                if report is not None and pending.batch is not None:
+                    report(pending.batch, pending.stored_at)
 
     def _update_gauges(self) -> None:
         self._metrics.in_flight.set(len(self._window))
@@ -533,7 +546,8 @@ class Publisher:
         events = sum(p.events for p in self._window.values())
         self._buffer.drain_all()
         self._window.clear()
-        self._report_stored()
+        for subject in self._unsettled:
+            self._settle_in_order(subject)
         if lost:
             self._metrics.drop("shutdown", lost, events)
         self._update_gauges()

@@ -143,6 +143,7 @@ class Snapshotter:
                                           error_cb=self._on_error)
             js = self._nc.jetstream()
             await stream_ready.wait()
+            self._kv = await self._bucket(js)  # without it, tried again below
             for rank in self._ranks.values():
                 await self._rebuild(js, rank)
             interval = self._config.snapshot_interval
@@ -189,7 +190,7 @@ class Snapshotter:
         delay = 1.0
         while True:
             try:
-                last = await self._read_subject(js, rank)
+                last, how = await self._read_subject(js, rank)
                 break
             except (nats.errors.Error, TimeoutError, ValueError) as exc:
                 self._metrics.snapshot_failures.labels("bootstrap").inc()
@@ -206,11 +207,12 @@ class Snapshotter:
                 self._apply(rank, batch, stream_seq)
         rank.queue.clear()
         rank.ready = True
-        log.info("blocks of %s rebuilt up to stream sequence %d", rank.subject, rank.stream_seq)
+        log.info("blocks of %s rebuilt %s; following from stream sequence %d", rank.subject, how,
+                 rank.stream_seq)
 
-    async def _read_subject(self, js: JetStreamContext, rank: _Rank) -> int:
+    async def _read_subject(self, js: JetStreamContext, rank: _Rank) -> tuple[int, str]:
         """Restore the rank's snapshot if usable and read the subject after it; returns the
-        last stream sequence applied."""
+        last stream sequence applied and how."""
         config = self._config
         found = await read_snapshots(js, config.snapshot_bucket, rank.key)
         start: int | None = None
@@ -241,7 +243,11 @@ class Snapshotter:
                             start_sequence=start, index=rank.index)
         async with reader:
             await reader.ready()
-        return reader.stream_seq
+        read = rank.index.status(rank.worker).batches if rank.worker in rank.index.workers() \
+            else 0
+        how = (f"from snapshot at stream sequence {start - 1} and {read} batches after it"
+               if start is not None else f"from the stream's start ({read} batches)")
+        return reader.stream_seq, how
 
     async def _write_changed(self) -> None:
         for rank in self._ranks.values():
