@@ -106,15 +106,15 @@ async def restore_snapshots(js: JetStreamContext, index: KvIndex, *, stream: str
     read from (the lowest that a restored worker or a worker without a snapshot needs), None
     for the stream's start. `count(outcome)` hears of each snapshot's fate."""
     subjects = worker_subjects(namespace, component, instance_id)
-    try:
-        info = await js.stream_info(stream, subjects_filter=subjects)
-    except nats.js.errors.NotFoundError:
-        return None
     keys = subjects.removeprefix("kv.")
     found = await read_snapshots(js, bucket, keys)
     if not found:
         log.info("no snapshots of %s in bucket %s: reading the stream from its start", keys,
                  bucket)
+        return None
+    try:  # after the snapshots: the stream then holds at least what each covers
+        info = await js.stream_info(stream, subjects_filter=subjects)
+    except nats.js.errors.NotFoundError:
         return None
     starts: dict[WorkerKey, int] = {}
     for entry in found:

@@ -92,7 +92,14 @@ class Snapshotter:
         self._apply(rank, batch, stream_seq)
 
     def _apply(self, rank: _Rank, batch: RelayBatch, stream_seq: int) -> None:
-        rank.index.apply(batch, stream_seq)
+        try:
+            rank.index.apply(batch, stream_seq)
+        except Exception:  # never into the publisher's ack path; start over, not exact
+            self._metrics.snapshot_failures.labels("index").inc()
+            log.exception("the blocks of %s could not take a batch; they start over",
+                          rank.subject)
+            rank.index, rank.written_seq = KvIndex(), -1
+            return
         rank.stream_seq = max(rank.stream_seq, stream_seq)
         rank.events += len(batch.events)
         limit = self._config.snapshot_events
