@@ -125,15 +125,21 @@ async def restore_snapshots(js: JetStreamContext, index: KvIndex, *, stream: str
                         entry.key, bucket)
             continue
         verdict = await judge(js, info, "kv." + entry.key, snapshot, entry.written_at)
-        count(verdict.value)
         if verdict is Verdict.STALE:
+            count(verdict.value)
             log.warning("snapshot %s is older than stream %s; ignored", entry.key, stream)
             continue
         if verdict is Verdict.TAIL_MISSING:
             log.warning("stream %s no longer holds what followed snapshot %s (stream sequence "
                         "%d); the worker starts empty", stream, entry.key, snapshot.stream_seq)
             snapshot = emptied(snapshot)
-        index.restore(snapshot)
+        try:
+            index.restore(snapshot)
+        except ValueError as exc:
+            count("undecodable")
+            log.warning("snapshot %s: %s; ignored", entry.key, exc)
+            continue
+        count(verdict.value)
         starts[(snapshot.instance_id, snapshot.dp_rank)] = snapshot.stream_seq + 1
     if not starts:
         return None

@@ -44,7 +44,6 @@ log = logging.getLogger("kvrelay.snapshot")
 _RETRY_MAX: Final = 60.0
 
 
-
 @dataclass(eq=False)
 class _Rank:
     dp_rank: int
@@ -131,6 +130,8 @@ class Snapshotter:
                     await self._write_changed()
             except TimeoutError:
                 log.warning("no time left for the final snapshot (drain timeout)")
+            except Exception:
+                log.exception("the final snapshot failed")
 
     async def close(self) -> None:
         if self._task is not None:
@@ -240,11 +241,16 @@ class Snapshotter:
                     log.warning("stream %s no longer holds what followed snapshot %s; the "
                                 "blocks start empty", config.stream, rank.key)
                     snapshot = emptied(snapshot)
+                try:
+                    rank.index.restore(snapshot)
+                except ValueError as exc:
+                    self._metrics.snapshot_failures.labels("undecodable").inc()
+                    log.warning("snapshot %s: %s; rebuilding from the stream", rank.key, exc)
                 else:
-                    rank.written_seq = snapshot.stream_seq
-                rank.index.restore(snapshot)
-                start = snapshot.stream_seq + 1
-                rank.stream_seq = snapshot.stream_seq
+                    start = snapshot.stream_seq + 1
+                    rank.stream_seq = snapshot.stream_seq
+                    if verdict is Verdict.RESTORED:
+                        rank.written_seq = snapshot.stream_seq
         assert self._nc is not None
         reader = KvConsumer(client=self._nc, subject=rank.subject, stream=config.stream,
                             start_sequence=start, index=rank.index)
@@ -268,6 +274,7 @@ class Snapshotter:
         build = rank.index.snapshot_later(rank.worker)
         events = rank.events
         seq, data = await asyncio.to_thread(_encoded, build)
+        rank.events = max(0, rank.events - events)  # written or not: next on the cadence
         label = str(rank.dp_rank)
         if len(data) > self._nc.max_payload:
             self._metrics.snapshot_failures.labels("too_large").inc()
@@ -284,7 +291,6 @@ class Snapshotter:
         log.debug("snapshot %s written: stream sequence %d, %d bytes", rank.key, seq, len(data))
         rank.written_seq = seq
         rank.written_at = time.time()
-        rank.events = max(0, rank.events - events)
         metrics = self._metrics
         metrics.snapshots_written.inc()
         metrics.snapshot_stream_seq.labels(label).set(seq)

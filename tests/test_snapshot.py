@@ -325,6 +325,32 @@ async def test_unusable_bucket_does_not_hurt_publishing(tmp_path: Path) -> None:
         server.stop()
 
 
+async def test_snapshot_above_max_payload_is_counted(tmp_path: Path) -> None:
+    """A snapshot larger than the server's max_payload is not written: counted as too_large,
+    logged, and publishing goes on."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text("max_payload: 4096\n")
+    server = NatsServer(tmp_path / "nats", extra_args=["-c", str(conf)])
+    server.start()
+    ns, instance = new_namespace(), new_instance_id()
+    try:
+        with SyntheticVllm("tcp://127.0.0.1:*",
+                           factory=WorkloadFactory(seed=4, remove_probability=0)) as vllm:
+            async with running_relay(nats=server.url, namespace=ns, instance_id=instance,
+                                     zmq=[vllm.address], snapshot_interval=0,
+                                     snapshot_events=150) as relay:
+                await join(vllm, relay)
+                publish(vllm, 200)  # one event of 4 blocks each: 600 blocks at the trigger
+                await eventually(lambda: has_stored(relay, (instance, 0), (0, 199)),
+                                 "every batch stored")
+                await eventually(lambda: metric(relay, "kvrelay_snapshot_failures_total",
+                                                reason="too_large") >= 1, "too_large counted")
+                assert metric(relay, "kvrelay_snapshots_written_total") == 0
+                assert metric(relay, "kvrelay_batches_published_total") == 200
+    finally:
+        server.stop()
+
+
 # -- routers bootstrapping from snapshots ---------------------------------------------------------
 
 
@@ -504,6 +530,26 @@ async def test_snapshot_older_than_the_stream_is_ignored(fresh_nats: NatsServer,
     assert sample(boot, "kvrelay_consumer_snapshots_total", outcome="stale") == 1
     assert set(boot.index.blocks(A)) == {50, 51}
     assert (boot.index.status(A).seq, boot.gaps) == (1, 0)
+
+
+async def test_undecodable_snapshot_is_ignored(fresh_nats: NatsServer, direct: Direct) -> None:
+    """A value in the bucket that is not a worker snapshot is counted and ignored: that worker
+    is read from its first message, the others restored."""
+    await direct.publish(batch(A, 0, 1), batch(B, 0, 2), batch(A, 1, 3))
+    async with KvConsumer(fresh_nats.url, direct.namespace, COMP) as writer:
+        await asyncio.wait_for(writer.ready(), 10)
+        await direct.write_snapshots(writer.index)
+    kv = await direct.js.key_value(BUCKET)
+    await kv.put(snapshot_key(direct.namespace, COMP, *A), b"\xc1 not a snapshot")
+    await direct.publish(batch(B, 1, 4))
+    async with KvConsumer(fresh_nats.url, direct.namespace, COMP,
+                          bootstrap="snapshot") as boot, \
+            KvConsumer(fresh_nats.url, direct.namespace, COMP) as full:
+        await asyncio.wait_for(asyncio.gather(boot.ready(), full.ready()), 10)
+    assert sample(boot, "kvrelay_consumer_snapshots_total", outcome="undecodable") == 1
+    assert sample(boot, "kvrelay_consumer_snapshots_total", outcome="restored") == 1
+    for w in (A, B):
+        assert encode_snapshot(boot.index.snapshot(w)) == encode_snapshot(full.index.snapshot(w))
 
 
 async def test_without_bucket_bootstrap_reads_the_stream(fresh_nats: NatsServer,
