@@ -77,6 +77,7 @@ class Snapshotter:
         self._nc: Client | None = None
         self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def stored(self, batch: RelayBatch, stream_seq: int) -> None:
         """The publisher's hook: JetStream stored `batch` at `stream_seq`."""
@@ -118,28 +119,42 @@ class Snapshotter:
         self._task = asyncio.ensure_future(self._run(stream_ready))
 
     async def final(self, within: float) -> None:
-        """Stop the timer and write what changed since the last snapshot if NATS is up,
+        """Stop the task and write what changed since the last snapshot if NATS is up,
         within `within` seconds."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        if self._nc is not None and self._nc.is_connected and self._kv is not None \
-                and within > 0:
-            try:
-                async with asyncio.timeout(within):
-                    await self._write_changed()
-            except TimeoutError:
-                log.warning("no time left for the final snapshot (drain timeout)")
-            except Exception:
-                log.exception("the final snapshot failed")
+        deadline = time.monotonic() + within
+        if not await self._stop_task(within) and within > 0:
+            log.warning("no final snapshot: the snapshot task did not stop in time")
+            return
+        left = deadline - time.monotonic()
+        if self._nc is None or not self._nc.is_connected or self._kv is None or left <= 0:
+            return
+        try:
+            async with asyncio.timeout(left):
+                await self._write_changed()
+        except TimeoutError:
+            log.warning("no time left for the final snapshot (drain timeout)")
+        except Exception:
+            log.exception("the final snapshot failed")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._stop_task(0.0)
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._nc.close(), timeout=2.0)
+        await self._stop_task(2.0)  # a write the closed connection ended
+
+    async def _stop_task(self, within: float) -> bool:
+        """Stop the task; whether it ended within `within` seconds. (nats-py can swallow a
+        cancellation in flight, so the task also checks `_stopping`, and is woken.)"""
+        self._stopping = True
+        self._due.set()
+        task = self._task
+        if task is None or task.done():
+            return True
+        task.cancel()
+        if within > 0:
+            await asyncio.wait({task}, timeout=within)
+        return task.done()
 
     # -- the task ------------------------------------------------------------------------------
 
@@ -156,7 +171,7 @@ class Snapshotter:
                 await self._rebuild(js, rank)
             interval = self._config.snapshot_interval
             backoff = 1.0
-            while True:
+            while not self._stopping:
                 if self._kv is None:
                     self._kv = await self._bucket(js)
                     if self._kv is None:
@@ -168,7 +183,8 @@ class Snapshotter:
                     await asyncio.wait_for(self._due.wait(), timeout=interval or None)
                 self._due.clear()
         except Exception:
-            log.exception("snapshots stopped (publishing goes on)")
+            if not self._stopping:
+                log.exception("snapshots stopped (publishing goes on)")
 
     async def _on_error(self, exc: Exception) -> None:
         self._warn.warning("nats", "snapshots: NATS: %s", _why(exc))
@@ -197,6 +213,8 @@ class Snapshotter:
         """The rank's index from its last snapshot and the subject after it, then live."""
         delay = 1.0
         while True:
+            if self._stopping:
+                return
             try:
                 last, how = await self._read_subject(js, rank)
                 break

@@ -194,6 +194,7 @@ async def test_snapshots_follow_the_cadence_and_hold_the_worker_blocks(
                                  zmq=[vllm.address], snapshot_interval=0.3,
                                  snapshot_events=0) as relay:
             await join(vllm, relay)
+            began = time.monotonic()
             for round_ in range(1, 3):
                 publish(vllm, 10)
                 await eventually(lambda: has_stored(relay, (instance, 0), (0, vllm.seq - 1)),
@@ -206,7 +207,7 @@ async def test_snapshots_follow_the_cadence_and_hold_the_worker_blocks(
                 assert held(snapshot) == vllm.factory.stored_blocks
                 assert snapshot.seq == vllm.seq - 1
             written = metric(relay, "kvrelay_snapshots_written_total")
-            assert 2 <= written <= 4  # one per interval with changes; the first may split
+            assert 2 <= written <= (time.monotonic() - began) / 0.3 + 1  # at most one a tick
             await asyncio.sleep(1.0)  # three intervals with nothing stored
             assert metric(relay, "kvrelay_snapshots_written_total") == written
             assert 0 <= metric(relay, "kvrelay_snapshot_age_seconds", dp_rank="0") < 60
