@@ -11,7 +11,7 @@ _LATENCY_BUCKETS = (
 DROP_REASONS = ("overflow", "malformed", "rejected", "too_large", "out_of_order", "shutdown")
 SNAPSHOT_OUTCOMES = ("restored", "tail_missing", "stale", "undecodable")
 SNAPSHOT_FAILURES = ("bucket", "write", "too_large", "undecodable", "stale", "tail_missing",
-                     "overflow", "bootstrap", "index")
+                     "bootstrap", "index")
 DECODE_ERROR_KINDS = (
     "frame_count", "seq_length", "msgpack", "batch_shape", "invalid_event", "unencodable",
 )

@@ -42,6 +42,7 @@ from relay.stream import nats_options
 log = logging.getLogger("kvrelay.snapshot")
 
 _RETRY_MAX: Final = 60.0
+_QUEUE: Final = 1000  # batches stored during a rebuild kept for going live
 
 
 @dataclass(eq=False)
@@ -50,7 +51,8 @@ class _Rank:
     subject: str
     key: str
     worker: WorkerKey
-    queue: deque[tuple[RelayBatch, int]]  # stored while the index is being rebuilt
+    queue: deque[tuple[RelayBatch, int]]  # the newest stored while the index is rebuilt
+    dropped_seq: int = 0  # the newest stream sequence the queue let go
     index: KvIndex = field(default_factory=KvIndex)
     ready: bool = False
     stream_seq: int = 0  # the highest stream sequence in the index
@@ -67,11 +69,10 @@ class Snapshotter:
         self._config = config
         self._metrics = metrics
         self._warn = RateLimitedLog(log)
-        bound = config.buffer_batches
         self._ranks = {
             rank: _Rank(rank, f"kv.{config.namespace}.{config.component}.{instance_id}.{rank}",
                         snapshot_key(config.namespace, config.component, instance_id, rank),
-                        (instance_id, rank), deque(maxlen=bound))
+                        (instance_id, rank), deque(maxlen=_QUEUE))
             for rank in dp_ranks}
         self._due = asyncio.Event()
         self._nc: Client | None = None
@@ -85,8 +86,8 @@ class Snapshotter:
         if rank is None:
             return
         if not rank.ready:
-            if len(rank.queue) == rank.queue.maxlen:  # the oldest goes: a gap the index sees
-                self._metrics.snapshot_failures.labels("overflow").inc()
+            if len(rank.queue) == rank.queue.maxlen:  # the oldest goes: the rebuild reads it
+                rank.dropped_seq = rank.queue[0][1]
             rank.queue.append((batch, stream_seq))
             return
         self._apply(rank, batch, stream_seq)
@@ -216,9 +217,9 @@ class Snapshotter:
             if self._stopping:
                 return
             try:
-                last, how = await self._read_subject(js, rank)
+                how = await self._read_subject(js, rank)
                 break
-            except (nats.errors.Error, TimeoutError, ValueError) as exc:
+            except (nats.errors.Error, TimeoutError, ValueError, RuntimeError) as exc:
                 self._metrics.snapshot_failures.labels("bootstrap").inc()
                 self._warn.warning("bootstrap", "cannot rebuild the blocks of %s from bucket %s "
                                    "and the stream: %s; retrying", rank.subject,
@@ -227,18 +228,12 @@ class Snapshotter:
                 rank.stream_seq, rank.written_seq = 0, -1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
-        rank.stream_seq = max(rank.stream_seq, last)
-        for batch, stream_seq in rank.queue:
-            if stream_seq > last:
-                self._apply(rank, batch, stream_seq)
-        rank.queue.clear()
-        rank.ready = True
         log.info("blocks of %s rebuilt %s; following from stream sequence %d", rank.subject, how,
                  rank.stream_seq)
 
-    async def _read_subject(self, js: JetStreamContext, rank: _Rank) -> tuple[int, str]:
-        """Restore the rank's snapshot if usable and read the subject after it; returns the
-        last stream sequence applied and how."""
+    async def _read_subject(self, js: JetStreamContext, rank: _Rank) -> str:
+        """Restore the rank's snapshot if usable, read the subject after it and go live;
+        says how."""
         config = self._config
         found = await read_snapshots(js, config.snapshot_bucket, rank.key)
         start: int | None = None
@@ -274,11 +269,27 @@ class Snapshotter:
                             start_sequence=start, index=rank.index)
         async with reader:
             await reader.ready()
-        read = rank.index.status(rank.worker).batches if rank.worker in rank.index.workers() \
-            else 0
-        how = (f"from snapshot at stream sequence {start - 1} and {read} batches after it"
-               if start is not None else f"from the stream's start ({read} batches)")
-        return reader.stream_seq, how
+            # The queue keeps only the newest stored batches: read on past what it let go.
+            while reader.stream_seq < rank.dropped_seq:
+                if not reader.running:
+                    raise RuntimeError("the stream reader stopped")
+                await asyncio.sleep(0.02)
+            read = rank.index.status(rank.worker).batches \
+                if rank.worker in rank.index.workers() else 0
+            self._go_live(rank, reader.stream_seq)
+        # Until closed the reader may apply a batch the publisher reports too: the index
+        # skips the second by its (epoch, seq).
+        return (f"from snapshot at stream sequence {start - 1} and {read} batches after it"
+                if start is not None else f"from the stream's start ({read} batches)")
+
+    def _go_live(self, rank: _Rank, read_to: int) -> None:
+        """Apply what was stored past what the reader applied; from now on the hook does."""
+        rank.stream_seq = max(rank.stream_seq, read_to)
+        for batch, stream_seq in rank.queue:
+            if stream_seq > read_to:
+                self._apply(rank, batch, stream_seq)
+        rank.queue.clear()
+        rank.ready = True
 
     async def _write_changed(self) -> None:
         for rank in self._ranks.values():

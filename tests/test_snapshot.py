@@ -152,6 +152,27 @@ def stored_everything(relay: Relay, engine: Engine) -> bool:
     return has_stored(relay, engine.key, engine.last)
 
 
+class Workers:
+    """History for one worker published straight into the stream, as its relay would have."""
+
+    def __init__(self, namespace: str, instance: int) -> None:
+        self.subject = f"kv.{namespace}.{COMP}.{instance}.0"
+        self.instance = instance
+        self.factory = WorkloadFactory(seed=99)
+        self.codec = Codec("msgpack")
+
+    async def publish(self, js: Any, batches: int) -> None:
+        acks = []
+        for seq in range(batches):
+            now = time.time()
+            decoded = self.codec.decode(encode_batch(self.factory.next_events(), now))
+            payload = self.codec.encode(RelayBatch(
+                instance_id=self.instance, dp_rank=0, epoch=0, seq=seq, ts=now, relay_ts=now,
+                events=list(decoded.events)))
+            acks.append(await js.publish_async(self.subject, payload))
+        await asyncio.gather(*acks)
+
+
 # -- the relay's snapshots ------------------------------------------------------------------------
 
 
@@ -282,6 +303,37 @@ async def test_relay_restart_keeps_snapshots_complete(
     how = (f"from snapshot at stream sequence {before.stream_seq} and 20 batches after it"
            if before is not None else "from the stream's start (20 batches)")
     assert f"blocks of {subject} rebuilt {how}" in caplog.text
+
+
+async def test_batches_stored_during_a_long_rebuild_are_not_lost(
+        fresh_nats: NatsServer) -> None:
+    """A relay rebuilding from a long subject while its engine publishes more than it keeps
+    aside meanwhile reads the rest from the stream: its blocks then equal what the engine holds
+    and what a router reading everything holds."""
+    ns, instance = new_namespace(), new_instance_id()
+    worker = (instance, 0)
+    history = Workers(ns, instance)
+    async with nats_client(fresh_nats.url) as client:
+        js = client.jetstream()
+        await js.add_stream(StreamConfig(name=STREAM, subjects=["kv.>"], max_bytes=-1))
+        await history.publish(js, 40_000)
+    with SyntheticVllm("tcp://127.0.0.1:*", factory=WorkloadFactory(seed=12)) as vllm:
+        async with running_relay(nats=fresh_nats.url, namespace=ns, instance_id=instance,
+                                 zmq=[vllm.address]) as relay:
+            await join(vllm, relay)
+            assert relay.snapshotter is not None
+            assert not relay.snapshotter.ready(0), "the rebuild ended too soon to test this"
+            publish(vllm, 1500)  # a new engine: epoch 1 from seq 0
+            await eventually(lambda: has_stored(relay, worker, (1, 1499)), "all stored",
+                             within=30)
+            assert relay.snapshotter._ranks[0].dropped_seq > 0  # the queue let some go
+        async with KvConsumer(fresh_nats.url, ns, COMP) as full:
+            await asyncio.wait_for(full.ready(), 30)
+    status = own_index(relay).status(worker)
+    assert (status.epoch, status.seq, status.exact) == (1, 1499, True)
+    assert set(own_index(relay).blocks(worker)) == vllm.factory.stored_blocks
+    assert without_stream_seq(own_index(relay).snapshot(worker)) \
+        == without_stream_seq(full.index.snapshot(worker))
 
 
 async def test_unusable_bucket_does_not_hurt_publishing(tmp_path: Path) -> None:
