@@ -12,7 +12,8 @@ the other: one reads the whole stream, one bootstraps from the snapshots and the
 indexes must be identical (each worker's snapshot bytes); the times and their ratio are printed.
 
 `--cpu-seconds` first measures what keeping the index costs a relay: a relay process under a
-steady `--rate` of batches, CPU time with snapshots off and on.
+steady `--rate` of batches, CPU time with snapshots off and on (each for `--cpu-seconds` in
+two halves, off-on-on-off).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import subprocess
@@ -45,6 +47,7 @@ from relay.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
 
 NAMESPACE, COMPONENT = "bench", "worker"
 FIRST_INSTANCE = 7000
+_cpu_instances = itertools.count(9000)
 
 
 class Workers:
@@ -193,7 +196,7 @@ def relay_cpu(url: str, tmp: Path, snapshots: bool, rate: float, seconds: float)
     port = free_port()
     cadence = ["--snapshot-interval", "5"] if snapshots else [
         "--snapshot-interval", "0", "--snapshot-events", "0"]
-    instance = str(9000 + int(snapshots))
+    instance = str(next(_cpu_instances))  # a fresh subject: no rebuild in the measurement
     log = (tmp / f"relay-{instance}.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "relay", "run", "--nats", url, "--zmq", vllm.address,
@@ -243,15 +246,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tail", type=float, default=0.01,
                         help="share of the events published after the snapshots")
     parser.add_argument("--cpu-seconds", type=float, default=0,
-                        help="measure a relay's CPU with snapshots off and on for this long")
+                        help="measure a relay's CPU with snapshots off and on, each this long")
     parser.add_argument("--rate", type=float, default=1000, help="batches/s for --cpu-seconds")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kvrelay-snapshot-bench-") as tmp, \
             NatsServer(Path(tmp) / "nats", name="bench") as server:
         asyncio.run(create_stream(server.url))
         if args.cpu_seconds:
-            off = relay_cpu(server.url, Path(tmp), False, args.rate, args.cpu_seconds)
-            on = relay_cpu(server.url, Path(tmp), True, args.rate, args.cpu_seconds)
+            # off, on, on, off: a machine whose load drifts favours neither
+            runs = {False: 0.0, True: 0.0}
+            for snapshots in (False, True, True, False):
+                runs[snapshots] += relay_cpu(server.url, Path(tmp), snapshots, args.rate,
+                                             args.cpu_seconds / 2)
+            off, on = runs[False], runs[True]
             print(f"relay CPU at {args.rate:g} batches/s: {100 * off / args.cpu_seconds:.1f}% "
                   f"of a core with snapshots off, {100 * on / args.cpu_seconds:.1f}% on "
                   f"(+{100 * (on - off) / off:.0f}%)")

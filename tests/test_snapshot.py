@@ -647,6 +647,18 @@ def test_bad_bootstrap_arguments(kwargs: dict[str, Any], message: str) -> None:
         KvConsumer(**kwargs)
 
 
+def test_snapshot_later_is_the_state_when_taken() -> None:
+    """A snapshot built later from `snapshot_later` (as the relay does in a thread) is the
+    index's state when it was taken, whatever was applied since."""
+    index = KvIndex()
+    index.apply(batch(A, 0, 1, 2), 1)
+    build = index.snapshot_later(A)
+    taken = encode_snapshot(index.snapshot(A))
+    index.apply(batch(A, 1, 3), 2)
+    assert encode_snapshot(build()) == taken
+    assert encode_snapshot(index.snapshot_later(A)()) == encode_snapshot(index.snapshot(A))
+
+
 # -- the publisher's report of what was stored ----------------------------------------------------
 
 
