@@ -27,6 +27,7 @@ from relay.health import SystemServer
 from relay.ingest import Frame, Source
 from relay.metrics import Metrics
 from relay.publish import Publisher
+from relay.snapshot import Snapshotter
 
 if TYPE_CHECKING:
     from relay.dynamo_publish import DynamoPublisher
@@ -65,6 +66,7 @@ class Relay:
         self._zmq: zmq.asyncio.Context | None = None
         self.buffer: Buffer | None = None
         self.publisher: Publisher | DynamoPublisher | None = None
+        self.snapshotter: Snapshotter | None = None
         self.system: SystemServer | None = None
         self.started = asyncio.Event()
 
@@ -117,14 +119,21 @@ class Relay:
         self.metrics.instance.labels(str(instance_id), self.identity.source).set(1)
 
         self.buffer = Buffer(config.buffer_batches, config.buffer_bytes, self.metrics)
+        specs = config.sources()
         if config.format == "dynamo":
             from relay.dynamo_publish import DynamoPublisher  # needs the dynamo extra
 
+            # Core NATS: no stream, so no snapshots (Dynamo's router keeps its own state).
             self.publisher = DynamoPublisher(config, instance_id, self.buffer, self.metrics,
                                              lease=self.identity.lease)
         else:
-            self.publisher = Publisher(config, instance_id, self.buffer, self.metrics)
-        specs = config.sources()
+            if config.snapshots:
+                self.snapshotter = Snapshotter(config, instance_id, [s.dp_rank for s in specs],
+                                               self.metrics)
+            self.publisher = Publisher(config, instance_id, self.buffer, self.metrics,
+                                       self.snapshotter.stored if self.snapshotter else None)
+            if self.snapshotter is not None:
+                self.snapshotter.start(self.publisher.stream_ready)
         self._spawn(self.publisher.connect([s.dp_rank for s in specs]))
         self._spawn(self.publisher.run())
         self._zmq = zmq.asyncio.Context()
@@ -208,6 +217,11 @@ class Relay:
             if lost:
                 log.error("stopped with %d batches not delivered (counted as dropped: shutdown)",
                           lost)
+        # Phase 2b: a last snapshot of what was stored, in what is left of the drain timeout.
+        if self.snapshotter is not None:
+            within = 0.0 if self._force.is_set() else deadline - time.monotonic()
+            await self._unless_forced(self.snapshotter.final(within))
+            await self.snapshotter.close()
         # Phase 3: close everything.
         for task in self._tasks:
             task.cancel()

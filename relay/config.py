@@ -19,6 +19,8 @@ from typing import Any, Literal, NamedTuple
 log = logging.getLogger("kvrelay.config")
 
 NAME_RULE = re.compile(r"^[a-z0-9-_]+$")  # Dynamo's rule for namespaces and components
+SNAPSHOT_BUCKET = "KV_SNAPSHOTS"
+BUCKET_RULE = re.compile(r"^[A-Za-z0-9_-]+$")  # NATS KV bucket names
 SECRET_FIELDS = frozenset({"nats_password", "nats_token"})
 MAX_U64 = 2**64 - 1
 
@@ -139,6 +141,14 @@ class Config:
         "seconds after a failed replay before the next is tried on that endpoint"))
     drain_timeout: float = field(default=10.0, metadata=_opt(
         "seconds to publish what is buffered after SIGTERM before giving up"))
+    snapshot_interval: float = field(default=30.0, metadata=_opt(
+        "seconds between snapshots of the worker's blocks in --snapshot-bucket, written when "
+        "something changed (0: none on a timer; with --snapshot-events 0 too, no snapshots)"))
+    snapshot_events: int = field(default=50_000, metadata=_opt(
+        "also snapshot once this many events were stored since the last snapshot (0: never "
+        "on a count)"))
+    snapshot_bucket: str = field(default=SNAPSHOT_BUCKET, metadata=_opt(
+        "NATS KV bucket of the snapshots, created if absent (history 1)"))
     nats_user: str | None = field(default=None, metadata=_opt("NATS user"))
     nats_password: str | None = field(default=None, metadata=_opt("NATS password"))
     nats_token: str | None = field(default=None, metadata=_opt("NATS token"))
@@ -195,6 +205,12 @@ class Config:
                      "discovery_timeout", "discovery_retry_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("snapshot_interval", "snapshot_events"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
+        if not BUCKET_RULE.match(self.snapshot_bucket):
+            raise ConfigError(f"--snapshot-bucket {self.snapshot_bucket!r} must match "
+                              f"{BUCKET_RULE.pattern}")
         if self.discovery_host and not re.fullmatch(
                 r"(\[[0-9a-fA-F:.]+\]|[^:\[\]\s]+)(:\d{1,5})?|[0-9a-fA-F:]+", self.discovery_host):
             raise ConfigError(f"--discovery-host {self.discovery_host!r} is not HOST or HOST:PORT "
@@ -229,6 +245,11 @@ class Config:
         except ImportError:
             raise ConfigError("--format dynamo needs the xxhash package: "
                               "pip install 'kvrelay[dynamo]'") from None
+
+    @property
+    def snapshots(self) -> bool:
+        """Whether the relay keeps its worker's blocks and writes snapshots of them."""
+        return self.snapshot_interval > 0 or self.snapshot_events > 0
 
     def sources(self) -> tuple[SourceSpec, ...]:
         """One SourceSpec per vLLM publisher, with --dp-ranks expanded as vLLM lays ports out."""

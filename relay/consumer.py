@@ -21,7 +21,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import nats
 import nats.errors
@@ -33,10 +33,11 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import CollectorRegistry
 
 from relay.codec import decode_relay_batch
-from relay.config import NAME_RULE
+from relay.config import BUCKET_RULE, NAME_RULE, SNAPSHOT_BUCKET
 from relay.index import Gap, KvIndex, Outcome
 from relay.metrics import ConsumerMetrics
 from relay.ratelimit import RateLimitedLog
+from relay.restore import restore_snapshots
 from relay.schema import RelayBatch, Resync, Unknown
 from relay.stream import worker_subjects
 
@@ -81,6 +82,8 @@ class KvConsumer:
         stream: str = "KV_EVENTS",
         durable: str | None = None,
         start_sequence: int | None = None,
+        bootstrap: Literal["stream", "snapshot"] = "stream",
+        snapshot_bucket: str = SNAPSHOT_BUCKET,
         index: KvIndex | None = None,
         on_gap: Callable[[Gap], None] | None = None,
         deliveries: int = 0,
@@ -93,7 +96,9 @@ class KvConsumer:
         """`servers`: URL(s), comma-separated or a list; `subject` overrides the subject built
         from namespace, component (and instance_id); `start_sequence`: first stream sequence to
         read (default: the stream's first), e.g. a snapshot's stream_seq + 1 with `index`
-        restored from it; `deliveries`: queue size for `batches()` (0: no iteration);
+        restored from it; `bootstrap="snapshot"`: restore the workers' snapshots from the KV
+        bucket `snapshot_bucket` first and read the stream only from where they need it;
+        `deliveries`: queue size for `batches()` (0: no iteration);
         `connect_options` go to nats.connect; `client`: an existing connection (not closed
         here); `idle_heartbeat`: seconds between the server's heartbeats, an ordered consumer
         is recreated after two missed ones; `wait_for_stream`: False makes a missing stream an
@@ -105,9 +110,20 @@ class KvConsumer:
             raise ValueError(f"durable name {durable!r} must match {_DURABLE_RULE.pattern}")
         if start_sequence is not None and start_sequence < 1:
             raise ValueError("start_sequence counts from 1")
+        if bootstrap not in ("stream", "snapshot"):
+            raise ValueError(f"bootstrap {bootstrap!r} is neither 'stream' nor 'snapshot'")
+        if bootstrap == "snapshot" and (subject, durable, start_sequence) != (None,) * 3:
+            raise ValueError("bootstrap='snapshot' chooses where to start: it goes with "
+                             "neither subject=, durable= nor start_sequence=")
+        if not BUCKET_RULE.match(snapshot_bucket):
+            raise ValueError(f"snapshot_bucket {snapshot_bucket!r} must match "
+                             f"{BUCKET_RULE.pattern}")
         if idle_heartbeat <= 0:
             raise ValueError("idle_heartbeat must be positive")
         self.subject = subject or worker_subjects(namespace, component, instance_id)
+        self._workers = (namespace, component, instance_id)
+        self.bootstrap = bootstrap
+        self.snapshot_bucket = snapshot_bucket
         self.stream = stream
         self.durable = durable
         self.start_sequence = start_sequence
@@ -242,6 +258,8 @@ class KvConsumer:
             if self._client is None:
                 self._client = await nats.connect(**self._options())
             js = self._client.jetstream()
+            if self.bootstrap == "snapshot":
+                await self._restore(js)
             self._sub = await self._subscribe(js)
             self._target = await self._last_sequence(js)
             if self.stream_seq >= self._target or await self._nothing_pending():
@@ -288,6 +306,27 @@ class KvConsumer:
                                    self.subject, self.stream, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    async def _restore(self, js: JetStreamContext) -> None:
+        """Restore the workers' snapshots; read the stream from where they need it."""
+        namespace, component, instance_id = self._workers
+        delay = 0.1
+        while True:
+            try:
+                start = await restore_snapshots(
+                    js, self.index, stream=self.stream, bucket=self.snapshot_bucket,
+                    namespace=namespace, component=component, instance_id=instance_id,
+                    count=lambda outcome: self.metrics.snapshots.labels(outcome).inc())
+                break
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.ServiceUnavailableError) as exc:
+                self._warn.warning("restore", "cannot read snapshots from bucket %s: %r; "
+                                   "retrying", self.snapshot_bucket, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        if start is not None:
+            self.start_sequence = start
+            self.stream_seq = start - 1
 
     async def _last_sequence(self, js: JetStreamContext) -> int:
         """The stream sequence of the last message for our subject now: ready once past it."""

@@ -26,7 +26,7 @@ messages at or below its stream sequence are skipped (`Outcome.COVERED`).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Final, NamedTuple
@@ -332,11 +332,17 @@ class KvIndex:
     def snapshot(self, worker: WorkerKey) -> WorkerSnapshot:
         """The worker's state, complete up to the stream sequence it records."""
         w = self._workers[worker]
-        return WorkerSnapshot(
-            instance_id=w.key[0], dp_rank=w.key[1], epoch=w.epoch, seq=w.seq,
-            stream_seq=max(self.stream_seq, w.covered), exact=w.exact,
-            tiers=[TierSnapshot(tier[0], tier[1], _chains(blocks))
-                   for tier, blocks in sorted(w.tiers.items()) if blocks])
+        return _snapshot(w, max(self.stream_seq, w.covered), w.tiers)
+
+    def snapshot_later(self, worker: WorkerKey) -> Callable[[], WorkerSnapshot]:
+        """The worker's state now, copied, and a function building its snapshot from the copy:
+        the costly part (canonical chains, a few microseconds per block) can then run in
+        another thread while this index goes on changing."""
+        w = self._workers[worker]
+        stream_seq = max(self.stream_seq, w.covered)
+        tiers = {tier: dict(blocks) for tier, blocks in w.tiers.items()}
+        frozen = _Worker(w.key, w.slot, w.bit, epoch=w.epoch, seq=w.seq, exact=w.exact)
+        return lambda: _snapshot(frozen, stream_seq, tiers)
 
     def restore(self, snapshot: WorkerSnapshot) -> None:
         """Replace a worker's state with a snapshot's; later messages it covers are skipped."""
@@ -361,6 +367,15 @@ class KvIndex:
         worker.epoch, worker.seq = snapshot.epoch, snapshot.seq
         worker.exact = snapshot.exact
         worker.covered = snapshot.stream_seq
+
+
+def _snapshot(w: _Worker, stream_seq: int, tiers: dict[Tier, dict[BlockHash, BlockHash | None]]
+              ) -> WorkerSnapshot:
+    return WorkerSnapshot(
+        instance_id=w.key[0], dp_rank=w.key[1], epoch=w.epoch, seq=w.seq,
+        stream_seq=stream_seq, exact=w.exact,
+        tiers=[TierSnapshot(tier[0], tier[1], _chains(blocks))
+               for tier, blocks in sorted(tiers.items()) if blocks])
 
 
 def _announced(events: Iterable[RelayEvent], first: int, last: int) -> bool:

@@ -16,6 +16,9 @@ _LATENCY_BUCKETS = (
 DROP_REASONS = ("overflow", "malformed", "rejected", "too_large", "out_of_order", "shutdown")
 # Blocks `--format dynamo` cannot carry, by why (see relay/dynamo.py).
 BLOCK_DROP_REASONS = ("block_size", "short_tokens", "duplicate", "medium", "invalid")
+SNAPSHOT_OUTCOMES = ("restored", "tail_missing", "stale", "undecodable")
+SNAPSHOT_FAILURES = ("bucket", "write", "too_large", "undecodable", "stale", "tail_missing",
+                     "bootstrap", "index")
 DECODE_ERROR_KINDS = (
     "frame_count", "seq_length", "msgpack", "batch_shape", "invalid_event", "unencodable",
 )
@@ -183,7 +186,25 @@ class Metrics:
             ["instance_id", "source"],
             registry=r,
         )
+        self.snapshots_written = Counter(
+            "kvrelay_snapshots_written", "Snapshots of the worker's blocks written to the KV "
+            "bucket", registry=r)
+        self.snapshot_failures = Counter(
+            "kvrelay_snapshot_failures", "Snapshots not written or not read, by reason",
+            ["reason"], registry=r)
+        self.snapshot_stream_seq = Gauge(
+            "kvrelay_snapshot_stream_sequence",
+            "Stream sequence the last snapshot written is complete up to", ["dp_rank"],
+            registry=r)
+        self.snapshot_age = Gauge(
+            "kvrelay_snapshot_age_seconds", "Seconds since the last snapshot was written",
+            ["dp_rank"], registry=r)
+        self.snapshot_bytes = Gauge(
+            "kvrelay_snapshot_bytes", "Size of the last snapshot written", ["dp_rank"],
+            registry=r)
         # Touch labelled children so every series shows from the first scrape.
+        for reason in SNAPSHOT_FAILURES:
+            self.snapshot_failures.labels(reason)
         for reason in DROP_REASONS:
             self.batches_dropped.labels(reason)
             self.events_dropped.labels(reason)
@@ -234,5 +255,12 @@ class ConsumerMetrics:
             registry=r)
         self.nats_reconnects = Counter(
             "kvrelay_consumer_nats_reconnects", "Reconnections to NATS", registry=r)
+        self.snapshots = Counter(
+            "kvrelay_consumer_snapshots",
+            "Worker snapshots read at start, by outcome: restored, tail_missing (restored "
+            "empty: the stream no longer holds what followed), stale (older than the stream), "
+            "undecodable", ["outcome"], registry=r)
+        for outcome in SNAPSHOT_OUTCOMES:
+            self.snapshots.labels(outcome)
         for reason in ("gap", "restart", "overflow", "start"):
             self.resyncs.labels(reason)

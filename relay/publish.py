@@ -7,10 +7,11 @@ ack (core publish with a reply inbox, not one await per message). Every message 
 When a publish fails or its outcome is unknown (ack timeout, error, reconnect, a leader change
 in a clustered stream), the window is not simply sent again: a later batch may already be stored
 after an earlier one was refused, and what was stored may have left the duplicate window. The
-publisher stops taking new batches, reads what the stream holds past the last ack on each
-subject, settles what is there, announces what can no longer go in order, and resends the rest
-one at a time, each expecting the subject's last sequence to be its predecessor's
-(`Nats-Expected-Last-Subject-Sequence`), so nothing is stored twice or out of order.
+publisher stops taking new batches, reads what the stream holds past the last batch of each
+subject settled in send order, settles what is there, announces what can no longer go in order,
+and resends the rest one at a time, each expecting the subject's last sequence to be its
+predecessor's (`Nats-Expected-Last-Subject-Sequence`), so nothing is stored twice or out of
+order. Stored batches are reported to `on_stored` once each, in their subject's stream order.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -123,11 +125,14 @@ class _AckClient(Client):
 
 
 class _Pending:
-    __slots__ = ("dp_rank", "epoch", "events", "headers", "payload", "sent_at", "seq", "subject",
-                 "ts")
+    __slots__ = ("batch", "dp_rank", "epoch", "events", "headers", "payload", "sent_at", "seq",
+                 "stored_at", "subject", "token", "ts")
 
     def __init__(self, frame: Frame, subject: str, headers: dict[str, str], payload: bytes,
-                 ts: float, events: int) -> None:
+                 ts: float, events: int, token: int, batch: RelayBatch | None) -> None:
+        self.batch = batch  # kept for on_stored only
+        self.token = token
+        self.stored_at = 0  # stream sequence once JetStream stored it
         self.dp_rank = frame.dp_rank
         self.epoch = frame.epoch
         self.seq = frame.seq
@@ -142,7 +147,10 @@ class _Pending:
 class Publisher:
     """Takes Frames from the Buffer, encodes them and keeps them flowing into JetStream."""
 
-    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics) -> None:
+    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics,
+                 on_stored: Callable[[RelayBatch, int], None] | None = None) -> None:
+        """`on_stored(batch, stream_seq)` hears of every batch JetStream stored, once each,
+        in the order of its subject's stream."""
         self._config = config
         self._instance_id = instance_id
         self._buffer = buffer
@@ -156,6 +164,13 @@ class Publisher:
         self._window: dict[int, _Pending] = {}
         # subject -> stream sequence of the latest message known stored on it (ack or resume).
         self._acked_at: dict[str, int] = {}
+        # Per subject, sent batches in send order until they and all before them are settled
+        # (stored or dropped): acks can come out of order after a failure. `_settled_at` is the
+        # stream sequence of the last one stored in that order, so an unsettled batch, if
+        # stored, lies after it: where the failure path starts reading the stream.
+        self._unsettled: dict[str, deque[_Pending]] = {}
+        self._settled_at: dict[str, int] = {}
+        self._on_stored = on_stored
         self._next_token = 0
         self._wake = asyncio.Event()
         self._parked = False  # the publish loop waits for work: notify() may send directly
@@ -245,6 +260,7 @@ class Publisher:
             if stored is None:
                 return None
             self._acked_at[subject] = max(stored.stream_seq, self._acked_at.get(subject, 0))
+            self._settled_at[subject] = max(stored.stream_seq, self._settled_at.get(subject, 0))
             return stored.point
 
     async def _on_error(self, exc: Exception) -> None:
@@ -335,10 +351,11 @@ class Publisher:
         try:
             decoded = self._codec.decode(frame.payload)
             events: list[Any] = [*frame.resyncs, *decoded.events]
-            payload = self._codec.encode(RelayBatch(
+            batch = RelayBatch(
                 instance_id=self._instance_id, dp_rank=frame.dp_rank, epoch=frame.epoch,
                 seq=frame.seq, ts=decoded.ts, relay_ts=frame.recv_ts, events=events,
-            ))
+            )
+            payload = self._codec.encode(batch)
         except MalformedPayload as exc:
             self._metrics.decode_errors.labels(exc.kind).inc()
             self._metrics.drop("malformed", 1)
@@ -353,12 +370,14 @@ class Publisher:
                                decoded.dp_rank, frame.dp_rank, frame.dp_rank)
         self._metrics.events_received.inc(len(decoded.events))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
-        pending = _Pending(frame, self.subject(frame.dp_rank),
-                           {"Nats-Msg-Id": msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)},
-                           payload, decoded.ts, len(decoded.events))
         token = self._next_token
         self._next_token += 1
+        pending = _Pending(frame, self.subject(frame.dp_rank),
+                           {"Nats-Msg-Id": msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)},
+                           payload, decoded.ts, len(decoded.events), token,
+                           batch if self._on_stored is not None else None)
         self._window[token] = pending
+        self._unsettled.setdefault(pending.subject, deque()).append(pending)
         return token, pending
 
     def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
@@ -376,6 +395,7 @@ class Publisher:
             del self._window[token]
             self._metrics.drop("too_large", 1, pending.events)
             self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+            self._settle_in_order(pending.subject)
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
         except (nats.errors.Error, OSError) as exc:
@@ -457,8 +477,10 @@ class Publisher:
         waiting = {(p.epoch, p.seq): t for t, p in self._window.items() if p.subject == subject}
         last = self._acked_at.get(subject, 0)
         newest: tuple[int, int] | None = None
-        # From the last known message itself: it says where the subject's batches stand.
-        async for stored in stored_from(js, self._config.stream, subject, last):
+        # From the last message settled in order (a later one may have been acked while an
+        # earlier one, stored too, lost its ack): it says where the subject's batches stand.
+        async for stored in stored_from(js, self._config.stream, subject,
+                                        self._settled_at.get(subject, 0)):
             last = max(last, stored.stream_seq)
             if stored.point is None:
                 continue
@@ -466,7 +488,7 @@ class Publisher:
             token = waiting.get(newest)
             pending = self._window.pop(token, None) if token is not None else None
             if pending is not None:
-                self._published(pending, duplicate=False)
+                self._published(pending, False, stored.stream_seq)
         self._acked_at[subject] = last
         if newest is None:
             return
@@ -479,6 +501,7 @@ class Publisher:
                 self._warn.warning("out-of-order", "batch epoch %d seq %d on %s was refused "
                                    "while a later one was stored; announced as a gap",
                                    pending.epoch, pending.seq, subject)
+        self._settle_in_order(subject)
 
     async def _resend(self, token: int, pending: _Pending) -> bool:
         """Publish one batch expecting its predecessor last on the subject; False: not now."""
@@ -501,7 +524,7 @@ class Publisher:
         if ack.error is None:
             del self._window[token]
             self._acked_at[pending.subject] = max(ack.seq, expected)
-            self._published(pending, ack.duplicate)
+            self._published(pending, ack.duplicate, ack.seq)
             return True
         if ack.error.err_code == WRONG_LAST_SEQUENCE:
             # Stored since we looked (a late earlier attempt) or the last one aged out.
@@ -573,11 +596,14 @@ class Publisher:
         if ack.seq > self._acked_at.get(pending.subject, 0):
             self._acked_at[pending.subject] = ack.seq
         self._backoff = 0.05
-        self._published(pending, ack.duplicate)
+        self._published(pending, ack.duplicate, ack.seq)
         if len(self._window) < self._config.max_in_flight:
             self._wake.set()
 
-    def _published(self, pending: _Pending, duplicate: bool) -> None:
+    def _published(self, pending: _Pending, duplicate: bool, stream_seq: int) -> None:
+        pending.stored_at = stream_seq
+        pending.payload = b""  # out of the window: never sent again
+        self._settle_in_order(pending.subject)
         if duplicate:
             self._metrics.duplicates.inc()
         self._metrics.batches_published.inc()
@@ -589,8 +615,22 @@ class Publisher:
         del self._window[token]
         self._metrics.drop("rejected", 1, pending.events)
         self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+        self._settle_in_order(pending.subject)
         self._warn.warning("rejected", "JetStream rejected a publish on %s: %s (code %d)",
                            pending.subject, error.description, error.code)
+
+    def _settle_in_order(self, subject: str) -> None:
+        """Pass over the subject's batches settled with none unsettled before them; report
+        the stored ones to on_stored."""
+        queue = self._unsettled.get(subject)
+        window, report = self._window, self._on_stored
+        while queue and (queue[0].stored_at or queue[0].token not in window):
+            pending = queue.popleft()
+            if pending.stored_at:
+                if pending.stored_at > self._settled_at.get(subject, 0):
+                    self._settled_at[subject] = pending.stored_at
+                if report is not None and pending.batch is not None:
+                    report(pending.batch, pending.stored_at)
 
     def _update_gauges(self) -> None:
         self._metrics.in_flight.set(len(self._window))
@@ -614,6 +654,8 @@ class Publisher:
         events = sum(p.events for p in self._window.values())
         self._buffer.drain_all()
         self._window.clear()
+        for subject in self._unsettled:
+            self._settle_in_order(subject)
         if lost:
             self._metrics.drop("shutdown", lost, events)
         self._update_gauges()

@@ -73,6 +73,9 @@ def test_overlapping_dp_layout_is_warned(caplog: pytest.LogCaptureFixture) -> No
     ({"system_port": "70000"}, "not a port"),
     ({"nats_tls_cert": "/c.pem"}, "go together"),
     ({"stream": "KV.EVENTS"}, "stream name"),
+    ({"snapshot_interval": "-1"}, "0 \\(off\\) or positive"),
+    ({"snapshot_events": "-5"}, "0 \\(off\\) or positive"),
+    ({"snapshot_bucket": "KV.SNAP"}, "--snapshot-bucket"),
 ])
 def test_invalid_values_are_config_errors(flags: dict[str, object], message: str) -> None:
     """Each invalid setting is refused with a message naming the problem."""
