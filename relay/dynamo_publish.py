@@ -354,8 +354,6 @@ class DynamoPublisher:
 
     def _update_gauges(self) -> None:
         self._metrics.in_flight.set(len(self._window))
-        self._metrics.buffer_batches.set(len(self._buffer))
-        self._metrics.buffer_bytes.set(self._buffer.nbytes)
 
     # -- shutdown ------------------------------------------------------------------------------
 

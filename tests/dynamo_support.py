@@ -13,12 +13,11 @@ from typing import Any
 
 import nats
 import xxhash
+from harness import running_relay
 
 from relay.app import Relay
-from relay.config import Config
 from relay.dynamo import RouterEvent, decode_message, kv_events_subject
 from relay.dynamo_publish import DynamoPublisher
-from relay.synthetic import SyntheticVllm
 
 NS = "kvdyn"
 COMP = "worker"
@@ -37,62 +36,16 @@ async def eventually(cond: Callable[[], bool], what: str, within: float = 10.0) 
         await asyncio.sleep(0.02)
 
 
-def metric(relay: Relay, name: str, **labels: str) -> float:
-    value = relay.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
-def is_ready(relay: Relay) -> bool:
-    return all(state == "ok" for state in relay.readiness().values())
-
-
 def publisher(relay: Relay) -> DynamoPublisher:
     assert isinstance(relay.publisher, DynamoPublisher)
     return relay.publisher
 
 
-@contextlib.asynccontextmanager
-async def running_dynamo_relay(file_kv: Path, **flags: Any) -> AsyncIterator[Relay]:
-    """Serve a `--format dynamo` relay in this event loop; on exit stop it and check it
-    stopped cleanly."""
-    base: dict[str, Any] = {"format": "dynamo", "system_port": 0, "system_host": "127.0.0.1",
-                            "namespace": NS, "component": COMP, "drain_timeout": 5.0,
-                            "dynamo_file_kv": str(file_kv)}
-    relay = Relay(Config.load({**base, **flags}, {}), env={})
-    served = asyncio.ensure_future(relay.serve())
-    clean = False
-    try:
-        await eventually(lambda: relay.started.is_set() or served.done(), "relay start-up")
-        if served.done():
-            raise AssertionError(f"relay stopped during start-up: {served.result()}")
-        yield relay
-        clean = True
-    finally:
-        relay.handle_exit()
-        code = await asyncio.wait_for(served, timeout=15)
-    if clean:
-        assert code == 0, f"relay exit code {code}"
-        assert metric(relay, "kvrelay_batches_dropped_total", reason="shutdown") == 0
-
-
-async def join(vllm: SyntheticVllm, relay: Relay, within: float = 5.0) -> None:
-    """Beat ZMQ's slow joiner without spending a seq: one-frame probes until the relay counts
-    one as malformed, then let the probes in flight land."""
-
-    def probes() -> float:
-        return metric(relay, "kvrelay_decode_errors_total", kind="frame_count")
-
-    before = probes()
-    deadline = time.monotonic() + within
-    while probes() == before:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"relay never received a probe from {vllm.address}")
-        vllm.send_raw([b"kvrelay-test-probe"])
-        await asyncio.sleep(0.02)
-    last = -1.0
-    while probes() != last:
-        last = probes()
-        await asyncio.sleep(0.1)
+def running_dynamo_relay(file_kv: Path,
+                         **flags: Any) -> contextlib.AbstractAsyncContextManager[Relay]:
+    """Serve a `--format dynamo` relay in this event loop, as `running_relay` serves others."""
+    return running_relay(**{"format": "dynamo", "namespace": NS, "component": COMP,
+                            "drain_timeout": 5.0, "dynamo_file_kv": str(file_kv), **flags})
 
 
 @dataclass

@@ -11,9 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dynamo_support import COMP, NS, eventually, is_ready, publisher, running_dynamo_relay
+from dynamo_support import (
+    COMP,
+    NS,
+    eventually,
+    publisher,
+    running_dynamo_relay,
+)
 from etcdserver import EtcdServer
-from harness import RelayProcess
+from harness import RelayProcess, is_ready
 
 from relay.discovery.etcd import LEASE_TTL
 from relay.dynamo_discovery import Registration

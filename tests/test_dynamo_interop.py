@@ -35,15 +35,13 @@ from dynamo_support import (
     RouterModel,
     eventually,
     held_by_router,
-    is_ready,
-    join,
     kv_event_reader,
-    metric,
     publisher,
     running_dynamo_relay,
     u64,
 )
 from etcdserver import EtcdServer
+from harness import is_ready, join, metric
 
 from relay.dynamo import DynamoEventData, DynamoStoreData, RouterEvent
 from relay.natsserver import NatsServer

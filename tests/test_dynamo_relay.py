@@ -17,13 +17,11 @@ from dynamo_support import (
     NS,
     KvEventReader,
     eventually,
-    is_ready,
-    join,
     kv_event_reader,
-    metric,
     publisher,
     running_dynamo_relay,
 )
+from harness import is_ready, join, metric
 
 from relay.app import EXIT_CONFIG, Relay
 from relay.config import Config
