@@ -41,6 +41,7 @@ from relay.dynamo_discovery import (
 from relay.dynamo_etcd import EtcdStore
 from relay.ingest import Frame
 from relay.metrics import Metrics
+from relay.publish import wait_until_sent
 from relay.ratelimit import RateLimitedLog
 from relay.schema import ResumePoint, Resync
 from relay.stream import nats_options
@@ -359,14 +360,11 @@ class DynamoPublisher:
 
     async def flush(self, within: float) -> bool:
         """Wait until the buffer and the window are empty; False if `within` seconds pass."""
-        deadline = time.monotonic() + within
-        while self._buffer or self._window:
-            if time.monotonic() >= deadline:
-                return False
-            self._wake.set()
-            await asyncio.sleep(0.01)
-        self._update_gauges()
-        return True
+        flushed = await wait_until_sent(lambda: bool(self._buffer or self._window), self._wake,
+                                        within)
+        if flushed:
+            self._update_gauges()
+        return flushed
 
     def abandon(self) -> int:
         """Count what could not be delivered; returns the number of batches."""

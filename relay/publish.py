@@ -84,6 +84,19 @@ def refusal(exc: BaseException, config: Config) -> str | None:
     return None
 
 
+async def wait_until_sent(unsent: Callable[[], bool], wake: asyncio.Event,
+                          within: float) -> bool:
+    """Keep a publisher's loop awake until `unsent()` is False; False if `within` seconds pass
+    first. The drain phase of shutdown, shared by both publishers."""
+    deadline = time.monotonic() + within
+    while unsent():
+        if time.monotonic() >= deadline:
+            return False
+        wake.set()
+        await asyncio.sleep(0.01)
+    return True
+
+
 class _ApiError(msgspec.Struct):
     code: int = 0
     err_code: int = 0
@@ -639,14 +652,11 @@ class Publisher:
 
     async def flush(self, within: float) -> bool:
         """Wait until the buffer and the window are empty; False if `within` seconds pass."""
-        deadline = time.monotonic() + within
-        while self._buffer or self._window:
-            if time.monotonic() >= deadline:
-                return False
-            self._wake.set()
-            await asyncio.sleep(0.01)
-        self._update_gauges()
-        return True
+        flushed = await wait_until_sent(lambda: bool(self._buffer or self._window), self._wake,
+                                        within)
+        if flushed:
+            self._update_gauges()
+        return flushed
 
     def abandon(self) -> int:
         """Count what could not be delivered; returns the number of batches."""

@@ -22,6 +22,7 @@ from typing import Any
 
 import nats
 import pytest
+from harness import http_get
 
 from deploy import validate
 from relay.codec import decode_relay_batch
@@ -375,16 +376,8 @@ class Rehearsal:
 
 
 async def http_status(port: int, path: str) -> int:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readline(), timeout=5)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-    return int(head.split()[1])
+    status, _ = await http_get(port, path)
+    return status
 
 
 @contextlib.contextmanager
