@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple, cast
+from typing import NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -27,6 +27,7 @@ log = logging.getLogger("kvrelay.ingest")
 
 END_SEQ = b"\xff" * 8  # vLLM's end-of-replay marker: -1 as a signed 64-bit big-endian
 RCVHWM = 10_000
+DRAIN_LIMIT = 1024  # messages taken per turn of the event loop
 
 
 class Frame(NamedTuple):
@@ -91,6 +92,7 @@ class Source:
         self._overflow_upto: int | None = None
         self._cooldown_until = 0.0
         self._watcher: asyncio.Task[None] | None = None
+        self._failed: asyncio.Future[None] | None = None  # set while run() reads
         self._tasks: set[asyncio.Task[None]] = set()  # resume and replay
 
     @property
@@ -98,32 +100,52 @@ class Source:
         return f"{self.spec.endpoint} (dp_rank {self.spec.dp_rank})"
 
     async def run(self, resume: Awaitable[ResumePoint | None]) -> None:
-        """Read until cancelled; batches wait until `resume` says where the stream left off."""
+        """Read until cancelled; batches wait until `resume` says where the stream left off.
+
+        No task wakes per message: a reader callback on the socket's FD drains everything
+        waiting without awaiting (awaiting each message costs 4x), so a burst is one turn.
+        """
         self._spawn(self._resume(resume))
         sock = await self._open()
         drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)  # same socket, sync
+        loop = asyncio.get_running_loop()
+        self._failed = failed = loop.create_future()
+        fd = drain.fileno()
+        loop.add_reader(fd, self._drain, drain)
         try:
-            while True:
-                # zmq.asyncio returns an asyncio Future (its stubs say only Awaitable).
-                pending = cast("asyncio.Future[list[bytes]]", sock.recv_multipart())
-                if pending.done():
-                    # A message already waiting completes the await without suspending: under
-                    # a flood this loop would never let publishing and acks run. Give them a turn.
-                    await asyncio.sleep(0)
-                batch = [await pending]
-                # One wake-up, then drain without awaiting: awaiting each message costs 4x.
-                while len(batch) < 1024:
-                    try:
-                        batch.append(drain.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
-                now = time.time()
-                self._received.inc(sum(self._on_frames(frames, now) for frames in batch))
+            # ZMQ's FD signals edges: drain once for whatever arrived before the reader was set.
+            self._drain(drain)
+            await failed
         finally:
+            loop.remove_reader(fd)
             if self._watcher is not None:
                 self._watcher.cancel()
             sock.close(linger=0)
             self.subscribed = False
+
+    def _drain(self, sock: zmq.Socket[bytes]) -> None:
+        """Take every message waiting on the socket, up to a turn's worth."""
+        failed = self._failed
+        if failed is None or failed.done():
+            return
+        try:
+            batch: list[list[bytes]] = []
+            recv = sock.recv_multipart
+            try:
+                while len(batch) < DRAIN_LIMIT:
+                    batch.append(recv(zmq.NOBLOCK))
+            except zmq.Again:
+                pass
+            else:
+                # More may wait, and the FD will not signal it again: come back, but after
+                # publishing and acks had their turn (a flood must not starve them).
+                asyncio.get_running_loop().call_soon(self._drain, sock)
+            if batch:
+                now = time.time()
+                on_frames = self._on_frames
+                self._received.inc(sum([on_frames(frames, now) for frames in batch]))
+        except Exception as exc:  # a callback's exception would only be logged: end run()
+            failed.set_exception(exc)
 
     async def settle(self, within: float) -> int:
         """After reading stopped: let a pending resume or replay hand on what is held.

@@ -35,6 +35,7 @@ from relay.codec import Codec, MalformedPayload
 from relay.config import Config
 from relay.ingest import Frame
 from relay.metrics import Metrics
+from relay.outbox import Outbox
 from relay.ratelimit import RateLimitedLog
 from relay.schema import SCHEMA_VERSION, RelayBatch, ResumePoint, Resync
 from relay.stream import (
@@ -172,6 +173,7 @@ class Publisher:
         self._warn = RateLimitedLog(log)
         self._subject_prefix = f"kv.{config.namespace}.{config.component}.{instance_id}"
         self._nc: Client | None = None
+        self._outbox = Outbox()
         self._inbox = ""
         self._inbox_bytes = b""
         self._window: dict[int, _Pending] = {}
@@ -221,6 +223,7 @@ class Publisher:
             reconnected_cb=self._on_reconnected,
         )
         self._nc = nc
+        self._outbox.bind(nc)
         self._inbox = nc.new_inbox() + "."
         self._inbox_bytes = self._inbox.encode()
         nc.ack_handler = self._on_ack
@@ -297,6 +300,7 @@ class Publisher:
         # before our ordered resend of the whole window, so later batches could land before
         # earlier ones lost with the old socket. The window holds them all: forget nats-py's
         # copy and let the resend put them back in order.
+        self._outbox.discard()
         if self._nc is not None:
             self._nc._pending = []
             self._nc._pending_data_size = 0
@@ -346,7 +350,7 @@ class Publisher:
         if self._parked and self._retry_at is None and self._online() \
                 and self.stream_ready.is_set():
             while (self._buffer and len(self._window) < self._config.max_in_flight
-                   and self._writable()):
+                   and self._outbox.writable()):
                 entry = self._enter(self._buffer.pop())
                 if entry is not None:
                     self._publish_now(*entry)
@@ -401,6 +405,7 @@ class Publisher:
     async def _publish(self, token: int, pending: _Pending) -> None:
         assert self._nc is not None
         pending.sent_at = time.monotonic()
+        self._outbox.flush()  # what the steady state queued goes first
         try:
             await self._nc.publish(pending.subject, pending.payload,
                                    reply=f"{self._inbox}{token}", headers=pending.headers)
@@ -415,23 +420,12 @@ class Publisher:
             self._warn.warning("publish", "publish failed: %r; will resend", exc)
             self._schedule_retry()
 
-    def _writable(self) -> bool:
-        """nats-py's flusher runs and its outgoing buffer has room (past it, nats-py's publish
-        waits for a flush: the publish loop's path)."""
-        nc = self._nc
-        assert nc is not None
-        flusher = nc._flusher_task
-        limit = nc._max_pending_size
-        return (flusher is not None and not flusher.done()
-                and (limit <= 0 or nc._pending_data_size < limit))
-
     def _publish_now(self, token: int, pending: _Pending) -> None:
         """`_publish` without awaiting, for the steady state: only while online and writable.
 
-        The HPUB command goes into nats-py's outgoing buffer the way its own publish puts it
-        there (this skips its per-call subject and header validation: ours are well-formed by
-        construction), and its flusher task is woken once per event loop turn, so all the
-        publishes of one turn leave in one socket write.
+        The HPUB command goes to the outbox, which writes all of a turn's commands at once
+        (this skips nats-py's per-call subject and header validation: ours are well-formed by
+        construction).
         """
         nc = self._nc
         assert nc is not None
@@ -446,17 +440,9 @@ class Publisher:
         header = "".join([f"{key}: {value}\r\n" for key, value in pending.headers.items()])
         head = f"NATS/1.0\r\n{header}\r\n".encode()
         size = len(head) + len(pending.payload)
-        command = b"".join((
+        self._outbox.put(b"".join((
             f"HPUB {pending.subject} {self._inbox}{token} {len(head)} {size}\r\n".encode(),
-            head, pending.payload, b"\r\n"))
-        nc._pending.append(command)
-        nc._pending_data_size += len(command)
-        nc.stats["out_msgs"] += 1
-        nc.stats["out_bytes"] += len(pending.payload)
-        flush_queue = nc._flush_queue
-        if flush_queue is not None and flush_queue.empty():
-            # What nats-py's publish does: one token in its flusher's queue per turn.
-            flush_queue.put_nowait(asyncio.get_running_loop().create_future())
+            head, pending.payload, b"\r\n")), len(pending.payload))
 
     # -- the failure path ----------------------------------------------------------------------
 
@@ -522,6 +508,7 @@ class Publisher:
         expected = self._acked_at.get(pending.subject, 0)
         headers = {**pending.headers, "Nats-Expected-Last-Subject-Sequence": str(expected)}
         pending.sent_at = time.monotonic()
+        self._outbox.flush()
         try:
             reply = await self._nc.request(pending.subject, pending.payload, headers=headers,
                                            timeout=self._config.ack_timeout)
