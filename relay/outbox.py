@@ -10,9 +10,38 @@ while nats-py has commands not yet written, the outbox's go behind them in that 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.aio.transport import TcpTransport
+
+log = logging.getLogger("kvrelay.outbox")
+
+InboxHandler = Callable[[bytes, bytes], None]
+
+
+class InboxClient(Client):
+    """nats-py's client with the messages of one subscription (the publisher's reply inbox)
+    handed straight to a plain function, `inbox_handler(subject, data)`.
+
+    nats-py would build a Msg for each and pass it through a queue to a task of its own; at one
+    reply per published message that hop costs more than handling the reply. Every other
+    subscription takes nats-py's own path.
+    """
+
+    inbox_sid = -1
+    inbox_handler: InboxHandler | None = None
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
+                           headers: bytes) -> None:
+        if sid != self.inbox_sid or self.inbox_handler is None:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        try:
+            self.inbox_handler(subject, data)
+        except Exception:  # this runs in nats-py's read loop, which an exception would end
+            log.exception("could not handle a message on the reply inbox")
 
 
 class Outbox:

@@ -35,7 +35,7 @@ from relay.codec import Codec, MalformedPayload
 from relay.config import Config
 from relay.ingest import Frame
 from relay.metrics import Metrics
-from relay.outbox import Outbox
+from relay.outbox import InboxClient, Outbox
 from relay.ratelimit import RateLimitedLog
 from relay.schema import SCHEMA_VERSION, RelayBatch, ResumePoint, Resync
 from relay.stream import (
@@ -112,31 +112,6 @@ class _PubAck(msgspec.Struct):
 
 
 _ACK = msgspec.json.Decoder(_PubAck)
-
-AckHandler = Callable[[bytes, bytes], None]
-
-
-class _AckClient(Client):
-    """nats-py's client with the acks of the relay's inbox handed straight to the publisher.
-
-    nats-py would build a Msg for each ack and pass it through a queue to a task of its own;
-    at one ack per batch that hop costs more than handling the ack. Everything else (and every
-    other subscription) takes nats-py's own path.
-    """
-
-    ack_sid = -1
-    ack_handler: AckHandler | None = None
-
-    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
-                           headers: bytes) -> None:
-        if sid != self.ack_sid or self.ack_handler is None:
-            await super()._process_msg(sid, subject, reply, data, headers)
-            return
-        try:
-            self.ack_handler(subject, data)
-        except Exception:  # this runs in nats-py's read loop, which an exception would end
-            log.exception("could not handle a JetStream ack")
-
 
 class _Pending:
     __slots__ = ("batch", "dp_rank", "epoch", "events", "headers", "payload", "sent_at", "seq",
@@ -215,7 +190,7 @@ class Publisher:
         """Connect (retrying forever), then create or verify the stream."""
         options = nats_options(self._config)
         log.info("connecting to NATS at %s", self._config.redacted()["nats"])
-        nc = _AckClient()
+        nc = InboxClient()
         await nc.connect(
             **options,
             error_cb=self._on_error,
@@ -226,8 +201,8 @@ class Publisher:
         self._outbox.bind(nc)
         self._inbox = nc.new_inbox() + "."
         self._inbox_bytes = self._inbox.encode()
-        nc.ack_handler = self._on_ack
-        nc.ack_sid = (await nc.subscribe(self._inbox + "*"))._id
+        nc.inbox_handler = self._on_ack
+        nc.inbox_sid = (await nc.subscribe(self._inbox + "*"))._id
         self.connected = True
         self._connected_once = True
         url = self._nc.connected_url
