@@ -234,6 +234,13 @@ class Source:
             self._malformed("seq_length", f"seq of {len(raw_seq)} bytes, expected 8")
             return False
         seq = int.from_bytes(raw_seq, "big")
+        if seq == self.expected and self._announce is None and self._overflow_upto is None \
+                and not self._holding:
+            # The steady state, what `_accept` and `_emit` would conclude: next in line.
+            self.expected = seq + 1
+            self._emitted = True
+            self._sink(Frame(self.spec.dp_rank, self.epoch, seq, frames[2], now, ()))
+            return True
         if self._holding:
             self._hold(seq, frames[2], now)
         else:

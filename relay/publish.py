@@ -113,11 +113,19 @@ class _PubAck(msgspec.Struct):
 
 _ACK = msgspec.json.Decoder(_PubAck)
 
+_SCHEMA_HEADER = f"Kvrelay-Schema: {SCHEMA_VERSION}\r\n"
+
+
+def _headers(pending: _Pending) -> dict[str, str]:
+    """A batch's headers as nats-py takes them (the paths that go through nats-py)."""
+    return {"Nats-Msg-Id": pending.msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)}
+
+
 class _Pending:
-    __slots__ = ("batch", "dp_rank", "epoch", "events", "headers", "payload", "sent_at", "seq",
+    __slots__ = ("batch", "dp_rank", "epoch", "events", "msg_id", "payload", "sent_at", "seq",
                  "stored_at", "subject", "token", "ts")
 
-    def __init__(self, frame: Frame, subject: str, headers: dict[str, str], payload: bytes,
+    def __init__(self, frame: Frame, subject: str, msg_id: str, payload: bytes,
                  ts: float, events: int, token: int, batch: RelayBatch | None) -> None:
         self.batch = batch  # kept for on_stored only
         self.token = token
@@ -126,7 +134,7 @@ class _Pending:
         self.epoch = frame.epoch
         self.seq = frame.seq
         self.subject = subject
-        self.headers = headers
+        self.msg_id = msg_id
         self.payload = payload
         self.ts = ts
         self.events = events
@@ -147,6 +155,7 @@ class Publisher:
         self._codec = Codec(config.format, metrics)
         self._warn = RateLimitedLog(log)
         self._subject_prefix = f"kv.{config.namespace}.{config.component}.{instance_id}"
+        self._subjects: dict[int, str] = {}
         self._nc: Client | None = None
         self._outbox = Outbox()
         self._inbox = ""
@@ -178,7 +187,10 @@ class Publisher:
         return self.connected and self._nc is not None and self._nc.is_connected
 
     def subject(self, dp_rank: int) -> str:
-        return f"{self._subject_prefix}.{dp_rank}"
+        subject = self._subjects.get(dp_rank)
+        if subject is None:
+            subject = self._subjects[dp_rank] = f"{self._subject_prefix}.{dp_rank}"
+        return subject
 
     @property
     def in_flight(self) -> int:
@@ -342,7 +354,8 @@ class Publisher:
         """Encode a frame and put it in the window; None if it was dropped (counted)."""
         try:
             decoded = self._codec.decode(frame.payload)
-            events: list[Any] = [*frame.resyncs, *decoded.events]
+            events: list[Any] = ([*frame.resyncs, *decoded.events] if frame.resyncs
+                                 else decoded.events)
             batch = RelayBatch(
                 instance_id=self._instance_id, dp_rank=frame.dp_rank, epoch=frame.epoch,
                 seq=frame.seq, ts=decoded.ts, relay_ts=frame.recv_ts, events=events,
@@ -364,8 +377,7 @@ class Publisher:
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
         token = self._next_token
         self._next_token += 1
-        pending = _Pending(frame, self.subject(frame.dp_rank),
-                           {"Nats-Msg-Id": msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)},
+        pending = _Pending(frame, self.subject(frame.dp_rank), msg_id,
                            payload, decoded.ts, len(decoded.events), token,
                            batch if self._on_stored is not None else None)
         self._window[token] = pending
@@ -383,7 +395,7 @@ class Publisher:
         self._outbox.flush()  # what the steady state queued goes first
         try:
             await self._nc.publish(pending.subject, pending.payload,
-                                   reply=f"{self._inbox}{token}", headers=pending.headers)
+                                   reply=f"{self._inbox}{token}", headers=_headers(pending))
         except nats.errors.MaxPayloadError:
             del self._window[token]
             self._metrics.drop("too_large", 1, pending.events)
@@ -412,8 +424,7 @@ class Publisher:
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
             return
-        header = "".join([f"{key}: {value}\r\n" for key, value in pending.headers.items()])
-        head = f"NATS/1.0\r\n{header}\r\n".encode()
+        head = f"NATS/1.0\r\nNats-Msg-Id: {pending.msg_id}\r\n{_SCHEMA_HEADER}\r\n".encode()
         size = len(head) + len(pending.payload)
         self._outbox.put(b"".join((
             f"HPUB {pending.subject} {self._inbox}{token} {len(head)} {size}\r\n".encode(),
@@ -481,7 +492,7 @@ class Publisher:
         """Publish one batch expecting its predecessor last on the subject; False: not now."""
         assert self._nc is not None
         expected = self._acked_at.get(pending.subject, 0)
-        headers = {**pending.headers, "Nats-Expected-Last-Subject-Sequence": str(expected)}
+        headers = {**_headers(pending), "Nats-Expected-Last-Subject-Sequence": str(expected)}
         pending.sent_at = time.monotonic()
         self._outbox.flush()
         try:
