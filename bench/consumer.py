@@ -128,6 +128,8 @@ class Track:
         self._batches = len(fingerprints)
         self._ts = ts
         self._base = index * capacity
+        self._capacity = capacity
+        self.untimed = 0  # batches past what the feeder stamped (a content match far ahead)
         self._lags = lags
         self.next = 0  # global position of the next expected event
         self.matched = 0
@@ -143,9 +145,12 @@ class Track:
         cycles, b = divmod(seq, self._batches)
         return cycles * self._cycle + self._start[b] + index
 
-    def order(self, key: tuple[int, int], expected: tuple[int, int]) -> None:
-        """Count an order key (seq or event id) that does not follow the previous one."""
-        if self.last_key is not None and key != expected:
+    def order(self, key: tuple[int, int], expected: tuple[int, int],
+              announced: bool = False) -> None:
+        """Count an order key (seq or event id) that does not follow the previous one. After a
+        loss the output announces (a resync), a jump forward is in order."""
+        if self.last_key is not None and key != expected and not (
+                announced and key > self.last_key):
             self.out_of_order += 1
         self.last_key = key
 
@@ -170,7 +175,9 @@ class Track:
             return
         self.batches += 1
         b = (at // self._cycle) * self._batches + cycle_batch
-        if b >= WARM_BATCHES:
+        if b >= self._capacity:
+            self.untimed += 1
+        elif b >= WARM_BATCHES:
             self._lags.append(now - self._ts[self._base + b])
 
     def _find(self, fp: Fingerprint) -> int | None:
@@ -257,7 +264,8 @@ class Consumer:
         if track is None:
             return
         last = track.last_key
-        track.order((batch.seq, 0), (last[0] + 1, 0) if last else (0, 0))
+        announced = any(isinstance(event, _Resync) for event in batch.events)
+        track.order((batch.seq, 0), (last[0] + 1, 0) if last else (0, 0), announced)
         at = track.position(batch.seq)
         for event in batch.events:
             if isinstance(event, _Stored):
@@ -310,6 +318,9 @@ class Consumer:
     def result(self) -> ConsumerResult:
         lags = percentiles(self.lags, (50.0, 99.0, 99.9))
         notes = [f"{self.strays} messages from unknown publishers"] if self.strays else []
+        untimed = sum(t.untimed for t in self.tracks)
+        if untimed:
+            notes.append(f"{untimed} batches matched past the feeder's timestamps (not timed)")
         return ConsumerResult(
             matched_events=[t.matched for t in self.tracks],
             matched_batches=[t.batches for t in self.tracks],

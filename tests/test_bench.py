@@ -154,6 +154,24 @@ def test_track_counts_order_keys_that_do_not_follow() -> None:
     assert track.out_of_order == 1
 
 
+def test_track_takes_an_announced_jump_as_in_order() -> None:
+    """A seq jump that comes with a resync is in order; a step back still is not."""
+    track, _ = _track(POOL)
+    track.order((0, 0), (0, 0))
+    track.order((5, 0), (1, 0), announced=True)
+    track.order((4, 0), (6, 0), announced=True)
+    assert track.out_of_order == 1
+
+
+def test_track_counts_batches_past_the_timestamps_as_untimed() -> None:
+    """A batch beyond the feeder's timestamp array is matched and counted, not timed."""
+    track, lags = _track(POOL, capacity=4)
+    flat = [fp for batch in POOL for fp in batch] * 2
+    for at, fp in enumerate(flat):
+        track.event(fp, now=2000.0, at=at)
+    assert (track.batches, track.untimed, len(lags)) == (8, 4, 3)
+
+
 def test_percentiles_are_nearest_rank_then_max() -> None:
     """p50/p99 of 1..100 are 50 and 99, and the maximum comes last."""
     assert percentiles(array("d", range(100, 0, -1)), (50.0, 99.0)) == [50, 99, 100]
