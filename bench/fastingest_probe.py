@@ -40,8 +40,7 @@ from nats.aio.msg import Msg
 
 from bench.procstat import cpu_seconds
 from relay.natsserver import NatsServer
-from relay.outbox import Outbox
-from relay.publish import _AckClient
+from relay.outbox import InboxClient, Outbox
 
 STREAM: Final = "FI"
 SUBJECTS: Final = ("kv.ns.comp.1.0", "kv.ns.comp.1.1")  # two DP ranks of one instance
@@ -300,7 +299,7 @@ class Trial:
 class Publisher:
     """Sends `PAYLOAD` alternately on the two subjects through the relay's outbox."""
 
-    def __init__(self, nc: _AckClient, max_in_flight: int) -> None:
+    def __init__(self, nc: InboxClient, max_in_flight: int) -> None:
         self.nc = nc
         self.outbox = Outbox()
         self.outbox.bind(nc)
@@ -334,8 +333,8 @@ class PerMessageAcks(Publisher):
         self.inbox = self.nc.new_inbox() + "."
         self.prefix = self.inbox.encode()
         self.pending: dict[int, int] = {}
-        self.nc.ack_handler = self.on_ack
-        self.nc.ack_sid = (await self.nc.subscribe(self.inbox + "*"))._id
+        self.nc.inbox_handler = self.on_ack
+        self.nc.inbox_sid = (await self.nc.subscribe(self.inbox + "*"))._id
 
     def send(self, count: int) -> None:
         for _ in range(count):
@@ -360,7 +359,7 @@ class PerMessageAcks(Publisher):
 class FastIngest(Publisher):
     """One fast-ingest batch for the whole trial; the window is flow * `outstanding` messages."""
 
-    def __init__(self, nc: _AckClient, flow: int, outstanding: int) -> None:
+    def __init__(self, nc: InboxClient, flow: int, outstanding: int) -> None:
         super().__init__(nc, flow * outstanding)
         self.flow = flow
         self.outstanding = outstanding
@@ -369,8 +368,8 @@ class FastIngest(Publisher):
     async def start(self) -> None:
         self.inbox = self.nc.new_inbox()
         self.reply_prefix = f"{self.inbox}.{self.flow}.fail."
-        self.nc.ack_handler = self.on_frame
-        self.nc.ack_sid = (await self.nc.subscribe(self.inbox + ".>"))._id
+        self.nc.inbox_handler = self.on_frame
+        self.nc.inbox_sid = (await self.nc.subscribe(self.inbox + ".>"))._id
 
     def send(self, count: int) -> None:
         for _ in range(count):
@@ -414,7 +413,7 @@ class FastIngest(Publisher):
 
 
 async def run_trial(server: NatsServer, trial: Trial, seconds: float, outstanding: int) -> None:
-    nc = _AckClient()
+    nc = InboxClient()
     await nc.connect(server.url)
     await nc.request(f"$JS.API.STREAM.PURGE.{STREAM}", b"", timeout=5)
     before = await stream_state(nc, STREAM)
