@@ -98,6 +98,9 @@ async def wait_until_sent(unsent: Callable[[], bool], wake: asyncio.Event,
     return True
 
 
+_SEND_SLICE = 256  # batches the publish loop sends from a backlog before letting others run
+
+
 class _ApiError(msgspec.Struct):
     code: int = 0
     err_code: int = 0
@@ -161,6 +164,7 @@ class Publisher:
         self._inbox = ""
         self._inbox_bytes = b""
         self._window: dict[int, _Pending] = {}
+        metrics.in_flight.set_function(lambda: len(self._window))  # read at scrape time
         # subject -> stream sequence of the latest message known stored on it (ack or resume).
         self._acked_at: dict[str, int] = {}
         # Per subject, sent batches in send order until they and all before them are settled
@@ -318,11 +322,19 @@ class Publisher:
                     if not await self._recover():
                         self._schedule_retry()
                         continue
+                sent = 0
                 while self._buffer and len(self._window) < self._config.max_in_flight:
-                    await self._send(self._buffer.pop())
+                    if self._outbox.writable():
+                        entry = self._enter(self._buffer.pop())
+                        if entry is not None:
+                            self._publish_now(*entry)
+                        sent += 1
+                        if sent % _SEND_SLICE == 0:
+                            await asyncio.sleep(0)  # a backlog must not hold up acks and ingest
+                    else:
+                        await self._send(self._buffer.pop())  # waits for nats-py's flush
                     if not self._online():
                         break
-                self._update_gauges()
         finally:
             self._parked = False
             watchdog.cancel()
@@ -583,7 +595,7 @@ class Publisher:
             self._acked_at[pending.subject] = ack.seq
         self._backoff = 0.05
         self._published(pending, ack.duplicate, ack.seq)
-        if len(self._window) < self._config.max_in_flight:
+        if self._buffer and len(self._window) < self._config.max_in_flight:
             self._wake.set()
 
     def _published(self, pending: _Pending, duplicate: bool, stream_seq: int) -> None:
@@ -618,17 +630,12 @@ class Publisher:
                 if report is not None and pending.batch is not None:
                     report(pending.batch, pending.stored_at)
 
-    def _update_gauges(self) -> None:
-        self._metrics.in_flight.set(len(self._window))
-
     # -- shutdown ------------------------------------------------------------------------------
 
     async def flush(self, within: float) -> bool:
         """Wait until the buffer and the window are empty; False if `within` seconds pass."""
         flushed = await wait_until_sent(lambda: bool(self._buffer or self._window), self._wake,
                                         within)
-        if flushed:
-            self._update_gauges()
         return flushed
 
     def abandon(self) -> int:
@@ -641,7 +648,6 @@ class Publisher:
             self._settle_in_order(subject)
         if lost:
             self._metrics.drop("shutdown", lost, events)
-        self._update_gauges()
         return lost
 
     async def close(self) -> None:
