@@ -19,6 +19,7 @@ from dynamo_support import (
     running_dynamo_relay,
 )
 from harness import is_ready, join, metric
+from nats.aio.msg import Msg
 
 from relay.natsserver import NatsServer
 from relay.synthetic import SyntheticVllm, WorkloadFactory
@@ -34,7 +35,7 @@ async def inbox_counter(url: str) -> AsyncIterator[list[bytes]]:
     seen: list[bytes] = []
     nc = await nats.connect(url, connect_timeout=2)
 
-    async def count(msg: nats.aio.msg.Msg) -> None:
+    async def count(msg: Msg) -> None:
         seen.append(msg.data)
 
     try:
