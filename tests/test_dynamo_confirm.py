@@ -122,6 +122,7 @@ async def test_lost_markers_republish_the_window_whole_and_in_order(
 
                 await eventually(lambda: len(arrived()) >= 15, "the window published 3 times")
                 assert metric(relay, "kvrelay_batches_published_total") == 0
+                assert metric(relay, "kvrelay_publish_in_flight") == 5
                 assert metric(relay, "kvrelay_nats_reconnects_total") == 0
                 conf.write_text(_auth_config(inbox_allowed=True))
                 assert server.pid is not None
