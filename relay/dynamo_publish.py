@@ -3,14 +3,13 @@
 Dynamo's KV event plane is core NATS, which has no acks. A message counts as delivered once a
 marker published after it on the same connection comes back through the relay's own inbox:
 the server handles a connection's messages in order, so it has by then passed the message to
-every subscriber. (nats-py's flush() cannot say this: its PING can overtake publishes still
-queued in the client.) Until then a message stays in a window. One marker is out at a time and
-markers go at most every MARKER_INTERVAL: when one comes back it confirms everything published
-before it, so a burst of messages costs one round trip, not one each. When the connection
-drops, or a marker does not come back within the ack timeout, the whole window is published
-again, in order; Dynamo's router ignores event_ids it has already applied, so a repeat changes
-nothing and nothing goes missing. The discovery records that make the router listen are
-written before the first message and removed after the last (relay/dynamo_discovery.py).
+every subscriber (relay/dynamo_confirm.py; nats-py's flush() cannot say this: its PING can
+overtake publishes still queued in the client). Until then a message stays in a window. When
+the connection drops, or a marker does not come back within the ack timeout, the whole window
+is published again, in order; Dynamo's router ignores event_ids it has already applied, so a
+repeat changes nothing and nothing goes missing. The discovery records that make the router
+listen are written before the first message and removed after the last
+(relay/dynamo_discovery.py).
 
 In the steady state a message is sent in the producer's turn of the event loop, through the
 outbox (relay/outbox.py), as the JetStream publisher does; markers go the same way, so the
@@ -24,7 +23,6 @@ import logging
 import time
 from collections import deque
 from pathlib import Path
-from typing import Final
 
 import nats.errors
 
@@ -33,6 +31,7 @@ from relay.codec import Codec, MalformedPayload
 from relay.config import Config
 from relay.discovery.etcd import EtcdGateway, EtcdRefused
 from relay.dynamo import EventStream, Translator, kv_events_subject
+from relay.dynamo_confirm import Markers
 from relay.dynamo_discovery import (
     FileBackend,
     FileStore,
@@ -52,10 +51,6 @@ from relay.schema import ResumePoint, Resync
 from relay.stream import nats_options
 
 log = logging.getLogger("kvrelay.dynamo")
-
-# The shortest time between two markers: confirmations of a steady flow come in groups, and
-# markers ride in the socket writes of the messages they follow.
-MARKER_INTERVAL: Final = 0.005
 
 
 class DiscoveryError(Exception):
@@ -95,16 +90,8 @@ class DynamoPublisher:
         self.registrar: Registrar | None = None
         self._nc: InboxClient | None = None
         self._outbox = Outbox()
-        self._marker_prefix = b""  # "PUB <inbox> "
         self._window: deque[_Sent] = deque()
-        self._last_published: _Sent | None = None  # on the current connection
-        self._unmarked = False  # published since the last marker went
-        self._marker = 0  # token of the marker out, 0 when none is
-        self._marker_mark: _Sent | None = None  # the last message published before it
-        self._marker_sent_at = 0.0
-        self._next_marker_at = 0.0
-        self._marker_timer: asyncio.TimerHandle | None = None
-        self._tokens = 0
+        self._markers = Markers[_Sent](self._outbox, self._online, self._confirm)
         self._parked = False  # the publish loop waits for work: notify() may send directly
         self._resend = False
         self._retry_at: float | None = None
@@ -179,8 +166,8 @@ class DynamoPublisher:
         self._nc = nc
         self._outbox.bind(nc)
         inbox = nc.new_inbox()
-        self._marker_prefix = f"PUB {inbox} ".encode()
-        nc.inbox_handler = self._on_marker
+        self._markers.bind(inbox)
+        nc.inbox_handler = self._markers.on_reply
         nc.inbox_sid = (await nc.subscribe(inbox))._id
         self.connected = True
         url = nc.connected_url
@@ -220,13 +207,7 @@ class DynamoPublisher:
 
     def _lose_connection(self) -> None:
         """What was published but not confirmed may be lost: publish it all again."""
-        self._last_published = None
-        self._unmarked = False
-        self._marker = 0  # a marker still to come back is ignored
-        self._marker_mark = None
-        if self._marker_timer is not None:
-            self._marker_timer.cancel()
-            self._marker_timer = None
+        self._markers.forget()
         if self._window:
             self._resend = True
 
@@ -295,7 +276,7 @@ class DynamoPublisher:
                     self._publish_now(sent)
                     published = True
             if published:
-                self._mark()
+                self._markers.follow()
             if not buffer:
                 return
         self._wake.set()
@@ -351,9 +332,8 @@ class DynamoPublisher:
             self._lose_connection()
             self._retry_later()
             return
-        self._last_published = sent
-        self._unmarked = True
-        self._mark()
+        self._markers.published(sent)
+        self._markers.follow()
 
     def _publish_now(self, sent: _Sent) -> None:
         """`_publish` without awaiting, for the steady state: only while online and writable.
@@ -365,62 +345,9 @@ class DynamoPublisher:
         payload = sent.payload
         self._outbox.put(b"%s%d\r\n%s\r\n" % (self._pub_prefix, len(payload), payload),
                          len(payload))
-        self._last_published = sent
-        self._unmarked = True
+        self._markers.published(sent)
 
     # -- confirmation --------------------------------------------------------------------------
-
-    def _mark(self) -> None:
-        """Have a marker follow what was just published. It goes with this turn's messages,
-        in the same socket write, once MARKER_INTERVAL has passed since the last one; before
-        that, a timer sends it alone unless later messages take it along first. While one is
-        out, its return does this."""
-        if self._marker or not self._unmarked:
-            return
-        now = time.monotonic()
-        if now >= self._next_marker_at:
-            self._send_marker(now)
-        elif self._marker_timer is None:
-            self._marker_timer = asyncio.get_running_loop().call_later(
-                MARKER_INTERVAL, self._marker_due)
-
-    def _marker_due(self) -> None:
-        self._marker_timer = None
-        if not self._marker and self._unmarked:
-            self._send_marker(time.monotonic())
-
-    def _send_marker(self, now: float) -> None:
-        """Publish a marker to our own inbox after everything published so far."""
-        if self._marker_timer is not None:
-            self._marker_timer.cancel()
-            self._marker_timer = None
-        if not self._online():
-            return  # the window is published again on reconnecting, then marked
-        self._tokens += 1
-        self._marker = self._tokens
-        self._marker_mark = self._last_published
-        self._unmarked = False
-        self._marker_sent_at = now
-        self._next_marker_at = now + MARKER_INTERVAL
-        token = b"%d" % self._tokens
-        self._outbox.put(b"%s%d\r\n%s\r\n" % (self._marker_prefix, len(token), token),
-                         len(token))
-
-    def _on_marker(self, subject: bytes, data: bytes) -> None:
-        """A marker came back: the server has passed on everything published before it."""
-        try:
-            token = int(data)
-        except ValueError:
-            return
-        if token != self._marker:
-            return  # from before a republish: what it covered is published again
-        mark = self._marker_mark
-        self._marker = 0
-        self._marker_mark = None
-        self._backoff = 0.05
-        if mark is not None:
-            self._confirm(mark)
-        self._mark()
 
     async def _watch_markers(self) -> None:
         """Publish the window again when a marker has not come back within the ack timeout."""
@@ -430,7 +357,7 @@ class DynamoPublisher:
             now = time.monotonic()
             if self._retry_at is not None and now >= self._retry_at:
                 self._wake.set()
-            if self._marker and now - self._marker_sent_at > self._config.ack_timeout \
+            if self._markers.out and now - self._markers.sent_at > self._config.ack_timeout \
                     and self._online():
                 self._warn.warning("confirm", "NATS did not confirm %d messages within %.1fs; "
                                    "publishing them again", len(self._window),
@@ -439,6 +366,8 @@ class DynamoPublisher:
                 self._retry_later()
 
     def _confirm(self, mark: _Sent) -> None:
+        """A marker came back: the server has passed on everything up to `mark`."""
+        self._backoff = 0.05
         now, wall = time.monotonic(), time.time()
         window, metrics = self._window, self._metrics
         batches = events = 0
@@ -475,9 +404,7 @@ class DynamoPublisher:
     async def close(self) -> None:
         """Leave Dynamo's discovery (the router drops the worker's ranks), then NATS."""
         self.connected = False
-        if self._marker_timer is not None:
-            self._marker_timer.cancel()
-            self._marker_timer = None
+        self._markers.cancel()
         if self.registrar is not None:
             try:
                 await self.registrar.unregister()
