@@ -3,12 +3,17 @@
 Dynamo's KV event plane is core NATS, which has no acks. A message counts as delivered once a
 marker published after it on the same connection comes back through the relay's own inbox:
 the server handles a connection's messages in order, so it has by then passed the message to
-every subscriber. (nats-py's flush() cannot say this: its PING can overtake publishes still
-queued in the client.) Until then a message stays in a window. When the connection drops, or a
-marker does not come back within the ack timeout, the whole window is published again, in order;
-Dynamo's router ignores event_ids it has already applied, so a repeat changes nothing and
-nothing goes missing. The discovery records that make the router listen are written before the
-first message and removed after the last (relay/dynamo_discovery.py).
+every subscriber (relay/dynamo_confirm.py; nats-py's flush() cannot say this: its PING can
+overtake publishes still queued in the client). Until then a message stays in a window. When
+the connection drops, or a marker does not come back within the ack timeout, the whole window
+is published again, in order; Dynamo's router ignores event_ids it has already applied, so a
+repeat changes nothing and nothing goes missing. The discovery records that make the router
+listen are written before the first message and removed after the last
+(relay/dynamo_discovery.py).
+
+In the steady state a message is sent in the producer's turn of the event loop, through the
+outbox (relay/outbox.py), as the JetStream publisher does; markers go the same way, so the
+order on the wire is the order of the calls.
 """
 
 from __future__ import annotations
@@ -19,16 +24,14 @@ import time
 from collections import deque
 from pathlib import Path
 
-import nats
 import nats.errors
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 
 from relay.buffer import Buffer
 from relay.codec import Codec, MalformedPayload
 from relay.config import Config
 from relay.discovery.etcd import EtcdGateway, EtcdRefused
 from relay.dynamo import EventStream, Translator, kv_events_subject
+from relay.dynamo_confirm import Markers
 from relay.dynamo_discovery import (
     FileBackend,
     FileStore,
@@ -41,6 +44,7 @@ from relay.dynamo_discovery import (
 from relay.dynamo_etcd import EtcdStore
 from relay.ingest import Frame
 from relay.metrics import Metrics
+from relay.outbox import InboxClient, Outbox
 from relay.publish import wait_until_sent
 from relay.ratelimit import RateLimitedLog
 from relay.schema import ResumePoint, Resync
@@ -80,24 +84,24 @@ class DynamoPublisher:
         self._warn = RateLimitedLog(log)
         self._subject = kv_events_subject(config.namespace, config.component,
                                           config.dynamo_endpoint)
+        self._pub_prefix = f"PUB {self._subject} ".encode()
         self._streams: dict[int, EventStream] = {}
         self.file_kv = Path(config.dynamo_file_kv or default_file_kv())
         self.registrar: Registrar | None = None
-        self._nc: Client | None = None
-        self._inbox = ""
-        self._markers: dict[int, asyncio.Future[None]] = {}
-        self._next_marker = 0
+        self._nc: InboxClient | None = None
+        self._outbox = Outbox()
         self._window: deque[_Sent] = deque()
-        self._last_published: _Sent | None = None  # on the current connection
-        self._generation = 0  # grows whenever what was published may not have arrived
+        self._markers = Markers[_Sent](self._outbox, self._online, self._confirm)
+        self._parked = False  # the publish loop waits for work: notify() may send directly
         self._resend = False
+        self._retry_at: float | None = None
         self._backoff = 0.05
         self._wake = asyncio.Event()
-        self._published = asyncio.Event()
         self._registered = asyncio.Event()
         self.connected = False
         self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
         self.last_error = "not connected yet"
+        metrics.in_flight.set_function(self._window.__len__)  # read at scrape time
 
     def _online(self) -> bool:
         return self.connected and self._nc is not None and self._nc.is_connected
@@ -152,16 +156,21 @@ class DynamoPublisher:
             return
         self._registered.set()
         log.info("connecting to NATS at %s", self._config.redacted()["nats"])
-        self._nc = await nats.connect(
+        nc = InboxClient()
+        await nc.connect(
             **nats_options(self._config),
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
         )
-        self._inbox = self._nc.new_inbox()
-        await self._nc.subscribe(self._inbox, cb=self._on_marker)
+        self._nc = nc
+        self._outbox.bind(nc)
+        inbox = nc.new_inbox()
+        self._markers.bind(inbox)
+        nc.inbox_handler = self._markers.on_reply
+        nc.inbox_sid = (await nc.subscribe(inbox))._id
         self.connected = True
-        url = self._nc.connected_url
+        url = nc.connected_url
         log.info("connected to NATS at %s; publishing Dynamo KV events on %s",
                  url.netloc if url else "?", self._subject)
         self._wake.set()
@@ -182,9 +191,10 @@ class DynamoPublisher:
         self.connected = False
         self.last_error = "disconnected from NATS"
         self._lose_connection()
+        # nats-py would send what it had not written yet before our ordered resend; the
+        # window holds all of it, so drop nats-py's copy and the outbox's (see publish.py).
+        self._outbox.discard()
         if self._nc is not None:
-            # nats-py would send what it had not written yet before our ordered resend; the
-            # window holds all of it, so drop nats-py's copy (see publish.py).
             self._nc._pending = []
             self._nc._pending_data_size = 0
 
@@ -197,39 +207,50 @@ class DynamoPublisher:
 
     def _lose_connection(self) -> None:
         """What was published but not confirmed may be lost: publish it all again."""
-        self._generation += 1
-        self._last_published = None
+        self._markers.forget()
         if self._window:
             self._resend = True
-        for marker in self._markers.values():
-            if not marker.done():
-                marker.set_exception(ConnectionError("NATS connection lost"))
+
+    def _retry_later(self) -> None:
+        """Publish again after a backoff that grows while NATS keeps not confirming."""
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self._config.reconnect_wait_max)
+        self._wake.set()
 
     # -- the publish loop ----------------------------------------------------------------------
 
     async def run(self) -> None:
         """Move frames from the buffer into the window until cancelled."""
-        side = [asyncio.ensure_future(self._confirm_loop()),
+        side = [asyncio.ensure_future(self._watch_markers()),
                 asyncio.ensure_future(self._keep_registered())]
         try:
             while True:
+                self._parked = True
                 await self._wake.wait()
+                self._parked = False
                 self._wake.clear()
                 if not self._online():
                     continue
+                if self._retry_at is not None:
+                    if time.monotonic() < self._retry_at:
+                        continue
+                    self._retry_at = None
                 if self._resend:
                     self._resend = False
                     for sent in list(self._window):
                         self._metrics.republished.inc()
                         await self._publish(sent)
-                        if not self._online():
+                        if not self._online() or self._resend:
                             break
-                while self._buffer and len(self._window) < self._config.max_in_flight:
-                    await self._send(self._buffer.pop())
+                while self._buffer and len(self._window) < self._config.max_in_flight \
+                        and not self._resend:
+                    entered = self._enter(self._buffer.pop())
+                    if entered is not None:
+                        await self._publish(entered)
                     if not self._online():
                         break
-                self._update_gauges()
         finally:
+            self._parked = False
             for task in side:
                 task.cancel()
 
@@ -239,11 +260,30 @@ class DynamoPublisher:
         await self.registrar.run()
 
     def notify(self) -> None:
-        """Called by the buffer's producer: there is something to send."""
+        """Called by the buffer's producer: there is something to send.
+
+        In the steady state (this loop idle, nothing to publish again, room in the window,
+        NATS up) the frame is sent right here, in the producer's turn: no wake-up of the
+        publish task per batch. Anything else is left to the publish loop, in order.
+        """
+        if self._parked and self._retry_at is None and not self._resend and self._online():
+            buffer, window, outbox = self._buffer, self._window, self._outbox
+            limit = self._config.max_in_flight
+            published = False
+            while buffer and len(window) < limit and outbox.writable():
+                sent = self._enter(buffer.pop())
+                if sent is not None:
+                    self._publish_now(sent)
+                    published = True
+            if published:
+                self._markers.follow()
+            if not buffer:
+                return
         self._wake.set()
 
-    async def _send(self, frame: Frame) -> None:
-        assert self._nc is not None
+    def _enter(self, frame: Frame) -> _Sent | None:
+        """Translate a frame into the next message of its rank and put it in the window; None
+        if nothing of it can go (counted)."""
         try:
             decoded = self._codec.decode(frame.payload)
         except MalformedPayload as exc:
@@ -252,7 +292,7 @@ class DynamoPublisher:
             self._warn.warning(exc.kind, "dropped a batch (dp_rank %d seq %d): %s",
                                frame.dp_rank, frame.seq, exc)
             self._owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
-            return
+            return None
         if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
             self._warn.warning("rank", "batch says data_parallel_rank %d but arrived on the "
                                "endpoint of dp_rank %d; publishing under %d",
@@ -260,19 +300,20 @@ class DynamoPublisher:
         self._metrics.events_received.inc(len(decoded.events))
         items = self._translator.translate(frame.resyncs, decoded.events)
         if not items:
-            return  # nothing in this batch that Dynamo's format can carry (counted)
+            return None  # nothing in this batch that Dynamo's format can carry (counted)
         stream = self._streams[frame.dp_rank]
         payload = stream.encode(items, int(time.time() * 1000))
+        assert self._nc is not None
         if len(payload) > self._nc.max_payload:
             stream.rollback(len(items))
             self._metrics.drop("too_large", 1, len(decoded.events))
             self._owe(frame.dp_rank, (Resync("gap", frame.seq, frame.seq),))
             log.error("dropped a batch of %d bytes for dp_rank %d: larger than the server's "
                       "max_payload", len(payload), frame.dp_rank)
-            return
+            return None
         sent = _Sent(frame, payload, decoded.ts, len(items))
         self._window.append(sent)
-        await self._publish(sent)
+        return sent
 
     def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
         """Announce a loss (as `cleared`) with the next message of `dp_rank`."""
@@ -280,91 +321,75 @@ class DynamoPublisher:
         self._buffer.owe(dp_rank, resyncs)
 
     async def _publish(self, sent: _Sent) -> None:
+        """Publish through nats-py, which waits while its queue is full."""
         assert self._nc is not None
         sent.sent_at = time.monotonic()
+        self._outbox.flush()  # what the steady state queued goes first
         try:
             await self._nc.publish(self._subject, sent.payload)
         except (nats.errors.Error, OSError) as exc:
             self._warn.warning("publish", "publish failed: %r; will publish again", exc)
             self._lose_connection()
+            self._retry_later()
             return
-        self._last_published = sent
-        self._published.set()
+        self._markers.published(sent)
+        self._markers.follow()
+
+    def _publish_now(self, sent: _Sent) -> None:
+        """`_publish` without awaiting, for the steady state: only while online and writable.
+
+        The PUB command goes to the outbox, which writes a turn's commands at once (this skips
+        nats-py's per-call checks: the subject is well-formed by construction and the size was
+        checked against max_payload)."""
+        sent.sent_at = time.monotonic()
+        payload = sent.payload
+        self._outbox.put(b"%s%d\r\n%s\r\n" % (self._pub_prefix, len(payload), payload),
+                         len(payload))
+        self._markers.published(sent)
 
     # -- confirmation --------------------------------------------------------------------------
 
-    async def _confirm_loop(self) -> None:
-        """After publishing, send a marker; confirm what went before it when it comes back."""
+    async def _watch_markers(self) -> None:
+        """Publish the window again when a marker has not come back within the ack timeout."""
+        period = min(self._config.ack_timeout / 4, 0.25)
         while True:
-            await self._published.wait()
-            self._published.clear()
-            while self._last_published is not None and self._online():
-                generation, mark = self._generation, self._last_published
-                try:
-                    await self._round_trip()
-                except (nats.errors.Error, TimeoutError, OSError) as exc:
-                    if generation == self._generation:
-                        self._warn.warning("confirm", "NATS did not confirm %d messages "
-                                           "within %.1fs (%r); publishing them again",
-                                           len(self._window), self._config.ack_timeout, exc)
-                        self._lose_connection()
-                        await asyncio.sleep(self._backoff)
-                        self._backoff = min(self._backoff * 2, self._config.reconnect_wait_max)
-                        self._wake.set()
-                    break
-                if generation != self._generation:
-                    break
-                self._backoff = 0.05
-                self._confirm(mark)
-                if mark is self._last_published:
-                    break
-
-    async def _round_trip(self) -> None:
-        """Publish a marker to our own inbox and wait until the server hands it back."""
-        assert self._nc is not None
-        self._next_marker += 1
-        token = self._next_marker
-        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._markers[token] = marker
-        try:
-            await self._nc.publish(self._inbox, str(token).encode())
-            await asyncio.wait_for(marker, self._config.ack_timeout)
-        finally:
-            del self._markers[token]
-
-    async def _on_marker(self, msg: Msg) -> None:
-        try:
-            marker = self._markers.get(int(msg.data))
-        except ValueError:
-            return
-        if marker is not None and not marker.done():
-            marker.set_result(None)
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            if self._retry_at is not None and now >= self._retry_at:
+                self._wake.set()
+            if self._markers.out and now - self._markers.sent_at > self._config.ack_timeout \
+                    and self._online():
+                self._warn.warning("confirm", "NATS did not confirm %d messages within %.1fs; "
+                                   "publishing them again", len(self._window),
+                                   self._config.ack_timeout)
+                self._lose_connection()
+                self._retry_later()
 
     def _confirm(self, mark: _Sent) -> None:
+        """A marker came back: the server has passed on everything up to `mark`."""
+        self._backoff = 0.05
         now, wall = time.monotonic(), time.time()
-        while self._window:
-            sent = self._window.popleft()
-            self._metrics.batches_published.inc()
-            self._metrics.events_published.inc(sent.events)
-            self._metrics.publish_latency.observe(now - sent.sent_at)
-            self._metrics.lag.observe(max(0.0, wall - sent.ts))
+        window, metrics = self._window, self._metrics
+        batches = events = 0
+        while window:
+            sent = window.popleft()
+            batches += 1
+            events += sent.events
+            metrics.publish_latency.observe(now - sent.sent_at)
+            metrics.lag.observe(max(0.0, wall - sent.ts))
             if sent is mark:
                 break
-        if len(self._window) < self._config.max_in_flight:
+        metrics.batches_published.inc(batches)
+        metrics.events_published.inc(events)
+        if self._buffer and len(window) < self._config.max_in_flight:
             self._wake.set()
-
-    def _update_gauges(self) -> None:
-        self._metrics.in_flight.set(len(self._window))
 
     # -- shutdown ------------------------------------------------------------------------------
 
     async def flush(self, within: float) -> bool:
         """Wait until the buffer and the window are empty; False if `within` seconds pass."""
-        flushed = await wait_until_sent(lambda: bool(self._buffer or self._window), self._wake,
-                                        within)
-        if flushed:
-            self._update_gauges()
-        return flushed
+        return await wait_until_sent(lambda: bool(self._buffer or self._window), self._wake,
+                                     within)
 
     def abandon(self) -> int:
         """Count what could not be delivered; returns the number of batches."""
@@ -374,12 +399,12 @@ class DynamoPublisher:
         self._window.clear()
         if lost:
             self._metrics.drop("shutdown", lost, events)
-        self._update_gauges()
         return lost
 
     async def close(self) -> None:
         """Leave Dynamo's discovery (the router drops the worker's ranks), then NATS."""
         self.connected = False
+        self._markers.cancel()
         if self.registrar is not None:
             try:
                 await self.registrar.unregister()
