@@ -27,7 +27,7 @@ from pathlib import Path
 import nats.errors
 
 from relay.buffer import Buffer
-from relay.codec import Codec, MalformedPayload
+from relay.codec import Codec
 from relay.config import Config
 from relay.discovery.etcd import EtcdGateway, EtcdRefused
 from relay.dynamo import EventStream, Translator, kv_events_subject
@@ -45,7 +45,7 @@ from relay.dynamo_etcd import EtcdStore
 from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.outbox import InboxClient, Outbox
-from relay.publish import wait_until_sent
+from relay.publish import read_frame, wait_until_sent
 from relay.ratelimit import RateLimitedLog
 from relay.schema import ResumePoint, Resync
 from relay.stream import nats_options
@@ -284,19 +284,9 @@ class DynamoPublisher:
     def _enter(self, frame: Frame) -> _Sent | None:
         """Translate a frame into the next message of its rank and put it in the window; None
         if nothing of it can go (counted)."""
-        try:
-            decoded = self._codec.decode(frame.payload)
-        except MalformedPayload as exc:
-            self._metrics.decode_errors.labels(exc.kind).inc()
-            self._metrics.drop("malformed", 1)
-            self._warn.warning(exc.kind, "dropped a batch (dp_rank %d seq %d): %s",
-                               frame.dp_rank, frame.seq, exc)
-            self._owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
+        decoded = read_frame(self._codec, frame, self._metrics, self._warn, self._owe)
+        if decoded is None:
             return None
-        if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
-            self._warn.warning("rank", "batch says data_parallel_rank %d but arrived on the "
-                               "endpoint of dp_rank %d; publishing under %d",
-                               decoded.dp_rank, frame.dp_rank, frame.dp_rank)
         self._metrics.events_received.inc(len(decoded.events))
         items = self._translator.translate(frame.resyncs, decoded.events)
         if not items:

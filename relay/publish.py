@@ -31,7 +31,7 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from relay.buffer import Buffer
-from relay.codec import Codec, MalformedPayload
+from relay.codec import Codec, DecodedBatch, MalformedPayload
 from relay.config import Config
 from relay.ingest import Frame
 from relay.metrics import Metrics
@@ -99,6 +99,36 @@ async def wait_until_sent(unsent: Callable[[], bool], wake: asyncio.Event,
 
 
 _SEND_SLICE = 256  # batches the publish loop sends from a backlog before letting others run
+
+
+Owe = Callable[[int, tuple[Resync, ...]], None]
+
+
+def drop_malformed(frame: Frame, exc: MalformedPayload, metrics: Metrics, warn: RateLimitedLog,
+                   owe: Owe) -> None:
+    """Count and log a batch that cannot be read or written; what it had to announce, and its
+    own loss, go with its rank's next batch (`owe`)."""
+    metrics.decode_errors.labels(exc.kind).inc()
+    metrics.drop("malformed", 1)
+    warn.warning(exc.kind, "dropped a batch (dp_rank %d seq %d): %s", frame.dp_rank, frame.seq,
+                 exc)
+    owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
+
+
+def read_frame(codec: Codec, frame: Frame, metrics: Metrics, warn: RateLimitedLog,
+               owe: Owe) -> DecodedBatch | None:
+    """A frame's vLLM batch, decoded for either publisher; None if it is malformed (dropped
+    through `drop_malformed`)."""
+    try:
+        decoded = codec.decode(frame.payload)
+    except MalformedPayload as exc:
+        drop_malformed(frame, exc, metrics, warn, owe)
+        return None
+    if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
+        warn.warning("rank", "batch says data_parallel_rank %d but arrived on the endpoint of "
+                     "dp_rank %d; publishing under %d", decoded.dp_rank, frame.dp_rank,
+                     frame.dp_rank)
+    return decoded
 
 
 class _ApiError(msgspec.Struct):
@@ -364,27 +394,20 @@ class Publisher:
 
     def _enter(self, frame: Frame) -> tuple[int, _Pending] | None:
         """Encode a frame and put it in the window; None if it was dropped (counted)."""
+        decoded = read_frame(self._codec, frame, self._metrics, self._warn, self._owe)
+        if decoded is None:
+            return None
+        events: list[Any] = ([*frame.resyncs, *decoded.events] if frame.resyncs
+                             else decoded.events)
+        batch = RelayBatch(
+            instance_id=self._instance_id, dp_rank=frame.dp_rank, epoch=frame.epoch,
+            seq=frame.seq, ts=decoded.ts, relay_ts=frame.recv_ts, events=events,
+        )
         try:
-            decoded = self._codec.decode(frame.payload)
-            events: list[Any] = ([*frame.resyncs, *decoded.events] if frame.resyncs
-                                 else decoded.events)
-            batch = RelayBatch(
-                instance_id=self._instance_id, dp_rank=frame.dp_rank, epoch=frame.epoch,
-                seq=frame.seq, ts=decoded.ts, relay_ts=frame.recv_ts, events=events,
-            )
             payload = self._codec.encode(batch)
         except MalformedPayload as exc:
-            self._metrics.decode_errors.labels(exc.kind).inc()
-            self._metrics.drop("malformed", 1)
-            self._warn.warning(exc.kind, "dropped a batch (dp_rank %d seq %d): %s",
-                               frame.dp_rank, frame.seq, exc)
-            # What this batch had to announce, and its own loss, go with the next one.
-            self._owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
+            drop_malformed(frame, exc, self._metrics, self._warn, self._owe)
             return None
-        if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
-            self._warn.warning("rank", "batch says data_parallel_rank %d but arrived on the "
-                               "endpoint of dp_rank %d; publishing under %d",
-                               decoded.dp_rank, frame.dp_rank, frame.dp_rank)
         self._metrics.events_received.inc(len(decoded.events))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
         token = self._next_token
