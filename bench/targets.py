@@ -121,6 +121,19 @@ class KvRelay(Target):
                 for w in site.workers]
 
 
+@register
+class KvRelayLibzmq(KvRelay):
+    name = "kvrelay-libzmq"
+    summary = "kvrelay run into JetStream, reading vLLM through libzmq (--zmq-engine libzmq)"
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        return [Launch(f"kvrelay-libzmq-{w.index}",
+                       _kvrelay_argv(site, w, "--zmq-engine", "libzmq"), {},
+                       site.workdir / f"kvrelay-libzmq-{w.index}.log",
+                       health_ok(w.system_port))
+                for w in site.workers]
+
+
 def _dynamo_env(site: TrialSite) -> dict[str, str]:
     return {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(site.workdir / "dynamo-kv"),
             "DYN_REQUEST_PLANE": "tcp", "DYN_EVENT_PLANE": "nats", "NATS_SERVER": site.nats_url,

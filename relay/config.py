@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from relay.zmtp import parse_endpoint
+
 log = logging.getLogger("kvrelay.config")
 
 NAME_RULE = re.compile(r"^[a-z0-9-_]+$")  # Dynamo's rule for namespaces and components
@@ -61,6 +63,9 @@ class Config:
         "vLLM replay ROUTER endpoint, one per ZMQ endpoint in the same order; repeatable",
         many=True, metavar="ENDPOINT"))
     topic: str = field(default="", metadata=_opt("ZMQ topic prefix to subscribe to (all)"))
+    zmq_engine: Literal["native", "libzmq"] = field(default="native", metadata=_opt(
+        "how vLLM's PUB stream is read: native (ZMTP on the relay's event loop, tcp:// and "
+        "ipc://) or libzmq (pyzmq, every transport libzmq has)", choices=("native", "libzmq")))
     dp_ranks: int = field(default=1, metadata=_opt(
         "data-parallel ranks: expand the one ZMQ (and replay) endpoint to N consecutive ports"))
     dp_rank_start: int = field(default=0, metadata=_opt(
@@ -272,6 +277,14 @@ class Config:
                     replay=offset_endpoint(replay, offset) if replay else None,
                     dp_rank=self.dp_rank_start + index + offset,
                 ))
+        if self.zmq_engine == "native":
+            for spec in specs:
+                try:
+                    address = parse_endpoint(spec.endpoint)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+                if not spec.bind and address.transport == "tcp" and not address.host:
+                    raise ConfigError(f"--zmq {spec.endpoint}: connecting needs a host, not *")
         subs = {s.endpoint for s in specs}
         for spec in specs:
             if spec.replay in subs:

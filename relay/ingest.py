@@ -22,6 +22,7 @@ from relay.config import SourceSpec
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimitedLog
 from relay.schema import ResumePoint, Resync, ResyncReason
+from relay.zmtp import Messages, Subscriber
 
 log = logging.getLogger("kvrelay.ingest")
 
@@ -63,8 +64,10 @@ class Source:
         hold_bytes: int = 64 << 20,
         replay_timeout: float = 2.0,
         replay_cooldown: float = 5.0,
+        engine: str = "native",
     ) -> None:
         self.spec = spec
+        self._engine = engine
         self._ctx = ctx
         self._sink = sink
         self._metrics = metrics
@@ -75,8 +78,9 @@ class Source:
         self._replay_cooldown = replay_cooldown
         self._warn = RateLimitedLog(log)
         self._received = metrics.batches_received.labels(str(spec.dp_rank))
-        self.subscribed = False
-        self.peers = 0
+        self._libzmq_subscribed = False
+        self._libzmq_peers = 0
+        self._subscriber: Subscriber | None = None
         # Sequence state: the next seq expected in `epoch` (None: nothing known yet), and a
         # reason to announce with the next batch even when no seq is missing.
         self.epoch = 0
@@ -99,17 +103,49 @@ class Source:
     def name(self) -> str:
         return f"{self.spec.endpoint} (dp_rank {self.spec.dp_rank})"
 
-    async def run(self, resume: Awaitable[ResumePoint | None]) -> None:
-        """Read until cancelled; batches wait until `resume` says where the stream left off.
+    @property
+    def subscribed(self) -> bool:
+        """Bound, or connecting (a vLLM that is not up yet is waited for, not an error)."""
+        if self._subscriber is not None:
+            return self._subscriber.listening or not self.spec.bind
+        return self._libzmq_subscribed
 
-        No task wakes per message: a reader callback on the socket's FD drains everything
-        waiting without awaiting (awaiting each message costs 4x), so a burst is one turn.
-        """
+    @property
+    def peers(self) -> int:
+        """vLLM publishers attached right now."""
+        return self._subscriber.peers if self._subscriber is not None else self._libzmq_peers
+
+    async def run(self, resume: Awaitable[ResumePoint | None]) -> None:
+        """Read until cancelled; batches wait until `resume` says where the stream left off."""
         self._spawn(self._resume(resume))
+        loop = asyncio.get_running_loop()
+        self._failed = failed = loop.create_future()
+        if self._engine == "native":
+            await self._run_native(failed)
+        else:
+            await self._run_libzmq(failed)
+
+    async def _run_native(self, failed: asyncio.Future[None]) -> None:
+        """ZMTP on this event loop: each read of the socket hands on every message it holds."""
+        subscriber = self._subscriber = Subscriber(
+            self.spec.endpoint, self.spec.bind, self._topic, self._take, self.name)
+        reading = asyncio.ensure_future(subscriber.run(
+            lambda message: self._warn.warning("retry:" + self.name, "%s", message)))
+        try:
+            await asyncio.wait({failed, reading}, return_when=asyncio.FIRST_COMPLETED)
+            if failed.done():
+                failed.result()
+            reading.result()
+        finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+
+    async def _run_libzmq(self, failed: asyncio.Future[None]) -> None:
+        """pyzmq: no task wakes per message; a reader callback on the socket's FD drains
+        everything waiting without awaiting (awaiting each message costs 4x)."""
         sock = await self._open()
         drain: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)  # same socket, sync
         loop = asyncio.get_running_loop()
-        self._failed = failed = loop.create_future()
         fd = drain.fileno()
         loop.add_reader(fd, self._drain, drain)
         try:
@@ -121,15 +157,15 @@ class Source:
             if self._watcher is not None:
                 self._watcher.cancel()
             sock.close(linger=0)
-            self.subscribed = False
+            self._libzmq_subscribed = False
 
     def _drain(self, sock: zmq.Socket[bytes]) -> None:
         """Take every message waiting on the socket, up to a turn's worth."""
         failed = self._failed
         if failed is None or failed.done():
             return
+        batch: Messages = []
         try:
-            batch: list[list[bytes]] = []
             recv = sock.recv_multipart
             try:
                 while len(batch) < DRAIN_LIMIT:
@@ -140,10 +176,20 @@ class Source:
                 # More may wait, and the FD will not signal it again: come back, but after
                 # publishing and acks had their turn (a flood must not starve them).
                 asyncio.get_running_loop().call_soon(self._drain, sock)
-            if batch:
-                now = time.time()
-                on_frames = self._on_frames
-                self._received.inc(sum([on_frames(frames, now) for frames in batch]))
+        except Exception as exc:  # a callback's exception would only be logged: end run()
+            failed.set_exception(exc)
+        if batch:
+            self._take(batch)
+
+    def _take(self, messages: Messages) -> None:
+        """Sequence-check and hand on messages just read (either engine)."""
+        failed = self._failed
+        if failed is None or failed.done():
+            return
+        try:
+            now = time.time()
+            on_frames = self._on_frames
+            self._received.inc(sum([on_frames(frames, now) for frames in messages]))
         except Exception as exc:  # a callback's exception would only be logged: end run()
             failed.set_exception(exc)
 
@@ -191,7 +237,7 @@ class Source:
             self._watcher.cancel()
             sock.close(linger=0)
             raise
-        self.subscribed = True
+        self._libzmq_subscribed = True
         mode = "bound" if self.spec.bind else "connecting to"
         log.info("ZMQ SUB %s %s (dp_rank %d)", mode, self.spec.endpoint, self.spec.dp_rank)
         return sock
@@ -203,10 +249,10 @@ class Source:
                 event = parse_monitor_message(await monitor.recv_multipart())
                 kind = event["event"]
                 if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self.peers += 1
+                    self._libzmq_peers += 1
                     log.info("vLLM publisher attached on %s", self.name)
                 elif kind == zmq.EVENT_DISCONNECTED:
-                    self.peers = max(0, self.peers - 1)
+                    self._libzmq_peers = max(0, self._libzmq_peers - 1)
                     log.warning("vLLM publisher went away from %s", self.name)
                 elif kind == zmq.EVENT_CONNECT_RETRIED:
                     self._warn.warning("retry:" + self.name,

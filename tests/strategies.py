@@ -505,3 +505,17 @@ def index_scripts(draw: st.DrawFn, resyncs: bool = True) -> list[RelayBatch]:
                                   seq=next_seq[worker], ts=1.0, relay_ts=1.0, events=events))
         next_seq[worker] += 1
     return batches
+
+
+# -- ZMTP byte streams, as a PUB writes them to the relay's native SUB --------------------------
+
+zmtp_frames: Final = st.one_of(st.binary(max_size=300), st.binary(min_size=250, max_size=2000))
+zmtp_messages: Final = st.lists(st.lists(zmtp_frames, min_size=1, max_size=4), max_size=12)
+
+
+@st.composite
+def chunkings(draw: st.DrawFn, size: int) -> list[int]:
+    """Where a stream of `size` bytes is cut into the reads that deliver it (sorted offsets)."""
+    if size == 0:
+        return []
+    return sorted(set(draw(st.lists(st.integers(1, size - 1), max_size=40)))) if size > 1 else []

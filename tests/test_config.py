@@ -48,7 +48,8 @@ def test_dp_ranks_expand_like_vllm() -> None:
         SourceSpec("tcp://127.0.0.1:5558", False, "tcp://127.0.0.1:6001", 3),
         SourceSpec("tcp://127.0.0.1:5559", False, "tcp://127.0.0.1:6002", 4),
     )
-    inproc = Config.load({"zmq_bind": ["inproc://kv"], "dp_ranks": "2"}, {})
+    inproc = Config.load({"zmq_bind": ["inproc://kv"], "dp_ranks": "2", "zmq_engine": "libzmq"},
+                         {})
     assert [s.endpoint for s in inproc.sources()] == ["inproc://kv", "inproc://kv_dp1"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import zmq
 import zmq.asyncio
 
@@ -87,8 +88,10 @@ async def test_stop_while_bind_keeps_failing_does_not_hang(nats_server: NatsServ
         ctx.term()
 
 
-async def test_queued_messages_do_not_starve_other_tasks() -> None:
-    """With messages already waiting, the reader yields between turns so publishing can run."""
+@pytest.mark.parametrize("engine", ["native", "libzmq"])
+async def test_queued_messages_do_not_starve_other_tasks(engine: str) -> None:
+    """With messages already waiting, the reader yields between turns so publishing can run
+    (libzmq: every 1,024 messages; native: every socket read, of at most a few hundred KiB)."""
     port = free_port()
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
@@ -111,7 +114,7 @@ async def test_queued_messages_do_not_starve_other_tasks() -> None:
             await asyncio.sleep(0)
 
     spec = SourceSpec(f"tcp://127.0.0.1:{port}", False, None, 0)
-    source = Source(spec, zmq.asyncio.Context.instance(), deliver, Metrics())
+    source = Source(spec, zmq.asyncio.Context.instance(), deliver, Metrics(), engine=engine)
     resumed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     resumed.set_result(None)
     reading = asyncio.ensure_future(source.run(resumed))
@@ -125,8 +128,8 @@ async def test_queued_messages_do_not_starve_other_tasks() -> None:
         await asyncio.sleep(0.1)
         first = len(ticks_at)
         # Queue a flood while the loop is blocked here, so every message is already waiting.
-        for _ in range(1500):
-            pub.send_multipart([b"", seq.to_bytes(8, "big"), b"x"])
+        for _ in range(1500):  # 1.5 MiB: more than one read of the socket
+            pub.send_multipart([b"", seq.to_bytes(8, "big"), bytes(1024)])
             seq += 1
         time.sleep(0.3)  # noqa: ASYNC251 - blocks the loop on purpose, so the flood queues up
         expected = first + 1500

@@ -1,0 +1,293 @@
+"""The native ZMTP SUB against libzmq's PUB (pyzmq), and its framing against any cut of a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import chunkings, zmtp_messages
+
+from relay.natsserver import free_port
+from relay.zmtp import GREETING, READY, Connection, Messages, Subscriber, parse_endpoint
+
+
+def frame(body: bytes, more: bool = False, command: bool = False) -> bytes:
+    """One ZMTP frame, written here independently of relay.zmtp."""
+    flags = (1 if more else 0) | (4 if command else 0)
+    if len(body) > 255:
+        return bytes([flags | 2]) + len(body).to_bytes(8, "big") + body
+    return bytes([flags, len(body)]) + body
+
+
+def pub_stream(messages: Messages) -> bytes:
+    """What a PUB writes after the handshake-free start: greeting, READY, then the messages."""
+    ready = frame(b"\x05READY\x0bSocket-Type" + (3).to_bytes(4, "big") + b"PUB", command=True)
+    out = [GREETING, ready]
+    for message in messages:
+        out += [frame(part, more=i < len(message) - 1) for i, part in enumerate(message)]
+    return b"".join(out)
+
+
+class Recorder:
+    """The transport side of a Connection under a parser test: what it wrote, and whether the
+    Connection aborted it."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.aborted = True
+
+    def get_extra_info(self, name: str) -> Any:
+        return None
+
+
+async def _connection() -> tuple[Connection, Recorder, Messages]:
+    got: Messages = []
+    connection = Connection(b"kv", got.extend, lambda c: None, lambda c, e: None)
+    recorder = Recorder()
+    connection.connection_made(recorder)  # type: ignore[arg-type]
+    return connection, recorder, got
+
+
+@settings(deadline=None, max_examples=150)
+@given(messages=zmtp_messages, data=st.data())
+async def test_any_cut_of_the_stream_gives_the_same_messages(messages: Messages,
+                                                             data: st.DataObject) -> None:
+    """However TCP cuts the bytes into reads, the same whole messages come out, in order."""
+    stream = pub_stream(messages)
+    cuts = data.draw(chunkings(len(stream)))
+    connection, recorder, got = await _connection()
+    for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        connection.data_received(stream[start:stop])
+    assert got == messages
+    assert not recorder.aborted
+    # The SUB answered the greeting with READY, then subscribed to its topic (ZMTP 3.0 form).
+    assert recorder.written == [GREETING, READY, b"\x00\x03\x01kv"]
+    connection.connection_lost(None)
+
+
+@pytest.mark.parametrize(("stream", "why"), [
+    (b"GET / HTTP/1.1\r\n\r\n" + bytes(64), "not a ZMTP 3 socket"),
+    (b"\xff" + bytes(8) + b"\x7f\x02" + bytes(53), "ZMTP 2.x"),
+    (GREETING[:12] + b"CURVE".ljust(20, b"\x00") + GREETING[32:], "CURVE"),
+    (GREETING + frame(b"\x05READY\x0bSocket-Type" + (4).to_bytes(4, "big") + b"PUSH",
+                      command=True), "a PUSH socket"),
+    (GREETING + frame(b"hello"), "a message before READY"),
+    (GREETING + frame(b"\x05ERROR\x06denied", command=True), "denied"),
+])
+async def test_a_peer_that_is_not_a_pub_is_refused(stream: bytes, why: str) -> None:
+    """Anything but a ZMTP 3 PUB with the NULL mechanism is closed with the reason, not read."""
+    closed: list[Exception | None] = []
+    got: Messages = []
+    connection = Connection(b"", got.extend, lambda c: None, lambda c, e: closed.append(e))
+    recorder = Recorder()
+    connection.connection_made(recorder)  # type: ignore[arg-type]
+    connection.data_received(stream)
+    assert recorder.aborted
+    connection.connection_lost(None)
+    assert got == []
+    assert why in str(closed[0])
+
+
+@pytest.mark.parametrize(("endpoint", "parsed"), [
+    ("tcp://127.0.0.1:5557", ("tcp", "127.0.0.1", 5557, "")),
+    ("tcp://*:5557", ("tcp", "", 5557, "")),
+    ("tcp://[::1]:5557", ("tcp", "::1", 5557, "")),
+    ("tcp://vllm-0.vllm:5557", ("tcp", "vllm-0.vllm", 5557, "")),
+    ("ipc:///tmp/kv", ("ipc", "", 0, "/tmp/kv")),
+])
+def test_endpoints_read_natively(endpoint: str, parsed: tuple[str, str, int, str]) -> None:
+    """tcp:// (wildcard, IPv6, names) and ipc:// endpoints parse to what the loop connects to."""
+    assert tuple(parse_endpoint(endpoint)) == parsed
+
+
+@pytest.mark.parametrize("endpoint", ["inproc://kv", "tcp://127.0.0.1", "tcp://h:0",
+                                      "tcp://eth0;127.0.0.1:5557", "127.0.0.1:5557", "ipc://"])
+def test_endpoints_not_read_natively_say_so(endpoint: str) -> None:
+    """Endpoints the native engine cannot read are refused with a reason, not mis-read."""
+    with pytest.raises(ValueError, match=r"endpoint|tcp://|ipc://|libzmq"):
+        parse_endpoint(endpoint)
+
+
+@contextlib.asynccontextmanager
+async def subscribed(endpoint: str, bind: bool, topic: bytes = b""
+                     ) -> AsyncIterator[tuple[Subscriber, Messages, asyncio.Event]]:
+    got: Messages = []
+    arrived = asyncio.Event()
+
+    def deliver(messages: Messages) -> None:
+        got.extend(messages)
+        arrived.set()
+
+    retries: list[str] = []
+    subscriber = Subscriber(endpoint, bind, topic, deliver, endpoint)
+    task = asyncio.ensure_future(subscriber.run(retries.append))
+    try:
+        yield subscriber, got, arrived
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def send_until_received(pub: zmq.Socket[bytes], got: Messages, arrived: asyncio.Event,
+                              message: list[bytes]) -> None:
+    """PUB drops what it sends before the subscription reaches it: repeat until one arrives."""
+    for _ in range(250):
+        pub.send_multipart(message)
+        try:
+            await asyncio.wait_for(arrived.wait(), 0.02)
+            return
+        except TimeoutError:
+            continue
+    raise AssertionError("the subscription never reached the PUB")
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+async def test_reads_libzmq_pub_it_connects_to(transport: str, tmp_path: Path) -> None:
+    """Connected to libzmq's PUB: multipart messages arrive whole, in order, big ones too."""
+    endpoint = (f"tcp://127.0.0.1:{free_port()}" if transport == "tcp"
+                else f"ipc://{tmp_path / 'kv.sock'}")
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(endpoint)
+    try:
+        async with subscribed(endpoint, bind=False) as (subscriber, got, arrived):
+            await send_until_received(pub, got, arrived, [b"", b"hello"])
+            assert subscriber.peers == 1
+            got.clear()
+            sent = [[b"", seq.to_bytes(8, "big"), bytes([seq % 256]) * (seq * 997)]
+                    for seq in range(300)]  # up to 300 KB: frames longer than one read
+            for message in sent:
+                pub.send_multipart(message)
+            for _ in range(500):
+                if len(got) >= len(sent):
+                    break
+                await asyncio.sleep(0.01)
+            assert got == sent
+    finally:
+        pub.close(linger=0)
+        ctx.term()
+
+
+async def test_accepts_libzmq_pubs_that_connect(caplog: pytest.LogCaptureFixture) -> None:
+    """Bound: several PUBs connect (as vLLM does to a bound SUB), each one's messages arrive."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    pubs = [ctx.socket(zmq.PUB) for _ in range(2)]
+    try:
+        async with subscribed(endpoint, bind=True) as (subscriber, got, arrived):
+            for _ in range(100):
+                if subscriber.listening:
+                    break
+                await asyncio.sleep(0.01)
+            for pub in pubs:
+                pub.connect(endpoint)
+            for index, pub in enumerate(pubs):
+                arrived.clear()
+                await send_until_received(pub, got, arrived, [b"", bytes([index])])
+            assert {bytes(m[1]) for m in got} == {b"\x00", b"\x01"}
+            assert subscriber.peers == 2
+            caplog.set_level(logging.WARNING, "kvrelay.zmtp")
+            pubs[0].close(linger=0)
+            for _ in range(200):
+                if subscriber.peers == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert subscriber.peers == 1
+            assert "vLLM publisher went away" in caplog.text
+    finally:
+        for pub in pubs:
+            pub.close(linger=0)
+        ctx.term()
+
+
+async def test_topic_filters_at_the_pub() -> None:
+    """The subscription carries the topic: libzmq's PUB sends only messages that start with it."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(endpoint)
+    try:
+        async with subscribed(endpoint, bind=False, topic=b"kv") as (_, got, arrived):
+            await send_until_received(pub, got, arrived, [b"kv-events", b"1"])
+            pub.send_multipart([b"other", b"2"])
+            pub.send_multipart([b"kv-events", b"3"])
+            for _ in range(200):
+                if got[-1][1] == b"3":
+                    break
+                await asyncio.sleep(0.01)
+            assert {bytes(m[1]) for m in got} <= {b"1", b"3"}
+            assert got[-1] == [b"kv-events", b"3"]
+    finally:
+        pub.close(linger=0)
+        ctx.term()
+
+
+async def test_reconnects_when_the_pub_restarts() -> None:
+    """A PUB that goes away and binds again (vLLM restarting) is found again without help."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    ctx = zmq.Context()
+    try:
+        async with subscribed(endpoint, bind=False) as (subscriber, got, arrived):
+            for generation in range(2):
+                pub = ctx.socket(zmq.PUB)
+                pub.bind(endpoint)
+                arrived.clear()
+                await send_until_received(pub, got, arrived, [b"", bytes([generation])])
+                pub.close(linger=0)
+                await asyncio.sleep(0.1)
+            assert [m[1] for m in got if len(m) == 2][-1] == b"\x01"
+            assert subscriber.peers <= 1
+    finally:
+        ctx.term()
+
+
+async def test_garbage_server_is_retried_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    """A TCP server that is not ZMQ: the reason is logged, the SUB keeps retrying, no crash."""
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n" + bytes(64))
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    caplog.set_level(logging.WARNING, "kvrelay.zmtp")
+    try:
+        async with subscribed(f"tcp://127.0.0.1:{port}", bind=False) as (subscriber, got, _):
+            for _ in range(200):
+                if caplog.text.count("not a ZMTP 3 socket") >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert caplog.text.count("not a ZMTP 3 socket") >= 2  # tried again after the first
+            assert got == []
+            assert subscriber.peers == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_greeting_is_the_rfc_layout() -> None:
+    """64 bytes: signature, version 3.0, NULL mechanism, as-server 0 (RFC 23)."""
+    assert len(GREETING) == 64
+    assert GREETING[0] == 0xFF
+    assert GREETING[9] == 0x7F
+    assert GREETING[10:12] == b"\x03\x00"
+    assert GREETING[12:32].rstrip(b"\x00") == b"NULL"
