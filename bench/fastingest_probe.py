@@ -333,8 +333,8 @@ class PerMessageAcks(Publisher):
         self.inbox = self.nc.new_inbox() + "."
         self.prefix = self.inbox.encode()
         self.pending: dict[int, int] = {}
-        self.nc.inbox_handler = self.on_ack
-        self.nc.inbox_sid = (await self.nc.subscribe(self.inbox + "*"))._id
+        self.nc.route_inbox(self.inbox, (await self.nc.subscribe(self.inbox + "*"))._id,
+                            self.on_ack)
 
     def send(self, count: int) -> None:
         for _ in range(count):
@@ -368,8 +368,8 @@ class FastIngest(Publisher):
     async def start(self) -> None:
         self.inbox = self.nc.new_inbox()
         self.reply_prefix = f"{self.inbox}.{self.flow}.fail."
-        self.nc.inbox_handler = self.on_frame
-        self.nc.inbox_sid = (await self.nc.subscribe(self.inbox + ".>"))._id
+        self.nc.route_inbox(self.inbox + ".", (await self.nc.subscribe(self.inbox + ".>"))._id,
+                            self.on_frame)
 
     def send(self, count: int) -> None:
         for _ in range(count):

@@ -167,8 +167,7 @@ class DynamoPublisher:
         self._outbox.bind(nc)
         inbox = nc.new_inbox()
         self._markers.bind(inbox)
-        nc.inbox_handler = self._markers.on_reply
-        nc.inbox_sid = (await nc.subscribe(inbox))._id
+        nc.route_inbox(inbox, (await nc.subscribe(inbox))._id, self._markers.on_reply)
         self.connected = True
         url = nc.connected_url
         log.info("connected to NATS at %s; publishing Dynamo KV events on %s",

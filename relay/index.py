@@ -139,9 +139,13 @@ def tier_of(event: Stored | Removed) -> Tier:
 class KvIndex:
     """Blocks per worker and tier, built by `apply`ing RelayBatches in stream order."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, queries: bool = True) -> None:
+        """`queries=False`: an index that only keeps blocks (a relay's own, for snapshots) and
+        answers no `overlap` or `distinct_blocks`; it skips the per-block holder masks those
+        need, which halves the memory each event touches."""
         self._workers: dict[WorkerKey, _Worker] = {}
         self._slots: list[WorkerKey | None] = []
+        self._queries = queries
         self._holders: dict[Tier, dict[BlockHash, int]] = {}
         self.stream_seq = 0
         """The highest JetStream sequence passed to `apply` (0: none)."""
@@ -180,7 +184,13 @@ class KvIndex:
             self._clear(worker)
             worker.exact = False
         for event in batch.events:
-            self._event(worker, event)
+            kind = type(event)
+            if kind is Stored:
+                self._store(worker, event)  # type: ignore[arg-type]
+            elif kind is Removed:
+                self._remove(worker, event)  # type: ignore[arg-type]
+            else:
+                self._event(worker, event)
         worker.epoch, worker.seq = epoch, seq
         worker.batches += 1
         worker.events += len(batch.events)
@@ -211,6 +221,12 @@ class KvIndex:
         blocks = worker.tiers.get(tier)
         if blocks is None:
             blocks = worker.tiers[tier] = {}
+        if not self._queries:
+            parent = event.parent_block_hash
+            for block in event.block_hashes:
+                blocks[block] = parent
+                parent = block
+            return
         holders = self._holders.setdefault(tier, {})
         bit = worker.bit
         parent = event.parent_block_hash
@@ -228,6 +244,12 @@ class KvIndex:
         if not blocks:
             worker.unmatched_removes += len(event.block_hashes)
             return
+        if not self._queries:
+            pop = blocks.pop
+            for block in event.block_hashes:
+                if pop(block, _MISSING) is _MISSING:
+                    worker.unmatched_removes += 1
+            return
         holders = self._holders[tier]
         bit = worker.bit
         for block in event.block_hashes:
@@ -241,6 +263,9 @@ class KvIndex:
                 del holders[block]
 
     def _clear(self, worker: _Worker) -> None:
+        if not self._queries:
+            worker.tiers = {}
+            return
         bit = worker.bit
         for tier, blocks in worker.tiers.items():
             holders = self._holders[tier]
@@ -277,6 +302,7 @@ class KvIndex:
                 ) -> dict[WorkerKey, int]:
         """For a request's block hashes, how many leading ones each worker holds (workers
         holding none are left out)."""
+        self._answers()
         holders = self._holders.get(tier)
         if not holders or not block_hashes:
             return {}
@@ -325,7 +351,13 @@ class KvIndex:
 
     def distinct_blocks(self, tier: Tier = DEFAULT_TIER) -> int:
         """Distinct hashes held by any worker in `tier`."""
+        self._answers()
         return len(self._holders.get(tier, ()))
+
+    def _answers(self) -> None:
+        if not self._queries:
+            raise TypeError("this KvIndex keeps blocks only (queries=False): it answers no "
+                            "overlap queries")
 
     # -- snapshots -----------------------------------------------------------------------------
 
@@ -355,11 +387,11 @@ class KvIndex:
         self._clear(worker)
         for medium, group, chain in chains:
             blocks = worker.tiers.setdefault((medium, group), {})
-            holders = self._holders.setdefault((medium, group), {})
+            holders = self._holders.setdefault((medium, group), {}) if self._queries else None
             parent = chain[0]
             for block in islice(chain, 1, None):
                 assert block is not None
-                if block not in blocks:
+                if holders is not None and block not in blocks:
                     others = holders.get(block)
                     holders[block] = worker.bit if others is None else others | worker.bit
                 blocks[block] = parent

@@ -15,23 +15,127 @@ from collections.abc import Callable
 
 from nats.aio.client import Client
 from nats.aio.transport import TcpTransport
+from nats.protocol.parser import AWAITING_CONTROL_LINE
 
 log = logging.getLogger("kvrelay.outbox")
 
 InboxHandler = Callable[[bytes, bytes], None]
 
 
+_MAX_CUT_LINE = 1 << 16  # a protocol line longer than this without its end is not NATS
+
+
+def _operation_end(data: bytes, pos: int, eol: int) -> int:
+    """Where the protocol operation at `pos`, whose first line ends at `eol`, ends (possibly
+    past `data`); -1 if it is not one nats-py would read."""
+    if data.startswith(b"MSG ", pos) or data.startswith(b"HMSG ", pos):
+        size = data[pos:eol].rsplit(b" ", 1)[-1]
+        return eol + 4 + int(size) if size.isdigit() else -1
+    return eol + 2  # PING, PONG, +OK, -ERR, INFO: one line
+
+
 class InboxClient(Client):
     """nats-py's client with the messages of one subscription (the publisher's reply inbox)
     handed straight to a plain function, `inbox_handler(subject, data)`.
 
-    nats-py would build a Msg for each and pass it through a queue to a task of its own; at one
-    reply per published message that hop costs more than handling the reply. Every other
-    subscription takes nats-py's own path.
+    nats-py would wake its read task for each read of the socket, parse with regular
+    expressions, build a Msg for each message and pass it through a queue to a task of its own;
+    at one reply per published message that costs more than handling the reply. Here each read
+    of the socket is split into protocol operations before nats-py's reader sees it: replies
+    are handled right there, every other operation (PING, INFO, -ERR, other subscriptions'
+    messages) goes on to nats-py whole and in order, and an operation cut by the end of a read
+    waits for its rest. Replies may so be handled before other subscriptions' messages that
+    came just ahead of them; nothing in the relay orders the two.
     """
 
     inbox_sid = -1
     inbox_handler: InboxHandler | None = None
+    _reply_msg_prefix = b""  # "MSG <inbox>": what starts a reply-inbox message on the wire
+    _inbox_sid_bytes = b""
+
+    def route_inbox(self, subject: str, sid: int, handler: InboxHandler) -> None:
+        """Messages of subscription `sid`, on `subject` (or subjects starting with it), go to
+        `handler`."""
+        self.inbox_sid = sid
+        self.inbox_handler = handler
+        self._reply_msg_prefix = b"MSG " + subject.encode()
+        self._inbox_sid_bytes = str(sid).encode()
+
+    async def _process_connect_init(self) -> None:
+        await super()._process_connect_init()
+        self._read_inbox_first()  # a new socket after each (re)connect: hook its reader
+
+    def _read_inbox_first(self) -> None:
+        transport = self._transport
+        if not isinstance(transport, TcpTransport) or transport._io_reader is None:
+            return  # websocket: nats-py's path only
+        reader = transport._io_reader
+        feed = reader.feed_data
+        buffered: bytearray = reader._buffer  # type: ignore[attr-defined]  # one, kept for life
+        parser = self._ps
+        cut = bytearray()  # an operation cut by the end of a read, kept until the rest arrives
+        # nats-py is handed whole protocol operations only, so it never holds half of one when
+        # a read begins. Until that is known (just hooked, or after garbage), it gets it all.
+        synced = False
+
+        def feed_inbox_first(data: bytes) -> None:
+            nonlocal synced
+            if cut:
+                data = bytes(cut) + data
+                cut.clear()
+            if not synced:
+                if buffered or parser.buf or parser.state != AWAITING_CONTROL_LINE:
+                    feed(data)
+                    return
+                synced = True
+            handler = self.inbox_handler
+            prefix = self._reply_msg_prefix
+            sid = self._inbox_sid_bytes
+            stats = self.stats
+            pos, end = 0, len(data)
+            others = -1  # start of a run of operations for nats-py
+            while pos < end:
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                if handler is not None and data.startswith(prefix, pos):
+                    fields = data[pos + 4:eol].split(b" ")  # subject, sid, size: no reply-to
+                    if len(fields) == 3 and fields[1] == sid and fields[2].isdigit():
+                        start = eol + 2
+                        stop = start + int(fields[2])
+                        if stop + 2 > end:
+                            break
+                        if others >= 0:
+                            feed(data[others:pos])
+                            others = -1
+                        stats["in_msgs"] += 1
+                        stats["in_bytes"] += stop - start
+                        try:
+                            handler(fields[0], data[start:stop])
+                        except Exception:
+                            log.exception("could not handle a message on the reply inbox")
+                        pos = stop + 2
+                        continue
+                after = _operation_end(data, pos, eol)
+                if after < 0:  # not the protocol: nats-py's parser says so and reconnects
+                    synced = False
+                    feed(data[pos if others < 0 else others:])
+                    return
+                if after > end:
+                    break
+                if others < 0:
+                    others = pos
+                pos = after
+            if others >= 0:
+                feed(data[others:pos])
+            if pos < end:
+                if end - pos > _MAX_CUT_LINE and data.find(b"\r\n", pos) < 0:
+                    synced = False  # a line this long is garbage: nats-py reports it
+                    feed(data[pos:])
+                    return
+                cut.extend(data[pos:])
+
+        reader.feed_data = feed_inbox_first  # type: ignore[method-assign, assignment]
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
                            headers: bytes) -> None:

@@ -247,8 +247,7 @@ class Publisher:
         self._outbox.bind(nc)
         self._inbox = nc.new_inbox() + "."
         self._inbox_bytes = self._inbox.encode()
-        nc.inbox_handler = self._on_ack
-        nc.inbox_sid = (await nc.subscribe(self._inbox + "*"))._id
+        nc.route_inbox(self._inbox, (await nc.subscribe(self._inbox + "*"))._id, self._on_ack)
         self.connected = True
         self._connected_once = True
         url = self._nc.connected_url

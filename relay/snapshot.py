@@ -53,7 +53,7 @@ class _Rank:
     worker: WorkerKey
     queue: deque[tuple[RelayBatch, int]]  # the newest stored while the index is rebuilt
     dropped_seq: int = 0  # the newest stream sequence the queue let go
-    index: KvIndex = field(default_factory=KvIndex)
+    index: KvIndex = field(default_factory=lambda: KvIndex(queries=False))
     ready: bool = False
     stream_seq: int = 0  # the highest stream sequence in the index
     written_seq: int = -1  # the stream sequence of the last snapshot written
@@ -99,7 +99,7 @@ class Snapshotter:
             self._metrics.snapshot_failures.labels("index").inc()
             log.exception("the blocks of %s could not take a batch; they start over",
                           rank.subject)
-            rank.index, rank.written_seq = KvIndex(), -1
+            rank.index, rank.written_seq = KvIndex(queries=False), -1
             return
         rank.stream_seq = max(rank.stream_seq, stream_seq)
         rank.events += len(batch.events)
@@ -224,7 +224,7 @@ class Snapshotter:
                 self._warn.warning("bootstrap", "cannot rebuild the blocks of %s from bucket %s "
                                    "and the stream: %s; retrying", rank.subject,
                                    self._config.snapshot_bucket, _why(exc))
-                rank.index = KvIndex()
+                rank.index = KvIndex(queries=False)
                 rank.stream_seq, rank.written_seq = 0, -1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)

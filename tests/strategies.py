@@ -519,3 +519,34 @@ def chunkings(draw: st.DrawFn, size: int) -> list[int]:
     if size == 0:
         return []
     return sorted(set(draw(st.lists(st.integers(1, size - 1), max_size=40)))) if size > 1 else []
+
+
+# -- NATS protocol streams, as the server writes them to the publisher's connection -------------
+
+REPLY_INBOX: Final = "_INBOX.test."
+REPLY_SID: Final = 7
+
+
+@st.composite
+def nats_operations(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """One server-to-client operation and whether it is a reply on REPLY_INBOX (sid REPLY_SID):
+    replies (JSON acks, empty, long), other subscriptions' MSG and HMSG, PING, PONG, INFO."""
+    kind = draw(st.sampled_from(["reply", "reply", "reply", "msg", "hmsg", "ping", "pong",
+                                 "info", "other_sid"]))
+    payload = draw(st.one_of(st.binary(max_size=60), st.binary(min_size=500, max_size=3000)))
+    if kind == "reply":
+        token = draw(st.integers(0, 10**6))
+        return b"MSG %s%d %d %d\r\n%s\r\n" % (REPLY_INBOX.encode(), token, REPLY_SID,
+                                             len(payload), payload), True
+    if kind == "other_sid":  # the reply inbox's subject, another subscription
+        return b"MSG %s1 %d %d\r\n%s\r\n" % (REPLY_INBOX.encode(), REPLY_SID + 1, len(payload),
+                                            payload), False
+    if kind == "msg":
+        return b"MSG kv.x 3 _INBOX.other.1 %d\r\n%s\r\n" % (len(payload), payload), False
+    if kind == "hmsg":
+        head = b"NATS/1.0\r\nA: b\r\n\r\n"
+        return b"HMSG kv.y 4 %d %d\r\n%s%s\r\n" % (len(head), len(head) + len(payload), head,
+                                                 payload), False
+    if kind == "info":
+        return b'INFO {"server_id":"x","max_payload":1048576}\r\n', False
+    return (b"PING\r\n" if kind == "ping" else b"PONG\r\n"), False
