@@ -8,6 +8,7 @@ batches, array or map events, unknown keys (kept under `extra`) and unknown tags
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import msgspec
@@ -19,6 +20,7 @@ from relay.schema import (
     OUTPUT_TYPES,
     BlockHash,
     Cleared,
+    InputEvent,
     RelayBatch,
     RelayEvent,
     Removed,
@@ -47,6 +49,12 @@ class MalformedPayload(ValueError):
 class DecodedBatch(NamedTuple):
     ts: float
     events: list[RelayEvent]
+    dp_rank: int | None
+
+
+class InputBatch(NamedTuple):
+    ts: float
+    events: Sequence[InputEvent]
     dp_rank: int | None
 
 
@@ -86,6 +94,18 @@ class Codec:
             _FAST_OUTPUT[type(event)](*astuple(event)) for event in batch.events
         ]
         return DecodedBatch(batch.ts, events, batch.data_parallel_rank)
+
+    def decode_input(self, payload: bytes) -> InputBatch:
+        """`decode` without turning the fast path's vLLM Structs into output ones, for a
+        consumer that only reads their fields (`--format dynamo`'s translator)."""
+        try:
+            batch = self._fast.decode(payload)
+        except msgspec.ValidationError:
+            general = self._decode_general(payload)
+            return InputBatch(general.ts, general.events, general.dp_rank)
+        except _NOT_MSGPACK as exc:
+            raise MalformedPayload("msgpack", str(exc)) from None
+        return InputBatch(batch.ts, batch.events, batch.data_parallel_rank)
 
     def _decode_general(self, payload: bytes) -> DecodedBatch:
         try:

@@ -35,7 +35,17 @@ import xxhash
 from msgspec import UNSET, Struct, UnsetType
 
 from relay.metrics import Metrics
-from relay.schema import BlockHash, Cleared, RelayEvent, Removed, Resync, Stored
+from relay.schema import (
+    BlockHash,
+    Cleared,
+    InputEvent,
+    Removed,
+    Resync,
+    Stored,
+    VllmAllBlocksCleared,
+    VllmBlockRemoved,
+    VllmBlockStored,
+)
 
 KV_EVENTS_TOPIC: Final = "kv-events"
 TOKENS_HASH_SEED: Final = 1337
@@ -179,7 +189,7 @@ class Translator:
         self.kv_block_size = kv_block_size
         self._metrics = metrics
 
-    def translate(self, resyncs: Iterable[Resync], events: Iterable[RelayEvent]
+    def translate(self, resyncs: Iterable[Resync], events: Iterable[InputEvent]
                   ) -> list[Translated]:
         """The events one message carries: a `cleared` for any resync, then the batch."""
         out: list[Translated] = []
@@ -193,18 +203,19 @@ class Translator:
                 self._metrics.events_dropped.labels("untranslatable").inc()
         return out
 
-    def _event(self, event: RelayEvent) -> Translated | None:
-        if isinstance(event, Stored):
+    def _event(self, event: InputEvent) -> Translated | None:
+        # vLLM's Structs (the codec's fast path) or output ones: the same fields.
+        if isinstance(event, Stored | VllmBlockStored):
             return self._stored(event)
-        if isinstance(event, Removed):
+        if isinstance(event, Removed | VllmBlockRemoved):
             return self._removed(event)
-        if isinstance(event, Cleared):
+        if isinstance(event, Cleared | VllmAllBlocksCleared):
             return Translated("device", CLEARED)
         if isinstance(event, Resync):
             return Translated("device", CLEARED)
         return None  # Unknown: Dynamo has no way to carry it
 
-    def _stored(self, event: Stored) -> Translated | None:
+    def _stored(self, event: Stored | VllmBlockStored) -> Translated | None:
         count = len(event.block_hashes)
         tier = STORAGE_TIERS.get(event.medium)
         if tier is None:
@@ -230,7 +241,7 @@ class Translator:
         return Translated(tier, DynamoEventData(
             stored=DynamoStoreData(parent_hash=parent, blocks=blocks)))
 
-    def _removed(self, event: Removed) -> Translated | None:
+    def _removed(self, event: Removed | VllmBlockRemoved) -> Translated | None:
         tier = STORAGE_TIERS.get(event.medium)
         if tier is None:
             return self._drop("medium", len(event.block_hashes))

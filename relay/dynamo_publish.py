@@ -45,7 +45,7 @@ from relay.dynamo_etcd import EtcdStore
 from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.outbox import InboxClient, Outbox
-from relay.publish import read_frame, wait_until_sent
+from relay.publish import SEND_SLICE, read_frame, wait_until_sent
 from relay.ratelimit import RateLimitedLog
 from relay.schema import ResumePoint, Resync
 from relay.stream import nats_options
@@ -241,13 +241,24 @@ class DynamoPublisher:
                         await self._publish(sent)
                         if not self._online() or self._resend:
                             break
+                published = 0
                 while self._buffer and len(self._window) < self._config.max_in_flight \
                         and not self._resend:
                     entered = self._enter(self._buffer.pop())
-                    if entered is not None:
-                        await self._publish(entered)
+                    if entered is None:
+                        pass
+                    elif self._outbox.writable():
+                        self._publish_now(entered)
+                        published += 1
+                        if published % SEND_SLICE == 0:
+                            self._markers.follow()
+                            await asyncio.sleep(0)  # a backlog must not hold up ingest
+                    else:
+                        await self._publish(entered)  # waits for nats-py's flush
                     if not self._online():
                         break
+                if published:
+                    self._markers.follow()
         finally:
             self._parked = False
             for task in side:
@@ -283,7 +294,8 @@ class DynamoPublisher:
     def _enter(self, frame: Frame) -> _Sent | None:
         """Translate a frame into the next message of its rank and put it in the window; None
         if nothing of it can go (counted)."""
-        decoded = read_frame(self._codec, frame, self._metrics, self._warn, self._owe)
+        decoded = read_frame(self._codec.decode_input, frame, self._metrics, self._warn,
+                             self._owe)
         if decoded is None:
             return None
         self._metrics.events_received.inc(len(decoded.events))

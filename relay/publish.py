@@ -22,7 +22,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import nats
@@ -31,7 +31,7 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from relay.buffer import Buffer
-from relay.codec import Codec, DecodedBatch, MalformedPayload
+from relay.codec import Codec, DecodedBatch, InputBatch, MalformedPayload
 from relay.config import Config
 from relay.ingest import Frame
 from relay.metrics import Metrics
@@ -98,7 +98,7 @@ async def wait_until_sent(unsent: Callable[[], bool], wake: asyncio.Event,
     return True
 
 
-_SEND_SLICE = 256  # batches the publish loop sends from a backlog before letting others run
+SEND_SLICE = 256  # batches the publish loop sends from a backlog before letting others run
 
 
 Owe = Callable[[int, tuple[Resync, ...]], None]
@@ -115,12 +115,15 @@ def drop_malformed(frame: Frame, exc: MalformedPayload, metrics: Metrics, warn: 
     owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
 
 
-def read_frame(codec: Codec, frame: Frame, metrics: Metrics, warn: RateLimitedLog,
-               owe: Owe) -> DecodedBatch | None:
-    """A frame's vLLM batch, decoded for either publisher; None if it is malformed (dropped
-    through `drop_malformed`)."""
+Decoded = TypeVar("Decoded", DecodedBatch, InputBatch)
+
+
+def read_frame(decode: Callable[[bytes], Decoded], frame: Frame, metrics: Metrics,
+               warn: RateLimitedLog, owe: Owe) -> Decoded | None:
+    """A frame's vLLM batch, decoded (`Codec.decode` or `decode_input`) for either publisher;
+    None if it is malformed (dropped through `drop_malformed`)."""
     try:
-        decoded = codec.decode(frame.payload)
+        decoded = decode(frame.payload)
     except MalformedPayload as exc:
         drop_malformed(frame, exc, metrics, warn, owe)
         return None
@@ -358,7 +361,7 @@ class Publisher:
                         if entry is not None:
                             self._publish_now(*entry)
                         sent += 1
-                        if sent % _SEND_SLICE == 0:
+                        if sent % SEND_SLICE == 0:
                             await asyncio.sleep(0)  # a backlog must not hold up acks and ingest
                     else:
                         await self._send(self._buffer.pop())  # waits for nats-py's flush
@@ -393,7 +396,7 @@ class Publisher:
 
     def _enter(self, frame: Frame) -> tuple[int, _Pending] | None:
         """Encode a frame and put it in the window; None if it was dropped (counted)."""
-        decoded = read_frame(self._codec, frame, self._metrics, self._warn, self._owe)
+        decoded = read_frame(self._codec.decode, frame, self._metrics, self._warn, self._owe)
         if decoded is None:
             return None
         events: list[Any] = ([*frame.resyncs, *decoded.events] if frame.resyncs

@@ -137,6 +137,11 @@ class VllmArrayBatch(Struct, array_like=True, forbid_unknown_fields=True, gc=Fal
     data_parallel_rank: int | None = None
 
 
+# What `Codec.decode_input` gives: vLLM's own event Structs on the fast path (the output ones
+# share their fields), output Structs from the general path.
+InputEvent = RelayEvent | VllmBlockStored | VllmBlockRemoved | VllmAllBlocksCleared
+
+
 # Positional field names of vLLM <= 0.23's array events, after the tag.
 LEGACY_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "BlockStored": _StoredFields.__struct_fields__[:11],  # through kv_cache_spec_sliding_window

@@ -20,9 +20,9 @@ import pytest
 from dynamo_support import tokens_hash, u64
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import relay_batches
+from strategies import relay_batches, vllm_batches
 
-from relay.codec import Codec
+from relay.codec import Codec, MalformedPayload
 from relay.config import Config, ConfigError
 from relay.dynamo import (
     CLEARED,
@@ -541,3 +541,23 @@ def test_real_frames_keep_every_block(name: str) -> None:
                                                              vllm["block_hashes"]]}}
             else:
                 assert data == "cleared"
+
+
+@settings(max_examples=300)
+@given(case=vllm_batches(any_bytes=False), block_size=st.sampled_from([1, 4, 16]))
+def test_translation_reads_vllm_and_output_structs_alike(case: Any, block_size: int) -> None:
+    """The translator gives the same events from the codec's vLLM Structs (`decode_input`, what
+    --format dynamo uses) as from the output Structs (`decode`), for any batch vLLM sends."""
+    codec = Codec()
+    payload = msgspec.msgpack.encode(case.raw)
+    try:
+        converted = codec.decode(payload)
+    except MalformedPayload:
+        with pytest.raises(MalformedPayload):
+            codec.decode_input(payload)
+        return
+    direct = codec.decode_input(payload)
+    assert (direct.ts, direct.dp_rank) == (converted.ts, converted.dp_rank)
+    as_output = Translator(block_size).translate((), converted.events)
+    as_input = Translator(block_size).translate((), direct.events)
+    assert msgspec.msgpack.encode(as_input) == msgspec.msgpack.encode(as_output)
