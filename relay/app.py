@@ -154,10 +154,8 @@ class Relay:
         self.started.set()
 
     def _deliver(self, frame: Frame) -> None:
-        assert self.buffer is not None
         assert self.publisher is not None
-        self.buffer.put(frame)
-        self.publisher.notify()
+        self.publisher.take(frame)
 
     def _spawn(self, coro: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
         self._tasks.append(asyncio.ensure_future(coro))  # type: ignore[arg-type]

@@ -66,6 +66,11 @@ class Buffer:
         """Have the next frame of `dp_rank` announce `resyncs` (a loss it comes after)."""
         self._owed[dp_rank] = merge_resyncs(self._owed.get(dp_rank, ()), resyncs)
 
+    def owes(self, dp_rank: int) -> bool:
+        """Whether the next frame of `dp_rank` has resyncs to carry (it must come through
+        `pop`)."""
+        return dp_rank in self._owed
+
     def pop(self) -> Frame:
         """The oldest frame, with the resyncs owed to its rank prepended."""
         frame = self._frames.popleft()

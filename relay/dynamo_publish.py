@@ -269,6 +269,22 @@ class DynamoPublisher:
         assert self.registrar is not None
         await self.registrar.run()
 
+    def take(self, frame: Frame) -> None:
+        """Ingest's hand-off, each frame in order. In the steady state (nothing buffered or owed
+        before it, this loop idle, nothing to publish again, room in the window, NATS up) the
+        frame is published right here; anything else goes through the buffer and `notify`."""
+        buffer = self._buffer
+        if (self._parked and not buffer and self._retry_at is None and not self._resend
+                and len(self._window) < self._config.max_in_flight and self._online()
+                and not buffer.owes(frame.dp_rank) and self._outbox.writable()):
+            sent = self._enter(frame)
+            if sent is not None:
+                self._publish_now(sent)
+                self._markers.follow()
+            return
+        buffer.put(frame)
+        self.notify()
+
     def notify(self) -> None:
         """Called by the buffer's producer: there is something to send.
 

@@ -371,6 +371,22 @@ class Publisher:
             self._parked = False
             watchdog.cancel()
 
+    def take(self, frame: Frame) -> None:
+        """Ingest's hand-off, each frame in order. In the steady state (nothing buffered or owed
+        before it, this loop idle, room in the window, NATS up) the frame is published right
+        here; anything else goes through the buffer and `notify`."""
+        buffer = self._buffer
+        if (self._parked and not buffer and self._retry_at is None
+                and len(self._window) < self._config.max_in_flight and self._online()
+                and self.stream_ready.is_set() and not buffer.owes(frame.dp_rank)
+                and self._outbox.writable()):
+            entry = self._enter(frame)
+            if entry is not None:
+                self._publish_now(*entry)
+            return
+        buffer.put(frame)
+        self.notify()
+
     def notify(self) -> None:
         """Called by the buffer's producer: there is something to send.
 
