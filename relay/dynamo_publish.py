@@ -45,7 +45,7 @@ from relay.dynamo_etcd import EtcdStore
 from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.outbox import InboxClient, Outbox
-from relay.publish import SEND_SLICE, read_frame, wait_until_sent
+from relay.publishing import SEND_SLICE, read_frame, wait_until_sent
 from relay.ratelimit import RateLimitedLog
 from relay.schema import ResumePoint, Resync
 from relay.stream import nats_options
