@@ -262,7 +262,6 @@ class Subscriber:
         self.listening = False
         self._connections: set[Connection] = set()
         self._lost: asyncio.Event = asyncio.Event()
-        self._retrying = False
 
     def _connection(self) -> Connection:
         connection = Connection(self._topic, self._deliver, self._on_attached, self._on_closed)
@@ -271,7 +270,6 @@ class Subscriber:
 
     def _on_attached(self, connection: Connection) -> None:
         self.peers += 1
-        self._retrying = False
         log.info("vLLM publisher attached on %s", self._name)
 
     def _on_closed(self, connection: Connection, exc: Exception | None) -> None:
