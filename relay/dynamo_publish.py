@@ -274,9 +274,8 @@ class DynamoPublisher:
         before it, this loop idle, nothing to publish again, room in the window, NATS up) the
         frame is published right here; anything else goes through the buffer and `notify`."""
         buffer = self._buffer
-        if (self._parked and not buffer and self._retry_at is None and not self._resend
-                and len(self._window) < self._config.max_in_flight and self._online()
-                and not buffer.owes(frame.dp_rank) and self._outbox.writable()):
+        if not buffer and not buffer.owes(frame.dp_rank) and self._sending_here() \
+                and self._room():
             sent = self._enter(frame)
             if sent is not None:
                 self._publish_now(sent)
@@ -292,11 +291,10 @@ class DynamoPublisher:
         NATS up) the frame is sent right here, in the producer's turn: no wake-up of the
         publish task per batch. Anything else is left to the publish loop, in order.
         """
-        if self._parked and self._retry_at is None and not self._resend and self._online():
-            buffer, window, outbox = self._buffer, self._window, self._outbox
-            limit = self._config.max_in_flight
+        if self._sending_here():
+            buffer = self._buffer
             published = False
-            while buffer and len(window) < limit and outbox.writable():
+            while buffer and self._room():
                 sent = self._enter(buffer.pop())
                 if sent is not None:
                     self._publish_now(sent)
@@ -306,6 +304,14 @@ class DynamoPublisher:
             if not buffer:
                 return
         self._wake.set()
+
+    def _sending_here(self) -> bool:
+        """The publish loop idle with nothing to retry or publish again, NATS up: a producer's
+        turn may publish itself."""
+        return self._parked and self._retry_at is None and not self._resend and self._online()
+
+    def _room(self) -> bool:
+        return len(self._window) < self._config.max_in_flight and self._outbox.writable()
 
     def _enter(self, frame: Frame) -> _Sent | None:
         """Translate a frame into the next message of its rank and put it in the window; None

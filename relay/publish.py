@@ -301,10 +301,8 @@ class Publisher:
         before it, this loop idle, room in the window, NATS up) the frame is published right
         here; anything else goes through the buffer and `notify`."""
         buffer = self._buffer
-        if (self._parked and not buffer and self._retry_at is None
-                and len(self._window) < self._config.max_in_flight and self._online()
-                and self.stream_ready.is_set() and not buffer.owes(frame.dp_rank)
-                and self._outbox.writable()):
+        if not buffer and not buffer.owes(frame.dp_rank) and self._sending_here() \
+                and self._room():
             entry = self._enter(frame)
             if entry is not None:
                 self._publish_now(*entry)
@@ -319,16 +317,23 @@ class Publisher:
         up) the frame is sent right here, in the producer's turn of the event loop: no wake-up
         of the publish task per batch. Anything else is left to the publish loop, in order.
         """
-        if self._parked and self._retry_at is None and self._online() \
-                and self.stream_ready.is_set():
-            while (self._buffer and len(self._window) < self._config.max_in_flight
-                   and self._outbox.writable()):
+        if self._sending_here():
+            while self._buffer and self._room():
                 entry = self._enter(self._buffer.pop())
                 if entry is not None:
                     self._publish_now(*entry)
             if not self._buffer:
                 return
         self._wake.set()
+
+    def _sending_here(self) -> bool:
+        """The publish loop idle with nothing to retry, NATS and the stream up: a producer's
+        turn may publish itself."""
+        return self._parked and self._retry_at is None and self._online() \
+            and self.stream_ready.is_set()
+
+    def _room(self) -> bool:
+        return len(self._window) < self._config.max_in_flight and self._outbox.writable()
 
     async def _send(self, frame: Frame) -> None:
         entry = self._enter(frame)

@@ -137,6 +137,27 @@ def test_index_equals_model(script: list[RelayBatch], chains: list[list[BlockHas
             assert index.overlap(chain, tier) == model.overlap(chain, tier)
 
 
+@settings(max_examples=300, deadline=None)
+@given(index_scripts())
+def test_blocks_only_index_keeps_the_same_blocks(script: list[RelayBatch]) -> None:
+    """An index built without query masks (`queries=False`, the relay's snapshots) holds the same
+    blocks, status and snapshots as a full one, and refuses overlap queries."""
+    full, lean = KvIndex(), KvIndex(queries=False)
+    for seq, b in enumerate(script, 1):
+        assert full.apply(b, seq) == lean.apply(b, seq)
+    assert full.workers() == lean.workers()
+    for worker in full.workers():
+        assert full.status(worker) == lean.status(worker)
+        assert encode_snapshot(full.snapshot(worker)) == encode_snapshot(lean.snapshot(worker))
+        restored = KvIndex(queries=False)
+        restored.restore(lean.snapshot(worker))
+        assert restored.tiers(worker) == lean.tiers(worker)
+        for tier in INDEX_TIERS:
+            assert restored.blocks(worker, tier) == full.blocks(worker, tier)
+    with pytest.raises(TypeError, match="queries=False"):
+        lean.overlap([1, 2])
+
+
 @settings(max_examples=200, deadline=None)
 @given(index_scripts(resyncs=False), st.data())
 def test_lost_batches_are_gaps(script: list[RelayBatch], data: st.DataObject) -> None:
