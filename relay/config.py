@@ -280,11 +280,9 @@ class Config:
         if self.zmq_engine == "native":
             for spec in specs:
                 try:
-                    address = parse_endpoint(spec.endpoint)
+                    parse_endpoint(spec.endpoint, spec.bind)
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
-                if not spec.bind and address.transport == "tcp" and not address.host:
-                    raise ConfigError(f"--zmq {spec.endpoint}: connecting needs a host, not *")
         subs = {s.endpoint for s in specs}
         for spec in specs:
             if spec.replay in subs:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import zmq
 import zmq.asyncio
@@ -64,7 +64,7 @@ class Source:
         hold_bytes: int = 64 << 20,
         replay_timeout: float = 2.0,
         replay_cooldown: float = 5.0,
-        engine: str = "native",
+        engine: Literal["native", "libzmq"] = "native",
     ) -> None:
         self.spec = spec
         self._engine = engine
@@ -107,7 +107,7 @@ class Source:
     def subscribed(self) -> bool:
         """Bound, or connecting (a vLLM that is not up yet is waited for, not an error)."""
         if self._subscriber is not None:
-            return self._subscriber.listening or not self.spec.bind
+            return self._subscriber.subscribed
         return self._libzmq_subscribed
 
     @property

@@ -46,7 +46,7 @@ class Endpoint(NamedTuple):
     path: str  # ipc
 
 
-def parse_endpoint(endpoint: str) -> Endpoint:
+def parse_endpoint(endpoint: str, bind: bool) -> Endpoint:
     """tcp://HOST:PORT (HOST may be * when binding, [v6] in brackets) or ipc://PATH."""
     scheme, sep, rest = endpoint.partition("://")
     if not sep:
@@ -65,14 +65,21 @@ def parse_endpoint(endpoint: str) -> Endpoint:
         raise ValueError(f"{endpoint!r}: a source address is not supported natively; "
                          "use --zmq-engine libzmq")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return Endpoint("tcp", "" if host in ("*", "") else host, int(port), "")
+    host = "" if host in ("*", "") else host
+    if not host and not bind:
+        raise ValueError(f"{endpoint!r}: connecting needs a host, not *")
+    return Endpoint("tcp", host, int(port), "")
+
+
+def _frame(body: bytes, flags: int = 0) -> bytes:
+    """One frame: flags, then a 1-byte size or (long) an 8-byte one, then the body."""
+    if len(body) < 256:
+        return bytes([flags, len(body)]) + body
+    return bytes([flags | _LONG]) + len(body).to_bytes(8, "big") + body
 
 
 def _command(name: bytes, body: bytes) -> bytes:
-    data = bytes([len(name)]) + name + body
-    if len(data) < 256:
-        return bytes([_COMMAND, len(data)]) + data
-    return bytes([_COMMAND | _LONG]) + len(data).to_bytes(8, "big") + data
+    return _frame(bytes([len(name)]) + name + body, _COMMAND)
 
 
 def _properties(body: bytes) -> dict[bytes, bytes]:
@@ -235,10 +242,7 @@ class Connection(asyncio.Protocol):
             if self._timer is not None:
                 self._timer.cancel()
             assert self._transport is not None
-            self._transport.write(b"\x00" + bytes([1 + len(self._topic)]) + b"\x01" + self._topic
-                                  if len(self._topic) < 255 else
-                                  b"\x02" + (1 + len(self._topic)).to_bytes(8, "big") + b"\x01"
-                                  + self._topic)
+            self._transport.write(_frame(b"\x01" + self._topic))  # ZMTP 3.0's subscribe message
             self._attached(self)
         elif name == b"ERROR":
             raise ProtocolError(f"the peer sent ERROR: {rest[1:].decode(errors='replace')}")
@@ -252,7 +256,7 @@ class Subscriber:
 
     def __init__(self, endpoint: str, bind: bool, topic: bytes, deliver: MessageSink,
                  name: str) -> None:
-        self.address = parse_endpoint(endpoint)
+        self.address = parse_endpoint(endpoint, bind)
         self.endpoint = endpoint
         self.bind = bind
         self._topic = topic
@@ -262,6 +266,11 @@ class Subscriber:
         self.listening = False
         self._connections: set[Connection] = set()
         self._lost: asyncio.Event = asyncio.Event()
+
+    @property
+    def subscribed(self) -> bool:
+        """Bound, or connecting (a vLLM that is not up yet is waited for, not an error)."""
+        return self.listening or not self.bind
 
     def _connection(self) -> Connection:
         connection = Connection(self._topic, self._deliver, self._on_attached, self._on_closed)
@@ -287,14 +296,14 @@ class Subscriber:
         log.info("ZMQ SUB (native ZMTP) %s %s", mode, self._name)
         try:
             if self.bind:
-                await self._listen(retry)
+                await self._listen()
             else:
                 await self._connect_forever(retry)
         finally:
             for connection in list(self._connections):
                 connection.close()
 
-    async def _listen(self, retry: Callable[[str], None]) -> None:
+    async def _listen(self) -> None:
         loop = asyncio.get_running_loop()
         delay = 0.1
         while True:

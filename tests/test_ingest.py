@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Literal
 
 import pytest
 import zmq
@@ -89,7 +90,8 @@ async def test_stop_while_bind_keeps_failing_does_not_hang(nats_server: NatsServ
 
 
 @pytest.mark.parametrize("engine", ["native", "libzmq"])
-async def test_queued_messages_do_not_starve_other_tasks(engine: str) -> None:
+async def test_queued_messages_do_not_starve_other_tasks(
+        engine: Literal["native", "libzmq"]) -> None:
     """With messages already waiting, the reader yields between turns so publishing can run
     (libzmq: every 1,024 messages; native: every socket read, of at most a few hundred KiB)."""
     port = free_port()

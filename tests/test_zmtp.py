@@ -114,15 +114,18 @@ async def test_a_peer_that_is_not_a_pub_is_refused(stream: bytes, why: str) -> N
 ])
 def test_endpoints_read_natively(endpoint: str, parsed: tuple[str, str, int, str]) -> None:
     """tcp:// (wildcard, IPv6, names) and ipc:// endpoints parse to what the loop connects to."""
-    assert tuple(parse_endpoint(endpoint)) == parsed
+    assert tuple(parse_endpoint(endpoint, bind=True)) == parsed
 
 
-@pytest.mark.parametrize("endpoint", ["inproc://kv", "tcp://127.0.0.1", "tcp://h:0",
-                                      "tcp://eth0;127.0.0.1:5557", "127.0.0.1:5557", "ipc://"])
-def test_endpoints_not_read_natively_say_so(endpoint: str) -> None:
-    """Endpoints the native engine cannot read are refused with a reason, not mis-read."""
+@pytest.mark.parametrize(("endpoint", "bind"), [
+    ("inproc://kv", True), ("tcp://127.0.0.1", True), ("tcp://h:0", True),
+    ("tcp://eth0;127.0.0.1:5557", False), ("127.0.0.1:5557", True), ("ipc://", True),
+    ("tcp://*:5557", False),
+])
+def test_endpoints_not_read_natively_say_so(endpoint: str, bind: bool) -> None:
+    """Endpoints the native engine cannot read (or connect to) are refused with a reason."""
     with pytest.raises(ValueError, match=r"endpoint|tcp://|ipc://|libzmq"):
-        parse_endpoint(endpoint)
+        parse_endpoint(endpoint, bind)
 
 
 @contextlib.asynccontextmanager
