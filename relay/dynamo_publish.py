@@ -245,15 +245,13 @@ class DynamoPublisher:
                 while self._buffer and len(self._window) < self._config.max_in_flight \
                         and not self._resend:
                     entered = self._enter(self._buffer.pop())
-                    if entered is None:
-                        pass
-                    elif self._outbox.writable():
+                    if entered is not None and self._outbox.writable():
                         self._publish_now(entered)
                         published += 1
                         if published % SEND_SLICE == 0:
                             self._markers.follow()
                             await asyncio.sleep(0)  # a backlog must not hold up ingest
-                    else:
+                    elif entered is not None:
                         await self._publish(entered)  # waits for nats-py's flush
                     if not self._online():
                         break
