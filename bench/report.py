@@ -15,6 +15,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+import relay
 from bench.run import BenchRun
 from bench.targets import TARGETS
 from bench.trial import TrialResult
@@ -89,7 +90,8 @@ def build_report(run: BenchRun) -> dict[str, Any]:
         "version": REPORT_VERSION,
         "config": dataclasses.asdict(run.spec),
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(),
-                    "python": platform.python_version(), "packages": _packages()},
+                    "python": platform.python_version(), "packages": _packages(),
+                    "kvrelay_build": relay.build()},
         "targets": {name: t.summary for name, t in TARGETS.items()},
         "unavailable": run.unavailable,
         "limits": {"median": limits, "runs": run.limits},
@@ -169,7 +171,8 @@ def render_table(report: dict[str, Any]) -> str:
              f"{workload['blocks_min']}-{workload['blocks_max']} blocks per BlockStored, "
              f"{workload['event_form']} events in {workload['batch_form']} batches; "
              f"{config['duration']:g} s per rate; "
-             f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}", ""]
+             f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}; "
+             f"kvrelay {report['machine'].get('kvrelay_build', 'python')} build", ""]
     for name, reason in report["unavailable"].items():
         lines.append(f"{name}: {reason}")
     rows = [[r["target"], "max" if r["offered_batches_per_s"] is None

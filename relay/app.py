@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import uvloop
 import zmq.asyncio
 
-from relay import discovery
+from relay import __version__, build, discovery
 from relay.buffer import Buffer
 from relay.config import Config
 from relay.discovery import DiscoveryError, InstanceId
@@ -105,6 +105,7 @@ class Relay:
                                f"{config.system_host}:{config.system_port}: {exc.strerror}; "
                                "choose another --system-port") from None
 
+        log.info("kvrelay %s, %s build", __version__, build())
         self.discovery = discovery.select_source(config, self._env)
         log.info("discovery: reading %s", self.discovery.target)
         try:

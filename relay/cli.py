@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from relay import __version__
+from relay import __version__, build
 from relay.config import Config, ConfigError, env_var
 
 EXIT_USAGE = 2
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Relay vLLM KV-cache events from ZMQ to NATS JetStream.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"kvrelay {__version__}")
+    parser.add_argument("--version", action="version", version=f"kvrelay {__version__} ({build()})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="relay a vLLM worker's KV events into JetStream",

@@ -131,7 +131,9 @@ class Codec:
         if isinstance(raw, list) and raw and isinstance(raw[0], str):
             tag: Any = raw[0]
             names = LEGACY_FIELDS.get(tag)
-            fields = dict(zip(names, raw[1:], strict=False)) if names is not None else {}
+            fields: dict[Any, Any] = {}  # Any keys: a mutated map's keys need not be strings
+            if names is not None:
+                fields = dict(zip(names, raw[1:], strict=False))
             if names is not None and len(raw) - 1 > len(names):
                 fields["positional_tail"] = raw[1 + len(names) :]
         elif isinstance(raw, dict):

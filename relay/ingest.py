@@ -12,7 +12,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import zmq
 import zmq.asyncio
@@ -410,7 +410,10 @@ class Source:
             deadline = time.monotonic() + 10 * self._replay_timeout
             while True:
                 wait = min(self._replay_timeout, deadline - time.monotonic())
-                if wait <= 0 or not await sock.poll(timeout=int(wait * 1000)):
+                if wait <= 0:
+                    raise TimeoutError(f"no reply within {self._replay_timeout}s")
+                # pyzmq's stubs give the socket's poll the Poller's return type; it is an int
+                if not await cast("Awaitable[int]", sock.poll(timeout=int(wait * 1000))):
                     raise TimeoutError(f"no reply within {self._replay_timeout}s")
                 frames = await sock.recv_multipart()
                 # [b"", seq, payload] up to vLLM 0.25, [b"", topic, seq, payload] since 0.26.

@@ -33,6 +33,7 @@ from relay.buffer import Buffer
 from relay.codec import Codec, MalformedPayload
 from relay.config import Config
 from relay.ingest import Frame
+from relay.jetstream_api import ApiError, PubAck
 from relay.metrics import Metrics
 from relay.outbox import InboxClient, Outbox
 from relay.publishing import (
@@ -59,20 +60,7 @@ log = logging.getLogger("kvrelay.publish")
 WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence did not hold
 
 
-class _ApiError(msgspec.Struct):
-    code: int = 0
-    err_code: int = 0
-    description: str = ""
-
-
-class _PubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: _ApiError | None = None
-
-
-_ACK = msgspec.json.Decoder(_PubAck)
+_ACK = msgspec.json.Decoder(PubAck)
 
 _SCHEMA_HEADER = f"Kvrelay-Schema: {SCHEMA_VERSION}\r\n"
 
@@ -485,7 +473,7 @@ class Publisher:
             self.last_error = f"stream {self._config.stream} did not answer (no responders)"
             return False
         try:
-            ack = msgspec.json.decode(reply.data, type=_PubAck)
+            ack = msgspec.json.decode(reply.data, type=PubAck)
         except msgspec.DecodeError:
             return False
         if token not in self._window:
@@ -552,7 +540,7 @@ class Publisher:
         try:
             ack = _ACK.decode(data)
         except msgspec.DecodeError:
-            ack = _PubAck(error=_ApiError(description=f"unreadable ack {data[:80]!r}"))
+            ack = PubAck(error=ApiError(description=f"unreadable ack {data[:80]!r}"))
         if ack.error is not None:
             if ack.error.code == 503 or ack.error.code == 0:
                 self._warn.warning("ack-error", "JetStream could not store a publish on %s: %s; "
@@ -580,7 +568,7 @@ class Publisher:
         self._metrics.publish_latency.observe(time.monotonic() - pending.sent_at)
         self._metrics.lag.observe(max(0.0, time.time() - pending.ts))
 
-    def _reject(self, token: int, pending: _Pending, error: _ApiError) -> None:
+    def _reject(self, token: int, pending: _Pending, error: ApiError) -> None:
         del self._window[token]
         self._metrics.drop("rejected", 1, pending.events)
         self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))

@@ -22,7 +22,7 @@ class CountingClient(InboxClient):
     parsed = 0
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes,
-                           headers: bytes) -> None:
+                           headers: bytes | None) -> None:
         if sid == self.inbox_sid:
             self.parsed += 1
         await super()._process_msg(sid, subject, reply, data, headers)
