@@ -473,7 +473,7 @@ class Publisher:
             self.last_error = f"stream {self._config.stream} did not answer (no responders)"
             return False
         try:
-            ack = msgspec.json.decode(reply.data, type=PubAck)
+            ack = _ACK.decode(reply.data)
         except msgspec.DecodeError:
             return False
         if token not in self._window:
