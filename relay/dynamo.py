@@ -1,7 +1,7 @@
 """`--format dynamo`: vLLM events as NVIDIA Dynamo 1.6's KV event plane carries them.
 
 Dynamo's KV router reads msgpack envelopes from core NATS, each carrying a msgpack array of
-RouterEvents; the Structs below are that wire format (field order is Dynamo's). The relay is
+RouterEvents (the Structs of `relay/dynamo_wire.py`). The relay is
 one Dynamo event publisher per DP rank: its own `publisher_id`, `sequence` from 0 per message
 and `event_id` from 1 per event, without holes, because Dynamo's router resets a rank whose
 event_ids jump and ignores ids it has already applied.
@@ -28,12 +28,24 @@ from __future__ import annotations
 import sys
 from array import array
 from collections.abc import Iterable, Sequence
-from typing import Final, Literal
+from typing import Final
 
 import msgspec
 import xxhash
-from msgspec import UNSET, Struct, UnsetType
 
+from relay.dynamo_wire import (
+    CLEARED,
+    KV_EVENTS_TOPIC,
+    DynamoBlock,
+    DynamoEventData,
+    DynamoRemoveData,
+    DynamoStoreData,
+    EventEnvelope,
+    KvCacheEvent,
+    RouterEvent,
+    StorageTier,
+    Translated,
+)
 from relay.metrics import Metrics
 from relay.schema import (
     BlockHash,
@@ -47,12 +59,9 @@ from relay.schema import (
     VllmBlockStored,
 )
 
-KV_EVENTS_TOPIC: Final = "kv-events"
 TOKENS_HASH_SEED: Final = 1337
 CACHE_SALT_SEED: Final = 1
 _U64: Final = 1 << 64
-
-StorageTier = Literal["device", "host_pinned", "disk", "external"]
 
 STORAGE_TIERS: Final[dict[str | None, StorageTier]] = {
     None: "device",
@@ -71,67 +80,6 @@ STORAGE_TIERS: Final[dict[str | None, StorageTier]] = {
     "SHARED": "external",
     "OBJ": "external",
 }
-
-# -- the wire format ----------------------------------------------------------------------------
-
-
-class DynamoBlock(Struct, gc=False):
-    """One stored block: the engine's hash and the hash of its tokens."""
-
-    block_hash: int
-    tokens_hash: int
-    mm_extra_info: None = None
-
-
-class DynamoStoreData(Struct, kw_only=True, gc=False):
-    parent_hash: int | None
-    start_position: int | None = None
-    blocks: list[DynamoBlock]
-
-
-class DynamoRemoveData(Struct, gc=False):
-    block_hashes: list[int]
-
-
-class DynamoEventData(Struct, omit_defaults=True, gc=False):
-    """Rust's externally tagged enum: `{"stored": ...}` or `{"removed": ...}`."""
-
-    stored: DynamoStoreData | UnsetType = UNSET
-    removed: DynamoRemoveData | UnsetType = UNSET
-
-
-CLEARED: Final = "cleared"  # the enum's unit variant is a bare string
-EventData = DynamoEventData | Literal["cleared"]
-
-
-class KvCacheEvent(Struct, gc=False):
-    event_id: int
-    data: EventData
-    dp_rank: int
-
-
-class RouterEvent(Struct, gc=False):
-    """One event of one worker rank, as Dynamo's router applies it."""
-
-    worker_id: int
-    storage_tier: StorageTier
-    residency_domain: str
-    event: KvCacheEvent
-
-
-class EventEnvelope(Struct, gc=False):
-    """One NATS message: `payload` is the msgpack array of RouterEvents, as bin."""
-
-    publisher_id: int
-    sequence: int
-    published_at: int
-    topic: str
-    payload: bytes
-
-
-def kv_events_subject(namespace: str, component: str, endpoint: str) -> str:
-    """The core NATS subject Dynamo's router subscribes to for an endpoint's KV events."""
-    return f"namespace.{namespace}.component.{component}.endpoint.{endpoint}.{KV_EVENTS_TOPIC}"
 
 
 # -- hashing ------------------------------------------------------------------------------------
@@ -173,13 +121,6 @@ def tokens_hashes(token_ids: Sequence[int], block_size: int, seed: int = TOKENS_
 
 
 # -- translation --------------------------------------------------------------------------------
-
-
-class Translated(Struct, array_like=True, gc=False):
-    """One event ready for Dynamo, before the publisher numbers it."""
-
-    storage_tier: StorageTier
-    data: EventData
 
 
 class Translator:
@@ -264,8 +205,6 @@ class Translator:
 # -- numbering and encoding ---------------------------------------------------------------------
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
-ENVELOPE_DECODER: Final = msgspec.msgpack.Decoder(EventEnvelope)
-PAYLOAD_DECODER: Final = msgspec.msgpack.Decoder(list[RouterEvent])
 
 
 class EventStream:
@@ -293,9 +232,3 @@ class EventStream:
         """Give back the numbers of the last message, which was not sent."""
         self.sequence -= 1
         self.event_id -= items
-
-
-def decode_message(data: bytes) -> tuple[EventEnvelope, list[RouterEvent]]:
-    """A Dynamo KV event message: its envelope and the RouterEvents of its payload."""
-    envelope = ENVELOPE_DECODER.decode(data)
-    return envelope, PAYLOAD_DECODER.decode(envelope.payload)

@@ -33,7 +33,7 @@ from typing import Final, NamedTuple, Protocol
 import msgspec
 from msgspec import Struct
 
-from relay.dynamo import KV_EVENTS_TOPIC
+from relay.dynamo_wire import KV_EVENTS_TOPIC
 
 log = logging.getLogger("kvrelay.dynamo")
 

@@ -30,7 +30,7 @@ from relay.buffer import Buffer
 from relay.codec import Codec
 from relay.config import Config
 from relay.discovery.etcd import EtcdGateway, EtcdRefused
-from relay.dynamo import EventStream, Translator, kv_events_subject
+from relay.dynamo import EventStream, Translator
 from relay.dynamo_confirm import Markers
 from relay.dynamo_discovery import (
     FileBackend,
@@ -42,6 +42,7 @@ from relay.dynamo_discovery import (
     new_publisher_id,
 )
 from relay.dynamo_etcd import EtcdStore
+from relay.dynamo_wire import kv_events_subject
 from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.outbox import InboxClient, Outbox

@@ -21,7 +21,8 @@ from typing import Any, Final
 import msgspec
 
 from relay.codec import Codec
-from relay.dynamo import EventStream, Translator, decode_message
+from relay.dynamo import EventStream, Translator
+from relay.dynamo_wire import decode_message
 from relay.schema import RelayBatch, Stored, relay_batch_json_schema
 from relay.synthetic import all_blocks_cleared, block_removed, block_stored
 

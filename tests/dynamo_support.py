@@ -16,8 +16,8 @@ import xxhash
 from harness import running_relay
 
 from relay.app import Relay
-from relay.dynamo import RouterEvent, decode_message, kv_events_subject
 from relay.dynamo_publish import DynamoPublisher
+from relay.dynamo_wire import RouterEvent, decode_message, kv_events_subject
 
 NS = "kvdyn"
 COMP = "worker"

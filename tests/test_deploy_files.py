@@ -200,7 +200,7 @@ def test_image_runs_the_relay_as_a_numeric_non_root_user() -> None:
     assert ["deploy/healthcheck.py", command[-1]] in copied
     assert parser.envs["PYTHONDONTWRITEBYTECODE"] == "1"
     assert "VOLUME" not in ops
-    assert any(op == "RUN" and '[nkeys]"' in value and "KVRELAY_COMPILE=1" in value
+    assert any(op == "RUN" and '[nkeys,dynamo]"' in value and "KVRELAY_COMPILE=1" in value
                for op, value in instructions())
 
 

@@ -24,18 +24,7 @@ from strategies import relay_batches, vllm_batches
 
 from relay.codec import Codec, MalformedPayload
 from relay.config import Config, ConfigError
-from relay.dynamo import (
-    CLEARED,
-    DynamoEventData,
-    EventStream,
-    Translated,
-    Translator,
-    block_hash_u64,
-    decode_message,
-    kv_events_subject,
-    tokens_hash_seed,
-    tokens_hashes,
-)
+from relay.dynamo import EventStream, Translator, block_hash_u64, tokens_hash_seed, tokens_hashes
 from relay.dynamo_discovery import (
     TEMP_PREFIX,
     FileBackend,
@@ -45,6 +34,13 @@ from relay.dynamo_discovery import (
     escape_key,
     new_publisher_id,
     slug,
+)
+from relay.dynamo_wire import (
+    CLEARED,
+    DynamoEventData,
+    Translated,
+    decode_message,
+    kv_events_subject,
 )
 from relay.metrics import Metrics
 from relay.schema import Cleared, RelayBatch, Removed, Resync, Stored, Unknown

@@ -43,7 +43,7 @@ from dynamo_support import (
 from etcdserver import EtcdServer
 from harness import is_ready, join, metric
 
-from relay.dynamo import DynamoEventData, DynamoStoreData, RouterEvent
+from relay.dynamo_wire import DynamoEventData, DynamoStoreData, RouterEvent
 from relay.natsserver import NatsServer
 from relay.synthetic import SyntheticVllm, block_removed, block_stored, encode_batch
 
