@@ -131,11 +131,11 @@ class Codec:
         if isinstance(raw, list) and raw and isinstance(raw[0], str):
             tag: Any = raw[0]
             names = LEGACY_FIELDS.get(tag)
-            fields: dict[Any, Any] = {}  # Any keys: a mutated map's keys need not be strings
+            fields: dict[Any, Any] = {}  # Any keys: a map event's (below) need not be strings
             if names is not None:
                 fields = dict(zip(names, raw[1:], strict=False))
-            if names is not None and len(raw) - 1 > len(names):
-                fields["positional_tail"] = raw[1 + len(names) :]
+                if len(raw) - 1 > len(names):
+                    fields["positional_tail"] = raw[1 + len(names) :]
         elif isinstance(raw, dict):
             tag = raw.get("type")
             fields = {k: v for k, v in raw.items() if k != "type"}
