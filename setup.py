@@ -19,7 +19,7 @@ from setuptools import setup
 HERE = Path(__file__).parent
 
 
-def compiled_modules() -> list[str]:
+def compiled_paths() -> list[str]:
     with (HERE / "pyproject.toml").open("rb") as f:
         names: list[str] = tomllib.load(f)["tool"]["kvrelay"]["compiled"]
     return [f"relay/{name}.py" for name in names]
@@ -30,7 +30,7 @@ def extensions() -> list[object]:
         return []
     from mypyc.build import mypycify
 
-    return list(mypycify(compiled_modules(), opt_level="3", group_name="kvrelay"))
+    return list(mypycify(compiled_paths(), opt_level="3", group_name="kvrelay"))
 
 
 setup(ext_modules=extensions())

@@ -1,10 +1,10 @@
 """`--format dynamo`: vLLM events as NVIDIA Dynamo 1.6's KV event plane carries them.
 
 Dynamo's KV router reads msgpack envelopes from core NATS, each carrying a msgpack array of
-RouterEvents (the Structs of `relay/dynamo_wire.py`). The relay is
-one Dynamo event publisher per DP rank: its own `publisher_id`, `sequence` from 0 per message
-and `event_id` from 1 per event, without holes, because Dynamo's router resets a rank whose
-event_ids jump and ignores ids it has already applied.
+RouterEvents (the Structs of `relay/dynamo_wire.py`). The relay is one Dynamo event publisher
+per DP rank: its own `publisher_id`, `sequence` from 0 per message and `event_id` from 1 per
+event, without holes, because Dynamo's router resets a rank whose event_ids jump and ignores
+ids it has already applied.
 
 How vLLM's events map onto Dynamo's (the choices Dynamo's own ZMQ relay makes, except where
 marked):

@@ -18,7 +18,6 @@ KV_EVENTS_TOPIC: Final = "kv-events"
 StorageTier = Literal["device", "host_pinned", "disk", "external"]
 
 
-
 class DynamoBlock(Struct, gc=False):
     """One stored block: the engine's hash and the hash of its tokens."""
 
