@@ -178,7 +178,15 @@ class Track:
         if b >= self._capacity:
             self.untimed += 1
         elif b >= WARM_BATCHES:
-            self._lags.append(now - self._ts[self._base + b])
+            sent = self._ts[self._base + b]
+            if sent > 0.0:
+                self._lags.append(now - sent)
+            else:  # matched to a batch the feeder has not sent: no send time to time it by
+                self.untimed += 1
+
+    def expects(self, fp: Fingerprint) -> bool:
+        """Whether `fp` is the event that comes next."""
+        return self._flat[self.next % self._cycle] == fp
 
     def _find(self, fp: Fingerprint) -> int | None:
         positions = self._where.get(fp)
@@ -312,6 +320,11 @@ class Consumer:
                 fp = dynamo_fingerprint(event.data)
             except ValueError:
                 self.unknown += 1
+                continue
+            if fp[0] == CLEARED and not track.expects(fp):
+                # Dynamo's plane has no resync: a relay announces a gap with a `cleared` of its
+                # own, which matches no vLLM event here.
+                self.resyncs += 1
                 continue
             track.event(fp, now)
 

@@ -35,8 +35,17 @@ def peak_rss_bytes(pid: int) -> int:
     raise ValueError(f"no VmHWM for pid {pid}")
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent busy (not idle, not waiting on I/O)."""
+    with open("/proc/stat", "rb") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / _TICK
+
+
 class CpuSampler:
-    """Samples the total CPU seconds of a set of pids every `period` seconds, in a thread."""
+    """Samples the total CPU seconds of a set of pids every `period` seconds, in a thread;
+    with no pids, the busy seconds of the whole machine."""
 
     def __init__(self, pids: list[int], period: float = 0.1) -> None:
         self.pids = pids
@@ -47,6 +56,8 @@ class CpuSampler:
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
 
     def _total(self) -> float:
+        if not self.pids:
+            return machine_busy_seconds()
         total = 0.0
         for pid in self.pids:
             # A process that has ended left what it spent in the earlier samples.

@@ -84,6 +84,29 @@ def verdict(result: TrialResult, rate: float, lag_limit_ms: float) -> str | None
     return None
 
 
+SATURATED = 90.0  # % busy at which a core, or the machine, counts as the cap
+
+
+def capped_by(result: TrialResult) -> str:
+    """Which part the machine's CPU went to at a step, and what, if anything, was saturated.
+
+    The feeder, the consumer and kvrelay each run on one thread, so one of them near a full
+    core is a cap by itself (nats-server spreads over every core); with every core busy the
+    machine is, whoever holds the most."""
+    parts = {"relay": result.relay_cpu_percent, "nats-server": result.nats_cpu_percent,
+             "consumer": result.consumer_cpu_percent, "feeder": result.feeder_cpu_percent}
+    split = ", ".join(f"{name} {share:.0f}%" for name, share in
+                      sorted(parts.items(), key=lambda item: -item[1]))
+    if result.machine_busy_percent >= SATURATED:
+        cap = f"the machine ({result.machine_busy_percent:.0f}% of all cores busy)"
+    else:
+        full = [name for name, share in parts.items()
+                if share >= SATURATED and name != "nats-server"]
+        cap = (f"the {' and the '.join(full)} (a full core)" if full
+               else f"no part saturated ({result.machine_busy_percent:.0f}% busy)")
+    return f"capped by {cap}; % of one core: {split}"
+
+
 Progress = Callable[[str], None]
 
 
@@ -108,6 +131,8 @@ def search(target: Target, pools: list[Pool], spec: BenchSpec, progress: Progres
             return f"trial failed: {str(exc).splitlines()[0]}"
         steps.append(result)
         why = verdict(result, rate, s.lag_limit_ms)
+        if why is not None:
+            why = f"{why}, {capped_by(result)}"
         progress(f"  search {target.name} @ {rate:.0f}/s: {describe(result)}"
                  f"{'' if why is None else ' -> ' + why}")
         return why

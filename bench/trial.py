@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.consumer import WARM_BATCHES, ConsumePlan, ConsumerResult, consumer_main
 from bench.feeder import FeedPlan, FeedResult, feeder_main
@@ -73,11 +73,26 @@ class TrialResult:
     relay_peak_rss_mib: float
     relay_processes: int
     nats_cpu_s_per_m_events: float | None
+    # Where the machine's CPU went over the timed phase, in % of one core (machine: % of all
+    # cores), so a search can say which part capped the rate.
+    nats_cpu_percent: float
+    consumer_cpu_percent: float
+    feeder_cpu_percent: float
+    machine_busy_percent: float
     ok: bool
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class CpuSplit(NamedTuple):
+    """CPU seconds over a trial's timed phase: each part, and the machine's busy seconds."""
+    relay: float
+    nats: float
+    consumer: float
+    feeder: float
+    machine: float
 
 
 def _free_port_run(count: int) -> int:
@@ -222,7 +237,9 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
             raise TrialError(f"{exc}\n{logs}") from None
 
         with CpuSampler([p.pid for p in relays.procs]) as relay_cpu, \
-                CpuSampler([server.pid or 0]) as nats_cpu:
+                CpuSampler([server.pid or 0]) as nats_cpu, \
+                CpuSampler([consumer.pid or 0]) as consumer_cpu, \
+                CpuSampler([feeder.pid or 0]) as feeder_cpu, CpuSampler([]) as machine_cpu:
             feeder_conn.send(("run", rate, duration))
             feed: FeedResult = _expect(feeder_conn, "done", duration + 60, "feeder")[1]
             consumer_conn.send(("expect", feed.sent_batches, SETTLE_IDLE, SETTLE_MAX))
@@ -232,9 +249,11 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
                   for launch, proc in zip(relays.launches, relays.procs, strict=True)
                   if proc.poll() is not None]
         rss = max((peak_rss_bytes(p.pid) for p in relays.procs if p.poll() is None), default=0)
+        span = (feed.started, got.last_receipt)
         result = _summarize(target, rate, duration, workers, dp_ranks, pools, feed, got,
-                            relay_cpu.between(feed.started, got.last_receipt),
-                            nats_cpu.between(feed.started, got.last_receipt),
+                            CpuSplit(relay_cpu.between(*span), nats_cpu.between(*span),
+                                     consumer_cpu.between(*span), feeder_cpu.between(*span),
+                                     machine_cpu.between(*span)),
                             rss, len(relays.procs))
         result.notes += exited
     return result
@@ -242,7 +261,7 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
 
 def _summarize(target: Target, rate: float | None, duration: float, workers: int,
                dp_ranks: int, pools: list[Pool], feed: FeedResult, got: ConsumerResult,
-               relay_cpu: float, nats_cpu: float, rss: int, processes: int) -> TrialResult:
+               cpu: CpuSplit, rss: int, processes: int) -> TrialResult:
     warm_events = sum(p.events_of(0) for p in pools)
     warm_batches = WARM_BATCHES * len(pools)
     sent_batches, sent_events = sum(feed.sent_batches), sum(feed.sent_events)
@@ -271,7 +290,11 @@ def _summarize(target: Target, rate: float | None, duration: float, workers: int
         duplicates=got.duplicates, out_of_order=got.out_of_order, corrupt=got.corrupt,
         resyncs=got.resyncs, batches_per_s=timed_batches / span,
         events_per_s=timed_events / span, lag_p50_ms=lags[0], lag_p99_ms=lags[1],
-        lag_p999_ms=lags[2], lag_max_ms=lags[3], relay_cpu_s=relay_cpu,
-        relay_cpu_s_per_m_events=per_m(relay_cpu), relay_cpu_percent=100 * relay_cpu / span,
+        lag_p999_ms=lags[2], lag_max_ms=lags[3], relay_cpu_s=cpu.relay,
+        relay_cpu_s_per_m_events=per_m(cpu.relay), relay_cpu_percent=100 * cpu.relay / span,
         relay_peak_rss_mib=rss / (1 << 20), relay_processes=processes,
-        nats_cpu_s_per_m_events=per_m(nats_cpu), ok=ok, notes=notes)
+        nats_cpu_s_per_m_events=per_m(cpu.nats), nats_cpu_percent=100 * cpu.nats / span,
+        consumer_cpu_percent=100 * cpu.consumer / span,
+        feeder_cpu_percent=100 * cpu.feeder / span,
+        machine_busy_percent=100 * cpu.machine / span / (os.cpu_count() or 1),
+        ok=ok, notes=notes)

@@ -11,16 +11,18 @@ import subprocess
 import sys
 import time
 from array import array
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from bench.cli import main
-from bench.consumer import Track, percentiles
+from bench.consumer import ConsumePlan, Consumer, Track, percentiles
 from bench.report import summarize
-from bench.run import verdict
+from bench.run import capped_by, verdict
 from bench.trial import TrialResult
 from bench.workload import (
     CLEARED,
@@ -42,7 +44,9 @@ LIMIT_KEYS = {"zmq_pub_sub", "nats_core_publish", "jetstream_publish_await",
               "jetstream_publish_window"}
 MEASURED = ("batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms", "lag_p999_ms",
             "lag_max_ms", "relay_cpu_s", "relay_cpu_s_per_m_events", "relay_cpu_percent",
-            "relay_peak_rss_mib", "nats_cpu_s_per_m_events", "feeder_batches_per_s")
+            "relay_peak_rss_mib", "nats_cpu_s_per_m_events", "feeder_batches_per_s",
+            "nats_cpu_percent", "consumer_cpu_percent", "feeder_cpu_percent",
+            "machine_busy_percent")
 
 
 # -- workload -------------------------------------------------------------------------------------
@@ -172,6 +176,45 @@ def test_track_counts_batches_past_the_timestamps_as_untimed() -> None:
     assert (track.batches, track.untimed, len(lags)) == (8, 4, 3)
 
 
+def test_track_does_not_time_a_batch_the_feeder_has_not_sent() -> None:
+    """A batch matched before the feeder stamped its send time is counted, not timed."""
+    track, lags = _track(POOL, capacity=8)
+    track._ts[5] = 0.0
+    flat = [fp for batch in POOL for fp in batch] * 2
+    for at, fp in enumerate(flat):
+        track.event(fp, now=2000.0, at=at)
+    assert (track.batches, track.untimed, len(lags)) == (8, 1, 6)
+    assert all(lag < 1000.0 for lag in lags)
+
+
+def _router_message(worker_id: int, event_id: int, data: Any) -> Msg:
+    event = {"worker_id": worker_id, "storage_tier": "device", "residency_domain": "worker",
+             "event": {"event_id": event_id, "dp_rank": 0, "data": data}}
+    envelope = {"publisher_id": worker_id, "sequence": event_id - 1, "published_at": 0,
+                "topic": "kv-events", "payload": msgspec.msgpack.encode([event])}
+    # The handler reads the payload only; no client is needed to build the message.
+    return Msg(_client=None, subject="kv-events",  # type: ignore[arg-type]
+               data=msgspec.msgpack.encode(envelope))
+
+
+def test_dynamo_output_announcing_a_gap_with_cleared_counts_as_a_resync() -> None:
+    """A `cleared` where no vLLM clear is due announces a gap; the events after it still match."""
+    shm = SharedMemory(create=True, size=8 * 100)
+    consumer = Consumer(ConsumePlan("dynamo", "nats://unused", "kv-events", None, {(7, 0): 0},
+                                    [POOL], shm.name, 100))
+    try:
+        stored = [{"stored": {"parent_hash": None, "start_position": None, "blocks": [
+            {"block_hash": h, "tokens_hash": h, "mm_extra_info": None}]}} for h in (1, 2, 3)]
+        for event_id, data in enumerate([stored[0], "cleared", stored[2], "cleared"], 1):
+            consumer._dynamo(_router_message(7, event_id, data))
+        result = consumer.result()
+        assert (result.resyncs, result.matched_events, result.duplicates) == (1, [3], 0)
+    finally:
+        consumer.close()
+        shm.close()
+        shm.unlink()
+
+
 def test_percentiles_are_nearest_rank_then_max() -> None:
     """p50/p99 of 1..100 are 50 and 99, and the maximum comes last."""
     assert percentiles(array("d", range(100, 0, -1)), (50.0, 99.0)) == [50, 99, 100]
@@ -208,6 +251,19 @@ def test_search_step_verdicts() -> None:
     assert "loss" in (verdict(_trial(ok=False, lost_events=3), 1000.0, 500.0) or "")
     assert "behind" in (verdict(_trial(batches_per_s=800.0), 1000.0, 500.0) or "")
     assert "lag" in (verdict(_trial(lag_p99_ms=900.0), 1000.0, 500.0) or "")
+
+
+def test_search_names_the_part_that_capped_a_step() -> None:
+    """A busy machine is the cap; below that a full single-threaded part is; else nothing."""
+    busy = _trial(machine_busy_percent=97.0, nats_cpu_percent=63.0, relay_cpu_percent=46.0)
+    assert capped_by(busy).startswith("capped by the machine (97% of all cores busy)")
+    assert "nats-server 63%, relay 46%" in capped_by(busy)
+    consumer = _trial(machine_busy_percent=60.0, consumer_cpu_percent=99.0)
+    assert capped_by(consumer).startswith("capped by the consumer (a full core)")
+    relay = _trial(machine_busy_percent=60.0, relay_cpu_percent=95.0)
+    assert capped_by(relay).startswith("capped by the relay (a full core)")
+    idle = _trial(machine_busy_percent=40.0, nats_cpu_percent=95.0)
+    assert capped_by(idle).startswith("capped by no part saturated (40% busy)")
 
 
 def test_cli_lists_targets_with_their_availability(
