@@ -33,7 +33,7 @@ from relay.schema import RelayBatch
 
 WINDOW: Final = 4000
 SUBJECT: Final = "limits.bench"
-_SPAWN = multiprocessing.get_context("spawn")
+SPAWN = multiprocessing.get_context("spawn")
 _STOP = b"stop"
 
 
@@ -53,22 +53,25 @@ def sample_payloads(pool: Pool, count: int = 1024) -> tuple[list[bytes], list[by
 # -- process plumbing -----------------------------------------------------------------------------
 
 
-def _returning(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def run_returning(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Process entry: send back what `fn` returns, or the error it raised."""
     try:
         conn.send(("ok", fn(*args)))
     except Exception as exc:
         conn.send(("error", repr(exc)))
 
 
-def _start(fn: Callable[..., Any], *args: Any) -> tuple[multiprocessing.process.BaseProcess,
-                                                         Connection]:
-    parent, child = _SPAWN.Pipe()
-    proc = _SPAWN.Process(target=_returning, args=(child, fn, args), daemon=True)
+def launch(fn: Callable[..., Any], *args: Any) -> tuple[multiprocessing.process.BaseProcess,
+                                                      Connection]:
+    """Run `fn(*args)` in a process of its own; `outcome` collects what it returns."""
+    parent, child = SPAWN.Pipe()
+    proc = SPAWN.Process(target=run_returning, args=(child, fn, args), daemon=True)
     proc.start()
     return proc, parent
 
 
-def _result(proc: multiprocessing.process.BaseProcess, conn: Connection, timeout: float) -> Any:
+def outcome(proc: multiprocessing.process.BaseProcess, conn: Connection, timeout: float) -> Any:
+    """What a launched measurement returned (its error raised here); the process is reaped."""
     try:
         if not conn.poll(timeout):
             raise RuntimeError("a limit measurement did not finish in time")
@@ -82,7 +85,8 @@ def _result(proc: multiprocessing.process.BaseProcess, conn: Connection, timeout
         proc.join()
 
 
-def _run_async(coro: Any) -> Any:
+def run_async(coro: Any) -> Any:
+    """Run `coro` on a fresh uvloop loop, as the relay runs."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
 
@@ -142,10 +146,10 @@ def _zmq_receive(endpoint: str, timeout: float) -> float:
 def zmq_limit(payloads: list[bytes], duration: float) -> float:
     """Messages/s a SUB takes from a PUB in another process, vLLM's frames and payloads."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    receiver = _start(_zmq_receive, endpoint, duration + 10)
-    sender = _start(_zmq_send, endpoint, payloads, duration)
-    _result(*sender, duration + 30)
-    return float(_result(*receiver, duration + 30))
+    receiver = launch(_zmq_receive, endpoint, duration + 10)
+    sender = launch(_zmq_send, endpoint, payloads, duration)
+    outcome(*sender, duration + 30)
+    return float(outcome(*receiver, duration + 30))
 
 
 # -- NATS -----------------------------------------------------------------------------------------
@@ -183,7 +187,7 @@ async def _core_subscribe(url: str, conn: Connection, duration: float) -> int:
 
 
 def _subscriber(url: str, conn: Connection, duration: float) -> int:
-    return int(_run_async(_core_subscribe(url, conn, duration)))
+    return int(run_async(_core_subscribe(url, conn, duration)))
 
 
 async def _ensure_stream(js: Any) -> None:
@@ -236,26 +240,26 @@ async def _js_window(url: str, payloads: list[bytes], duration: float) -> float:
 
 
 def _in_loop(fn: Callable[..., Any], *args: Any) -> float:
-    return float(_run_async(fn(*args)))
+    return float(run_async(fn(*args)))
 
 
 def nats_limits(payloads: list[bytes], duration: float) -> dict[str, float]:
     """Core publish, awaited JetStream publish and windowed JetStream publish, in msg/s."""
     with tempfile.TemporaryDirectory(prefix="kvrelay-limits-") as tmp, \
             NatsServer(Path(tmp) / "nats", name="limits") as server:
-        parent, child = _SPAWN.Pipe()
-        subscriber = _SPAWN.Process(target=_returning, daemon=True,
-                                    args=(child, _subscriber, (server.url, child, duration)))
+        parent, child = SPAWN.Pipe()
+        subscriber = SPAWN.Process(target=run_returning, daemon=True,
+                                   args=(child, _subscriber, (server.url, child, duration)))
         subscriber.start()
         if not parent.poll(30):
             raise RuntimeError("the core subscriber did not start")
         parent.recv()
-        core = _result(*_start(_in_loop, _core_publish, server.url, payloads, duration),
+        core = outcome(*launch(_in_loop, _core_publish, server.url, payloads, duration),
                        duration + 60)
-        _result(subscriber, parent, duration + 30)
-        awaited = _result(*_start(_in_loop, _js_await, server.url, payloads, duration),
+        outcome(subscriber, parent, duration + 30)
+        awaited = outcome(*launch(_in_loop, _js_await, server.url, payloads, duration),
                           duration + 60)
-        windowed = _result(*_start(_in_loop, _js_window, server.url, payloads, duration),
+        windowed = outcome(*launch(_in_loop, _js_window, server.url, payloads, duration),
                            duration + 60)
     return {"nats_core_publish": core, "jetstream_publish_await": awaited,
             "jetstream_publish_window": windowed}

@@ -88,6 +88,9 @@ def build_report(run: BenchRun) -> dict[str, Any]:
               for target, results in by_target.items()]
     limits = {key: statistics.median(run_[key] for run_ in run.limits)
               for key in (run.limits[0] if run.limits else {})}
+    path_lag = {rate: {key: statistics.median(run_[rate][key] for run_ in run.path_lag)
+                       for key in lags}
+                for rate, lags in (run.path_lag[0] if run.path_lag else {}).items()}
     return {
         "version": REPORT_VERSION,
         "config": dataclasses.asdict(run.spec),
@@ -97,6 +100,8 @@ def build_report(run: BenchRun) -> dict[str, Any]:
         "targets": {name: t.summary for name, t in TARGETS.items()},
         "unavailable": run.unavailable,
         "limits": {"median": limits, "runs": run.limits},
+        "path_lag": {"median": path_lag, "runs": run.path_lag,
+                     "p99_over_path": over_path(summary, path_lag)},
         "summary": summary,
         "search": search,
         "ratios": ratios(summary, search, limits),
@@ -138,6 +143,21 @@ def ratios(summary: list[dict[str, Any]], search: list[dict[str, Any]],
     if best is not None and limits:
         out[f"{BASELINE}/raw"] = {name: _ratio(best, value) for name, value in limits.items()}
     return out
+
+
+def over_path(summary: list[dict[str, Any]],
+              path_lag: dict[str, dict[str, float]]) -> dict[str, dict[str, float | None]]:
+    """Each target's p99 lag over that of the NATS path it publishes on (JetStream for targets
+    read from a stream, core otherwise), at each offered rate: what the relay adds."""
+    out: dict[str, dict[str, float | None]] = defaultdict(dict)
+    for row in summary:
+        rate = row["offered_batches_per_s"]
+        path = path_lag.get(f"{rate:.0f}") if rate is not None else None
+        if path is None or row["target"] not in TARGETS:
+            continue
+        kind = "core" if TARGETS[row["target"]].stream is None else "jetstream"
+        out[row["target"]][f"{rate:.0f}"] = _ratio(row["lag_p99_ms"], path[f"{kind}_p99_ms"])
+    return dict(out)
 
 
 # -- the table ------------------------------------------------------------------------------------
@@ -200,6 +220,15 @@ def render_table(report: dict[str, Any]) -> str:
     if report["limits"]["median"]:
         lines.append("raw limits of the parts, msg/s: " + ", ".join(
             f"{k} {_fmt(v)}" for k, v in report["limits"]["median"].items()))
+    path_lag = report["path_lag"]
+    if path_lag["median"]:
+        lines.append("lag of the NATS path alone (no relay), p50/p99 ms: " + "; ".join(
+            f"@{rate}/s core {_fmt(v['core_p50_ms'], 1)}/{_fmt(v['core_p99_ms'], 1)}, "
+            f"JetStream {_fmt(v['jetstream_p50_ms'], 1)}/{_fmt(v['jetstream_p99_ms'], 1)}"
+            for rate, v in path_lag["median"].items()))
+        for target, per_rate in path_lag["p99_over_path"].items():
+            lines.append(f"{target} lag p99 over its path's: " + ", ".join(
+                f"@{rate}/s {_fmt(v, 2)}" for rate, v in per_rate.items()))
     for name, ratio in report["ratios"].items():
         if name.endswith("/raw"):
             if ratio:

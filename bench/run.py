@@ -11,7 +11,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from bench.limits import measure_limits
+from bench.limits import measure_limits, sample_payloads
+from bench.pathlag import measure_path_lag
 from bench.targets import TARGETS, Target
 from bench.trial import TrialError, TrialResult, run_trial
 from bench.workload import Pool, WorkloadSpec, build_pool
@@ -67,6 +68,7 @@ class BenchRun:
     trials: list[TrialResult] = field(default_factory=list)
     searches: list[SearchResult] = field(default_factory=list)
     limits: list[dict[str, float]] = field(default_factory=list)
+    path_lag: list[dict[str, dict[str, float]]] = field(default_factory=list)  # rate -> lags
     errors: list[str] = field(default_factory=list)
 
 
@@ -84,6 +86,7 @@ def verdict(result: TrialResult, rate: float, lag_limit_ms: float) -> str | None
     return None
 
 
+PATH_LAG_DURATION = 4.0  # seconds per NATS path and offered rate
 SATURATED = 90.0  # % of a core at which a one-threaded part counts as the cap
 MACHINE_SATURATED = 85.0  # % of all cores: past this, processes wait for a core to run on
 
@@ -193,6 +196,14 @@ def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun
             run.limits.append(measure_limits(pools[0], spec.limits_duration))
             progress("  raw limits (msg/s): " + ", ".join(
                 f"{k} {v:,.0f}" for k, v in run.limits[-1].items()))
+            _, relayed = sample_payloads(pools[0])
+            lags = {f"{rate:.0f}": measure_path_lag(relayed, rate, PATH_LAG_DURATION, spec.tick)
+                    for rate in spec.rates if rate is not None}
+            if lags:
+                run.path_lag.append(lags)
+                progress("  lag of the NATS path alone, p99 ms: " + "; ".join(
+                    f"@{rate}/s core {v['core_p99_ms']:.1f}, JetStream {v['jetstream_p99_ms']:.1f}"
+                    for rate, v in lags.items()))
         for rate in spec.rates:
             for target in targets:
                 offered = "max" if rate is None else f"{rate:.0f}/s"

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 
 from bench.cli import main
 from bench.consumer import ConsumePlan, Consumer, Track, percentiles
-from bench.report import summarize
+from bench.report import over_path, summarize
 from bench.run import capped_by, verdict
 from bench.trial import TrialResult
 from bench.workload import (
@@ -39,7 +39,7 @@ from relay.schema import Cleared, Removed, Stored
 
 TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialResult)}
 REPORT_KEYS = {"version", "config", "machine", "targets", "unavailable", "limits", "summary",
-               "search", "ratios", "trials", "errors"}
+               "search", "ratios", "trials", "errors", "path_lag"}
 LIMIT_KEYS = {"zmq_pub_sub", "nats_core_publish", "jetstream_publish_await",
               "jetstream_publish_window"}
 MEASURED = ("batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms", "lag_p999_ms",
@@ -253,6 +253,16 @@ def test_search_step_verdicts() -> None:
     assert "lag" in (verdict(_trial(lag_p99_ms=900.0), 1000.0, 500.0) or "")
 
 
+def test_lag_is_set_against_the_nats_path_each_target_publishes_on() -> None:
+    """kvrelay (read from a stream) over the JetStream path, dynamo over core, per rate."""
+    summary: list[dict[str, Any]] = [
+        {"target": "kvrelay", "offered_batches_per_s": 2000.0, "lag_p99_ms": 3.0},
+        {"target": "dynamo", "offered_batches_per_s": 2000.0, "lag_p99_ms": 1.0},
+        {"target": "kvrelay", "offered_batches_per_s": None, "lag_p99_ms": 9.0}]
+    path = {"2000": {"core_p99_ms": 0.5, "jetstream_p99_ms": 1.5}}
+    assert over_path(summary, path) == {"kvrelay": {"2000": 2.0}, "dynamo": {"2000": 2.0}}
+
+
 def test_search_names_the_part_that_capped_a_step() -> None:
     """A busy machine is the cap; below that a full single-threaded part is; else nothing."""
     busy = _trial(machine_busy_percent=97.0, nats_cpu_percent=63.0, relay_cpu_percent=46.0)
@@ -328,6 +338,10 @@ def test_bench_kvrelay_and_naive_deliver_every_event(tmp_path: Path) -> None:
     assert all(v > 0 for v in report["limits"]["median"].values())
     assert set(report["ratios"]["kvrelay/naive"]["at_offered_rate"]["500"]) >= {
         "events_per_s", "relay_cpu_s_per_m_events", "lag_p99_ms"}
+    path = report["path_lag"]["median"]["500"]
+    assert set(path) == {"core_p50_ms", "core_p99_ms", "jetstream_p50_ms", "jetstream_p99_ms"}
+    assert all(0 < v < 1000 for v in path.values()), path
+    assert set(report["path_lag"]["p99_over_path"]) == {"kvrelay", "naive"}
 
 
 @pytest.mark.integration
