@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Sequence
 from types import TracebackType
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -44,22 +45,23 @@ def machine_busy_seconds() -> float:
 
 
 class CpuSampler:
-    """Samples the total CPU seconds of a set of pids every `period` seconds, in a thread;
-    with no pids, the busy seconds of the whole machine."""
+    """Samples the total CPU seconds of each group of pids every `period` seconds, in one
+    thread; a group of None stands for the whole machine's busy seconds."""
 
-    def __init__(self, pids: list[int], period: float = 0.1) -> None:
-        self.pids = pids
+    def __init__(self, groups: Sequence[list[int] | None], period: float = 0.1) -> None:
+        self.groups = list(groups)
         self.period = period
         self._times: list[float] = []
-        self._cpu: list[float] = []
+        self._cpu: list[list[float]] = []  # per sample, per group
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
 
-    def _total(self) -> float:
-        if not self.pids:
+    @staticmethod
+    def _total(pids: list[int] | None) -> float:
+        if pids is None:
             return machine_busy_seconds()
         total = 0.0
-        for pid in self.pids:
+        for pid in pids:
             # A process that has ended left what it spent in the earlier samples.
             with contextlib.suppress(OSError, ValueError, IndexError):
                 total += cpu_seconds(pid)
@@ -67,27 +69,30 @@ class CpuSampler:
 
     def sample(self) -> None:
         self._times.append(time.time())
-        self._cpu.append(self._total())
+        self._cpu.append([self._total(pids) for pids in self.groups])
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
             self.sample()
 
-    def cpu_at(self, when: float) -> float:
-        """CPU seconds at wall-clock `when`, interpolated between samples."""
-        times, cpu = self._times, self._cpu
+    def cpu_at(self, when: float, group: int = 0) -> float:
+        """CPU seconds of `group` at wall-clock `when`, interpolated between samples."""
+        times = self._times
         if not times:
             return 0.0
         i = bisect.bisect_left(times, when)
         if i == 0:
-            return cpu[0]
+            return self._cpu[0][group]
         if i >= len(times):
-            return cpu[-1]
+            return self._cpu[-1][group]
         t0, t1 = times[i - 1], times[i]
-        return cpu[i - 1] + (cpu[i] - cpu[i - 1]) * (when - t0) / (t1 - t0 or 1.0)
+        c0, c1 = self._cpu[i - 1][group], self._cpu[i][group]
+        return c0 + (c1 - c0) * (when - t0) / (t1 - t0 or 1.0)
 
-    def between(self, start: float, end: float) -> float:
-        return max(0.0, self.cpu_at(end) - self.cpu_at(start))
+    def between(self, start: float, end: float) -> list[float]:
+        """CPU seconds each group spent from `start` to `end`."""
+        return [max(0.0, self.cpu_at(end, g) - self.cpu_at(start, g))
+                for g in range(len(self.groups))]
 
     def __enter__(self) -> CpuSampler:
         self.sample()

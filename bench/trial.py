@@ -236,10 +236,9 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
                              for launch in relays.launches)
             raise TrialError(f"{exc}\n{logs}") from None
 
-        with CpuSampler([p.pid for p in relays.procs]) as relay_cpu, \
-                CpuSampler([server.pid or 0]) as nats_cpu, \
-                CpuSampler([consumer.pid or 0]) as consumer_cpu, \
-                CpuSampler([feeder.pid or 0]) as feeder_cpu, CpuSampler([]) as machine_cpu:
+        # In CpuSplit's order; None: the whole machine.
+        with CpuSampler([[p.pid for p in relays.procs], [server.pid or 0],
+                         [consumer.pid or 0], [feeder.pid or 0], None]) as cpu:
             feeder_conn.send(("run", rate, duration))
             feed: FeedResult = _expect(feeder_conn, "done", duration + 60, "feeder")[1]
             consumer_conn.send(("expect", feed.sent_batches, SETTLE_IDLE, SETTLE_MAX))
@@ -249,11 +248,8 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
                   for launch, proc in zip(relays.launches, relays.procs, strict=True)
                   if proc.poll() is not None]
         rss = max((peak_rss_bytes(p.pid) for p in relays.procs if p.poll() is None), default=0)
-        span = (feed.started, got.last_receipt)
         result = _summarize(target, rate, duration, workers, dp_ranks, pools, feed, got,
-                            CpuSplit(relay_cpu.between(*span), nats_cpu.between(*span),
-                                     consumer_cpu.between(*span), feeder_cpu.between(*span),
-                                     machine_cpu.between(*span)),
+                            CpuSplit(*cpu.between(feed.started, got.last_receipt)),
                             rss, len(relays.procs))
         result.notes += exited
     return result
