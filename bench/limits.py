@@ -33,7 +33,7 @@ from relay.schema import RelayBatch
 
 WINDOW: Final = 4000
 SUBJECT: Final = "limits.bench"
-SPAWN = multiprocessing.get_context("spawn")
+_SPAWN = multiprocessing.get_context("spawn")
 _STOP = b"stop"
 
 
@@ -53,7 +53,7 @@ def sample_payloads(pool: Pool, count: int = 1024) -> tuple[list[bytes], list[by
 # -- process plumbing -----------------------------------------------------------------------------
 
 
-def run_returning(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _returning(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
     """Process entry: send back what `fn` returns, or the error it raised."""
     try:
         conn.send(("ok", fn(*args)))
@@ -64,9 +64,22 @@ def run_returning(conn: Connection, fn: Callable[..., Any], args: tuple[Any, ...
 def launch(fn: Callable[..., Any], *args: Any) -> tuple[multiprocessing.process.BaseProcess,
                                                       Connection]:
     """Run `fn(*args)` in a process of its own; `outcome` collects what it returns."""
-    parent, child = SPAWN.Pipe()
-    proc = SPAWN.Process(target=run_returning, args=(child, fn, args), daemon=True)
+    parent, child = _SPAWN.Pipe()
+    proc = _SPAWN.Process(target=_returning, args=(child, fn, args), daemon=True)
     proc.start()
+    return proc, parent
+
+
+def launch_listening(fn: Callable[..., Any], *args: Any, timeout: float = 30.0
+                     ) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    """`launch` for a receiver: `fn(*args, conn)` says when it listens, and this waits for it."""
+    parent, child = _SPAWN.Pipe()
+    proc = _SPAWN.Process(target=_returning, args=(child, fn, (*args, child)), daemon=True)
+    proc.start()
+    if not parent.poll(timeout):
+        proc.kill()
+        raise RuntimeError(f"{fn.__name__} did not start listening")
+    parent.recv()
     return proc, parent
 
 
@@ -186,7 +199,7 @@ async def _core_subscribe(url: str, conn: Connection, duration: float) -> int:
     return received
 
 
-def _subscriber(url: str, conn: Connection, duration: float) -> int:
+def _subscriber(url: str, duration: float, conn: Connection) -> int:
     return int(run_async(_core_subscribe(url, conn, duration)))
 
 
@@ -247,16 +260,10 @@ def nats_limits(payloads: list[bytes], duration: float) -> dict[str, float]:
     """Core publish, awaited JetStream publish and windowed JetStream publish, in msg/s."""
     with tempfile.TemporaryDirectory(prefix="kvrelay-limits-") as tmp, \
             NatsServer(Path(tmp) / "nats", name="limits") as server:
-        parent, child = SPAWN.Pipe()
-        subscriber = SPAWN.Process(target=run_returning, daemon=True,
-                                   args=(child, _subscriber, (server.url, child, duration)))
-        subscriber.start()
-        if not parent.poll(30):
-            raise RuntimeError("the core subscriber did not start")
-        parent.recv()
+        subscriber = launch_listening(_subscriber, server.url, duration)
         core = outcome(*launch(_in_loop, _core_publish, server.url, payloads, duration),
                        duration + 60)
-        outcome(subscriber, parent, duration + 30)
+        outcome(*subscriber, duration + 30)
         awaited = outcome(*launch(_in_loop, _js_await, server.url, payloads, duration),
                           duration + 60)
         windowed = outcome(*launch(_in_loop, _js_window, server.url, payloads, duration),

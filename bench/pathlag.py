@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 
 from bench.consumer import percentiles
-from bench.limits import SPAWN, WINDOW, launch, outcome, run_async, run_returning
+from bench.limits import WINDOW, launch, launch_listening, outcome, run_async
 from relay.natsserver import NatsServer
 
 SUBJECT: Final = "pathlag.bench"
@@ -124,16 +124,10 @@ def measure_path_lag(payloads: list[bytes], rate: float, duration: float,
         run_async(_make_stream(server.url))
         for path in PATHS:
             jetstream = path == "jetstream"
-            parent, child = SPAWN.Pipe()
-            receiver = SPAWN.Process(target=run_returning, daemon=True, args=(
-                child, _receiver, (server.url, jetstream, round(rate * duration), duration,
-                                   child)))
-            receiver.start()
-            if not parent.poll(30) or parent.recv() != "subscribed":
-                receiver.kill()
-                raise RuntimeError(f"the {path} path's subscriber did not start")
+            receiver = launch_listening(_receiver, server.url, jetstream,
+                                        round(rate * duration), duration)
             outcome(*launch(_sender, server.url, jetstream, payloads, rate, duration, tick),
                     duration + 60)
-            p50, p99 = outcome(receiver, parent, duration + _SETTLE + 30)
+            p50, p99 = outcome(*receiver, duration + _SETTLE + 30)
             out[f"{path}_p50_ms"], out[f"{path}_p99_ms"] = p50, p99
     return out
