@@ -272,7 +272,7 @@ def nats_limits(payloads: list[bytes], duration: float) -> dict[str, float]:
             "jetstream_publish_window": windowed}
 
 
-def measure_limits(pool: Pool, duration: float) -> dict[str, float]:
-    """Every raw limit, msg/s, with payloads from `pool`."""
-    vllm, relayed = sample_payloads(pool)
+def measure_limits(vllm: list[bytes], relayed: list[bytes], duration: float
+                   ) -> dict[str, float]:
+    """Every raw limit, msg/s, with `sample_payloads`' vLLM batches and RelayBatches."""
     return {"zmq_pub_sub": zmq_limit(vllm, duration), **nats_limits(relayed, duration)}

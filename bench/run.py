@@ -190,13 +190,13 @@ def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun
             progress(f"{name}: {reason}")
     publishers = spec.workers * spec.dp_ranks
     pools = [build_pool(spec.workload, p, p % spec.dp_ranks) for p in range(publishers)]
+    vllm, relayed = sample_payloads(pools[0]) if spec.limits_duration is not None else ([], [])
     for rep in range(spec.repeat):
         progress(f"round {rep + 1} of {spec.repeat}")
         if spec.limits_duration is not None:
-            run.limits.append(measure_limits(pools[0], spec.limits_duration))
+            run.limits.append(measure_limits(vllm, relayed, spec.limits_duration))
             progress("  raw limits (msg/s): " + ", ".join(
                 f"{k} {v:,.0f}" for k, v in run.limits[-1].items()))
-            _, relayed = sample_payloads(pools[0])
             lags = {f"{rate:.0f}": measure_path_lag(relayed, rate, PATH_LAG_DURATION, spec.tick)
                     for rate in spec.rates if rate is not None}
             if lags:
