@@ -43,6 +43,9 @@ class Buffer:
         self._bytes = 0
         # dp_rank -> resyncs owed to consumers, announced with the next frame of that rank.
         self._owed: dict[int, tuple[Resync, ...]] = {}
+        # Counted on every drop past the bound, when the relay is already behind: no label
+        # lookup each time.
+        self._overflowed = metrics.batches_dropped.labels("overflow")
         # Read at scrape time: right while nothing is published, and free on the hot path.
         metrics.buffer_batches.set_function(self.__len__)
         metrics.buffer_bytes.set_function(lambda: self._bytes)
@@ -75,13 +78,21 @@ class Buffer:
         """The oldest frame, with the resyncs owed to its rank prepended."""
         frame = self._frames.popleft()
         self._bytes -= len(frame.payload)
-        owed = self._owed.pop(frame.dp_rank, None)
-        if owed is None:
+        if frame.dp_rank not in self._owed:
             return frame
+        return frame._replace(resyncs=(*self.claim(frame.dp_rank), *frame.resyncs))
+
+    def pop_upto(self, limit: int) -> list[Frame]:
+        """The oldest frames, at most `limit`, each as `pop` gives it."""
+        return [self.pop() for _ in range(min(limit, len(self._frames)))]
+
+    def claim(self, dp_rank: int) -> tuple[Resync, ...]:
+        """The resyncs owed to `dp_rank`, handed to a caller that announces them now."""
+        owed = self._owed.pop(dp_rank, ())
         overflows = sum(resync.reason == "overflow" for resync in owed)
         if overflows:
             self._metrics.resyncs.labels("overflow").inc(overflows)
-        return frame._replace(resyncs=(*owed, *frame.resyncs))
+        return owed
 
     def drain_all(self) -> list[Frame]:
         """Everything left, for counting at shutdown."""
@@ -93,7 +104,7 @@ class Buffer:
     def _drop_oldest(self) -> None:
         frame = self._frames.popleft()
         self._bytes -= len(frame.payload)
-        self._metrics.drop("overflow", 1)
+        self._overflowed.inc()
         # What the dropped frame had to announce, then its own loss; a run of drops folds
         # into one `overflow` range, and a restart among them breaks the run as it should.
         self.owe(frame.dp_rank, (*frame.resyncs, Resync("overflow", frame.seq, frame.seq)))

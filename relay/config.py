@@ -113,6 +113,9 @@ class Config:
     kv_block_size: int = field(default=16, metadata=_opt(
         "--format dynamo: vLLM's --block-size; blocks of another size are left out, as "
         "Dynamo's router cannot match them"))
+    dynamo_batches_per_message: int = field(default=32, metadata=_opt(
+        "--format dynamo: the most vLLM batches of a rank one message carries; a message takes "
+        "the rank's batches in hand at once, never waits for more; 1: a message per batch"))
     dynamo_file_kv: str = field(default="", metadata=_opt(
         "--format dynamo: directory of Dynamo's file discovery backend; default: "
         "$TMPDIR/dynamo_store_kv, as Dynamo", env=("DYN_FILE_KV",), metavar="DIR"))
@@ -202,7 +205,8 @@ class Config:
             raise ConfigError(f"--instance-id {self.instance_id} is not an unsigned 64-bit value")
         for name, low in (("dp_ranks", 1), ("dp_rank_start", 0), ("buffer_batches", 1),
                           ("buffer_bytes", 1024), ("max_in_flight", 1),
-                          ("stream_replicas", 1), ("kv_block_size", 1)):
+                          ("stream_replicas", 1), ("kv_block_size", 1),
+                          ("dynamo_batches_per_message", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}")
         for name in ("ack_timeout", "reconnect_wait_max", "replay_timeout", "replay_cooldown",

@@ -46,6 +46,7 @@ from relay.dynamo_wire import (
     StorageTier,
     Translated,
 )
+from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.schema import (
     BlockHash,
@@ -60,6 +61,7 @@ from relay.schema import (
 )
 
 TOKENS_HASH_SEED: Final = 1337
+_xxh3: Final = xxhash.xxh3_64_intdigest
 CACHE_SALT_SEED: Final = 1
 _U64: Final = 1 << 64
 
@@ -96,6 +98,17 @@ def block_hash_u64(value: BlockHash) -> int:
     raise ValueError(f"block hash {value} does not fit 64 bits")
 
 
+def block_hashes_u64(values: list[BlockHash]) -> list[int]:
+    """`block_hash_u64` of each; the list itself when its values are u64 already (the usual
+    case: a C-level min and max instead of a call per hash)."""
+    try:
+        if values and min(values) >= 0 and max(values) < _U64:  # type: ignore[operator]
+            return values  # type: ignore[return-value]  # every value is an int in u64
+    except TypeError:
+        pass  # bytes among them
+    return [block_hash_u64(h) for h in values]
+
+
 def tokens_hash_seed(lora_name: str | None = None, cache_salt: str | None = None) -> int:
     """Dynamo's seed for a block's tokens_hash: 1337, shifted by the adapter and the salt."""
     seed = TOKENS_HASH_SEED
@@ -110,14 +123,14 @@ def tokens_hashes(token_ids: Sequence[int], block_size: int, seed: int = TOKENS_
                   ) -> list[int]:
     """XXH3-64 of each full block of token ids as u32 little-endian; OverflowError if a token
     id is not a u32."""
-    full = len(token_ids) // block_size
-    raw = array("I", token_ids[: full * block_size])  # C unsigned int: 32 bits
+    length = len(token_ids)
+    full = length - length % block_size
+    raw = array("I", token_ids if full == length else token_ids[:full])  # C uint: 32 bits
     if sys.byteorder != "little":
         raw.byteswap()
     data = raw.tobytes()
     step = 4 * block_size
-    return [xxhash.xxh3_64_intdigest(data[i : i + step], seed=seed)
-            for i in range(0, len(data), step)]
+    return [_xxh3(data[i : i + step], seed) for i in range(0, len(data), step)]
 
 
 # -- translation --------------------------------------------------------------------------------
@@ -130,11 +143,11 @@ class Translator:
         self.kv_block_size = kv_block_size
         self._metrics = metrics
 
-    def translate(self, resyncs: Iterable[Resync], events: Iterable[InputEvent]
+    def translate(self, resyncs: Sequence[Resync], events: Iterable[InputEvent]
                   ) -> list[Translated]:
         """The events one message carries: a `cleared` for any resync, then the batch."""
         out: list[Translated] = []
-        if any(True for _ in resyncs):
+        if resyncs:
             out.append(Translated("device", CLEARED))
         for event in events:
             item = self._event(event)
@@ -146,11 +159,11 @@ class Translator:
 
     def _event(self, event: InputEvent) -> Translated | None:
         # vLLM's Structs (the codec's fast path) or output ones: the same fields.
-        if isinstance(event, Stored | VllmBlockStored):
+        if isinstance(event, (VllmBlockStored, Stored)):
             return self._stored(event)
-        if isinstance(event, Removed | VllmBlockRemoved):
+        if isinstance(event, (VllmBlockRemoved, Removed)):
             return self._removed(event)
-        if isinstance(event, Cleared | VllmAllBlocksCleared):
+        if isinstance(event, (VllmAllBlocksCleared, Cleared)):
             return Translated("device", CLEARED)
         if isinstance(event, Resync):
             return Translated("device", CLEARED)
@@ -164,7 +177,7 @@ class Translator:
         if event.block_size != self.kv_block_size:
             return self._drop("block_size", count)
         try:
-            hashes = [block_hash_u64(h) for h in event.block_hashes]
+            hashes = block_hashes_u64(event.block_hashes)
             parent = (None if event.parent_block_hash is None
                       else block_hash_u64(event.parent_block_hash))
             salt = event.cache_salt if isinstance(event.cache_salt, str) else None
@@ -178,7 +191,7 @@ class Translator:
             self._count("short_tokens", count - len(tokens))
             if not tokens:
                 return None
-        blocks = [DynamoBlock(h, t) for h, t in zip(hashes, tokens, strict=False)]
+        blocks = list(map(DynamoBlock, hashes, tokens))  # as many as the shorter has
         return Translated(tier, DynamoEventData(
             stored=DynamoStoreData(parent_hash=parent, blocks=blocks)))
 
@@ -187,7 +200,7 @@ class Translator:
         if tier is None:
             return self._drop("medium", len(event.block_hashes))
         try:
-            hashes = [block_hash_u64(h) for h in event.block_hashes]
+            hashes = block_hashes_u64(event.block_hashes)
         except ValueError:
             return self._drop("invalid", len(event.block_hashes))
         return Translated(tier, DynamoEventData(removed=DynamoRemoveData(hashes)))
@@ -202,7 +215,28 @@ class Translator:
             self._metrics.dynamo_blocks_dropped.labels(reason).inc(blocks)
 
 
-# -- numbering and encoding ---------------------------------------------------------------------
+# -- messages -----------------------------------------------------------------------------------
+
+
+def group_frames(frames: Iterable[Frame], max_batches: int, max_bytes: int) -> list[list[Frame]]:
+    """Frames in hand as the messages they make: each rank's in their order, a message at most
+    `max_batches` of them and, past its first, `max_bytes` of their payloads. Ranks are separate
+    Dynamo publishers: the order between them is nobody's concern."""
+    groups: list[list[Frame]] = []
+    filling: dict[int, tuple[list[Frame], int]] = {}  # dp_rank -> (its open group, bytes)
+    for frame in frames:
+        size = len(frame.payload)
+        current = filling.get(frame.dp_rank)
+        if current is not None and len(current[0]) < max_batches \
+                and current[1] + size <= max_bytes:
+            current[0].append(frame)
+            filling[frame.dp_rank] = (current[0], current[1] + size)
+        else:
+            group = [frame]
+            groups.append(group)
+            filling[frame.dp_rank] = (group, size)
+    return groups
+
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 

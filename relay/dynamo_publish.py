@@ -23,6 +23,7 @@ import logging
 import time
 from collections import deque
 from pathlib import Path
+from typing import Final
 
 import nats.errors
 
@@ -30,7 +31,7 @@ from relay.buffer import Buffer
 from relay.codec import Codec
 from relay.config import Config
 from relay.discovery.etcd import EtcdGateway, EtcdRefused
-from relay.dynamo import EventStream, Translator
+from relay.dynamo import EventStream, Translator, group_frames
 from relay.dynamo_confirm import Markers
 from relay.dynamo_discovery import (
     FileBackend,
@@ -42,7 +43,7 @@ from relay.dynamo_discovery import (
     new_publisher_id,
 )
 from relay.dynamo_etcd import EtcdStore
-from relay.dynamo_wire import kv_events_subject
+from relay.dynamo_wire import Translated, kv_events_subject
 from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.outbox import InboxClient, Outbox
@@ -58,14 +59,21 @@ class DiscoveryError(Exception):
     """The discovery records cannot be written where configured."""
 
 
-class _Sent:
-    __slots__ = ("dp_rank", "events", "payload", "sent_at", "seq", "ts")
+# A message carries the vLLM batches of a rank in hand at once, up to --dynamo-batches-per-message
+# and (past the first) input bytes up to this share of the server's max_payload, which the
+# message then stays well under (Dynamo's form of an event is at most a few times vLLM's).
+GROUP_SHARE: Final = 8
 
-    def __init__(self, frame: Frame, payload: bytes, ts: float, events: int) -> None:
-        self.dp_rank = frame.dp_rank
-        self.seq = frame.seq
+
+class _Sent:
+    """One message in the window: the batches it carries, from the oldest one's `ts` on."""
+
+    __slots__ = ("batches", "events", "payload", "sent_at", "ts")
+
+    def __init__(self, payload: bytes, ts: float, batches: int, events: int) -> None:
         self.payload = payload
         self.ts = ts
+        self.batches = batches
         self.events = events
         self.sent_at = 0.0
 
@@ -92,6 +100,7 @@ class DynamoPublisher:
         self._nc: InboxClient | None = None
         self._outbox = Outbox()
         self._window: deque[_Sent] = deque()
+        self._gathered: list[Frame] = []  # taken in this turn, sent together at its end
         self._markers = Markers[_Sent](self._outbox, self._online, self._confirm)
         self._parked = False  # the publish loop waits for work: notify() may send directly
         self._resend = False
@@ -116,6 +125,10 @@ class DynamoPublisher:
     def last_event_id(self, dp_rank: int) -> int:
         """The event_id of the last event numbered for the rank; 0 before the first."""
         return self._streams[dp_rank].event_id - 1
+
+    def messages_sent(self, dp_rank: int) -> int:
+        """Messages numbered for the rank so far (each carries one or more vLLM batches)."""
+        return self._streams[dp_rank].sequence
 
     @property
     def in_flight(self) -> int:
@@ -244,18 +257,18 @@ class DynamoPublisher:
                             break
                 published = 0
                 while self._buffer and len(self._window) < self._config.max_in_flight \
-                        and not self._resend:
-                    entered = self._enter(self._buffer.pop())
-                    if entered is not None and self._outbox.writable():
-                        self._publish_now(entered)
-                        published += 1
-                        if published % SEND_SLICE == 0:
-                            self._markers.follow()
-                            await asyncio.sleep(0)  # a backlog must not hold up ingest
-                    elif entered is not None:
-                        await self._publish(entered)  # waits for nats-py's flush
-                    if not self._online():
-                        break
+                        and not self._resend and self._online():
+                    for group in self._buffered_groups():
+                        entered = self._enter(group)
+                        if entered is not None and self._outbox.writable():
+                            self._publish_now(entered)
+                            published += entered.batches
+                        elif entered is not None:
+                            await self._publish(entered)  # waits for nats-py's flush
+                    if published >= SEND_SLICE:
+                        published = 0
+                        self._markers.follow()
+                        await asyncio.sleep(0)  # a backlog must not hold up ingest
                 if published:
                     self._markers.follow()
         finally:
@@ -271,38 +284,57 @@ class DynamoPublisher:
     def take(self, frame: Frame) -> None:
         """Ingest's hand-off, each frame in order. In the steady state (nothing buffered or owed
         before it, this loop idle, nothing to publish again, room in the window, NATS up) the
-        frame is published right here; anything else goes through the buffer and `notify`."""
+        frame is gathered with the others of this turn and they are sent together right after
+        it (`send_gathered`); anything else goes through the buffer and `notify`."""
         buffer = self._buffer
         if not buffer and not buffer.owes(frame.dp_rank) and self._sending_here() \
                 and self._room():
-            sent = self._enter(frame)
-            if sent is not None:
-                self._publish_now(sent)
-                self._markers.follow()
+            self._gathered.append(frame)
+            if len(self._gathered) == 1:
+                asyncio.get_running_loop().call_soon(self.send_gathered)
             return
+        self.send_gathered()  # what came before this frame goes first
         buffer.put(frame)
         self.notify()
+
+    def send_gathered(self) -> None:
+        """Send the frames gathered in this turn: one message per rank (`_groups`)."""
+        frames = self._gathered
+        if not frames:
+            return
+        self._gathered = []
+        if not (self._sending_here() and self._room()):
+            for frame in frames:  # the buffer is empty: `take` sends these before buffering
+                self._buffer.put(frame)
+            self.notify()
+            return
+        self._send_now(self._groups(frames))
+        self._outbox.flush()  # now, not in another turn of the loop
 
     def notify(self) -> None:
         """Called by the buffer's producer: there is something to send.
 
         In the steady state (this loop idle, nothing to publish again, room in the window,
-        NATS up) the frame is sent right here, in the producer's turn: no wake-up of the
+        NATS up) the frames are sent right here, in the producer's turn: no wake-up of the
         publish task per batch. Anything else is left to the publish loop, in order.
         """
         if self._sending_here():
             buffer = self._buffer
-            published = False
             while buffer and self._room():
-                sent = self._enter(buffer.pop())
-                if sent is not None:
-                    self._publish_now(sent)
-                    published = True
-            if published:
-                self._markers.follow()
+                self._send_now(self._buffered_groups())
             if not buffer:
                 return
         self._wake.set()
+
+    def _send_now(self, groups: list[list[Frame]]) -> None:
+        published = False
+        for group in groups:
+            sent = self._enter(group)
+            if sent is not None:
+                self._publish_now(sent)
+                published = True
+        if published:
+            self._markers.follow()
 
     def _sending_here(self) -> bool:
         """The publish loop idle with nothing to retry or publish again, NATS up: a producer's
@@ -312,28 +344,53 @@ class DynamoPublisher:
     def _room(self) -> bool:
         return len(self._window) < self._config.max_in_flight and self._outbox.writable()
 
-    def _enter(self, frame: Frame) -> _Sent | None:
-        """Translate a frame into the next message of its rank and put it in the window; None
-        if nothing of it can go (counted)."""
-        decoded = read_frame(self._codec.decode_input, frame, self._metrics, self._warn,
-                             self._owe)
-        if decoded is None:
-            return None
-        self._metrics.events_received.inc(len(decoded.events))
-        items = self._translator.translate(frame.resyncs, decoded.events)
-        if not items:
-            return None  # nothing in this batch that Dynamo's format can carry (counted)
-        stream = self._streams[frame.dp_rank]
+    def _groups(self, frames: list[Frame]) -> list[list[Frame]]:
+        assert self._nc is not None
+        return group_frames(frames, self._config.dynamo_batches_per_message,
+                            self._nc.max_payload // GROUP_SHARE)
+
+    def _buffered_groups(self) -> list[list[Frame]]:
+        """The oldest frames of the buffer, as the messages they make."""
+        return self._groups(self._buffer.pop_upto(self._config.dynamo_batches_per_message))
+
+    def _enter(self, frames: list[Frame]) -> _Sent | None:
+        """Translate frames of one rank, in order, into the rank's next message and put it in
+        the window; None if nothing of them can go (counted)."""
+        rank = frames[0].dp_rank
+        buffer, metrics = self._buffer, self._metrics
+        items: list[Translated] = []
+        ts: float | None = None
+        carried: list[int] = []  # seqs of the batches this message carries
+        received = 0
+        for frame in frames:
+            if buffer.owes(rank):  # one before it was dropped (counted): say so first
+                frame = frame._replace(resyncs=(*buffer.claim(rank), *frame.resyncs))
+            decoded = read_frame(self._codec.decode_input, frame, metrics, self._warn,
+                                 self._owe)
+            if decoded is None:
+                continue
+            received += len(decoded.events)
+            translated = self._translator.translate(frame.resyncs, decoded.events)
+            if translated:
+                items += translated
+                carried.append(frame.seq)
+                if ts is None:
+                    ts = decoded.ts
+        if received:
+            metrics.events_received.inc(received)
+        if ts is None:
+            return None  # nothing in these batches that Dynamo's format can carry (counted)
+        stream = self._streams[rank]
         payload = stream.encode(items, int(time.time() * 1000))
         assert self._nc is not None
         if len(payload) > self._nc.max_payload:
             stream.rollback(len(items))
-            self._metrics.drop("too_large", 1, len(decoded.events))
-            self._owe(frame.dp_rank, (Resync("gap", frame.seq, frame.seq),))
-            log.error("dropped a batch of %d bytes for dp_rank %d: larger than the server's "
-                      "max_payload", len(payload), frame.dp_rank)
+            metrics.drop("too_large", len(carried), received)
+            self._owe(rank, tuple(Resync("gap", seq, seq) for seq in carried))
+            log.error("dropped %d batch(es) making a message of %d bytes for dp_rank %d: "
+                      "larger than the server's max_payload", len(carried), len(payload), rank)
             return None
-        sent = _Sent(frame, payload, decoded.ts, len(items))
+        sent = _Sent(payload, ts, len(carried), len(items))
         self._window.append(sent)
         return sent
 
@@ -395,7 +452,7 @@ class DynamoPublisher:
         batches = events = 0
         while window:
             sent = window.popleft()
-            batches += 1
+            batches += sent.batches
             events += sent.events
             metrics.publish_latency.observe(now - sent.sent_at)
             metrics.lag.observe(max(0.0, wall - sent.ts))
@@ -410,12 +467,13 @@ class DynamoPublisher:
 
     async def flush(self, within: float) -> bool:
         """Wait until the buffer and the window are empty; False if `within` seconds pass."""
-        return await wait_until_sent(lambda: bool(self._buffer or self._window), self._wake,
-                                     within)
+        return await wait_until_sent(
+            lambda: bool(self._buffer or self._window or self._gathered), self._wake, within)
 
     def abandon(self) -> int:
         """Count what could not be delivered; returns the number of batches."""
-        lost = len(self._buffer) + len(self._window)
+        self.send_gathered()  # into the window or the buffer, to be counted with them
+        lost = len(self._buffer) + sum(s.batches for s in self._window)
         events = sum(s.events for s in self._window)
         self._buffer.drain_all()
         self._window.clear()

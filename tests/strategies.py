@@ -15,6 +15,7 @@ import msgspec
 from hypothesis import strategies as st
 from msgspec import UNSET
 
+from relay.ingest import Frame
 from relay.schema import (
     BlockHash,
     Cleared,
@@ -550,3 +551,17 @@ def nats_operations(draw: st.DrawFn) -> tuple[bytes, bool]:
     if kind == "info":
         return b'INFO {"server_id":"x","max_payload":1048576}\r\n', False
     return (b"PING\r\n" if kind == "ping" else b"PONG\r\n"), False
+
+
+@st.composite
+def frames_in_hand(draw: st.DrawFn) -> list[Frame]:
+    """Frames of a few DP ranks, interleaved, each rank's seqs in order, payloads of any size
+    up to a few kB: what a turn of the relay's loop may have taken."""
+    ranks = draw(st.lists(st.integers(0, 3), max_size=60))
+    seqs: dict[int, int] = {}
+    frames = []
+    for rank in ranks:
+        seqs[rank] = seqs.get(rank, -1) + 1
+        size = draw(st.integers(1, 4000))
+        frames.append(Frame(rank, 0, seqs[rank], bytes(size), 0.0, ()))
+    return frames

@@ -20,11 +20,19 @@ import pytest
 from dynamo_support import tokens_hash, u64
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import relay_batches, vllm_batches
+from strategies import frames_in_hand, relay_batches, vllm_batches
 
 from relay.codec import Codec, MalformedPayload
 from relay.config import Config, ConfigError
-from relay.dynamo import EventStream, Translator, block_hash_u64, tokens_hash_seed, tokens_hashes
+from relay.dynamo import (
+    EventStream,
+    Translator,
+    block_hash_u64,
+    block_hashes_u64,
+    group_frames,
+    tokens_hash_seed,
+    tokens_hashes,
+)
 from relay.dynamo_discovery import (
     TEMP_PREFIX,
     FileBackend,
@@ -42,6 +50,7 @@ from relay.dynamo_wire import (
     decode_message,
     kv_events_subject,
 )
+from relay.ingest import Frame
 from relay.metrics import Metrics
 from relay.schema import Cleared, RelayBatch, Removed, Resync, Stored, Unknown
 from relay.synthetic import all_blocks_cleared, block_removed, block_stored, encode_batch
@@ -96,6 +105,21 @@ def test_tokens_hashes_cover_full_blocks_only() -> None:
 def test_block_hash_u64(vllm_hash: int | bytes, expected: int) -> None:
     """Every vLLM block hash becomes the u64 Dynamo's router keys blocks by."""
     assert block_hash_u64(vllm_hash) == expected
+
+
+@pytest.mark.parametrize("hashes", [
+    [1, 2**64 - 1], [-1, 5], [bytes(range(32)), 7], [b"\x01", b"\x02"], [0], [],
+])
+def test_block_hashes_u64_map_each_hash(hashes: list[int | bytes]) -> None:
+    """A list of vLLM hashes maps as each hash does, whichever kinds it mixes."""
+    assert block_hashes_u64(hashes) == [block_hash_u64(h) for h in hashes]
+
+
+@pytest.mark.parametrize("hashes", [[1, 2**64], [-(2**63) - 1, 1], [b"\x01", 2**64]])
+def test_block_hashes_u64_refuse_what_does_not_fit(hashes: list[int | bytes]) -> None:
+    """One hash outside 64 bits refuses the list."""
+    with pytest.raises(ValueError, match="64 bits"):
+        block_hashes_u64(hashes)
 
 
 @pytest.mark.parametrize("value", [2**64, -(2**63) - 1])
@@ -247,6 +271,28 @@ def test_event_stream_numbers_messages_and_events() -> None:
         (0, [1]), (1, [2, 3])]
     assert (second[0].publisher_id, second[0].published_at, second[0].topic) == (
         0xABC, 12, "kv-events")
+
+
+@given(frames=frames_in_hand(), max_batches=st.integers(1, 8), max_bytes=st.integers(1, 9000))
+def test_frames_group_into_messages_per_rank_in_order(frames: list[Frame], max_batches: int,
+                                                       max_bytes: int) -> None:
+    """Frames in hand group into messages of one rank each, every rank's frames in their order,
+    within the bounds (a frame alone may exceed the bytes), and a message closes only when
+    its rank's next frame would not fit."""
+    groups = group_frames(frames, max_batches, max_bytes)
+    assert all(len({f.dp_rank for f in group}) == 1 for group in groups)
+    for rank in {f.dp_rank for f in frames}:
+        mine = [group for group in groups if group[0].dp_rank == rank]
+        assert [f for group in mine for f in group] == [f for f in frames if f.dp_rank == rank]
+        for group, following in zip(mine, [*mine[1:], None], strict=True):
+            size = sum(len(f.payload) for f in group)
+            assert len(group) <= max_batches
+            assert len(group) == 1 or size <= max_bytes
+            if following is not None:
+                assert (len(group) == max_batches
+                        or size + len(following[0].payload) > max_bytes)
+    first_frames = [group[0] for group in groups]
+    assert first_frames == sorted(first_frames, key=frames.index)
 
 
 def test_message_bytes_are_dynamos_layout() -> None:

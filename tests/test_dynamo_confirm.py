@@ -67,8 +67,14 @@ async def test_a_burst_is_confirmed_by_few_markers(fresh_nats: NatsServer,
                 assert metric(relay, "kvrelay_publish_in_flight") == 0
                 assert metric(relay, "kvrelay_dynamo_republished_total") == 0
                 pid = publisher(relay).publisher_id(0)
+                messages = publisher(relay).messages_sent(0)
+                await eventually(lambda: len([m for m in reader.messages
+                                              if m.publisher_id == pid]) == messages,
+                                 "every message at the reader")
     assert 1 <= len(markers) < burst // 4, f"{len(markers)} markers for {burst} batches"
-    assert [m.sequence for m in reader.messages if m.publisher_id == pid] == list(range(burst))
+    sequences = [m.sequence for m in reader.messages if m.publisher_id == pid]
+    assert sequences == list(range(len(sequences)))
+    assert len(sequences) == messages
 
 
 PASSWORD = "confirm-secret"
@@ -113,8 +119,10 @@ async def test_lost_markers_republish_the_window_whole_and_in_order(
                                             reconnect_wait_max=0.2) as relay:
                 await eventually(lambda: is_ready(relay), "relay ready")
                 await join(vllm, relay)
-                for _ in range(5):
+                for sent in range(1, 6):  # one message each: each waits for the last
                     vllm.publish_next()
+                    await eventually(lambda n=sent: publisher(relay).in_flight == n,  # type: ignore[misc]
+                                     f"message {sent} in flight")
                 pid = publisher(relay).publisher_id(0)
 
                 def arrived() -> list[int]:
@@ -130,10 +138,10 @@ async def test_lost_markers_republish_the_window_whole_and_in_order(
                 await eventually(lambda: metric(relay, "kvrelay_batches_published_total")
                                  == 5, "every batch confirmed once markers pass")
                 republished = metric(relay, "kvrelay_dynamo_republished_total")
-                for _ in range(2):
+                for confirmed in (6, 7):  # one message each: each waits for the last
                     vllm.publish_next()
-                await eventually(lambda: metric(relay, "kvrelay_batches_published_total")
-                                 == 7, "later batches confirmed")
+                    await eventually(lambda n=confirmed: metric(  # type: ignore[misc]
+                        relay, "kvrelay_batches_published_total") == n, "a later batch confirmed")
                 await eventually(lambda: arrived()[-1:] == [6], "the later batches arrived")
                 assert metric(relay, "kvrelay_dynamo_republished_total") == republished
     sequences = arrived()

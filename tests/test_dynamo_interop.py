@@ -44,6 +44,7 @@ from etcdserver import EtcdServer
 from harness import is_ready, join, metric
 
 from relay.dynamo_wire import DynamoEventData, DynamoStoreData, RouterEvent
+from relay.ingest import Frame
 from relay.natsserver import NatsServer
 from relay.synthetic import SyntheticVllm, block_removed, block_stored, encode_batch
 
@@ -300,6 +301,17 @@ async def test_dynamos_router_holds_exactly_what_vllm_stored(
                 scores = await router.overlap(lora_tokens)
                 assert scores.get(f"{WORKER}/1", 0) == 0  # the adapter's blocks, not the base's
 
+                # Batches in hand at once go as one message, which the router applies whole.
+                messages = publisher(relay).messages_sent(1)
+                m, stored_m = trees.store(2)
+                _, stored_n = trees.store(2, parent=m[1])
+                for seq, events in enumerate([[stored_m], [stored_n]]):
+                    payload = encode_batch(events, 1.0, dp_rank=1)
+                    publisher(relay).take(Frame(1, 0, seq, payload, time.time(), ()))
+                    ranks[1].apply(events)  # both taken in this one turn of the loop
+                await settle(router, ranks, "two batches in one message")
+                assert publisher(relay).messages_sent(1) == messages + 1
+
                 # A gap on rank 1 (no replay): the next batch starts with `cleared`.
                 ranks[1].vllm.skip(2)
                 ranks[1].model.blocks.clear()
@@ -333,7 +345,8 @@ def is_canary(event: RouterEvent) -> bool:
 async def test_same_router_events_as_dynamos_own_relay(
         fresh_nats: NatsServer, tmp_path: Path) -> None:
     """Fed the same vLLM frames, kvrelay and Dynamo 1.6.1's own ZMQ relay (KvEventPublisher)
-    publish the same RouterEvents, field for field, one message per batch, in the same order:
+    publish the same RouterEvents, field for field, one message per batch (Dynamo's default,
+    --dynamo-batches-per-message 1 here), in the same order:
     real vLLM 0.32 frames, int64 hashes, a LoRA adapter, a cache salt, CPU blocks, a cut
     block."""
     capture = msgspec.msgpack.decode(CAPTURE.read_bytes())
@@ -356,7 +369,8 @@ async def test_same_router_events_as_dynamos_own_relay(
                 vllm.address, str(WORKER)) as theirs:
             assert await theirs.read() == {"ready": True}
             async with running_dynamo_relay(tmp_path / "kvrelay-kv", nats=fresh_nats.url,
-                                            instance_id=WORKER, zmq=[vllm.address]) as relay:
+                                            instance_id=WORKER, zmq=[vllm.address],
+                                            dynamo_batches_per_message=1) as relay:
                 await eventually(lambda: is_ready(relay), "relay ready")
                 await join(vllm, relay)
                 ours = publisher(relay).publisher_id(0)

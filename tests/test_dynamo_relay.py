@@ -26,8 +26,10 @@ from harness import is_ready, join, metric
 from relay.app import EXIT_CONFIG, Relay
 from relay.config import Config
 from relay.dynamo_discovery import FileStore, Registration
+from relay.dynamo_wire import DynamoEventData, DynamoStoreData, RouterEvent
+from relay.ingest import Frame
 from relay.natsserver import NatsServer
-from relay.synthetic import SyntheticVllm, WorkloadFactory
+from relay.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +47,13 @@ def event_ids(reader: KvEventReader, publisher_id: int) -> list[int]:
     return [e.event.event_id for e in reader.events(publisher_id)]
 
 
+def first_block(event: RouterEvent) -> int:
+    data = event.event.data
+    assert isinstance(data, DynamoEventData)
+    assert isinstance(data.stored, DynamoStoreData)
+    return data.stored.blocks[0].block_hash
+
+
 def assert_contiguous(ids: list[int], last: int) -> None:
     """Event ids as a router sees them: repeats allowed (it ignores them), holes not."""
     seen = 0
@@ -59,8 +68,8 @@ def assert_contiguous(ids: list[int], last: int) -> None:
 async def test_real_vllm_frames_become_the_golden_dynamo_messages(
         nats_server: NatsServer, tmp_path: Path, name: str) -> None:
     """Real vLLM 0.32 frames reach the Dynamo subject as the golden vectors say, one message
-    per batch, sequence from 0 and event_id from 1 without holes, under the publisher the
-    event source record names."""
+    per batch (--dynamo-batches-per-message 1), sequence from 0 and event_id from 1 without
+    holes, under the publisher the event source record names."""
     frames = msgspec.msgpack.decode((VECTORS / "input" / f"{name}.msgpack").read_bytes())
     rows = json.loads((VECTORS / "dynamo" / f"{name}.json").read_text())
     rank = rows[0]["dp_rank"]
@@ -68,7 +77,8 @@ async def test_real_vllm_frames_become_the_golden_dynamo_messages(
     async with kv_event_reader(nats_server.url) as reader:
         with SyntheticVllm(ANY_PORT) as vllm:
             async with running_dynamo_relay(tmp_path, nats=nats_server.url, instance_id=worker,
-                                            zmq=[vllm.address], dp_rank_start=rank) as relay:
+                                            zmq=[vllm.address], dp_rank_start=rank,
+                                            dynamo_batches_per_message=1) as relay:
                 await eventually(lambda: is_ready(relay), "relay ready")
                 await join(vllm, relay)
                 for _, _, payload in frames:
@@ -125,13 +135,15 @@ async def test_discovery_records_appear_stay_fresh_and_vanish(
 
 
 async def test_gap_becomes_cleared_first(nats_server: NatsServer, tmp_path: Path) -> None:
-    """A gap vLLM's replay cannot fill reaches Dynamo as `cleared` before the next batch, so
-    the router forgets what it may have wrong; event ids stay without holes."""
+    """A gap vLLM's replay cannot fill reaches Dynamo as `cleared` at the head of the next
+    batch's message (one per batch here), so the router forgets what it may have wrong; event
+    ids stay without holes."""
     worker = next(_instance_ids)
     async with kv_event_reader(nats_server.url) as reader:
         with SyntheticVllm(ANY_PORT, factory=WorkloadFactory(seed=3)) as vllm:
             async with running_dynamo_relay(tmp_path, nats=nats_server.url, instance_id=worker,
-                                            zmq=[vllm.address]) as relay:
+                                            zmq=[vllm.address],
+                                            dynamo_batches_per_message=1) as relay:
                 await eventually(lambda: is_ready(relay), "relay ready")
                 await join(vllm, relay)
                 vllm.publish_next()
@@ -145,6 +157,43 @@ async def test_gap_becomes_cleared_first(nats_server: NatsServer, tmp_path: Path
     assert first.events[0].event.data != "cleared"
     assert second.events[0].event.data == "cleared"
     assert second.events[0].event.event_id == first.events[-1].event.event_id + 1
+
+
+@pytest.mark.parametrize("per_message", [1, 32])
+async def test_batches_in_hand_go_as_one_message_with_a_drop_announced_in_place(
+        nats_server: NatsServer, tmp_path: Path, per_message: int) -> None:
+    """Batches of a rank taken in one turn go as one message (up to
+    --dynamo-batches-per-message), in order; a malformed one among them is counted and
+    announced by a `cleared` right where it was, and event ids stay without holes."""
+    factory = WorkloadFactory(seed=21, remove_probability=0.0)
+    payloads = [encode_batch(factory.next_events(), 1000.0 + i) for i in range(4)]
+    payloads[2] = b"\xc1not msgpack"
+    worker = next(_instance_ids)
+    async with kv_event_reader(nats_server.url) as reader:
+        with SyntheticVllm(ANY_PORT) as vllm:
+            async with running_dynamo_relay(tmp_path, nats=nats_server.url, instance_id=worker,
+                                            zmq=[vllm.address],
+                                            dynamo_batches_per_message=per_message) as relay:
+                await eventually(lambda: is_ready(relay), "relay ready")
+                await join(vllm, relay)
+                for seq, payload in enumerate(payloads):  # all in this one turn of the loop
+                    publisher(relay).take(Frame(0, 0, seq, payload, time.time(), ()))
+                await eventually(lambda: metric(relay, "kvrelay_batches_published_total")
+                                 == 3, "three batches confirmed")
+                pid = publisher(relay).publisher_id(0)
+                assert metric(relay, "kvrelay_batches_dropped_total", reason="malformed") == 1
+    messages = [m for m in reader.messages if m.publisher_id == pid]
+    assert len(messages) == (1 if per_message > 1 else 3)
+    assert [m.sequence for m in messages] == list(range(len(messages)))
+    kinds = ["cleared" if e.event.data == "cleared" else "stored"
+             for m in messages for e in m.events]
+    assert kinds == ["stored", "stored", "cleared", "stored"]
+    assert [e.event.event_id for m in messages for e in m.events] == [1, 2, 3, 4]
+    stored_hashes = [first_block(e) for m in messages for e in m.events
+                     if e.event.data != "cleared"]
+    firsts = [msgspec.msgpack.decode(p)[1][0]["block_hashes"][0]
+              for i, p in enumerate(payloads) if i != 2]
+    assert stored_hashes == firsts
 
 
 async def test_paused_nats_gets_the_unconfirmed_again_without_holes(
@@ -166,8 +215,9 @@ async def test_paused_nats_gets_the_unconfirmed_again_without_holes(
                 try:
                     for _ in range(20):
                         vllm.publish_next()
-                    await eventually(lambda: metric(relay, "kvrelay_dynamo_republished_total")
-                                     >= 20, "the unconfirmed window published again")
+                    await eventually(lambda: 0 < publisher(relay).in_flight <= metric(
+                        relay, "kvrelay_dynamo_republished_total"),
+                        "the unconfirmed window published again")
                 finally:
                     fresh_nats.resume()
                 await eventually(lambda: metric(relay, "kvrelay_batches_published_total")
@@ -234,11 +284,10 @@ async def test_restarted_relay_replays_under_new_publishers(
                     await eventually(lambda: metric(relay, "kvrelay_batches_published_total")
                                      == 5, "five batches confirmed")
                     runs.append(publisher(relay).publisher_id(0))
-                    await eventually(lambda: len([m for m in reader.messages if
-                                                  m.publisher_id == runs[-1]]) == 5,
-                                     "five messages at the reader")
-    first, second = ([msgspec.to_builtins(m.events) for m in reader.messages
-                      if m.publisher_id == pid] for pid in runs)
+                    await eventually(lambda: max(event_ids(reader, runs[-1]), default=0)
+                                     == publisher(relay).last_event_id(0),
+                                     "the last event at the reader")
+    first, second = ([msgspec.to_builtins(e) for e in reader.events(pid)] for pid in runs)
     assert runs[0] != runs[1]
     assert second == first
     assert vllm.replay_requests == 2
@@ -259,7 +308,9 @@ async def test_stop_drains_then_unregisters(nats_server: NatsServer, tmp_path: P
                                                 dp_rank="0") == 200, "every batch read")
                 pid = publisher(relay).publisher_id(0)
             assert metric(relay, "kvrelay_batches_published_total") == 200
-    assert len([m for m in reader.messages if m.publisher_id == pid]) == 200
+            last = publisher(relay).last_event_id(0)
+    assert_contiguous(event_ids(reader, pid), last)
+    assert len(event_ids(reader, pid)) == last  # each once: nothing was published again
     assert files(tmp_path) == {}
 
 

@@ -11,7 +11,7 @@ import zmq
 import zmq.asyncio
 
 from relay.app import Relay
-from relay.buffer import merge_resyncs
+from relay.buffer import Buffer, merge_resyncs
 from relay.config import Config, SourceSpec
 from relay.ingest import Frame, Source
 from relay.metrics import Metrics
@@ -63,6 +63,30 @@ def test_merge_resyncs_folds_runs_of_the_same_reason() -> None:
     assert owed == (Resync("gap", 0, 999),)
     owed = merge_resyncs(owed, (Resync("restart"), Resync("restart"), Resync("gap", 5, 5)))
     assert owed == (Resync("gap", 0, 999), Resync("restart"), Resync("gap", 5, 5))
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_buffer_hands_owed_resyncs_to_the_ranks_next_frame_once() -> None:
+    """What a rank is owed goes with its next frame taken (`pop_upto`), or to a caller that
+    claims it; overflows are counted when handed on, and nothing is handed twice."""
+    metrics = Metrics()
+    buffer = Buffer(max_batches=3, max_bytes=1 << 20, metrics=metrics)
+    for seq in range(5):  # seqs 0 and 1 of rank 0 overflow
+        buffer.put(Frame(0, 0, seq, b"x", 0.0, ()))
+    buffer.owe(1, (Resync("gap", 7, 7),))
+    first, second = buffer.pop_upto(2)
+    assert first.resyncs == (Resync("overflow", 0, 1),)
+    assert second.resyncs == ()
+    assert sample(metrics, "kvrelay_resyncs_total", reason="overflow") == 1
+    assert sample(metrics, "kvrelay_batches_dropped_total", reason="overflow") == 2
+    assert buffer.claim(1) == (Resync("gap", 7, 7),)
+    assert buffer.claim(1) == ()
+    assert not buffer.owes(1)
+    assert [f.seq for f in buffer.pop_upto(10)] == [4]
+    assert buffer.pop_upto(10) == []
 
 
 async def test_stop_while_bind_keeps_failing_does_not_hang(nats_server: NatsServer) -> None:
