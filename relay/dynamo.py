@@ -61,9 +61,9 @@ from relay.schema import (
 )
 
 TOKENS_HASH_SEED: Final = 1337
-_xxh3: Final = xxhash.xxh3_64_intdigest
 CACHE_SALT_SEED: Final = 1
 _U64: Final = 1 << 64
+_xxh3: Final = xxhash.xxh3_64_intdigest
 
 STORAGE_TIERS: Final[dict[str | None, StorageTier]] = {
     None: "device",
@@ -223,18 +223,18 @@ def group_frames(frames: Iterable[Frame], max_batches: int, max_bytes: int) -> l
     `max_batches` of them and, past its first, `max_bytes` of their payloads. Ranks are separate
     Dynamo publishers: the order between them is nobody's concern."""
     groups: list[list[Frame]] = []
-    filling: dict[int, tuple[list[Frame], int]] = {}  # dp_rank -> (its open group, bytes)
+    filling: dict[int, list[Frame]] = {}  # dp_rank -> its open group
+    sizes: dict[int, int] = {}  # dp_rank -> payload bytes in its open group
     for frame in frames:
-        size = len(frame.payload)
-        current = filling.get(frame.dp_rank)
-        if current is not None and len(current[0]) < max_batches \
-                and current[1] + size <= max_bytes:
-            current[0].append(frame)
-            filling[frame.dp_rank] = (current[0], current[1] + size)
+        rank, size = frame.dp_rank, len(frame.payload)
+        group = filling.get(rank)
+        if group is not None and len(group) < max_batches and sizes[rank] + size <= max_bytes:
+            group.append(frame)
+            sizes[rank] += size
         else:
-            group = [frame]
+            filling[rank] = group = [frame]
             groups.append(group)
-            filling[frame.dp_rank] = (group, size)
+            sizes[rank] = size
     return groups
 
 
