@@ -43,9 +43,6 @@ class Buffer:
         self._bytes = 0
         # dp_rank -> resyncs owed to consumers, announced with the next frame of that rank.
         self._owed: dict[int, tuple[Resync, ...]] = {}
-        # Counted on every drop past the bound, when the relay is already behind: no label
-        # lookup each time.
-        self._overflowed = metrics.batches_dropped.labels("overflow")
         # Read at scrape time: right while nothing is published, and free on the hot path.
         metrics.buffer_batches.set_function(self.__len__)
         metrics.buffer_bytes.set_function(lambda: self._bytes)
@@ -104,7 +101,7 @@ class Buffer:
     def _drop_oldest(self) -> None:
         frame = self._frames.popleft()
         self._bytes -= len(frame.payload)
-        self._overflowed.inc()
+        self._metrics.drop("overflow", 1)
         # What the dropped frame had to announce, then its own loss; a run of drops folds
         # into one `overflow` range, and a restart among them breaks the run as it should.
         self.owe(frame.dp_rank, (*frame.resyncs, Resync("overflow", frame.seq, frame.seq)))

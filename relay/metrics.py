@@ -205,9 +205,11 @@ class Metrics:
         # Touch labelled children so every series shows from the first scrape.
         for reason in SNAPSHOT_FAILURES:
             self.snapshot_failures.labels(reason)
-        for reason in DROP_REASONS:
-            self.batches_dropped.labels(reason)
-            self.events_dropped.labels(reason)
+        # drop() counts on paths that run per batch when the relay is behind (the buffer's
+        # overflow): children looked up once, not by label on every call.
+        self._dropped: dict[str, tuple[Counter, Counter]] = {
+            reason: (self.batches_dropped.labels(reason), self.events_dropped.labels(reason))
+            for reason in DROP_REASONS}
         self.events_dropped.labels("untranslatable")  # --format dynamo: no Dynamo equivalent
         for reason in BLOCK_DROP_REASONS:
             self.dynamo_blocks_dropped.labels(reason)
@@ -220,9 +222,12 @@ class Metrics:
 
     def drop(self, reason: str, batches: int, events: int = 0) -> None:
         """Count batches (and the events in them) that will never reach JetStream."""
-        self.batches_dropped.labels(reason).inc(batches)
+        children = self._dropped.get(reason)
+        if children is None:
+            children = self.batches_dropped.labels(reason), self.events_dropped.labels(reason)
+        children[0].inc(batches)
         if events:
-            self.events_dropped.labels(reason).inc(events)
+            children[1].inc(events)
 
 
 class ConsumerMetrics:
