@@ -22,7 +22,7 @@ HERE = Path(__file__).parent
 def compiled_paths() -> list[str]:
     with (HERE / "pyproject.toml").open("rb") as f:
         names: list[str] = tomllib.load(f)["tool"]["kvrelay"]["compiled"]
-    return [f"relay/{name}.py" for name in names]
+    return [f"kvrelay/{name.replace('.', '/')}.py" for name in names]
 
 
 def extensions() -> list[object]:

@@ -39,8 +39,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bench.procstat import cpu_seconds
-from relay.natsserver import NatsServer
-from relay.outbox import InboxClient, Outbox
+from kvrelay.natsio.outbox import InboxClient, Outbox
+from kvrelay.testing.natsserver import NatsServer
 
 STREAM: Final = "FI"
 SUBJECTS: Final = ("kv.ns.comp.1.0", "kv.ns.comp.1.1")  # two DP ranks of one instance

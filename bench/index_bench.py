@@ -17,9 +17,10 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from relay.codec import Codec, decode_relay_batch
-from relay.index import KvIndex
-from relay.schema import BlockHash, RelayBatch, Removed, Stored
+from kvrelay.codec import Codec
+from kvrelay.router.index import KvIndex
+from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.schema import BlockHash, RelayBatch, Removed, Stored
 
 EVENT_BLOCKS = 4
 

@@ -27,9 +27,9 @@ from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 
 from bench.workload import Pool, ts_field
-from relay.codec import Codec
-from relay.natsserver import NatsServer, free_port
-from relay.schema import RelayBatch
+from kvrelay.codec import Codec
+from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.wire.schema import RelayBatch
 
 WINDOW: Final = 4000
 SUBJECT: Final = "limits.bench"

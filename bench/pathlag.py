@@ -27,7 +27,7 @@ from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 
 from bench.consumer import percentiles
 from bench.limits import WINDOW, launch, launch_listening, outcome, run_async
-from relay.natsserver import NatsServer
+from kvrelay.testing.natsserver import NatsServer
 
 SUBJECT: Final = "pathlag.bench"
 STREAM: Final = "PATHLAG"

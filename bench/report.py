@@ -15,7 +15,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-import relay
+import kvrelay
 from bench.run import BenchRun
 from bench.targets import TARGETS
 from bench.trial import TrialResult
@@ -96,7 +96,7 @@ def build_report(run: BenchRun) -> dict[str, Any]:
         "config": dataclasses.asdict(run.spec),
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(),
                     "python": platform.python_version(), "packages": _packages(),
-                    "kvrelay_build": relay.build()},
+                    "kvrelay_build": kvrelay.build()},
         "targets": {name: t.summary for name, t in TARGETS.items()},
         "unavailable": run.unavailable,
         "limits": {"median": limits, "runs": run.limits},

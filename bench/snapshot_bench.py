@@ -36,14 +36,14 @@ from typing import Any
 import nats
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.app import Relay
-from relay.codec import Codec
-from relay.config import Config
-from relay.consumer import KvConsumer
-from relay.index import KvIndex, encode_snapshot
-from relay.natsserver import NatsServer, free_port
-from relay.schema import RelayBatch
-from relay.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
+from kvrelay.app import Relay
+from kvrelay.codec import Codec
+from kvrelay.config import Config
+from kvrelay.router.consumer import KvConsumer
+from kvrelay.router.index import KvIndex, encode_snapshot
+from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
+from kvrelay.wire.schema import RelayBatch
 
 NAMESPACE, COMPONENT = "bench", "worker"
 FIRST_INSTANCE = 7000
@@ -199,7 +199,7 @@ def relay_cpu(url: str, tmp: Path, snapshots: bool, rate: float, seconds: float)
     instance = str(next(_cpu_instances))  # a fresh subject: no rebuild in the measurement
     log = (tmp / f"relay-{instance}.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "--nats", url, "--zmq", vllm.address,
+        [sys.executable, "-m", "kvrelay", "run", "--nats", url, "--zmq", vllm.address,
          "--instance-id", instance, "--namespace", "cpu", "--system-host", "127.0.0.1",
          "--system-port", str(port), *cadence],
         stdout=log, stderr=subprocess.STDOUT)

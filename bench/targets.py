@@ -100,7 +100,7 @@ def register(cls: type[Target]) -> type[Target]:
 
 
 def _kvrelay_argv(site: TrialSite, worker: Worker, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "relay", "run", "--zmq", worker.zmq,
+    return [sys.executable, "-m", "kvrelay", "run", "--zmq", worker.zmq,
             "--dp-ranks", str(site.dp_ranks), "--nats", site.nats_url,
             "--namespace", NAMESPACE, "--component", COMPONENT,
             "--instance-id", str(worker.worker_id), "--system-host", "127.0.0.1",

@@ -28,7 +28,7 @@ from bench.feeder import FeedPlan, FeedResult, feeder_main
 from bench.procstat import CpuSampler, peak_rss_bytes
 from bench.targets import Launch, Target, TrialSite, Worker
 from bench.workload import Pool
-from relay.natsserver import NatsServer, free_port
+from kvrelay.testing.natsserver import NatsServer, free_port
 
 WORKER_ID_BASE = 10_000_000_000_000_000_000  # above 2**63, as real instance IDs can be
 MAX_RATE_GUESS = 300_000  # batches/s the timestamp array is sized for when sending flat out

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, Final, Literal
 
-from relay.synthetic import BatchForm, EventForm, WorkloadFactory, all_blocks_cleared, encode_batch
+from kvrelay.testing.synthetic import (
+    BatchForm,
+    EventForm,
+    WorkloadFactory,
+    all_blocks_cleared,
+    encode_batch,
+)
 
 STORED: Final = 0
 REMOVED: Final = 1

@@ -11,7 +11,7 @@ import sys
 import urllib.error
 import urllib.request
 
-from relay.config import Config, ConfigError
+from kvrelay.config import Config, ConfigError
 
 WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 

@@ -34,8 +34,8 @@ import yaml
 from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 from pydantic import ValidationError
 
-from relay.cli import build_parser
-from relay.config import Config, ConfigError, env_var
+from kvrelay.config import Config, ConfigError, env_var
+from kvrelay.ops.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parent
 OVERLAYS = DEPLOY / "kubernetes" / "overlays"

@@ -10,7 +10,7 @@ from etcdserver import EtcdServer, etcd_binary
 from harness import RelayProcess, nats_client
 from kubeapi import KubeApi
 
-from relay.natsserver import NatsServer
+from kvrelay.testing.natsserver import NatsServer
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,9 @@ import nats
 import xxhash
 from harness import running_relay
 
-from relay.app import Relay
-from relay.dynamo_publish import DynamoPublisher
-from relay.dynamo_wire import RouterEvent, decode_message, kv_events_subject
+from kvrelay.app import Relay
+from kvrelay.dynamo.publisher import DynamoPublisher
+from kvrelay.dynamo.wire import RouterEvent, decode_message, kv_events_subject
 
 NS = "kvdyn"
 COMP = "worker"
@@ -91,7 +91,7 @@ async def kv_event_reader(url: str) -> AsyncIterator[KvEventReader]:
 
 
 def u64(block_hash: int | bytes) -> int:
-    """A vLLM block hash as Dynamo's u64, computed here independently of relay/dynamo.py."""
+    """A vLLM block hash as Dynamo's u64, computed independently of kvrelay/dynamo/translate.py."""
     if isinstance(block_hash, bytes):
         return int.from_bytes(block_hash[-8:], "big")
     return block_hash % U64

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from relay.natsserver import free_port
+from kvrelay.testing.natsserver import free_port
 
 
 def etcd_binary() -> str | None:

@@ -29,12 +29,12 @@ import zmq
 from nats.js.api import DeliverPolicy
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.app import Relay
-from relay.codec import decode_relay_batch
-from relay.config import Config
-from relay.natsserver import NatsServer, free_port
-from relay.schema import RelayBatch, Resync
-from relay.synthetic import SyntheticVllm
+from kvrelay.app import Relay
+from kvrelay.config import Config
+from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.testing.synthetic import SyntheticVllm
+from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.schema import RelayBatch, Resync
 
 REPO = Path(__file__).resolve().parent.parent
 VECTOR_DIR = REPO / "schemas" / "vectors" / "input"  # frames captured from vLLM 0.32
@@ -258,7 +258,7 @@ async def scrape(port: int, name: str, **labels: str) -> float:
 
 
 class RelayProcess:
-    """`python -m relay run ...` with its log in a file and its system port known."""
+    """`python -m kvrelay run ...` with its log in a file and its system port known."""
 
     def __init__(self, args: list[str], log: Path) -> None:
         self._system_port: int | None = None
@@ -268,7 +268,7 @@ class RelayProcess:
         env["PYTHONUNBUFFERED"] = "1"
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "run", "--system-host", "127.0.0.1",
+                [sys.executable, "-m", "kvrelay", "run", "--system-host", "127.0.0.1",
                  "--system-port", "0", *args],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                 cwd=REPO)
@@ -314,7 +314,7 @@ class RelayProcess:
 
 def run_cli(args: list[str], timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KVRELAY_", "DYN_"))}
-    return subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "kvrelay", *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=REPO, check=False)
 
 

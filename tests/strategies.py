@@ -15,8 +15,8 @@ import msgspec
 from hypothesis import strategies as st
 from msgspec import UNSET
 
-from relay.ingest import Frame
-from relay.schema import (
+from kvrelay.ingest.source import Frame
+from kvrelay.wire.schema import (
     BlockHash,
     Cleared,
     RelayBatch,

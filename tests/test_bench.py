@@ -34,8 +34,8 @@ from bench.workload import (
     fingerprint,
     ts_field,
 )
-from relay.codec import Codec
-from relay.schema import Cleared, Removed, Stored
+from kvrelay.codec import Codec
+from kvrelay.wire.schema import Cleared, Removed, Stored
 
 TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialResult)}
 REPORT_KEYS = {"version", "config", "machine", "targets", "unavailable", "limits", "summary",

@@ -26,15 +26,14 @@ from strategies import (
     vllm_batches,
 )
 
-from relay.codec import (
+from kvrelay.codec import (
     Codec,
     DecodedBatch,
     MalformedPayload,
-    decode_relay_batch,
-    decode_resume_point,
 )
-from relay.metrics import DECODE_ERROR_KINDS, Metrics
-from relay.schema import (
+from kvrelay.system.metrics import DECODE_ERROR_KINDS, Metrics
+from kvrelay.wire.relaybatch import decode_relay_batch, decode_resume_point
+from kvrelay.wire.schema import (
     Cleared,
     RelayBatch,
     RelayEvent,

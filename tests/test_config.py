@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from relay import flagtable
-from relay.cli import build_parser
-from relay.config import Config, ConfigError, SourceSpec, env_var
+from kvrelay.config import Config, ConfigError, SourceSpec, env_var
+from kvrelay.ops import flagtable
+from kvrelay.ops.cli import build_parser
 
 
 def test_defaults_match_a_vllm_sidecar() -> None:
@@ -121,14 +121,14 @@ def test_help_documents_every_flag_with_default_and_env(
 ])
 def test_cli_errors_exit_2(args: list[str], message: str) -> None:
     """Unknown flags and invalid values exit with code 2 and a clear message."""
-    done = subprocess.run([sys.executable, "-m", "relay", *args], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "kvrelay", *args], capture_output=True,
                           text=True, timeout=30, check=False)
     assert done.returncode == 2
     assert message in done.stderr
 
 
 def test_readme_flag_table_is_generated_from_config() -> None:
-    """README.md's settings table is what Config generates (`python -m relay.flagtable`)."""
+    """README.md's settings table is what Config generates (`python -m kvrelay.ops.flagtable`)."""
     readme = flagtable.README.read_text()
     assert flagtable.render(readme) == readme
     for f in dataclasses.fields(Config):

@@ -21,20 +21,20 @@ from harness import (
     running_relay,
 )
 
-from relay.codec import Codec
-from relay.config import Config
-from relay.consumer import Delivery, KvConsumer, StreamNotFound
-from relay.index import Gap, KvIndex, WorkerKey, decode_snapshot, encode_snapshot
-from relay.natsserver import NatsServer
-from relay.schema import BlockHash, RelayBatch, RelayEvent, Removed, Resync, Stored
-from relay.stream import ensure_stream
-from relay.synthetic import (
+from kvrelay.codec import Codec
+from kvrelay.config import Config
+from kvrelay.jetstream.stream import ensure_stream
+from kvrelay.router.consumer import Delivery, KvConsumer, StreamNotFound
+from kvrelay.router.index import Gap, KvIndex, WorkerKey, decode_snapshot, encode_snapshot
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import (
     SyntheticVllm,
     WorkloadFactory,
     all_blocks_cleared,
     block_removed,
     block_stored,
 )
+from kvrelay.wire.schema import BlockHash, RelayBatch, RelayEvent, Removed, Resync, Stored
 
 pytestmark = pytest.mark.integration
 

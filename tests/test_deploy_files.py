@@ -26,9 +26,10 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from deploy import validate
-from relay.config import Config
-from relay.natsserver import NatsServer, free_port
-from relay.stream import STREAM_SUBJECTS, ensure_stream
+from kvrelay.config import Config
+from kvrelay.jetstream.stream import ensure_stream
+from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.wire.names import STREAM_SUBJECTS
 
 pytestmark = pytest.mark.deploy
 
@@ -235,7 +236,7 @@ def test_build_context_is_just_what_the_image_needs() -> None:
         if op == "COPY" and not value.startswith("--from"):
             for source in value.split()[:-1]:
                 assert any(p == source or p.startswith(source + "/") for p in sent), source
-    assert {p.split("/")[0] for p in sent} == {"pyproject.toml", "setup.py", "README.md", "relay",
+    assert {p.split("/")[0] for p in sent} == {"pyproject.toml", "setup.py", "README.md", "kvrelay",
                                                "deploy"}
     assert [p for p in sent if p.startswith("deploy/")] == ["deploy/healthcheck.py"]
 
@@ -245,7 +246,7 @@ def relay_on(port: int) -> Iterator[subprocess.Popen[bytes]]:
     """A relay process whose NATS is absent (it stays up, live but not ready)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KVRELAY_", "DYN_"))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relay", "run", "--system-host", "127.0.0.1", "--system-port",
+        [sys.executable, "-m", "kvrelay", "run", "--system-host", "127.0.0.1", "--system-port",
          str(port), "--nats", f"nats://127.0.0.1:{free_port()}"],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -25,10 +25,10 @@ import pytest
 from harness import http_get
 
 from deploy import validate
-from relay.codec import decode_relay_batch
-from relay.discovery import hash_pod_name
-from relay.natsserver import NatsServer, free_port
-from relay.synthetic import SyntheticVllm
+from kvrelay.discovery import hash_pod_name
+from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.testing.synthetic import SyntheticVllm
+from kvrelay.wire.relaybatch import decode_relay_batch
 
 pytestmark = pytest.mark.deploy
 
@@ -386,7 +386,7 @@ def relay_process(env: dict[str, str], log: Path, prefix: list[str]) -> Iterator
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("KVRELAY_", "DYN_", "NATS_SERVER", "POD_"))}
     with log.open("ab") as out:
-        proc = subprocess.Popen([*prefix, sys.executable, "-m", "relay", "run"],
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "kvrelay", "run"],
                                 env={**base, **env, "PYTHONUNBUFFERED": "1"}, cwd="/",
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Config
-from relay.discovery import (
+from kvrelay.config import Config
+from kvrelay.discovery import (
     DiscoveryError,
     EtcdSource,
     InstanceId,
@@ -19,7 +19,7 @@ from relay.discovery import (
     select_source,
     siphash13,
 )
-from relay.discovery.dynamo import DynamoEndpoint, transport_address, worker_ids
+from kvrelay.discovery.dynamo import DynamoEndpoint, transport_address, worker_ids
 
 # CONTRACT.md section 3: Dynamo's hash_pod_name over these names.
 POD_NAME_VECTORS = [

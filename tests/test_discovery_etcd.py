@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from etcdserver import EtcdServer
 
-from relay.config import Config
-from relay.discovery import DiscoveryError, InstanceId, Source, select_source
-from relay.discovery.etcd import prefix_range_end
-from relay.natsserver import free_port
+from kvrelay.config import Config
+from kvrelay.discovery import DiscoveryError, InstanceId, Source, select_source
+from kvrelay.discovery.etcd import prefix_range_end
+from kvrelay.testing.natsserver import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ELSEWHERE = "10.99.0.7"  # a worker on another node
@@ -131,7 +131,7 @@ def test_discover_command_reads_etcd(etcd_server: EtcdServer) -> None:
     etcd_server.register_worker(lease, host="127.0.0.1")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KVRELAY_", "DYN_", "POD_"))}
     env.update(DYN_DISCOVERY_BACKEND="etcd", ETCD_ENDPOINTS=etcd_server.url)
-    done = subprocess.run([sys.executable, "-m", "relay", "discover"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "kvrelay", "discover"], capture_output=True,
                           text=True, timeout=30, env=env, cwd=REPO, check=False)
     assert done.returncode == 0, done.stderr
     value, source = done.stdout.splitlines()

@@ -21,10 +21,10 @@ import msgspec
 import pytest
 from kubeapi import KubeApi, _certificates, worker_metadata
 
-from relay.app import Relay
-from relay.config import Config
-from relay.discovery import DiscoveryError, InstanceId, Source, select_source
-from relay.natsserver import NatsServer
+from kvrelay.app import Relay
+from kvrelay.config import Config
+from kvrelay.discovery import DiscoveryError, InstanceId, Source, select_source
+from kvrelay.testing.natsserver import NatsServer
 
 RECORDED_ID = 1207316402170399
 REPO = Path(__file__).resolve().parent.parent
@@ -206,12 +206,12 @@ async def test_relay_publishes_under_the_discovered_id(kube_api: KubeApi,
 
 
 async def kvrelay(api: KubeApi, *args: str) -> asyncio.subprocess.Process:
-    """`python -m relay ...` in the pod environment the API stand-in describes."""
+    """`python -m kvrelay ...` in the pod environment the API stand-in describes."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KVRELAY_", "DYN_", "POD_"))}
     env.update(api.env(), PYTHONUNBUFFERED="1",
                KVRELAY_KUBE_SERVICEACCOUNT_DIR=str(api.serviceaccount_dir))
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", *args, env=env, cwd=REPO,
+        sys.executable, "-m", "kvrelay", *args, env=env, cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 

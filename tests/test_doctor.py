@@ -19,8 +19,8 @@ import zmq.asyncio
 from kubeapi import KubeApi
 from nats.js.api import StreamConfig
 
-from relay.config import Config, SourceSpec
-from relay.doctor import (
+from kvrelay.config import Config, SourceSpec
+from kvrelay.ops.doctor import (
     Finding,
     check_discovery,
     check_jetstream,
@@ -28,10 +28,10 @@ from relay.doctor import (
     check_tcp,
     check_zmq,
 )
-from relay.health import SystemServer
-from relay.metrics import Metrics
-from relay.natsserver import NatsServer, free_port
-from relay.synthetic import SyntheticVllm
+from kvrelay.system.health import SystemServer
+from kvrelay.system.metrics import Metrics
+from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.testing.synthetic import SyntheticVllm
 
 pytestmark = pytest.mark.integration
 
@@ -335,7 +335,7 @@ async def kvrelay_check(*args: str) -> tuple[int, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("KVRELAY_", "DYN_", "POD_", "NATS_SERVER"))}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "check", "--timeout", "5", *args, env=env, cwd=REPO,
+        sys.executable, "-m", "kvrelay", "check", "--timeout", "5", *args, env=env, cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None

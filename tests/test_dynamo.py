@@ -22,18 +22,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import frames_in_hand, relay_batches, vllm_batches
 
-from relay.codec import Codec, MalformedPayload
-from relay.config import Config, ConfigError
-from relay.dynamo import (
-    EventStream,
-    Translator,
-    block_hash_u64,
-    block_hashes_u64,
-    group_frames,
-    tokens_hash_seed,
-    tokens_hashes,
-)
-from relay.dynamo_discovery import (
+from kvrelay.codec import Codec, MalformedPayload
+from kvrelay.config import Config, ConfigError
+from kvrelay.dynamo.records import (
     TEMP_PREFIX,
     FileBackend,
     FileStore,
@@ -43,17 +34,26 @@ from relay.dynamo_discovery import (
     new_publisher_id,
     slug,
 )
-from relay.dynamo_wire import (
+from kvrelay.dynamo.translate import (
+    EventStream,
+    Translator,
+    block_hash_u64,
+    block_hashes_u64,
+    group_frames,
+    tokens_hash_seed,
+    tokens_hashes,
+)
+from kvrelay.dynamo.wire import (
     CLEARED,
     DynamoEventData,
     Translated,
     decode_message,
     kv_events_subject,
 )
-from relay.ingest import Frame
-from relay.metrics import Metrics
-from relay.schema import Cleared, RelayBatch, Removed, Resync, Stored, Unknown
-from relay.synthetic import all_blocks_cleared, block_removed, block_stored, encode_batch
+from kvrelay.ingest.source import Frame
+from kvrelay.system.metrics import Metrics
+from kvrelay.testing.synthetic import all_blocks_cleared, block_removed, block_stored, encode_batch
+from kvrelay.wire.schema import Cleared, RelayBatch, Removed, Resync, Stored, Unknown
 
 T16 = list(range(1, 17))
 T32 = list(range(1, 33))

@@ -21,8 +21,8 @@ from dynamo_support import (
 from harness import is_ready, join, metric
 from nats.aio.msg import Msg
 
-from relay.natsserver import NatsServer
-from relay.synthetic import SyntheticVllm, WorkloadFactory
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory
 
 pytestmark = pytest.mark.integration
 

@@ -21,10 +21,10 @@ from dynamo_support import (
 from etcdserver import EtcdServer
 from harness import RelayProcess, is_ready
 
-from relay.discovery.etcd import LEASE_TTL
-from relay.dynamo_discovery import Registration
-from relay.dynamo_etcd import etcd_key
-from relay.natsserver import NatsServer, free_port
+from kvrelay.discovery.etcd import LEASE_TTL
+from kvrelay.dynamo.etcd import etcd_key
+from kvrelay.dynamo.records import Registration
+from kvrelay.testing.natsserver import NatsServer, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -43,10 +43,10 @@ from dynamo_support import (
 from etcdserver import EtcdServer
 from harness import is_ready, join, metric
 
-from relay.dynamo_wire import DynamoEventData, DynamoStoreData, RouterEvent
-from relay.ingest import Frame
-from relay.natsserver import NatsServer
-from relay.synthetic import SyntheticVllm, block_removed, block_stored, encode_batch
+from kvrelay.dynamo.wire import DynamoEventData, DynamoStoreData, RouterEvent
+from kvrelay.ingest.source import Frame
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm, block_removed, block_stored, encode_batch
 
 pytestmark = [
     pytest.mark.integration,

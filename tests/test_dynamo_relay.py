@@ -23,13 +23,13 @@ from dynamo_support import (
 )
 from harness import is_ready, join, metric
 
-from relay.app import EXIT_CONFIG, Relay
-from relay.config import Config
-from relay.dynamo_discovery import FileStore, Registration
-from relay.dynamo_wire import DynamoEventData, DynamoStoreData, RouterEvent
-from relay.ingest import Frame
-from relay.natsserver import NatsServer
-from relay.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
+from kvrelay.app import EXIT_CONFIG, Relay
+from kvrelay.config import Config
+from kvrelay.dynamo.records import FileStore, Registration
+from kvrelay.dynamo.wire import DynamoEventData, DynamoStoreData, RouterEvent
+from kvrelay.ingest.source import Frame
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
 
 pytestmark = pytest.mark.integration
 
@@ -328,7 +328,7 @@ async def test_unwritable_discovery_directory_exits_2(
 
 def test_cli_flags_reach_the_config(tmp_path: Path) -> None:
     """Every --format dynamo setting has a flag and a KVRELAY_ variable."""
-    from relay.cli import build_parser
+    from kvrelay.ops.cli import build_parser
 
     args = build_parser().parse_args([
         "run", "--format", "dynamo", "--dynamo-endpoint", "prefill", "--dynamo-register",

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from msgspec import UNSET
 from strategies import INDEX_TIERS, INDEX_WORKERS, index_chains, index_scripts
 
-from relay.index import (
+from kvrelay.router.index import (
     DEFAULT_TIER,
     Gap,
     KvIndex,
@@ -26,7 +26,7 @@ from relay.index import (
     decode_snapshot,
     encode_snapshot,
 )
-from relay.schema import (
+from kvrelay.wire.schema import (
     BlockHash,
     Cleared,
     RelayBatch,

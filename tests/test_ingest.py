@@ -10,13 +10,13 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from relay.app import Relay
-from relay.buffer import Buffer, merge_resyncs
-from relay.config import Config, SourceSpec
-from relay.ingest import Frame, Source
-from relay.metrics import Metrics
-from relay.natsserver import NatsServer, free_port
-from relay.schema import Resync
+from kvrelay.app import Relay
+from kvrelay.config import Config, SourceSpec
+from kvrelay.ingest.buffer import Buffer, merge_resyncs
+from kvrelay.ingest.source import Frame, Source
+from kvrelay.system.metrics import Metrics
+from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.wire.schema import Resync
 
 
 def make_source(frames: list[Frame]) -> Source:

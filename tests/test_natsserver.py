@@ -6,7 +6,7 @@ import nats
 import pytest
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from relay.natsserver import NatsServer
+from kvrelay.testing.natsserver import NatsServer
 
 
 async def test_session_server_serves_jetstream(nats_server: NatsServer) -> None:

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from nats.aio.transport import TcpTransport
 from strategies import REPLY_INBOX, REPLY_SID, chunkings, nats_operations
 
-from relay.natsserver import NatsServer
-from relay.outbox import InboxClient
+from kvrelay.natsio.outbox import InboxClient
+from kvrelay.testing.natsserver import NatsServer
 
 
 class CountingClient(InboxClient):

@@ -45,11 +45,11 @@ from harness import (
     subject_of,
 )
 
-from relay.app import Relay
-from relay.config import Config
-from relay.natsserver import NatsServer, free_port
-from relay.schema import Resync, Unknown
-from relay.synthetic import SyntheticVllm, WorkloadFactory, block_stored, encode_batch
+from kvrelay.app import Relay
+from kvrelay.config import Config
+from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory, block_stored, encode_batch
+from kvrelay.wire.schema import Resync, Unknown
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given, settings
 from strategies import relay_batches
 
-from relay import schemagen
-from relay.codec import Codec, decode_relay_batch
-from relay.schema import RelayBatch, relay_batch_json_schema
+from kvrelay.codec import Codec
+from kvrelay.ops import schemagen
+from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.schema import RelayBatch, relay_batch_json_schema
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 VECTORS = sorted((SCHEMAS / "vectors").glob("*.json"))
@@ -146,7 +147,7 @@ def test_golden_vectors_match_the_codec(path: Path) -> None:
 
 
 def test_schemagen_check_passes() -> None:
-    """`python -m relay.schemagen --check` finds schemas/ up to date."""
+    """`python -m kvrelay.ops.schemagen --check` finds schemas/ up to date."""
     assert schemagen.main(["--check"]) == 0
 
 

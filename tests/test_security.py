@@ -43,9 +43,9 @@ from harness import (
 from nats.aio.client import Client
 from natsjwt import creds_file, new_keys, operator_mode
 
-from relay.natsserver import NatsServer, free_port
-from relay.schema import Resync
-from relay.synthetic import SyntheticVllm
+from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.testing.synthetic import SyntheticVllm
+from kvrelay.wire.schema import Resync
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

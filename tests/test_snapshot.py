@@ -34,19 +34,19 @@ from harness import (
 )
 from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 
-from relay.app import Relay
-from relay.buffer import Buffer
-from relay.codec import Codec
-from relay.config import Config
-from relay.consumer import KvConsumer
-from relay.index import KvIndex, WorkerKey, decode_snapshot, encode_snapshot
-from relay.ingest import Frame
-from relay.metrics import Metrics
-from relay.natsserver import NatsServer
-from relay.publish import Publisher
-from relay.restore import snapshot_key
-from relay.schema import RelayBatch, Stored, WorkerSnapshot
-from relay.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
+from kvrelay.app import Relay
+from kvrelay.codec import Codec
+from kvrelay.config import Config
+from kvrelay.ingest.buffer import Buffer
+from kvrelay.ingest.source import Frame
+from kvrelay.jetstream.publisher import Publisher
+from kvrelay.router.consumer import KvConsumer
+from kvrelay.router.index import KvIndex, WorkerKey, decode_snapshot, encode_snapshot
+from kvrelay.router.restore import snapshot_key
+from kvrelay.system.metrics import Metrics
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
+from kvrelay.wire.schema import RelayBatch, Stored, WorkerSnapshot
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,11 @@ import pytest
 from harness import run_cli
 from test_consumer import A, B, Stream, new_namespace, relay_batch, stored
 
-from relay.consumer import Delivery
-from relay.index import KvIndex
-from relay.natsserver import NatsServer
-from relay.schema import Resync, Stored
-from relay.stats import StatsView, watch
+from kvrelay.ops.stats import StatsView, watch
+from kvrelay.router.consumer import Delivery
+from kvrelay.router.index import KvIndex
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.wire.schema import Resync, Stored
 
 pytestmark = pytest.mark.integration
 

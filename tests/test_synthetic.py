@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import zmq
 
-from relay.synthetic import (
+from kvrelay.testing.synthetic import (
     END_SEQ,
     BatchForm,
     EventForm,

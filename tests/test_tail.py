@@ -7,12 +7,12 @@ import io
 import msgspec
 import nats
 
-from relay.codec import Codec
-from relay.config import Config
-from relay.natsserver import NatsServer
-from relay.schema import RelayBatch, Resync, Stored
-from relay.stream import ensure_stream
-from relay.tail import tail_async
+from kvrelay.codec import Codec
+from kvrelay.config import Config
+from kvrelay.jetstream.stream import ensure_stream
+from kvrelay.ops.tail import tail_async
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.wire.schema import RelayBatch, Resync, Stored
 
 SUBJECT = "kv.tailtest.backend.11.0"
 

@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import chunkings, zmtp_messages
 
-from relay.natsserver import free_port
-from relay.zmtp import GREETING, READY, Connection, Messages, Subscriber, parse_endpoint
+from kvrelay.config.endpoint import parse_endpoint
+from kvrelay.ingest.zmtp import GREETING, READY, Connection, Messages, Subscriber
+from kvrelay.testing.natsserver import free_port
 
 
 def frame(body: bytes, more: bool = False, command: bool = False) -> bytes:

@@ -18,8 +18,8 @@ import nats.js.errors
 from harness import STREAM, Received
 from nats.js.api import DeliverPolicy
 
-from relay.codec import decode_relay_batch
-from relay.schema import Resync
+from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.schema import Resync
 
 Key = tuple[int, int]  # (epoch, seq): a batch's name on the wire
 

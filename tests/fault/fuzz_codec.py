@@ -19,10 +19,10 @@ import atheris
 with atheris.instrument_imports():
     import zmq.asyncio
 
-    from relay.codec import Codec, MalformedPayload
-    from relay.config import SourceSpec
-    from relay.ingest import Frame, Source
-    from relay.metrics import Metrics
+    from kvrelay.codec import Codec, MalformedPayload
+    from kvrelay.config import SourceSpec
+    from kvrelay.ingest.source import Frame, Source
+    from kvrelay.system.metrics import Metrics
 
 logging.disable(logging.WARNING)  # restarts and gaps by the million: counted, not logged
 metrics = Metrics()

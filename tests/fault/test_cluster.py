@@ -31,9 +31,9 @@ from harness import (
 from nats.js.api import StorageType, StreamConfig
 
 from fault.accounting import Tally, offered_keys, read_subject, tally
-from relay.app import Relay
-from relay.natsserver import NatsCluster, NatsServer
-from relay.synthetic import SyntheticVllm
+from kvrelay.app import Relay
+from kvrelay.testing.natsserver import NatsCluster, NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

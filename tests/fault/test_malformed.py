@@ -28,10 +28,10 @@ from strategies import zmq_messages
 
 from fault.accounting import offered_keys, read_subject, tally
 from fault.conftest import rows
-from relay.codec import Codec, MalformedPayload
-from relay.metrics import DECODE_ERROR_KINDS, Metrics
-from relay.natsserver import NatsServer
-from relay.synthetic import SyntheticVllm, encode_batch
+from kvrelay.codec import Codec, MalformedPayload
+from kvrelay.system.metrics import DECODE_ERROR_KINDS, Metrics
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm, encode_batch
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

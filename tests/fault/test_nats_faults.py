@@ -32,10 +32,10 @@ from harness import (
 from nats.js.api import DiscardPolicy, StorageType, StreamConfig
 
 from fault.accounting import Tally, offered_keys, read_subject, tally
-from relay.app import Relay
-from relay.natsserver import NatsServer
-from relay.schema import Resync
-from relay.synthetic import SyntheticVllm, WorkloadFactory
+from kvrelay.app import Relay
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory
+from kvrelay.wire.schema import Resync
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

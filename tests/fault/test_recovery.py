@@ -16,14 +16,14 @@ from harness import COMP, NS, STREAM, eventually, nats_client, new_instance_id
 from nats.js.api import StorageType, StreamConfig
 
 from fault.accounting import Tally, offered_keys, read_subject, tally
-from relay.buffer import Buffer
-from relay.config import Config
-from relay.ingest import Frame
-from relay.metrics import Metrics
-from relay.natsserver import NatsServer
-from relay.publish import Publisher
-from relay.schema import Resync
-from relay.synthetic import WorkloadFactory, encode_batch
+from kvrelay.config import Config
+from kvrelay.ingest.buffer import Buffer
+from kvrelay.ingest.source import Frame
+from kvrelay.jetstream.publisher import Publisher
+from kvrelay.system.metrics import Metrics
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import WorkloadFactory, encode_batch
+from kvrelay.wire.schema import Resync
 
 pytestmark = pytest.mark.integration
 

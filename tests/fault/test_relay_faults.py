@@ -23,8 +23,8 @@ from harness import (
 )
 
 from fault.accounting import Tally, offered_keys, read_subject, tally
-from relay.natsserver import NatsServer
-from relay.synthetic import SyntheticVllm
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -1,0 +1,2 @@
+"""The `--format dynamo` output: NVIDIA Dynamo's wire, the translation, the core-NATS
+publisher, its confirmation markers and Dynamo's discovery records."""

@@ -1,0 +1,116 @@
+"""Confirmation on core NATS for `--format dynamo`: markers through the publisher's own inbox.
+
+Core NATS has no acks. The server handles a connection's messages in order, so once a marker
+published after some messages comes back to the publisher's inbox, the server has passed those
+messages to every subscriber. One marker is out at a time and markers go at most every
+MARKER_INTERVAL: a returning marker confirms everything published before it, so a burst of
+messages costs one round trip, not one each. A marker rides in the socket write of the
+messages it follows (kvrelay/natsio/outbox.py) whenever it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Final, Generic, TypeVar
+
+from kvrelay.natsio.outbox import Outbox
+
+# The shortest time between two markers: confirmations of a steady flow come in groups, and
+# markers ride in the socket writes of the messages they follow.
+MARKER_INTERVAL: Final = 0.005
+
+Mark = TypeVar("Mark")
+
+
+class Markers(Generic[Mark]):
+    """The markers of one publisher. `published(mark)` after each message; `on_confirmed(mark)`
+    hears of the last message a returning marker covers."""
+
+    def __init__(self, outbox: Outbox, can_send: Callable[[], bool],
+                 on_confirmed: Callable[[Mark], None]) -> None:
+        self._outbox = outbox
+        self._can_send = can_send
+        self._on_confirmed = on_confirmed
+        self._prefix = b""  # "PUB <inbox> "
+        self._last: Mark | None = None  # the last message published
+        self._unmarked = False  # published since the last marker went
+        self._out = 0  # token of the marker out, 0 when none is
+        self._covers: Mark | None = None  # the last message published before it
+        self.sent_at = 0.0  # when the marker out went
+        self._next_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tokens = 0
+
+    def bind(self, inbox: str) -> None:
+        """Send markers to `inbox` (the publisher subscribes to it and hands replies to
+        `on_reply`)."""
+        self._prefix = f"PUB {inbox} ".encode()
+
+    @property
+    def out(self) -> bool:
+        return self._out != 0
+
+    def published(self, mark: Mark) -> None:
+        """Note a message just published; call `follow` once a turn's messages are out."""
+        self._last = mark
+        self._unmarked = True
+
+    def follow(self) -> None:
+        """Have a marker follow what was published. It goes with this turn's messages once
+        MARKER_INTERVAL has passed since the last one; before that, a timer sends it alone
+        unless later messages take it along first. While one is out, its return does this."""
+        if self._out or not self._unmarked:
+            return
+        now = time.monotonic()
+        if now >= self._next_at:
+            self._send(now)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(MARKER_INTERVAL, self._due)
+
+    def forget(self) -> None:
+        """What was published may be lost (it is published again): a marker still to come
+        back confirms nothing."""
+        self._last = self._covers = None
+        self._unmarked = False
+        self._out = 0
+        self.cancel()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def on_reply(self, subject: bytes, data: bytes) -> None:
+        """A message on the inbox: if it is the marker out, confirm what it covers."""
+        try:
+            token = int(data)
+        except ValueError:
+            return
+        if token != self._out:
+            return  # from before a republish: what it covered is published again
+        covers = self._covers
+        self._out = 0
+        self._covers = None
+        if covers is not None:
+            self._on_confirmed(covers)
+        self.follow()
+
+    def _due(self) -> None:
+        self._timer = None
+        if not self._out and self._unmarked:
+            self._send(time.monotonic())
+
+    def _send(self, now: float) -> None:
+        self.cancel()
+        if not self._can_send():
+            return  # the publisher publishes everything again on reconnecting
+        self._tokens += 1
+        self._out = self._tokens
+        self._covers = self._last
+        self._unmarked = False
+        self.sent_at = now
+        self._next_at = now + MARKER_INTERVAL
+        token = b"%d" % self._tokens
+        self._outbox.put(b"%s%d\r\n%s\r\n" % (self._prefix, len(token), token), len(token))

@@ -1,0 +1,496 @@
+"""Publish `--format dynamo`: Dynamo KV event messages on core NATS, in order, each confirmed.
+
+Dynamo's KV event plane is core NATS, which has no acks. A message counts as delivered once a
+marker published after it on the same connection comes back through the relay's own inbox:
+the server handles a connection's messages in order, so it has by then passed the message to
+every subscriber (kvrelay/dynamo/confirm.py; nats-py's flush() cannot say this: its PING can
+overtake publishes still queued in the client). Until then a message stays in a window. When
+the connection drops, or a marker does not come back within the ack timeout, the whole window
+is published again, in order; Dynamo's router ignores event_ids it has already applied, so a
+repeat changes nothing and nothing goes missing. The discovery records that make the router
+listen are written before the first message and removed after the last
+(kvrelay/dynamo/records.py).
+
+In the steady state a message is sent in the producer's turn of the event loop, through the
+outbox (kvrelay/natsio/outbox.py), as the JetStream publisher does; markers go the same way, so the
+order on the wire is the order of the calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from pathlib import Path
+from typing import Final
+
+import nats.errors
+
+from kvrelay.codec import Codec
+from kvrelay.config import Config
+from kvrelay.discovery.etcd import EtcdGateway, EtcdRefused
+from kvrelay.dynamo.confirm import Markers
+from kvrelay.dynamo.etcd import EtcdStore
+from kvrelay.dynamo.records import (
+    FileBackend,
+    FileStore,
+    KeyValueStore,
+    Registrar,
+    Registration,
+    default_file_kv,
+    new_publisher_id,
+)
+from kvrelay.dynamo.translate import EventStream, Translator, group_frames
+from kvrelay.dynamo.wire import Translated, kv_events_subject
+from kvrelay.ingest.buffer import Buffer
+from kvrelay.ingest.source import Frame
+from kvrelay.natsio.options import nats_options
+from kvrelay.natsio.outbox import InboxClient, Outbox
+from kvrelay.publish.common import SEND_SLICE, read_frame, wait_until_sent
+from kvrelay.ratelimit import RateLimitedLog
+from kvrelay.system.metrics import Metrics
+from kvrelay.wire.schema import ResumePoint, Resync
+
+log = logging.getLogger("kvrelay.dynamo")
+
+
+class DiscoveryError(Exception):
+    """The discovery records cannot be written where configured."""
+
+
+# A message carries the vLLM batches of a rank in hand at once, up to --dynamo-batches-per-message
+# and (past the first) input bytes up to this share of the server's max_payload, which the
+# message then stays well under (Dynamo's form of an event is at most a few times vLLM's).
+GROUP_SHARE: Final = 8
+
+
+class _Sent:
+    """One message in the window: the batches it carries, from the oldest one's `ts` on."""
+
+    __slots__ = ("batches", "events", "payload", "sent_at", "ts")
+
+    def __init__(self, payload: bytes, ts: float, batches: int, events: int) -> None:
+        self.payload = payload
+        self.ts = ts
+        self.batches = batches
+        self.events = events
+        self.sent_at = 0.0
+
+
+class DynamoPublisher:
+    """Takes Frames from the Buffer and keeps them flowing to Dynamo's router over core NATS."""
+
+    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics,
+                 lease: int | None = None) -> None:
+        self._config = config
+        self._instance_id = instance_id
+        self._lease = lease  # the etcd lease discovery took, whose ID is the instance ID
+        self._buffer = buffer
+        self._metrics = metrics
+        self._codec = Codec(metrics=metrics)
+        self._translator = Translator(config.kv_block_size, metrics)
+        self._warn = RateLimitedLog(log)
+        self._subject = kv_events_subject(config.namespace, config.component,
+                                          config.dynamo_endpoint)
+        self._pub_prefix = f"PUB {self._subject} ".encode()
+        self._streams: dict[int, EventStream] = {}
+        self.file_kv = Path(config.dynamo_file_kv or default_file_kv())
+        self.registrar: Registrar | None = None
+        self._nc: InboxClient | None = None
+        self._outbox = Outbox()
+        self._window: deque[_Sent] = deque()
+        self._gathered: list[Frame] = []  # taken in this turn, sent together at its end
+        self._markers = Markers[_Sent](self._outbox, self._online, self._confirm)
+        self._parked = False  # the publish loop waits for work: notify() may send directly
+        self._resend = False
+        self._retry_at: float | None = None
+        self._backoff = 0.05
+        self._wake = asyncio.Event()
+        self._registered = asyncio.Event()
+        self.connected = False
+        self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        self.last_error = "not connected yet"
+        metrics.in_flight.set_function(self._window.__len__)  # read at scrape time
+
+    def _online(self) -> bool:
+        return self.connected and self._nc is not None and self._nc.is_connected
+
+    def subject(self, dp_rank: int) -> str:
+        return self._subject
+
+    def publisher_id(self, dp_rank: int) -> int:
+        return self._streams[dp_rank].publisher_id
+
+    def last_event_id(self, dp_rank: int) -> int:
+        """The event_id of the last event numbered for the rank; 0 before the first."""
+        return self._streams[dp_rank].event_id - 1
+
+    def messages_sent(self, dp_rank: int) -> int:
+        """Messages numbered for the rank so far (each carries one or more vLLM batches)."""
+        return self._streams[dp_rank].sequence
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._window)
+
+    def readiness(self) -> str:
+        if self.registrar is None:
+            return "discovery records not written yet"
+        return "ok" if self.registrar.registered else self.registrar.last_error
+
+    # -- discovery and connection --------------------------------------------------------------
+
+    async def connect(self, dp_ranks: list[int]) -> None:
+        """Register in Dynamo's discovery, then connect to NATS (retrying forever)."""
+        # One Dynamo publisher per DP rank, new IDs each run: the router then starts the
+        # rank afresh instead of taking our event_ids as ones it has seen.
+        self._streams = {rank: EventStream(new_publisher_id(), self._instance_id, rank)
+                         for rank in dp_ranks}
+        config = self._config
+        store: KeyValueStore
+        if config.dynamo_backend() == "etcd":
+            store = EtcdStore(EtcdGateway(config.etcd_endpoint_list()), lease=self._lease)
+            hint = "check --etcd-endpoints (ETCD_ENDPOINTS)"
+        else:
+            store = FileBackend(FileStore(self.file_kv))
+            hint = "set --dynamo-file-kv (DYN_FILE_KV) to a writable directory"
+        self.registrar = Registrar(store, Registration(
+            namespace=config.namespace, component=config.component,
+            endpoint=config.dynamo_endpoint, worker_id=self._instance_id,
+            publishers={rank: s.publisher_id for rank, s in self._streams.items()},
+            kv_block_size=config.kv_block_size, model=config.dynamo_model,
+            register_worker=config.dynamo_register == "worker"))
+        try:
+            await self.registrar.register()
+        except (OSError, EtcdRefused) as exc:
+            self.registrar.last_error = str(exc)
+            self.fatal.set_result(DiscoveryError(
+                f"cannot write Dynamo discovery records to {store.where}: {exc}; {hint}"))
+            return
+        self._registered.set()
+        log.info("connecting to NATS at %s", self._config.redacted()["nats"])
+        nc = InboxClient()
+        await nc.connect(
+            **nats_options(self._config),
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        self._nc = nc
+        self._outbox.bind(nc)
+        inbox = nc.new_inbox()
+        self._markers.bind(inbox)
+        nc.route_inbox(inbox, (await nc.subscribe(inbox))._id, self._markers.on_reply)
+        self.connected = True
+        url = nc.connected_url
+        log.info("connected to NATS at %s; publishing Dynamo KV events on %s",
+                 url.netloc if url else "?", self._subject)
+        self._wake.set()
+
+    async def resume_point(self, dp_rank: int) -> ResumePoint | None:
+        """Core NATS keeps nothing to resume from: every run starts new publishers."""
+        return None
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._metrics.nats_errors.inc()
+        self.last_error = f"NATS: {exc!r}"
+        self._warn.warning("nats", "NATS at %s: %r (the relay keeps buffering and retrying)",
+                           self._config.redacted()["nats"], exc)
+
+    async def _on_disconnected(self) -> None:
+        if self.connected:
+            log.warning("disconnected from NATS; buffering until it is back")
+        self.connected = False
+        self.last_error = "disconnected from NATS"
+        self._lose_connection()
+        # nats-py would send what it had not written yet before our ordered resend; the
+        # window holds all of it, so drop nats-py's copy and the outbox's (see publish.py).
+        self._outbox.discard()
+        if self._nc is not None:
+            self._nc._pending = []
+            self._nc._pending_data_size = 0
+
+    async def _on_reconnected(self) -> None:
+        self._metrics.nats_reconnects.inc()
+        self.connected = True
+        log.info("reconnected to NATS; publishing %d unconfirmed messages again",
+                 len(self._window))
+        self._wake.set()
+
+    def _lose_connection(self) -> None:
+        """What was published but not confirmed may be lost: publish it all again."""
+        self._markers.forget()
+        if self._window:
+            self._resend = True
+
+    def _retry_later(self) -> None:
+        """Publish again after a backoff that grows while NATS keeps not confirming."""
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self._config.reconnect_wait_max)
+        self._wake.set()
+
+    # -- the publish loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Move frames from the buffer into the window until cancelled."""
+        side = [asyncio.ensure_future(self._watch_markers()),
+                asyncio.ensure_future(self._keep_registered())]
+        try:
+            while True:
+                self._parked = True
+                await self._wake.wait()
+                self._parked = False
+                self._wake.clear()
+                if not self._online():
+                    continue
+                if self._retry_at is not None:
+                    if time.monotonic() < self._retry_at:
+                        continue
+                    self._retry_at = None
+                if self._resend:
+                    self._resend = False
+                    for sent in list(self._window):
+                        self._metrics.republished.inc()
+                        await self._publish(sent)
+                        if not self._online() or self._resend:
+                            break
+                published = 0
+                while self._buffer and len(self._window) < self._config.max_in_flight \
+                        and not self._resend and self._online():
+                    for group in self._buffered_groups():
+                        entered = self._enter(group)
+                        if entered is not None and self._outbox.writable():
+                            self._publish_now(entered)
+                            published += entered.batches
+                        elif entered is not None:
+                            await self._publish(entered)  # waits for nats-py's flush
+                    if published >= SEND_SLICE:
+                        published = 0
+                        self._markers.follow()
+                        await asyncio.sleep(0)  # a backlog must not hold up ingest
+                if published:
+                    self._markers.follow()
+        finally:
+            self._parked = False
+            for task in side:
+                task.cancel()
+
+    async def _keep_registered(self) -> None:
+        await self._registered.wait()
+        assert self.registrar is not None
+        await self.registrar.run()
+
+    def take(self, frame: Frame) -> None:
+        """Ingest's hand-off, each frame in order. In the steady state (nothing buffered or owed
+        before it, this loop idle, nothing to publish again, room in the window, NATS up) the
+        frame is gathered with the others of this turn and they are sent together right after
+        it (`send_gathered`); anything else goes through the buffer and `notify`."""
+        buffer = self._buffer
+        if not buffer and not buffer.owes(frame.dp_rank) and self._sending_here() \
+                and self._room():
+            self._gathered.append(frame)
+            if len(self._gathered) == 1:
+                asyncio.get_running_loop().call_soon(self.send_gathered)
+            return
+        self.send_gathered()  # what came before this frame goes first
+        buffer.put(frame)
+        self.notify()
+
+    def send_gathered(self) -> None:
+        """Send the frames gathered in this turn: one message per rank (`_groups`)."""
+        frames = self._gathered
+        if not frames:
+            return
+        self._gathered = []
+        if not (self._sending_here() and self._room()):
+            for frame in frames:  # the buffer is empty: `take` sends these before buffering
+                self._buffer.put(frame)
+            self.notify()
+            return
+        self._send_now(self._groups(frames))
+        self._outbox.flush()  # now, not in another turn of the loop
+
+    def notify(self) -> None:
+        """Called by the buffer's producer: there is something to send.
+
+        In the steady state (this loop idle, nothing to publish again, room in the window,
+        NATS up) the frames are sent right here, in the producer's turn: no wake-up of the
+        publish task per batch. Anything else is left to the publish loop, in order.
+        """
+        if self._sending_here():
+            buffer = self._buffer
+            while buffer and self._room():
+                self._send_now(self._buffered_groups())
+            if not buffer:
+                return
+        self._wake.set()
+
+    def _send_now(self, groups: list[list[Frame]]) -> None:
+        published = False
+        for group in groups:
+            sent = self._enter(group)
+            if sent is not None:
+                self._publish_now(sent)
+                published = True
+        if published:
+            self._markers.follow()
+
+    def _sending_here(self) -> bool:
+        """The publish loop idle with nothing to retry or publish again, NATS up: a producer's
+        turn may publish itself."""
+        return self._parked and self._retry_at is None and not self._resend and self._online()
+
+    def _room(self) -> bool:
+        return len(self._window) < self._config.max_in_flight and self._outbox.writable()
+
+    def _groups(self, frames: list[Frame]) -> list[list[Frame]]:
+        assert self._nc is not None
+        return group_frames(frames, self._config.dynamo_batches_per_message,
+                            self._nc.max_payload // GROUP_SHARE)
+
+    def _buffered_groups(self) -> list[list[Frame]]:
+        """The oldest frames of the buffer, as the messages they make."""
+        return self._groups(self._buffer.pop_upto(self._config.dynamo_batches_per_message))
+
+    def _enter(self, frames: list[Frame]) -> _Sent | None:
+        """Translate frames of one rank, in order, into the rank's next message and put it in
+        the window; None if nothing of them can go (counted)."""
+        rank = frames[0].dp_rank
+        buffer, metrics = self._buffer, self._metrics
+        items: list[Translated] = []
+        ts: float | None = None
+        carried: list[int] = []  # seqs of the batches this message carries
+        received = 0
+        for frame in frames:
+            if buffer.owes(rank):  # one before it was dropped (counted): say so first
+                frame = frame._replace(resyncs=(*buffer.claim(rank), *frame.resyncs))
+            decoded = read_frame(self._codec.decode_input, frame, metrics, self._warn,
+                                 self._owe)
+            if decoded is None:
+                continue
+            received += len(decoded.events)
+            translated = self._translator.translate(frame.resyncs, decoded.events)
+            if translated:
+                items += translated
+                carried.append(frame.seq)
+                if ts is None:
+                    ts = decoded.ts
+        if received:
+            metrics.events_received.inc(received)
+        if ts is None:
+            return None  # nothing in these batches that Dynamo's format can carry (counted)
+        stream = self._streams[rank]
+        payload = stream.encode(items, int(time.time() * 1000))
+        assert self._nc is not None
+        if len(payload) > self._nc.max_payload:
+            stream.rollback(len(items))
+            metrics.drop("too_large", len(carried), received)
+            self._owe(rank, tuple(Resync("gap", seq, seq) for seq in carried))
+            log.error("dropped %d batch(es) making a message of %d bytes for dp_rank %d: "
+                      "larger than the server's max_payload", len(carried), len(payload), rank)
+            return None
+        sent = _Sent(payload, ts, len(carried), len(items))
+        self._window.append(sent)
+        return sent
+
+    def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
+        """Announce a loss (as `cleared`) with the next message of `dp_rank`."""
+        self._metrics.resyncs.labels("gap").inc()
+        self._buffer.owe(dp_rank, resyncs)
+
+    async def _publish(self, sent: _Sent) -> None:
+        """Publish through nats-py, which waits while its queue is full."""
+        assert self._nc is not None
+        sent.sent_at = time.monotonic()
+        self._outbox.flush()  # what the steady state queued goes first
+        try:
+            await self._nc.publish(self._subject, sent.payload)
+        except (nats.errors.Error, OSError) as exc:
+            self._warn.warning("publish", "publish failed: %r; will publish again", exc)
+            self._lose_connection()
+            self._retry_later()
+            return
+        self._markers.published(sent)
+        self._markers.follow()
+
+    def _publish_now(self, sent: _Sent) -> None:
+        """`_publish` without awaiting, for the steady state: only while online and writable.
+
+        The PUB command goes to the outbox, which writes a turn's commands at once (this skips
+        nats-py's per-call checks: the subject is well-formed by construction and the size was
+        checked against max_payload)."""
+        sent.sent_at = time.monotonic()
+        payload = sent.payload
+        self._outbox.put(b"%s%d\r\n%s\r\n" % (self._pub_prefix, len(payload), payload),
+                         len(payload))
+        self._markers.published(sent)
+
+    # -- confirmation --------------------------------------------------------------------------
+
+    async def _watch_markers(self) -> None:
+        """Publish the window again when a marker has not come back within the ack timeout."""
+        period = min(self._config.ack_timeout / 4, 0.25)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            if self._retry_at is not None and now >= self._retry_at:
+                self._wake.set()
+            if self._markers.out and now - self._markers.sent_at > self._config.ack_timeout \
+                    and self._online():
+                self._warn.warning("confirm", "NATS did not confirm %d messages within %.1fs; "
+                                   "publishing them again", len(self._window),
+                                   self._config.ack_timeout)
+                self._lose_connection()
+                self._retry_later()
+
+    def _confirm(self, mark: _Sent) -> None:
+        """A marker came back: the server has passed on everything up to `mark`."""
+        self._backoff = 0.05
+        now, wall = time.monotonic(), time.time()
+        window, metrics = self._window, self._metrics
+        batches = events = 0
+        while window:
+            sent = window.popleft()
+            batches += sent.batches
+            events += sent.events
+            metrics.publish_latency.observe(now - sent.sent_at)
+            metrics.lag.observe(max(0.0, wall - sent.ts))
+            if sent is mark:
+                break
+        metrics.batches_published.inc(batches)
+        metrics.events_published.inc(events)
+        if self._buffer and len(window) < self._config.max_in_flight:
+            self._wake.set()
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def flush(self, within: float) -> bool:
+        """Wait until the buffer and the window are empty; False if `within` seconds pass."""
+        return await wait_until_sent(
+            lambda: bool(self._buffer or self._window or self._gathered), self._wake, within)
+
+    def abandon(self) -> int:
+        """Count what could not be delivered; returns the number of batches."""
+        self.send_gathered()  # into the window or the buffer, to be counted with them
+        lost = len(self._buffer) + sum(s.batches for s in self._window)
+        events = sum(s.events for s in self._window)
+        self._buffer.drain_all()
+        self._window.clear()
+        if lost:
+            self._metrics.drop("shutdown", lost, events)
+        return lost
+
+    async def close(self) -> None:
+        """Leave Dynamo's discovery (the router drops the worker's ranks), then NATS."""
+        self.connected = False
+        self._markers.cancel()
+        if self.registrar is not None:
+            try:
+                await self.registrar.unregister()
+            except (OSError, EtcdRefused) as exc:
+                log.error("cannot remove the Dynamo discovery records from %s: %s (they "
+                          "expire in %.0fs)", self.registrar.store.where, exc,
+                          self.registrar.store.ttl)
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()

@@ -1,0 +1,107 @@
+"""The bounded buffer between ingest and publish.
+
+ZMQ cannot be paused without vLLM dropping on its side, so the relay keeps reading while NATS is
+slow or away, up to a bound in batches and in bytes. Past the bound the oldest batch goes, is
+counted, and the next batch of its (instance, dp_rank) carries a `resync` for what went.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from kvrelay.ingest.source import Frame
+from kvrelay.system.metrics import Metrics
+from kvrelay.wire.schema import Resync
+
+
+def merge_resyncs(owed: Iterable[Resync], new: Iterable[Resync]) -> tuple[Resync, ...]:
+    """Resyncs owed to consumers, with a run of the same reason folded into one range.
+
+    Announcements pile up while nothing can be sent; folding keeps them (and the batch that
+    finally carries them) small however long that lasts.
+    """
+    merged: list[Resync] = list(owed)
+    for resync in new:
+        last = merged[-1] if merged else None
+        if (last is not None and last.reason == resync.reason
+                and isinstance(last.missed_from, int) and isinstance(resync.missed_to, int)):
+            merged[-1] = Resync(resync.reason, last.missed_from, resync.missed_to)
+        elif last is None or last != resync:
+            merged.append(resync)
+    return tuple(merged)
+
+
+class Buffer:
+    """FIFO of Frames, drop-oldest past `max_batches` or `max_bytes`."""
+
+    def __init__(self, max_batches: int, max_bytes: int, metrics: Metrics) -> None:
+        self.max_batches = max_batches
+        self.max_bytes = max_bytes
+        self._metrics = metrics
+        self._frames: deque[Frame] = deque()
+        self._bytes = 0
+        # dp_rank -> resyncs owed to consumers, announced with the next frame of that rank.
+        self._owed: dict[int, tuple[Resync, ...]] = {}
+        # Read at scrape time: right while nothing is published, and free on the hot path.
+        metrics.buffer_batches.set_function(self.__len__)
+        metrics.buffer_bytes.set_function(lambda: self._bytes)
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def put(self, frame: Frame) -> None:
+        self._frames.append(frame)
+        self._bytes += len(frame.payload)
+        while len(self._frames) > self.max_batches or (
+            self._bytes > self.max_bytes and len(self._frames) > 1
+        ):
+            self._drop_oldest()
+
+    def owe(self, dp_rank: int, resyncs: Iterable[Resync]) -> None:
+        """Have the next frame of `dp_rank` announce `resyncs` (a loss it comes after)."""
+        self._owed[dp_rank] = merge_resyncs(self._owed.get(dp_rank, ()), resyncs)
+
+    def owes(self, dp_rank: int) -> bool:
+        """Whether the next frame of `dp_rank` has resyncs to carry (it must come through
+        `pop`)."""
+        return dp_rank in self._owed
+
+    def pop(self) -> Frame:
+        """The oldest frame, with the resyncs owed to its rank prepended."""
+        frame = self._frames.popleft()
+        self._bytes -= len(frame.payload)
+        if frame.dp_rank not in self._owed:
+            return frame
+        return frame._replace(resyncs=(*self.claim(frame.dp_rank), *frame.resyncs))
+
+    def pop_upto(self, limit: int) -> list[Frame]:
+        """The oldest frames, at most `limit`, each as `pop` gives it."""
+        return [self.pop() for _ in range(min(limit, len(self._frames)))]
+
+    def claim(self, dp_rank: int) -> tuple[Resync, ...]:
+        """The resyncs owed to `dp_rank`, handed to a caller that announces them now."""
+        owed = self._owed.pop(dp_rank, ())
+        overflows = sum(resync.reason == "overflow" for resync in owed)
+        if overflows:
+            self._metrics.resyncs.labels("overflow").inc(overflows)
+        return owed
+
+    def drain_all(self) -> list[Frame]:
+        """Everything left, for counting at shutdown."""
+        frames = list(self._frames)
+        self._frames.clear()
+        self._bytes = 0
+        return frames
+
+    def _drop_oldest(self) -> None:
+        frame = self._frames.popleft()
+        self._bytes -= len(frame.payload)
+        self._metrics.drop("overflow", 1)
+        # What the dropped frame had to announce, then its own loss; a run of drops folds
+        # into one `overflow` range, and a restart among them breaks the run as it should.
+        self.owe(frame.dp_rank, (*frame.resyncs, Resync("overflow", frame.seq, frame.seq)))

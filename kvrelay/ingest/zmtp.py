@@ -1,0 +1,322 @@
+"""ZMTP 3.0 SUB on the event loop: vLLM's PUB stream read without libzmq's I/O thread.
+
+With libzmq, every batch wakes its I/O thread, which reads the TCP socket and signals the
+socket's mailbox, which wakes the event loop, which then takes the message out frame by frame
+(a receive and a `getsockopt(RCVMORE)` per frame, and an exception to learn it is empty). Here
+the event loop reads the TCP (or IPC) socket itself and splits frames out of what arrived: one
+wake-up per read, however many messages it holds.
+
+Only what a SUB needs from a PUB is spoken (RFC 23, ZMTP 3.0, NULL mechanism): the greeting,
+READY, the subscription, and data frames. A peer speaking anything else is closed with a clear
+error and retried. vLLM's publisher (libzmq 4.x) speaks ZMTP 3.1 and answers a 3.0 peer in 3.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import cast
+
+from kvrelay.config.endpoint import parse_endpoint
+
+log = logging.getLogger("kvrelay.zmtp")
+
+Messages = list[list[bytes]]  # whole ZMQ messages, each a list of frames
+MessageSink = Callable[[Messages], None]
+
+_MORE, _LONG, _COMMAND = 1, 2, 4
+_GREETING_SIZE = 64
+# Signature, version 3.0, mechanism NULL, as-server 0, filler.
+GREETING = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
+            + b"\x00" + bytes(31))
+HANDSHAKE_TIMEOUT = 5.0
+MAX_FRAME = 1 << 31  # a frame this large is not a vLLM batch: the stream is garbage
+
+
+class ProtocolError(Exception):
+    """The peer does not speak ZMTP 3 PUB with the NULL mechanism."""
+
+
+def _frame(body: bytes, flags: int = 0) -> bytes:
+    """One frame: flags, then a 1-byte size or (long) an 8-byte one, then the body."""
+    if len(body) < 256:
+        return bytes([flags, len(body)]) + body
+    return bytes([flags | _LONG]) + len(body).to_bytes(8, "big") + body
+
+
+def _command(name: bytes, body: bytes) -> bytes:
+    return _frame(bytes([len(name)]) + name + body, _COMMAND)
+
+
+def _properties(body: bytes) -> dict[bytes, bytes]:
+    props: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(body):
+        size = body[pos]
+        name = body[pos + 1:pos + 1 + size]
+        pos += 1 + size
+        if pos + 4 > len(body):
+            raise ProtocolError("truncated READY properties")
+        value_size = int.from_bytes(body[pos:pos + 4], "big")
+        props[name.lower()] = body[pos + 4:pos + 4 + value_size]
+        pos += 4 + value_size
+    return props
+
+
+READY = _command(b"READY", b"\x0bSocket-Type" + (3).to_bytes(4, "big") + b"SUB")
+
+
+class Connection(asyncio.Protocol):
+    """One peer PUB: handshake, subscribe, then hand every whole message to `deliver`."""
+
+    def __init__(self, topic: bytes, deliver: MessageSink,
+                 attached: Callable[[Connection], None],
+                 closed: Callable[[Connection, Exception | None], None]) -> None:
+        self._topic = topic
+        self._deliver = deliver
+        self._attached = attached
+        self._closed = closed
+        self._transport: asyncio.Transport | None = None
+        self._greeted = False
+        self.ready = False
+        self._parts: list[bytes] = []
+        self._rest = bytearray()  # an incomplete frame (or greeting) waiting for more bytes
+        self._need = 0  # bytes `_rest` must hold before parsing is worth trying again
+        self._error: Exception | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not registered as asyncio.Transport: no isinstance here.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport.write(GREETING)
+        self._timer = asyncio.get_running_loop().call_later(
+            HANDSHAKE_TIMEOUT, self._fail, ProtocolError("no ZMTP handshake within "
+                                                         f"{HANDSHAKE_TIMEOUT:.0f}s"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._closed(self, self._error or exc)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _fail(self, error: Exception) -> None:
+        self._error = self._error or error
+        if self._transport is not None:
+            self._transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        rest = self._rest
+        if rest:
+            rest += data
+            if len(rest) < self._need:
+                return
+            data = bytes(rest)
+            rest.clear()
+        try:
+            pos = 0 if self.ready else self._handshake(data)
+            if pos >= 0:
+                self._frames(data, pos)
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def _frames(self, data: bytes, pos: int) -> None:
+        """Split frames out of `data` from `pos`; whole messages go to `deliver` in one call."""
+        end = len(data)
+        messages: Messages = []
+        try:
+            self._split(data, pos, end, messages)
+        finally:
+            if messages:  # what came whole before a protocol error is still delivered
+                self._deliver(messages)
+
+    def _split(self, data: bytes, pos: int, end: int, messages: Messages) -> None:
+        parts = self._parts
+        need = 0
+        while pos < end:
+            flags = data[pos]
+            if flags & _LONG:
+                if end - pos < 9:
+                    need = 9
+                    break
+                size = int.from_bytes(data[pos + 1:pos + 9], "big")
+                if size > MAX_FRAME:
+                    raise ProtocolError(f"a frame of {size} bytes")
+                start = pos + 9
+            else:
+                if end - pos < 2:
+                    need = 2
+                    break
+                size = data[pos + 1]
+                start = pos + 2
+            stop = start + size
+            if stop > end:
+                need = stop - pos
+                break
+            pos = stop
+            if flags & _COMMAND:
+                self._on_command(data[start:stop])
+            elif not self.ready:
+                raise ProtocolError("a message before READY")
+            else:
+                parts.append(data[start:stop])
+                if not flags & _MORE:
+                    messages.append(parts)
+                    parts = self._parts = []
+        if pos < end:
+            self._rest += data[pos:]
+            self._need = need
+
+    def _handshake(self, data: bytes) -> int:
+        """Consume the peer's greeting; the offset of its first frame, -1 while incomplete."""
+        if self._greeted:
+            return 0
+        if len(data) < _GREETING_SIZE:
+            if data[:1] not in (b"", b"\xff"):
+                raise ProtocolError("the peer is not a ZMTP 3 socket")
+            self._rest += data
+            self._need = _GREETING_SIZE
+            return -1
+        if data[0] != 0xFF or data[9] & 1 != 1:
+            raise ProtocolError("the peer is not a ZMTP 3 socket")
+        if data[10] < 3:
+            raise ProtocolError(f"the peer speaks ZMTP {data[10]}.x, not 3")
+        mechanism = data[12:32].rstrip(b"\x00")
+        if mechanism != b"NULL":
+            raise ProtocolError(f"the peer wants the {mechanism.decode(errors='replace')} "
+                                "security mechanism; only NULL is spoken natively")
+        self._greeted = True
+        assert self._transport is not None
+        self._transport.write(READY)
+        return _GREETING_SIZE
+
+    def _on_command(self, body: bytes) -> None:
+        if not body or len(body) < 1 + body[0]:
+            raise ProtocolError("a malformed command")
+        name, rest = body[1:1 + body[0]], body[1 + body[0]:]
+        if name == b"READY" and not self.ready:
+            kind = _properties(rest).get(b"socket-type", b"")
+            if kind not in (b"PUB", b"XPUB"):
+                raise ProtocolError(f"the peer is a {kind.decode(errors='replace')} socket, "
+                                    "not a PUB")
+            self.ready = True
+            if self._timer is not None:
+                self._timer.cancel()
+            assert self._transport is not None
+            self._transport.write(_frame(b"\x01" + self._topic))  # ZMTP 3.0's subscribe message
+            self._attached(self)
+        elif name == b"ERROR":
+            raise ProtocolError(f"the peer sent ERROR: {rest[1:].decode(errors='replace')}")
+        elif not self.ready:
+            raise ProtocolError(f"{name.decode(errors='replace')} before READY")
+        # PING, SUBSCRIBE and the like mean nothing to a SUB that said 3.0: ignored.
+
+
+class Subscriber:
+    """Every PUB at one endpoint: connect and reconnect to it, or accept those that connect."""
+
+    def __init__(self, endpoint: str, bind: bool, topic: bytes, deliver: MessageSink,
+                 name: str) -> None:
+        self.address = parse_endpoint(endpoint, bind)
+        self.endpoint = endpoint
+        self.bind = bind
+        self._topic = topic
+        self._deliver = deliver
+        self._name = name
+        self.peers = 0
+        self.listening = False
+        self._connections: set[Connection] = set()
+        self._lost: asyncio.Event = asyncio.Event()
+
+    @property
+    def subscribed(self) -> bool:
+        """Bound, or connecting (a vLLM that is not up yet is waited for, not an error)."""
+        return self.listening or not self.bind
+
+    def _connection(self) -> Connection:
+        connection = Connection(self._topic, self._deliver, self._on_attached, self._on_closed)
+        self._connections.add(connection)
+        return connection
+
+    def _on_attached(self, connection: Connection) -> None:
+        self.peers += 1
+        log.info("vLLM publisher attached on %s", self._name)
+
+    def _on_closed(self, connection: Connection, exc: Exception | None) -> None:
+        self._connections.discard(connection)
+        if connection.ready:
+            self.peers = max(0, self.peers - 1)
+            log.warning("vLLM publisher went away from %s", self._name)
+        elif exc is not None:
+            log.warning("%s: %s", self._name, exc)
+        self._lost.set()
+
+    async def run(self, retry: Callable[[str], None]) -> None:
+        """Until cancelled. `retry(message)` hears of each failed attempt (to log at a rate)."""
+        mode = "bound to" if self.bind else "connecting to"
+        log.info("ZMQ SUB (native ZMTP) %s %s", mode, self._name)
+        try:
+            if self.bind:
+                await self._listen()
+            else:
+                await self._connect_forever(retry)
+        finally:
+            for connection in list(self._connections):
+                connection.close()
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.1
+        while True:
+            try:
+                if self.address.transport == "ipc":
+                    # A socket file left by a previous run is replaced, as libzmq does.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.address.path)
+                    server = await loop.create_unix_server(self._connection, self.address.path)
+                else:
+                    server = await loop.create_server(self._connection,
+                                                      self.address.host or None,
+                                                      self.address.port, reuse_address=True)
+                break
+            except OSError as exc:
+                log.error("cannot bind %s: %s; retrying in %.1fs", self.endpoint, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.listening = True
+        try:
+            await asyncio.Future()  # serve until cancelled
+        finally:
+            self.listening = False
+            server.close()
+
+    async def _connect_forever(self, retry: Callable[[str], None]) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.1
+        while True:
+            self._lost.clear()
+            try:
+                if self.address.transport == "ipc":
+                    await loop.create_unix_connection(self._connection, self.address.path)
+                else:
+                    await loop.create_connection(self._connection, self.address.host,
+                                                 self.address.port)
+            except OSError as exc:
+                retry(f"no vLLM publisher at {self.endpoint} yet ({exc.strerror or exc}); "
+                      "retrying")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            await self._lost.wait()
+            # Back soon: a restarting vLLM binds again within seconds.
+            delay = 0.1
+            await asyncio.sleep(delay)

@@ -1,0 +1,337 @@
+"""Relay side of snapshots: this worker's blocks in a NATS KV bucket, so a router that starts
+late restores them and reads only the stream's tail after them instead of hours of history.
+
+Per DP rank a KvIndex, fed by the publisher with every batch JetStream stored, once each and in
+its subject's order, with its stream sequence. A task writes the ranks whose index changed every
+`--snapshot-interval` seconds or `--snapshot-events` events, one write at a time, building the
+snapshot in a thread so publishing never waits for it; a final one is written after the drain.
+At start each rank's index is rebuilt from its last snapshot and the subject's messages after it
+(the whole subject without one), so snapshots stay complete across relay restarts. Snapshots
+are an optimisation: a bucket that cannot be created or written is logged and counted, and
+readiness does not depend on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from kvrelay.config import Config
+from kvrelay.natsio.options import nats_options
+from kvrelay.ratelimit import RateLimitedLog
+from kvrelay.router.consumer import KvConsumer
+from kvrelay.router.index import KvIndex, WorkerKey, encode_snapshot
+from kvrelay.router.restore import Verdict, emptied, judge, read_snapshots, snapshot_key
+from kvrelay.system.metrics import Metrics
+from kvrelay.wire.names import rank_subject
+from kvrelay.wire.schema import RelayBatch, WorkerSnapshot
+
+log = logging.getLogger("kvrelay.snapshot")
+
+_RETRY_MAX: Final = 60.0
+_QUEUE: Final = 1000  # batches stored during a rebuild kept for going live
+
+
+@dataclass(eq=False)
+class _Rank:
+    dp_rank: int
+    subject: str
+    key: str
+    worker: WorkerKey
+    queue: deque[tuple[RelayBatch, int]]  # the newest stored while the index is rebuilt
+    dropped_seq: int = 0  # the newest stream sequence the queue let go
+    index: KvIndex = field(default_factory=lambda: KvIndex(queries=False))
+    ready: bool = False
+    stream_seq: int = 0  # the highest stream sequence in the index
+    written_seq: int = -1  # the stream sequence of the last snapshot written
+    written_at: float = 0.0
+    events: int = 0  # applied since the last snapshot
+
+
+class Snapshotter:
+    """Keeps this relay's ranks' blocks and writes them to the KV bucket."""
+
+    def __init__(self, config: Config, instance_id: int, dp_ranks: list[int],
+                 metrics: Metrics) -> None:
+        self._config = config
+        self._metrics = metrics
+        self._warn = RateLimitedLog(log)
+        self._ranks = {
+            rank: _Rank(rank, rank_subject(config.namespace, config.component, instance_id, rank),
+                        snapshot_key(config.namespace, config.component, instance_id, rank),
+                        (instance_id, rank), deque(maxlen=_QUEUE))
+            for rank in dp_ranks}
+        self._due = asyncio.Event()
+        self._nc: Client | None = None
+        self._kv: KeyValue | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def stored(self, batch: RelayBatch, stream_seq: int) -> None:
+        """The publisher's hook: JetStream stored `batch` at `stream_seq`."""
+        rank = self._ranks.get(batch.dp_rank)
+        if rank is None:
+            return
+        if not rank.ready:
+            if len(rank.queue) == rank.queue.maxlen:  # the oldest goes: the rebuild reads it
+                rank.dropped_seq = rank.queue[0][1]
+            rank.queue.append((batch, stream_seq))
+            return
+        self._apply(rank, batch, stream_seq)
+
+    def _apply(self, rank: _Rank, batch: RelayBatch, stream_seq: int) -> None:
+        try:
+            rank.index.apply(batch, stream_seq)
+        except Exception:  # never into the publisher's ack path; start over, not exact
+            self._metrics.snapshot_failures.labels("index").inc()
+            log.exception("the blocks of %s could not take a batch; they start over",
+                          rank.subject)
+            rank.index, rank.written_seq = KvIndex(queries=False), -1
+            return
+        rank.stream_seq = max(rank.stream_seq, stream_seq)
+        rank.events += len(batch.events)
+        limit = self._config.snapshot_events
+        if limit and rank.events >= limit:
+            self._due.set()
+
+    def index(self, dp_rank: int) -> KvIndex:
+        """The rank's index (what the next snapshot will hold)."""
+        return self._ranks[dp_rank].index
+
+    def ready(self, dp_rank: int) -> bool:
+        """Whether the rank's index was rebuilt and follows what is stored."""
+        return self._ranks[dp_rank].ready
+
+    def start(self, stream_ready: asyncio.Event) -> None:
+        """Rebuild the ranks' blocks once the stream exists, then write snapshots."""
+        self._task = asyncio.ensure_future(self._run(stream_ready))
+
+    async def final(self, within: float) -> None:
+        """Stop the task and write what changed since the last snapshot if NATS is up,
+        within `within` seconds."""
+        deadline = time.monotonic() + within
+        if not await self._stop_task(within) and within > 0:
+            log.warning("no final snapshot: the snapshot task did not stop in time")
+            return
+        left = deadline - time.monotonic()
+        if self._nc is None or not self._nc.is_connected or self._kv is None or left <= 0:
+            return
+        try:
+            async with asyncio.timeout(left):
+                await self._write_changed()
+        except TimeoutError:
+            log.warning("no time left for the final snapshot (drain timeout)")
+        except Exception:
+            log.exception("the final snapshot failed")
+
+    async def close(self) -> None:
+        await self._stop_task(0.0)
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.close(), timeout=2.0)
+        await self._stop_task(2.0)  # a write the closed connection ended
+
+    async def _stop_task(self, within: float) -> bool:
+        """Stop the task; whether it ended within `within` seconds. (nats-py can swallow a
+        cancellation in flight, so the task also checks `_stopping`, and is woken.)"""
+        self._stopping = True
+        self._due.set()
+        task = self._task
+        if task is None or task.done():
+            return True
+        task.cancel()
+        if within > 0:
+            await asyncio.wait({task}, timeout=within)
+        return task.done()
+
+    # -- the task ------------------------------------------------------------------------------
+
+    async def _run(self, stream_ready: asyncio.Event) -> None:
+        try:
+            # A connection of its own: a large write or a rebuild never queues before publishes.
+            self._nc = await nats.connect(**{**nats_options(self._config),
+                                             "name": "kvrelay-snapshots"},
+                                          error_cb=self._on_error)
+            js = self._nc.jetstream()
+            await stream_ready.wait()
+            self._kv = await self._bucket(js)  # without it, tried again below
+            for rank in self._ranks.values():
+                await self._rebuild(js, rank)
+            interval = self._config.snapshot_interval
+            backoff = 1.0
+            while not self._stopping:
+                if self._kv is None:
+                    self._kv = await self._bucket(js)
+                    if self._kv is None:
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, _RETRY_MAX)
+                        continue
+                await self._write_changed()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._due.wait(), timeout=interval or None)
+                self._due.clear()
+        except Exception:
+            if not self._stopping:
+                log.exception("snapshots stopped (publishing goes on)")
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._warn.warning("nats", "snapshots: NATS: %s", _why(exc))
+
+    async def _bucket(self, js: JetStreamContext) -> KeyValue | None:
+        """Open the bucket or create it; None (logged, counted) when neither works."""
+        name = self._config.snapshot_bucket
+        try:
+            try:
+                return await js.key_value(name)
+            except nats.js.errors.BucketNotFoundError:
+                kv = await js.create_key_value(KeyValueConfig(
+                    bucket=name, history=1, storage=StorageType.FILE,
+                    replicas=self._config.stream_replicas,
+                    description="kvrelay: each worker rank's KV blocks"))
+                log.info("created KV bucket %s for snapshots", name)
+                return kv
+        except (nats.errors.Error, TimeoutError) as exc:
+            self._metrics.snapshot_failures.labels("bucket").inc()
+            self._warn.warning("bucket", "cannot open or create KV bucket %s for snapshots: %s; "
+                               "trying again with the next snapshot (publishing is not "
+                               "affected)", name, _why(exc))
+            return None
+
+    async def _rebuild(self, js: JetStreamContext, rank: _Rank) -> None:
+        """The rank's index from its last snapshot and the subject after it, then live."""
+        delay = 1.0
+        while True:
+            if self._stopping:
+                return
+            try:
+                how = await self._read_subject(js, rank)
+                break
+            except (nats.errors.Error, TimeoutError, ValueError, RuntimeError) as exc:
+                self._metrics.snapshot_failures.labels("bootstrap").inc()
+                self._warn.warning("bootstrap", "cannot rebuild the blocks of %s from bucket %s "
+                                   "and the stream: %s; retrying", rank.subject,
+                                   self._config.snapshot_bucket, _why(exc))
+                rank.index = KvIndex(queries=False)
+                rank.stream_seq, rank.written_seq = 0, -1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX)
+        log.info("blocks of %s rebuilt %s; following from stream sequence %d", rank.subject, how,
+                 rank.stream_seq)
+
+    async def _read_subject(self, js: JetStreamContext, rank: _Rank) -> str:
+        """Restore the rank's snapshot if usable, read the subject after it and go live;
+        says how."""
+        config = self._config
+        found = await read_snapshots(js, config.snapshot_bucket, rank.key)
+        start: int | None = None
+        if found and found[0].snapshot is None:
+            self._metrics.snapshot_failures.labels("undecodable").inc()
+            log.warning("snapshot %s in bucket %s is not a worker snapshot; rebuilding from the "
+                        "stream", rank.key, config.snapshot_bucket)
+        elif found and (snapshot := found[0].snapshot) is not None:
+            info = await js.stream_info(config.stream)
+            verdict = await judge(js, info, rank.subject, snapshot, found[0].written_at)
+            if verdict is Verdict.STALE:
+                self._metrics.snapshot_failures.labels("stale").inc()
+                log.warning("snapshot %s is older than stream %s; rebuilding from the stream",
+                            rank.key, config.stream)
+            else:
+                if verdict is Verdict.TAIL_MISSING:
+                    self._metrics.snapshot_failures.labels("tail_missing").inc()
+                    log.warning("stream %s no longer holds what followed snapshot %s; the "
+                                "blocks start empty", config.stream, rank.key)
+                    snapshot = emptied(snapshot)
+                try:
+                    rank.index.restore(snapshot)
+                except ValueError as exc:
+                    self._metrics.snapshot_failures.labels("undecodable").inc()
+                    log.warning("snapshot %s: %s; rebuilding from the stream", rank.key, exc)
+                else:
+                    start = snapshot.stream_seq + 1
+                    rank.stream_seq = snapshot.stream_seq
+                    if verdict is Verdict.RESTORED:
+                        rank.written_seq = snapshot.stream_seq
+        assert self._nc is not None
+        reader = KvConsumer(client=self._nc, subject=rank.subject, stream=config.stream,
+                            start_sequence=start, index=rank.index)
+        async with reader:
+            await reader.ready()
+            # The queue keeps only the newest stored batches: read on past what it let go.
+            while reader.stream_seq < rank.dropped_seq:
+                if not reader.running:
+                    raise RuntimeError("the stream reader stopped")
+                await asyncio.sleep(0.02)
+            read = rank.index.status(rank.worker).batches \
+                if rank.worker in rank.index.workers() else 0
+            self._go_live(rank, reader.stream_seq)
+        # Until closed the reader may apply a batch the publisher reports too: the index
+        # skips the second by its (epoch, seq).
+        return (f"from snapshot at stream sequence {start - 1} and {read} batches after it"
+                if start is not None else f"from the stream's start ({read} batches)")
+
+    def _go_live(self, rank: _Rank, read_to: int) -> None:
+        """Apply what was stored past what the reader applied; from now on the hook does."""
+        rank.stream_seq = max(rank.stream_seq, read_to)
+        for batch, stream_seq in rank.queue:
+            if stream_seq > read_to:
+                self._apply(rank, batch, stream_seq)
+        rank.queue.clear()
+        rank.ready = True
+
+    async def _write_changed(self) -> None:
+        for rank in self._ranks.values():
+            if rank.ready and rank.stream_seq != rank.written_seq \
+                    and rank.worker in rank.index.workers():
+                await self._write(rank)
+
+    async def _write(self, rank: _Rank) -> None:
+        assert self._kv is not None
+        assert self._nc is not None
+        build = rank.index.snapshot_later(rank.worker)
+        events = rank.events
+        seq, data = await asyncio.to_thread(_encoded, build)
+        rank.events = max(0, rank.events - events)  # written or not: next on the cadence
+        label = str(rank.dp_rank)
+        if len(data) > self._nc.max_payload:
+            self._metrics.snapshot_failures.labels("too_large").inc()
+            self._warn.warning("too-large", "snapshot of %s is %d bytes, above the server's "
+                               "max_payload %d: not written (raise max_payload)", rank.subject,
+                               len(data), self._nc.max_payload)
+            return
+        try:
+            await self._kv.put(rank.key, data)
+        except (nats.errors.Error, TimeoutError) as exc:
+            self._metrics.snapshot_failures.labels("write").inc()
+            self._warn.warning("write", "cannot write snapshot %s: %s", rank.key, _why(exc))
+            return
+        log.debug("snapshot %s written: stream sequence %d, %d bytes", rank.key, seq, len(data))
+        rank.written_seq = seq
+        rank.written_at = time.time()
+        metrics = self._metrics
+        metrics.snapshots_written.inc()
+        metrics.snapshot_stream_seq.labels(label).set(seq)
+        metrics.snapshot_bytes.labels(label).set(len(data))
+        metrics.snapshot_age.labels(label).set_function(lambda: time.time() - rank.written_at)
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _encoded(build: Callable[[], WorkerSnapshot]) -> tuple[int, bytes]:
+    snapshot = build()
+    return snapshot.stream_seq, encode_snapshot(snapshot)

@@ -1,0 +1,1 @@
+"""What both outputs share: reading a frame, malformed drops, NATS refusals, the drain wait."""

@@ -1,0 +1,101 @@
+"""What both publishers share: reading a frame's batch, dropping one that cannot be read, telling
+a refusal from an outage, and the drain wait of shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import nats.errors
+
+from kvrelay.codec import DecodedBatch, InputBatch, MalformedPayload
+from kvrelay.config import Config
+from kvrelay.ingest.source import Frame
+from kvrelay.ratelimit import RateLimitedLog
+from kvrelay.system.metrics import Metrics
+from kvrelay.wire.schema import Resync
+
+
+class NatsRefused(Exception):
+    """NATS refused the relay's credentials or TLS settings at start: retrying cannot help."""
+
+
+_AUTH_FLAGS = (("nats_user", "--nats-user"), ("nats_password", "--nats-password"),
+               ("nats_token", "--nats-token"), ("nats_nkey_seed", "--nats-nkey-seed"),
+               ("nats_creds", "--nats-creds"))
+
+
+def refusal(exc: BaseException, config: Config) -> str | None:
+    """What the operator must fix when `exc` says NATS refused the relay's settings, else None.
+
+    An unreachable server is retried forever; a server that answers "not with these
+    credentials" or a TLS handshake that cannot succeed will answer the same way next time.
+    """
+    text = str(exc).lower()
+    if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text \
+            or "authentication" in text:
+        given = [flag for name, flag in _AUTH_FLAGS if getattr(config, name)]
+        if "@" in config.nats:
+            given.append("the user in the --nats URL")
+        advice = (f"check {', '.join(given)}" if given else
+                  "the relay sent none: set --nats-user and --nats-password, --nats-token, "
+                  "--nats-nkey-seed or --nats-creds")
+        return f"NATS refused the relay's credentials ({exc}); {advice}"
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS with NATS failed ({exc}); check --nats-tls-ca, --nats-tls-cert and "
+                "--nats-tls-key")
+    if "tls" in text or "secure connection" in text:
+        return f"TLS with NATS failed ({exc}); check the --nats-tls-* settings and the URL"
+    return None
+
+
+async def wait_until_sent(unsent: Callable[[], bool], wake: asyncio.Event,
+                          within: float) -> bool:
+    """Keep a publisher's loop awake until `unsent()` is False; False if `within` seconds pass
+    first. The drain phase of shutdown, shared by both publishers."""
+    deadline = time.monotonic() + within
+    while unsent():
+        if time.monotonic() >= deadline:
+            return False
+        wake.set()
+        await asyncio.sleep(0.01)
+    return True
+
+
+SEND_SLICE = 256  # batches the publish loop sends from a backlog before letting others run
+
+
+Owe = Callable[[int, tuple[Resync, ...]], None]
+
+
+def drop_malformed(frame: Frame, exc: MalformedPayload, metrics: Metrics, warn: RateLimitedLog,
+                   owe: Owe) -> None:
+    """Count and log a batch that cannot be read or written; what it had to announce, and its
+    own loss, go with its rank's next batch (`owe`)."""
+    metrics.decode_errors.labels(exc.kind).inc()
+    metrics.drop("malformed", 1)
+    warn.warning(exc.kind, "dropped a batch (dp_rank %d seq %d): %s", frame.dp_rank, frame.seq,
+                 exc)
+    owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
+
+
+Decoded = TypeVar("Decoded", DecodedBatch, InputBatch)
+
+
+def read_frame(decode: Callable[[bytes], Decoded], frame: Frame, metrics: Metrics,
+               warn: RateLimitedLog, owe: Owe) -> Decoded | None:
+    """A frame's vLLM batch, decoded (`Codec.decode` or `decode_input`) for either publisher;
+    None if it is malformed (dropped through `drop_malformed`)."""
+    try:
+        decoded = decode(frame.payload)
+    except MalformedPayload as exc:
+        drop_malformed(frame, exc, metrics, warn, owe)
+        return None
+    if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
+        warn.warning("rank", "batch says data_parallel_rank %d but arrived on the endpoint of "
+                     "dp_rank %d; publishing under %d", decoded.dp_rank, frame.dp_rank,
+                     frame.dp_rank)
+    return decoded

@@ -1,0 +1,35 @@
+"""Names on the wire: the subjects RelayBatches are published on and the rules names follow.
+
+Shared by the relay (which publishes) and the router side (which subscribes), so both agree on
+where a worker's batches are without either importing the other.
+"""
+
+from __future__ import annotations
+
+import re
+
+NAME_RULE = re.compile(r"^[a-z0-9-_]+$")  # Dynamo's rule for namespaces and components
+BUCKET_RULE = re.compile(r"^[A-Za-z0-9_-]+$")  # NATS KV bucket names
+SNAPSHOT_BUCKET = "KV_SNAPSHOTS"
+STREAM_SUBJECTS = "kv.>"
+
+
+def rank_subject(namespace: str, component: str, instance_id: int, dp_rank: int) -> str:
+    """The subject one DP rank of one worker publishes on."""
+    return f"kv.{namespace}.{component}.{instance_id}.{dp_rank}"
+
+
+def worker_subjects(namespace: str, component: str, instance_id: int | None = None) -> str:
+    """What a router subscribes to: every worker of a component, or every DP rank of one."""
+    return f"kv.{namespace}.{component}.{'>' if instance_id is None else f'{instance_id}.*'}"
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard match: `*` one token, `>` one or more trailing tokens."""
+    p_tokens, s_tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p_tokens):
+        if token == ">":
+            return len(s_tokens) > i
+        if i >= len(s_tokens) or (token != "*" and token != s_tokens[i]):
+            return False
+    return len(p_tokens) == len(s_tokens)
