@@ -26,7 +26,7 @@ from kvrelay.dynamo.wire import decode_message
 from kvrelay.testing.synthetic import all_blocks_cleared, block_removed, block_stored
 from kvrelay.wire.schema import RelayBatch, Stored, relay_batch_json_schema
 
-ROOT: Final = Path(__file__).resolve().parent.parent / "schemas"
+ROOT: Final = Path(__file__).resolve().parents[2] / "schemas"
 INSTANCE_ID: Final = 7
 EPOCH: Final = 0
 RELAY_TS: Final = 0.0
