@@ -19,10 +19,10 @@ WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 def live_url(env: dict[str, str]) -> str:
     """The /live URL of the relay configured by `env`."""
     config = Config.load({}, env)
-    host = WILDCARD_HOSTS.get(config.system_host, config.system_host)
+    host = WILDCARD_HOSTS.get(config.system.system_host, config.system.system_host)
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.system_port}/live"
+    return f"http://{host}:{config.system.system_port}/live"
 
 
 def main() -> int:

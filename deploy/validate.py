@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import re
@@ -34,7 +33,7 @@ import yaml
 from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 from pydantic import ValidationError
 
-from kvrelay.config import Config, ConfigError, env_var
+from kvrelay.config import Config, ConfigError, settings
 from kvrelay.ops.cli import build_parser
 
 DEPLOY = Path(__file__).resolve().parent
@@ -264,9 +263,8 @@ def reference_problems(objects: Sequence[Obj]) -> list[str]:
 def known_environment() -> frozenset[str]:
     """Every variable the relay reads."""
     names = set(DISCOVERY_ENV)
-    for f in dataclasses.fields(Config):
-        names.add(env_var(f.name))
-        names.update(f.metadata["env"])
+    for s in settings():
+        names.update(s.env_vars)
     return frozenset(names)
 
 
@@ -324,9 +322,9 @@ def relay_problems(objects: Sequence[Obj]) -> list[str]:
             sidecar = relay in spec.get("initContainers", [])
             problems += probe_problems(where, relay, config, sidecar=sidecar)
             grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
-            if grace <= config.drain_timeout + CLOSE_SECONDS:
+            if grace <= config.publish.drain_timeout + CLOSE_SECONDS:
                 problems.append(f"{where}: terminationGracePeriodSeconds {grace} leaves no time "
-                                f"for the drain ({config.drain_timeout:g} s) and close "
+                                f"for the drain ({config.publish.drain_timeout:g} s) and close "
                                 f"({CLOSE_SECONDS:g} s)")
             for vllm in all_containers(spec):
                 if any(a.startswith("--kv-events-config") for a in vllm.get("args", [])):
@@ -343,7 +341,7 @@ def parse_relay_args(args: Sequence[str]) -> tuple[dict[str, Any], str | None]:
             namespace = build_parser().parse_args(["run", *args])
     except SystemExit:
         return {}, stderr.getvalue().strip().splitlines()[-1]
-    return {f.name: getattr(namespace, f.name) for f in dataclasses.fields(Config)}, None
+    return {s.key: getattr(namespace, s.key) for s in settings()}, None
 
 
 def probe_problems(where: str, container: Obj, config: Config, *, sidecar: bool) -> list[str]:
@@ -363,9 +361,9 @@ def probe_problems(where: str, container: Obj, config: Config, *, sidecar: bool)
             problems.append(f"{where}: no {probe_name} on {path}")
             continue
         port = ports.get(probe["port"]) if isinstance(probe["port"], str) else probe["port"]
-        if probe.get("path") != path or port != config.system_port:
+        if probe.get("path") != path or port != config.system.system_port:
             problems.append(f"{where}: {probe_name} asks {probe.get('path')} on port {port}; the "
-                            f"relay serves {path} on {config.system_port}")
+                            f"relay serves {path} on {config.system.system_port}")
     return problems
 
 
@@ -395,7 +393,7 @@ def vllm_problems(where: str, args: Sequence[str], config: Config) -> list[str]:
     if kv.get("enable_kv_cache_events") is not True or kv.get("publisher", "zmq") != "zmq":
         problems.append(f"{where}: KV events are off unless enable_kv_cache_events is true and "
                         "the publisher zmq")
-    first = config.sources()[0]
+    first = config.zmq.sources()[0]
     endpoint = kv.get("endpoint", "tcp://*:5557")
     if vllm_binds(endpoint) == first.bind:
         problems.append(f"{where}: vLLM {'binds' if vllm_binds(endpoint) else 'connects'} "
@@ -408,9 +406,9 @@ def vllm_problems(where: str, args: Sequence[str], config: Config) -> list[str]:
             replay is not None and first.replay is not None
             and endpoint_port(replay) != endpoint_port(first.replay)):
         problems.append(f"{where}: vLLM replays on {replay}, the relay asks {first.replay}")
-    if not str(kv.get("topic", "")).startswith(config.topic):
+    if not str(kv.get("topic", "")).startswith(config.zmq.topic):
         problems.append(f"{where}: vLLM's topic {kv.get('topic', '')!r} does not start with the "
-                        f"relay's {config.topic!r}")
+                        f"relay's {config.zmq.topic!r}")
     return problems
 
 

@@ -29,6 +29,7 @@ from kvrelay.jetstream.publisher import Publisher
 from kvrelay.jetstream.snapshot import Snapshotter
 from kvrelay.system.health import SystemServer
 from kvrelay.system.metrics import Metrics
+from kvrelay.wire.names import Worker
 
 if TYPE_CHECKING:
     from kvrelay.dynamo.publisher import DynamoPublisher
@@ -96,17 +97,19 @@ class Relay:
         config = self.config
         log.debug("configuration: %s", config.redacted())
 
-        self.system = SystemServer(config.system_host, config.system_port, self.metrics,
+        system = config.system
+        self.system = SystemServer(system.system_host, system.system_port, self.metrics,
                                    self.readiness)
         try:
             await self.system.start()
         except OSError as exc:
             raise StartupError(f"cannot serve /health and /metrics on "
-                               f"{config.system_host}:{config.system_port}: {exc.strerror}; "
+                               f"{system.system_host}:{system.system_port}: {exc.strerror}; "
                                "choose another --system-port") from None
 
         log.info("kvrelay %s, %s build", __version__, build())
-        self.discovery = discovery.select_source(config, self._env)
+        self.discovery = discovery.select_source(config.discovery, self._env,
+                                                 own_lease=config.own_lease)
         log.info("discovery: reading %s", self.discovery.target)
         try:
             self.identity = await self._until(self._exit, self.discovery.resolve())
@@ -120,34 +123,41 @@ class Relay:
                  self.identity.detail)
         self.metrics.instance.labels(str(instance_id), self.identity.source).set(1)
 
-        self.buffer = Buffer(config.buffer_batches, config.buffer_bytes, self.metrics)
-        specs = config.sources()
-        if config.format == "dynamo":
+        publish = config.publish
+        worker = Worker(config.discovery.namespace, config.discovery.component, instance_id)
+        self.buffer = Buffer(publish.buffer_batches, publish.buffer_bytes, self.metrics)
+        specs = config.zmq.sources()
+        if publish.format == "dynamo":
             from kvrelay.dynamo.publisher import DynamoPublisher  # needs the dynamo extra
 
             # Core NATS: no stream, so no snapshots (Dynamo's router keeps its own state).
-            self.publisher = DynamoPublisher(config, instance_id, self.buffer, self.metrics,
+            etcd = (config.discovery.etcd_endpoint_list() if config.dynamo_backend() == "etcd"
+                    else None)
+            self.publisher = DynamoPublisher(worker, config.nats, publish, config.dynamo,
+                                             self.buffer, self.metrics, etcd=etcd,
                                              lease=self.identity.lease)
         else:
-            if config.snapshots:
-                self.snapshotter = Snapshotter(config, instance_id, [s.dp_rank for s in specs],
+            if config.snapshot.enabled:
+                self.snapshotter = Snapshotter(worker, [s.dp_rank for s in specs],
+                                               config.snapshot, config.nats, config.stream,
                                                self.metrics)
-            self.publisher = Publisher(config, instance_id, self.buffer, self.metrics,
+            self.publisher = Publisher(worker, config.nats, publish, config.stream, self.buffer,
+                                       self.metrics,
                                        self.snapshotter.stored if self.snapshotter else None)
             if self.snapshotter is not None:
                 self.snapshotter.start(self.publisher.stream_ready)
         self._spawn(self.publisher.connect([s.dp_rank for s in specs]))
         self._spawn(self.publisher.run())
         self._zmq = zmq.asyncio.Context()
-        topic = config.topic.encode()
+        topic = config.zmq.topic.encode()
         for spec in specs:
             source = Source(spec, self._zmq, self._deliver, self.metrics, topic=topic,
                             # Held batches share the buffer's bounds across the sources.
-                            hold_limit=max(1, config.buffer_batches // len(specs)),
-                            hold_bytes=max(1024, config.buffer_bytes // len(specs)),
-                            replay_timeout=config.replay_timeout,
-                            replay_cooldown=config.replay_cooldown,
-                            engine=config.zmq_engine)
+                            hold_limit=max(1, publish.buffer_batches // len(specs)),
+                            hold_bytes=max(1024, publish.buffer_bytes // len(specs)),
+                            replay_timeout=config.zmq.replay_timeout,
+                            replay_cooldown=config.zmq.replay_cooldown,
+                            engine=config.zmq.engine)
             self._sources.append(source)
             task = asyncio.ensure_future(source.run(self.publisher.resume_point(spec.dp_rank)))
             self._source_tasks.append(task)
@@ -195,7 +205,7 @@ class Relay:
 
     async def shutdown(self) -> None:
         self._draining = True
-        deadline = time.monotonic() + self.config.drain_timeout
+        deadline = time.monotonic() + self.config.publish.drain_timeout
         # Phase 1: stop intake. vLLM's PUB keeps going; nothing more is read from it. Batches
         # held for a resume or a replay still in progress go on once it completes.
         for task in self._source_tasks:
@@ -211,7 +221,8 @@ class Relay:
         if self.publisher is not None and self.buffer is not None:
             pending = len(self.buffer) + self.publisher.in_flight
             if pending and not self._force.is_set():
-                log.info("draining %d batches (up to %.0fs)", pending, self.config.drain_timeout)
+                log.info("draining %d batches (up to %.0fs)", pending,
+                         self.config.publish.drain_timeout)
                 await self._unless_forced(
                     self.publisher.flush(max(0.0, deadline - time.monotonic())))
             lost = self.publisher.abandon() + held_lost
@@ -267,7 +278,7 @@ class Relay:
         parts["nats"] = "ok" if publisher.connected else publisher.last_error
         if isinstance(publisher, Publisher):
             parts["stream"] = "ok" if publisher.stream_ready.is_set() else (
-                f"stream {self.config.stream} not verified yet")
+                f"stream {self.config.stream.name} not verified yet")
         else:
             parts["dynamo_records"] = publisher.readiness()
         idle = [s.spec.endpoint for s in self._sources if not s.subscribed]

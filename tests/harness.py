@@ -426,3 +426,5 @@ class SteadyLoad:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+

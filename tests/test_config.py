@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 
 import pytest
 
-from kvrelay.config import Config, ConfigError, SourceSpec, env_var
+from kvrelay.config import Config, ConfigError, SourceSpec, env_var, settings
 from kvrelay.ops import flagtable
 from kvrelay.ops.cli import build_parser
 
@@ -16,41 +15,42 @@ from kvrelay.ops.cli import build_parser
 def test_defaults_match_a_vllm_sidecar() -> None:
     """With nothing set, the relay subscribes to vLLM's default PUB port on localhost."""
     config = Config.load({}, {})
-    assert config.sources() == (SourceSpec("tcp://127.0.0.1:5557", False, None, 0),)
-    assert (config.namespace, config.component, config.system_port) == ("dynamo", "backend", 9090)
-    assert (config.buffer_batches, config.buffer_bytes) == (50_000, 64 << 20)
+    assert config.zmq.sources() == (SourceSpec("tcp://127.0.0.1:5557", False, None, 0),)
+    assert (config.discovery.namespace, config.discovery.component,
+            config.system.system_port) == ("dynamo", "backend", 9090)
+    assert (config.publish.buffer_batches, config.publish.buffer_bytes) == (50_000, 64 << 20)
 
 
 def test_flag_beats_kvrelay_env_beats_dynamo_env() -> None:
     """A flag wins over KVRELAY_<FLAG>, which wins over the Dynamo variable."""
     env = {"KVRELAY_SYSTEM_PORT": "9100", "DYN_SYSTEM_PORT": "9200", "DYN_NAMESPACE": "prod",
            "NATS_SERVER": "nats://nats:4222"}
-    assert Config.load({}, env).system_port == 9100
-    assert Config.load({"system_port": "9300"}, env).system_port == 9300
-    assert Config.load({}, {"DYN_SYSTEM_PORT": "9200"}).system_port == 9200
-    assert Config.load({}, env).namespace == "prod"
-    assert Config.load({}, env).nats == "nats://nats:4222"
+    assert Config.load({}, env).system.system_port == 9100
+    assert Config.load({"system_port": "9300"}, env).system.system_port == 9300
+    assert Config.load({}, {"DYN_SYSTEM_PORT": "9200"}).system.system_port == 9200
+    assert Config.load({}, env).discovery.namespace == "prod"
+    assert Config.load({}, env).nats.servers == "nats://nats:4222"
 
 
 def test_list_settings_from_env_are_comma_separated() -> None:
     """KVRELAY_ZMQ takes several endpoints, like a repeated --zmq."""
     config = Config.load({}, {"KVRELAY_ZMQ": "tcp://a:1, tcp://b:2"})
-    assert [s.endpoint for s in config.sources()] == ["tcp://a:1", "tcp://b:2"]
-    assert [s.dp_rank for s in config.sources()] == [0, 1]
+    assert [s.endpoint for s in config.zmq.sources()] == ["tcp://a:1", "tcp://b:2"]
+    assert [s.dp_rank for s in config.zmq.sources()] == [0, 1]
 
 
 def test_dp_ranks_expand_like_vllm() -> None:
     """--dp-ranks N gives base port + rank for PUB and replay, inproc gets _dp<rank>."""
     config = Config.load({"zmq": ["tcp://127.0.0.1:5557"], "replay": ["tcp://127.0.0.1:6000"],
                           "dp_ranks": "3", "dp_rank_start": "2"}, {})
-    assert config.sources() == (
+    assert config.zmq.sources() == (
         SourceSpec("tcp://127.0.0.1:5557", False, "tcp://127.0.0.1:6000", 2),
         SourceSpec("tcp://127.0.0.1:5558", False, "tcp://127.0.0.1:6001", 3),
         SourceSpec("tcp://127.0.0.1:5559", False, "tcp://127.0.0.1:6002", 4),
     )
     inproc = Config.load({"zmq_bind": ["inproc://kv"], "dp_ranks": "2", "zmq_engine": "libzmq"},
                          {})
-    assert [s.endpoint for s in inproc.sources()] == ["inproc://kv", "inproc://kv_dp1"]
+    assert [s.endpoint for s in inproc.zmq.sources()] == ["inproc://kv", "inproc://kv_dp1"]
 
 
 def test_overlapping_dp_layout_is_warned(caplog: pytest.LogCaptureFixture) -> None:
@@ -71,7 +71,7 @@ def test_overlapping_dp_layout_is_warned(caplog: pytest.LogCaptureFixture) -> No
     ({"zmq": ["tcp://a:1", "tcp://b:2"], "replay": ["tcp://a:3"]}, "one per ZMQ endpoint"),
     ({"zmq": ["tcp://a:1", "tcp://b:2"], "dp_ranks": "2"}, "exactly one"),
     ({"ack_timeout": "0"}, "positive"),
-    ({"system_port": "70000"}, "not a port"),
+    ({"system_port": "70000"}, "must be a port"),
     ({"nats_tls_cert": "/c.pem"}, "go together"),
     ({"stream": "KV.EVENTS"}, "stream name"),
     ({"snapshot_interval": "-1"}, "0 \\(off\\) or positive"),
@@ -131,8 +131,8 @@ def test_readme_flag_table_is_generated_from_config() -> None:
     """README.md's settings table is what Config generates (`python -m kvrelay.ops.flagtable`)."""
     readme = flagtable.README.read_text()
     assert flagtable.render(readme) == readme
-    for f in dataclasses.fields(Config):
-        assert f"| `--{f.name.replace('_', '-')}` | `{env_var(f.name)}`" in readme
+    for s in settings():
+        assert f"| `{s.flag}` | `{env_var(s.key)}`" in readme
 
 
 def test_stale_flag_table_is_rewritten_and_the_rest_kept() -> None:

@@ -223,7 +223,7 @@ class Stream:
         return f"kv.{self.namespace}.{COMP}.{worker[0]}.{worker[1]}"
 
     async def publish(self, *batches: RelayBatch) -> None:
-        await ensure_stream(self.js, Config.load({}, {}), [self.subject((0, 0))])
+        await ensure_stream(self.js, Config.load({}, {}).stream, [self.subject((0, 0))])
         for b in batches:
             worker = (b.instance_id, b.dp_rank)
             # The relay's id, made unique per namespace: tests reuse worker IDs.

@@ -52,9 +52,9 @@ NANOSECONDS = 1_000_000_000
 def test_stream_file_holds_the_relay_defaults() -> None:
     """stream.json has what `nats stream add --config` requires, set to the relay's defaults."""
     stream = json.loads(STREAM_FILE.read_text())
-    config = Config()
+    config = Config().stream
     assert set(NATS_CLI_REQUIRED) <= set(stream)
-    assert stream["name"] == config.stream
+    assert stream["name"] == config.name
     assert stream["subjects"] == [STREAM_SUBJECTS]
     assert stream["storage"] == "file"
     assert stream["num_replicas"] == config.stream_replicas
@@ -96,11 +96,11 @@ async def file_and_relay_streams(url: str, document: bytes) -> tuple[dict[str, A
         js = nc.jetstream()
         from_file = await create_from_file(nc, document)
         with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(relay_config.stream)
-        said = await ensure_stream(js, relay_config, ["kv.dynamo.backend.1.0"])
+            await js.delete_stream(relay_config.stream.name)
+        said = await ensure_stream(js, relay_config.stream, ["kv.dynamo.backend.1.0"])
         assert said.startswith("created"), said
-        from_relay = await stored_config(nc, relay_config.stream)
-        await js.delete_stream(relay_config.stream)
+        from_relay = await stored_config(nc, relay_config.stream.name)
+        await js.delete_stream(relay_config.stream.name)
     return from_file, from_relay
 
 
@@ -140,9 +140,9 @@ async def test_relay_accepts_a_stream_made_from_the_file(fresh_nats: NatsServer)
     config = Config.load({"nats": fresh_nats.url}, {})
     async with jetstream(fresh_nats.url) as nc:
         created = (await create_from_file(nc, STREAM_FILE.read_bytes()))["config"]
-        said = await ensure_stream(nc.jetstream(), config, ["kv.dynamo.backend.42.0"])
-        assert said.startswith(f"using JetStream stream {config.stream}"), said
-        assert await stored_config(nc, config.stream) == created
+        said = await ensure_stream(nc.jetstream(), config.stream, ["kv.dynamo.backend.42.0"])
+        assert said.startswith(f"using JetStream stream {config.stream.name}"), said
+        assert await stored_config(nc, config.stream.name) == created
 
 
 # -- container image ---------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def test_image_runs_the_relay_as_a_numeric_non_root_user() -> None:
     ops = dict(stage)
     user = [value for op, value in stage if op == "USER"][-1]
     assert re.fullmatch(r"[1-9]\d*:[1-9]\d*", user), user
-    assert ops["EXPOSE"] == str(Config().system_port)
+    assert ops["EXPOSE"] == str(Config().system.system_port)
     assert json.loads(ops["ENTRYPOINT"]) == ["kvrelay", "run"]
     command = json.loads(ops["HEALTHCHECK"].split("CMD", 1)[1])
     copied = [value.split() for op, value in stage if op == "COPY"]
@@ -364,7 +364,7 @@ def test_systemd_unit_stops_after_the_drain() -> None:
     config = Config.load({}, settings)
     assert unit["Service.KillSignal"] == ["SIGTERM"]
     assert seconds(unit["Service.TimeoutStopSec"][0]) > (
-        config.drain_timeout + validate.CLOSE_SECONDS)
+        config.publish.drain_timeout + validate.CLOSE_SECONDS)
     assert unit["Service.Restart"] == ["on-failure"]
     assert unit["Service.RestartPreventExitStatus"] == ["2"]
     assert unit["Service.DynamicUser"] == ["yes"]
@@ -377,4 +377,4 @@ def test_systemd_environment_file_holds_real_settings() -> None:
     settings = env_file(UNIT_ENV)
     assert set(settings) <= validate.known_environment()
     config = Config.load({}, settings)
-    assert [s.replay for s in config.sources()] == [settings["KVRELAY_REPLAY"]]
+    assert [s.replay for s in config.zmq.sources()] == [settings["KVRELAY_REPLAY"]]

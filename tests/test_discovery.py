@@ -44,7 +44,7 @@ def test_siphash13_covers_every_tail_length() -> None:
 
 def discovered(flags: dict[str, str], env: dict[str, str]) -> InstanceId:
     """Resolve as the relay does: Config from flags and env, then the first source that applies."""
-    return asyncio.run(select_source(Config.load(flags, env), env).resolve())
+    return asyncio.run(select_source(Config.load(flags, env).discovery, env).resolve())
 
 
 def test_explicit_id_wins() -> None:
@@ -82,21 +82,23 @@ def test_first_source_that_applies(env: dict[str, str], source: type, tmp_path: 
     """Kubernetes needs POD_NAME and a namespace, etcd its backend; others get the hash."""
     (tmp_path / "namespace").write_text("ns\n")
     flags = {"kube_serviceaccount_dir": str(tmp_path)}
-    assert type(select_source(Config.load(flags, env), env)) is source
+    assert type(select_source(Config.load(flags, env).discovery, env)) is source
 
 
 def test_pod_namespace_from_the_service_account(tmp_path: Path) -> None:
     """Without POD_NAMESPACE the pod's namespace comes from the service-account mount."""
     (tmp_path / "namespace").write_text("inference\n")
     env = {"DYN_DISCOVERY_BACKEND": "kubernetes", "POD_NAME": "w"}
-    source = select_source(Config.load({"kube_serviceaccount_dir": str(tmp_path)}, env), env)
+    config = Config.load({"kube_serviceaccount_dir": str(tmp_path)}, env)
+    source = select_source(config.discovery, env)
     assert source.target == "DynamoWorkerMetadata inference/w"
 
 
 def test_kubernetes_without_pod_name_says_so(caplog: pytest.LogCaptureFixture) -> None:
     """A kubernetes backend without the downward API falls back, and the log says why."""
     env = {"DYN_DISCOVERY_BACKEND": "kubernetes"}
-    source = select_source(Config.load({"kube_serviceaccount_dir": "/nonexistent"}, env), env)
+    config = Config.load({"kube_serviceaccount_dir": "/nonexistent"}, env)
+    source = select_source(config.discovery, env)
     assert isinstance(source, PodNameHashSource)
     assert "needs POD_NAME and POD_NAMESPACE" in caplog.text
 

@@ -26,7 +26,8 @@ ELSEWHERE = "10.99.0.7"  # a worker on another node
 
 def source_for(etcd: str, **flags: Any) -> Source:
     env = {"DYN_DISCOVERY_BACKEND": "etcd", "ETCD_ENDPOINTS": etcd}
-    return select_source(Config.load(flags, env), env)
+    config = Config.load(flags, env)
+    return select_source(config.discovery, env, own_lease=config.own_lease)
 
 
 async def discover(etcd: str, **flags: Any) -> InstanceId:

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def source_for(api: KubeApi, **flags: Any) -> Source:
     env = api.env()
-    return select_source(Config.load({**api.flags(), **flags}, env), env)
+    return select_source(Config.load({**api.flags(), **flags}, env).discovery, env)
 
 
 async def discover(api: KubeApi, **flags: Any) -> InstanceId:

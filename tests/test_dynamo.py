@@ -471,9 +471,9 @@ def test_dynamo_settings_from_flags_and_dynamos_env() -> None:
     """--format dynamo reads Dynamo's own variables for the discovery backend and directory."""
     config = Config.load({"format": "dynamo", "dynamo_endpoint": "prefill"},
                          {"DYN_FILE_KV": "/var/dyn", "DYN_DISCOVERY_BACKEND": "file"})
-    assert (config.dynamo_endpoint, config.dynamo_file_kv, config.discovery_backend) == (
-        "prefill", "/var/dyn", "file")
-    assert (config.kv_block_size, config.dynamo_register) == (16, "worker")
+    assert (config.dynamo.dynamo_endpoint, config.dynamo.dynamo_file_kv,
+            config.discovery.discovery_backend) == ("prefill", "/var/dyn", "file")
+    assert (config.dynamo.kv_block_size, config.dynamo.dynamo_register) == (16, "worker")
 
 
 @pytest.mark.parametrize(("flags", "env", "message"), [
@@ -492,7 +492,7 @@ def test_dynamo_config_errors(flags: dict[str, Any], env: dict[str, str], messag
 
 def test_other_formats_ignore_dynamos_discovery_backend() -> None:
     """A Kubernetes pod's DYN_DISCOVERY_BACKEND does not stop the JetStream formats."""
-    assert Config.load({}, {"DYN_DISCOVERY_BACKEND": "kubernetes"}).format == "msgpack"
+    assert Config.load({}, {"DYN_DISCOVERY_BACKEND": "kubernetes"}).publish.format == "msgpack"
 
 
 def test_missing_xxhash_is_a_clear_start_error(monkeypatch: pytest.MonkeyPatch) -> None:

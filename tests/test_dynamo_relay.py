@@ -336,6 +336,7 @@ def test_cli_flags_reach_the_config(tmp_path: Path) -> None:
         str(tmp_path)])
     flags: dict[str, Any] = vars(args)
     config = Config.load(flags, {"KVRELAY_DYNAMO_DISCOVERY": "file"})
-    assert (config.dynamo_endpoint, config.dynamo_register, config.dynamo_model,
-            config.kv_block_size, config.dynamo_file_kv) == (
+    dynamo = config.dynamo
+    assert (dynamo.dynamo_endpoint, dynamo.dynamo_register, dynamo.dynamo_model,
+            dynamo.kv_block_size, dynamo.dynamo_file_kv) == (
         "prefill", "events", "llama", 32, str(tmp_path))

@@ -46,6 +46,7 @@ from kvrelay.router.restore import snapshot_key
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import NatsServer
 from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
+from kvrelay.wire.names import Worker
 from kvrelay.wire.schema import RelayBatch, Stored, WorkerSnapshot
 
 pytestmark = pytest.mark.integration
@@ -670,7 +671,8 @@ async def test_stored_batches_reported_in_stream_order_after_lost_acks(
     config = Config.load({"nats": fresh_nats.url, "namespace": "ordered", "component": COMP},
                          {})
     metrics = Metrics()
-    publisher = Publisher(config, new_instance_id(), Buffer(100, 1 << 20, metrics), metrics,
+    publisher = Publisher(Worker("ordered", COMP, new_instance_id()), config.nats,
+                          config.publish, config.stream, Buffer(100, 1 << 20, metrics), metrics,
                           lambda b, stream_seq: heard.append((b.seq, stream_seq)))
     await publisher.connect([0])
     factory = WorkloadFactory(seed=2)

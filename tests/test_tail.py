@@ -22,7 +22,7 @@ async def test_tail_from_start_prints_one_line_per_batch(fresh_nats: NatsServer)
     nc = await nats.connect(fresh_nats.url)
     try:
         js = nc.jetstream()
-        await ensure_stream(js, Config.load({}, {}), [SUBJECT])
+        await ensure_stream(js, Config.load({}, {}).stream, [SUBJECT])
         codecs = [Codec("msgpack"), Codec("json")]
         for seq in range(4):
             events: list[Stored | Resync] = [Stored([seq, seq + 100], None, [1] * 32, 16)]

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from kvrelay.config import Config
+from kvrelay.config import DiscoverySettings
 from kvrelay.discovery.base import DiscoveryError, InstanceId, Source
 from kvrelay.discovery.etcd import LEASE_TTL, EtcdLeaseSource, EtcdSource, local_addresses
 from kvrelay.discovery.kubernetes import KubernetesSource
@@ -40,11 +40,14 @@ __all__ = [
 log = logging.getLogger("kvrelay.discovery")
 
 
-def select_source(config: Config, env: Mapping[str, str]) -> Source:
-    """The first source that applies to this configuration and environment."""
+def select_source(config: DiscoverySettings, env: Mapping[str, str], *,
+                  own_lease: bool = False) -> Source:
+    """The first source that applies to this configuration and environment. `own_lease`:
+    with etcd, the relay registers the worker itself (`--format dynamo --dynamo-register
+    worker`), so its own lease is the instance ID."""
     if config.instance_id is not None:
         return ExplicitSource(config.instance_id)
-    backend = (config.discovery_backend or "").strip().lower()
+    backend = config.backend
     if backend == "kubernetes":
         pod_name = env.get("POD_NAME", "")
         pod_namespace = env.get("POD_NAMESPACE", "") or _read(
@@ -62,7 +65,7 @@ def select_source(config: Config, env: Mapping[str, str]) -> Source:
                     "hash")
     elif backend == "etcd":
         endpoints = config.etcd_endpoint_list()
-        if config.format == "dynamo" and config.dynamo_register == "worker":
+        if own_lease:
             return EtcdLeaseSource(endpoints=endpoints, ttl=LEASE_TTL,
                                    timeout=config.discovery_timeout,
                                    retry_max=config.discovery_retry_max)

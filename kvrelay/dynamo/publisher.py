@@ -28,7 +28,7 @@ from typing import Final
 import nats.errors
 
 from kvrelay.codec import Codec
-from kvrelay.config import Config
+from kvrelay.config import DynamoSettings, NatsSettings, PublishSettings
 from kvrelay.discovery.etcd import EtcdGateway, EtcdRefused
 from kvrelay.dynamo.confirm import Markers
 from kvrelay.dynamo.etcd import EtcdStore
@@ -50,6 +50,7 @@ from kvrelay.natsio.outbox import InboxClient, Outbox
 from kvrelay.publish.common import SEND_SLICE, read_frame, wait_until_sent
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
+from kvrelay.wire.names import Worker
 from kvrelay.wire.schema import ResumePoint, Resync
 
 log = logging.getLogger("kvrelay.dynamo")
@@ -81,17 +82,24 @@ class _Sent:
 class DynamoPublisher:
     """Takes Frames from the Buffer and keeps them flowing to Dynamo's router over core NATS."""
 
-    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics,
-                 lease: int | None = None) -> None:
+    def __init__(self, worker: Worker, nats: NatsSettings, publish: PublishSettings,
+                 config: DynamoSettings, buffer: Buffer, metrics: Metrics, *,
+                 etcd: list[str] | None = None, lease: int | None = None) -> None:
+        """Records go to Dynamo's etcd backend at `etcd` when given, else to its file
+        backend; `lease` is the etcd lease discovery took, whose ID is the instance ID."""
         self._config = config
-        self._instance_id = instance_id
-        self._lease = lease  # the etcd lease discovery took, whose ID is the instance ID
+        self._nats = nats
+        self._settings = publish
+        self._worker = worker
+        self._instance_id = worker.instance_id
+        self._etcd = etcd
+        self._lease = lease
         self._buffer = buffer
         self._metrics = metrics
         self._codec = Codec(metrics=metrics)
         self._translator = Translator(config.kv_block_size, metrics)
         self._warn = RateLimitedLog(log)
-        self._subject = kv_events_subject(config.namespace, config.component,
+        self._subject = kv_events_subject(worker.namespace, worker.component,
                                           config.dynamo_endpoint)
         self._pub_prefix = f"PUB {self._subject} ".encode()
         self._streams: dict[int, EventStream] = {}
@@ -149,14 +157,14 @@ class DynamoPublisher:
                          for rank in dp_ranks}
         config = self._config
         store: KeyValueStore
-        if config.dynamo_backend() == "etcd":
-            store = EtcdStore(EtcdGateway(config.etcd_endpoint_list()), lease=self._lease)
+        if self._etcd is not None:
+            store = EtcdStore(EtcdGateway(self._etcd), lease=self._lease)
             hint = "check --etcd-endpoints (ETCD_ENDPOINTS)"
         else:
             store = FileBackend(FileStore(self.file_kv))
             hint = "set --dynamo-file-kv (DYN_FILE_KV) to a writable directory"
         self.registrar = Registrar(store, Registration(
-            namespace=config.namespace, component=config.component,
+            namespace=self._worker.namespace, component=self._worker.component,
             endpoint=config.dynamo_endpoint, worker_id=self._instance_id,
             publishers={rank: s.publisher_id for rank, s in self._streams.items()},
             kv_block_size=config.kv_block_size, model=config.dynamo_model,
@@ -169,10 +177,10 @@ class DynamoPublisher:
                 f"cannot write Dynamo discovery records to {store.where}: {exc}; {hint}"))
             return
         self._registered.set()
-        log.info("connecting to NATS at %s", self._config.redacted()["nats"])
+        log.info("connecting to NATS at %s", self._nats.redacted_servers())
         nc = InboxClient()
         await nc.connect(
-            **nats_options(self._config),
+            **nats_options(self._nats),
             error_cb=self._on_error,
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
@@ -196,7 +204,7 @@ class DynamoPublisher:
         self._metrics.nats_errors.inc()
         self.last_error = f"NATS: {exc!r}"
         self._warn.warning("nats", "NATS at %s: %r (the relay keeps buffering and retrying)",
-                           self._config.redacted()["nats"], exc)
+                           self._nats.redacted_servers(), exc)
 
     async def _on_disconnected(self) -> None:
         if self.connected:
@@ -227,7 +235,7 @@ class DynamoPublisher:
     def _retry_later(self) -> None:
         """Publish again after a backoff that grows while NATS keeps not confirming."""
         self._retry_at = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, self._config.reconnect_wait_max)
+        self._backoff = min(self._backoff * 2, self._nats.reconnect_wait_max)
         self._wake.set()
 
     # -- the publish loop ----------------------------------------------------------------------
@@ -256,7 +264,7 @@ class DynamoPublisher:
                         if not self._online() or self._resend:
                             break
                 published = 0
-                while self._buffer and len(self._window) < self._config.max_in_flight \
+                while self._buffer and len(self._window) < self._settings.max_in_flight \
                         and not self._resend and self._online():
                     for group in self._buffered_groups():
                         entered = self._enter(group)
@@ -342,7 +350,7 @@ class DynamoPublisher:
         return self._parked and self._retry_at is None and not self._resend and self._online()
 
     def _room(self) -> bool:
-        return len(self._window) < self._config.max_in_flight and self._outbox.writable()
+        return len(self._window) < self._settings.max_in_flight and self._outbox.writable()
 
     def _groups(self, frames: list[Frame]) -> list[list[Frame]]:
         assert self._nc is not None
@@ -430,17 +438,17 @@ class DynamoPublisher:
 
     async def _watch_markers(self) -> None:
         """Publish the window again when a marker has not come back within the ack timeout."""
-        period = min(self._config.ack_timeout / 4, 0.25)
+        period = min(self._settings.ack_timeout / 4, 0.25)
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             if self._retry_at is not None and now >= self._retry_at:
                 self._wake.set()
-            if self._markers.out and now - self._markers.sent_at > self._config.ack_timeout \
+            if self._markers.out and now - self._markers.sent_at > self._settings.ack_timeout \
                     and self._online():
                 self._warn.warning("confirm", "NATS did not confirm %d messages within %.1fs; "
                                    "publishing them again", len(self._window),
-                                   self._config.ack_timeout)
+                                   self._settings.ack_timeout)
                 self._lose_connection()
                 self._retry_later()
 
@@ -460,7 +468,7 @@ class DynamoPublisher:
                 break
         metrics.batches_published.inc(batches)
         metrics.events_published.inc(events)
-        if self._buffer and len(window) < self._config.max_in_flight:
+        if self._buffer and len(window) < self._settings.max_in_flight:
             self._wake.set()
 
     # -- shutdown ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from kvrelay.codec import Codec, MalformedPayload
-from kvrelay.config import Config
+from kvrelay.config import NatsSettings, PublishSettings, StreamSettings
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.source import Frame
 from kvrelay.jetstream.api import ApiError, PubAck
@@ -53,7 +53,7 @@ from kvrelay.publish.common import (
 )
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
-from kvrelay.wire.names import rank_subject
+from kvrelay.wire.names import Worker
 from kvrelay.wire.schema import SCHEMA_VERSION, RelayBatch, ResumePoint, Resync
 
 log = logging.getLogger("kvrelay.publish")
@@ -94,17 +94,20 @@ class _Pending:
 class Publisher:
     """Takes Frames from the Buffer, encodes them and keeps them flowing into JetStream."""
 
-    def __init__(self, config: Config, instance_id: int, buffer: Buffer, metrics: Metrics,
+    def __init__(self, worker: Worker, nats: NatsSettings, publish: PublishSettings,
+                 stream: StreamSettings, buffer: Buffer, metrics: Metrics,
                  on_stored: Callable[[RelayBatch, int], None] | None = None) -> None:
         """`on_stored(batch, stream_seq)` hears of every batch JetStream stored, once each,
         in the order of its subject's stream."""
-        self._config = config
-        self._instance_id = instance_id
+        self._nats = nats
+        self._settings = publish
+        self._stream = stream
+        self._instance_id = worker.instance_id
         self._buffer = buffer
         self._metrics = metrics
-        self._codec = Codec(config.format, metrics)
+        self._codec = Codec(publish.format, metrics)
         self._warn = RateLimitedLog(log)
-        self._worker = (config.namespace, config.component, instance_id)
+        self._worker = worker
         self._subjects: dict[int, str] = {}
         self._nc: Client | None = None
         self._outbox = Outbox()
@@ -140,7 +143,7 @@ class Publisher:
     def subject(self, dp_rank: int) -> str:
         subject = self._subjects.get(dp_rank)
         if subject is None:
-            subject = self._subjects[dp_rank] = rank_subject(*self._worker, dp_rank)
+            subject = self._subjects[dp_rank] = self._worker.subject(dp_rank)
         return subject
 
     @property
@@ -151,8 +154,8 @@ class Publisher:
 
     async def connect(self, dp_ranks: list[int]) -> None:
         """Connect (retrying forever), then create or verify the stream."""
-        options = nats_options(self._config)
-        log.info("connecting to NATS at %s", self._config.redacted()["nats"])
+        options = nats_options(self._nats)
+        log.info("connecting to NATS at %s", self._nats.redacted_servers())
         nc = InboxClient()
         await nc.connect(
             **options,
@@ -179,7 +182,7 @@ class Publisher:
         delay = 0.1
         while True:
             try:
-                log.info("%s", await ensure_stream(self._nc.jetstream(), self._config, subjects))
+                log.info("%s", await ensure_stream(self._nc.jetstream(), self._stream, subjects))
                 self.stream_ready.set()
                 return
             except StreamMismatch as exc:
@@ -192,7 +195,7 @@ class Publisher:
                               | nats.errors.NoRespondersError):
                     self.last_error = "JetStream is not enabled or not available on this server"
                 else:
-                    self.last_error = f"stream {self._config.stream} not usable: {exc!r}"
+                    self.last_error = f"stream {self._stream.name} not usable: {exc!r}"
                 self._warn.warning("stream", "%s; retrying", self.last_error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -204,7 +207,7 @@ class Publisher:
         subject = self.subject(dp_rank)
         while True:
             try:
-                stored = await last_published(self._nc.jetstream(), self._config.stream, subject)
+                stored = await last_published(self._nc.jetstream(), self._stream.name, subject)
             except (nats.errors.Error, TimeoutError) as exc:
                 self._warn.warning("resume", "cannot read the last message on %s: %r; retrying",
                                    subject, exc)
@@ -219,14 +222,14 @@ class Publisher:
     async def _on_error(self, exc: Exception) -> None:
         self._metrics.nats_errors.inc()
         self.last_error = f"NATS: {exc!r}"
-        if not self._connected_once and (reason := refusal(exc, self._config)) is not None:
+        if not self._connected_once and (reason := refusal(exc, self._nats)) is not None:
             # Refused before ever connecting: misconfigured, not unreachable. (Once connected,
             # a refusal while reconnecting is retried: the buffer is worth keeping.)
             if not self.fatal.done():
                 self.fatal.set_result(NatsRefused(reason))
             return
         self._warn.warning("nats", "NATS at %s: %r (the relay keeps buffering and retrying)",
-                           self._config.redacted()["nats"], exc)
+                           self._nats.redacted_servers(), exc)
 
     async def _on_disconnected(self) -> None:
         if self.connected:
@@ -269,7 +272,7 @@ class Publisher:
                         self._schedule_retry()
                         continue
                 sent = 0
-                while self._buffer and len(self._window) < self._config.max_in_flight:
+                while self._buffer and len(self._window) < self._settings.max_in_flight:
                     if self._outbox.writable():
                         entry = self._enter(self._buffer.pop())
                         if entry is not None:
@@ -322,7 +325,7 @@ class Publisher:
             and self.stream_ready.is_set()
 
     def _room(self) -> bool:
-        return len(self._window) < self._config.max_in_flight and self._outbox.writable()
+        return len(self._window) < self._settings.max_in_flight and self._outbox.writable()
 
     async def _send(self, frame: Frame) -> None:
         entry = self._enter(frame)
@@ -418,7 +421,7 @@ class Publisher:
                         return False
         except (nats.errors.Error, TimeoutError, OSError) as exc:
             self._warn.warning("recover", "cannot settle unacknowledged publishes with stream "
-                               "%s yet: %r; retrying", self._config.stream, exc)
+                               "%s yet: %r; retrying", self._stream.name, exc)
             return False
         self._backoff = 0.05
         return True
@@ -436,7 +439,7 @@ class Publisher:
         newest: tuple[int, int] | None = None
         # From the last message settled in order (a later one may have been acked while an
         # earlier one, stored too, lost its ack): it says where the subject's batches stand.
-        async for stored in stored_from(js, self._config.stream, subject,
+        async for stored in stored_from(js, self._stream.name, subject,
                                         self._settled_at.get(subject, 0)):
             last = max(last, stored.stream_seq)
             if stored.point is None:
@@ -469,9 +472,9 @@ class Publisher:
         self._outbox.flush()
         try:
             reply = await self._nc.request(pending.subject, pending.payload, headers=headers,
-                                           timeout=self._config.ack_timeout)
+                                           timeout=self._settings.ack_timeout)
         except nats.errors.NoRespondersError:
-            self.last_error = f"stream {self._config.stream} did not answer (no responders)"
+            self.last_error = f"stream {self._stream.name} did not answer (no responders)"
             return False
         try:
             ack = _ACK.decode(reply.data)
@@ -486,7 +489,7 @@ class Publisher:
             return True
         if ack.error.err_code == WRONG_LAST_SEQUENCE:
             # Stored since we looked (a late earlier attempt) or the last one aged out.
-            stored = await last_stored(self._nc.jetstream(), self._config.stream,
+            stored = await last_stored(self._nc.jetstream(), self._stream.name,
                                        pending.subject)
             if stored is not None and stored.stream_seq > expected:
                 await self._settle(pending.subject)
@@ -494,7 +497,7 @@ class Publisher:
                 self._acked_at[pending.subject] = 0 if stored is None else stored.stream_seq
             return True
         if ack.error.code == 503 or ack.error.code == 0:
-            self.last_error = f"stream {self._config.stream}: {ack.error.description}"
+            self.last_error = f"stream {self._stream.name}: {ack.error.description}"
             return False
         self._reject(token, pending, ack.error)
         return True
@@ -502,14 +505,14 @@ class Publisher:
     def _schedule_retry(self, delay: float | None = None) -> None:
         if delay is None:
             delay = self._backoff
-            self._backoff = min(self._backoff * 2, self._config.reconnect_wait_max)
+            self._backoff = min(self._backoff * 2, self._nats.reconnect_wait_max)
         if self._retry_at is None:
             self._retry_at = time.monotonic() + delay
         self._wake.set()
 
     async def _watch_acks(self) -> None:
         """Resend the window when its oldest publish has waited longer than the ack timeout."""
-        period = min(self._config.ack_timeout / 4, 0.25)
+        period = min(self._settings.ack_timeout / 4, 0.25)
         while True:
             await asyncio.sleep(period)
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
@@ -517,9 +520,9 @@ class Publisher:
             if not self._window or not self._online():
                 continue
             oldest = next(iter(self._window.values()))
-            if oldest.sent_at and time.monotonic() - oldest.sent_at > self._config.ack_timeout:
+            if oldest.sent_at and time.monotonic() - oldest.sent_at > self._settings.ack_timeout:
                 self._warn.warning("ack-timeout", "no JetStream ack within %.1fs for %d "
-                                   "publishes; sending them again", self._config.ack_timeout,
+                                   "publishes; sending them again", self._settings.ack_timeout,
                                    len(self._window))
                 oldest.sent_at = time.monotonic()
                 self._schedule_retry(0.0)
@@ -555,7 +558,7 @@ class Publisher:
             self._acked_at[pending.subject] = ack.seq
         self._backoff = 0.05
         self._published(pending, ack.duplicate, ack.seq)
-        if self._buffer and len(self._window) < self._config.max_in_flight:
+        if self._buffer and len(self._window) < self._settings.max_in_flight:
             self._wake.set()
 
     def _published(self, pending: _Pending, duplicate: bool, stream_seq: int) -> None:

@@ -30,14 +30,14 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from kvrelay.config import Config
+from kvrelay.config import NatsSettings, SnapshotSettings, StreamSettings
 from kvrelay.natsio.options import nats_options
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.router.consumer import KvConsumer
 from kvrelay.router.index import KvIndex, WorkerKey, encode_snapshot
 from kvrelay.router.restore import Verdict, emptied, judge, read_snapshots, snapshot_key
 from kvrelay.system.metrics import Metrics
-from kvrelay.wire.names import rank_subject
+from kvrelay.wire.names import Worker
 from kvrelay.wire.schema import RelayBatch, WorkerSnapshot
 
 log = logging.getLogger("kvrelay.snapshot")
@@ -65,15 +65,16 @@ class _Rank:
 class Snapshotter:
     """Keeps this relay's ranks' blocks and writes them to the KV bucket."""
 
-    def __init__(self, config: Config, instance_id: int, dp_ranks: list[int],
-                 metrics: Metrics) -> None:
+    def __init__(self, worker: Worker, dp_ranks: list[int], config: SnapshotSettings,
+                 nats: NatsSettings, stream: StreamSettings, metrics: Metrics) -> None:
         self._config = config
+        self._nats = nats
+        self._stream = stream
         self._metrics = metrics
         self._warn = RateLimitedLog(log)
         self._ranks = {
-            rank: _Rank(rank, rank_subject(config.namespace, config.component, instance_id, rank),
-                        snapshot_key(config.namespace, config.component, instance_id, rank),
-                        (instance_id, rank), deque(maxlen=_QUEUE))
+            rank: _Rank(rank, worker.subject(rank), snapshot_key(*worker, rank),
+                        (worker.instance_id, rank), deque(maxlen=_QUEUE))
             for rank in dp_ranks}
         self._due = asyncio.Event()
         self._nc: Client | None = None
@@ -163,7 +164,7 @@ class Snapshotter:
     async def _run(self, stream_ready: asyncio.Event) -> None:
         try:
             # A connection of its own: a large write or a rebuild never queues before publishes.
-            self._nc = await nats.connect(**{**nats_options(self._config),
+            self._nc = await nats.connect(**{**nats_options(self._nats),
                                              "name": "kvrelay-snapshots"},
                                           error_cb=self._on_error)
             js = self._nc.jetstream()
@@ -200,7 +201,7 @@ class Snapshotter:
             except nats.js.errors.BucketNotFoundError:
                 kv = await js.create_key_value(KeyValueConfig(
                     bucket=name, history=1, storage=StorageType.FILE,
-                    replicas=self._config.stream_replicas,
+                    replicas=self._stream.stream_replicas,
                     description="kvrelay: each worker rank's KV blocks"))
                 log.info("created KV bucket %s for snapshots", name)
                 return kv
@@ -243,17 +244,17 @@ class Snapshotter:
             log.warning("snapshot %s in bucket %s is not a worker snapshot; rebuilding from the "
                         "stream", rank.key, config.snapshot_bucket)
         elif found and (snapshot := found[0].snapshot) is not None:
-            info = await js.stream_info(config.stream)
+            info = await js.stream_info(self._stream.name)
             verdict = await judge(js, info, rank.subject, snapshot, found[0].written_at)
             if verdict is Verdict.STALE:
                 self._metrics.snapshot_failures.labels("stale").inc()
                 log.warning("snapshot %s is older than stream %s; rebuilding from the stream",
-                            rank.key, config.stream)
+                            rank.key, self._stream.name)
             else:
                 if verdict is Verdict.TAIL_MISSING:
                     self._metrics.snapshot_failures.labels("tail_missing").inc()
                     log.warning("stream %s no longer holds what followed snapshot %s; the "
-                                "blocks start empty", config.stream, rank.key)
+                                "blocks start empty", self._stream.name, rank.key)
                     snapshot = emptied(snapshot)
                 try:
                     rank.index.restore(snapshot)
@@ -266,7 +267,7 @@ class Snapshotter:
                     if verdict is Verdict.RESTORED:
                         rank.written_seq = snapshot.stream_seq
         assert self._nc is not None
-        reader = KvConsumer(client=self._nc, subject=rank.subject, stream=config.stream,
+        reader = KvConsumer(client=self._nc, subject=rank.subject, stream=self._stream.name,
                             start_sequence=start, index=rank.index)
         async with reader:
             await reader.ready()

@@ -12,7 +12,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
-from kvrelay.config import Config
+from kvrelay.config import StreamSettings
 from kvrelay.wire.names import STREAM_SUBJECTS, subject_matches
 from kvrelay.wire.relaybatch import decode_resume_point
 from kvrelay.wire.schema import ResumePoint
@@ -24,24 +24,25 @@ class StreamMismatch(Exception):
     """The configured stream exists but does not take the relay's subjects."""
 
 
-async def ensure_stream(js: JetStreamContext, config: Config, subjects: list[str]) -> str:
+async def ensure_stream(js: JetStreamContext, config: StreamSettings,
+                        subjects: list[str]) -> str:
     """Create the stream, or check an existing one covers `subjects`; says which it did."""
     try:
-        info = await js.stream_info(config.stream)
+        info = await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
         await js.add_stream(StreamConfig(
-            name=config.stream, subjects=[STREAM_SUBJECTS], storage=StorageType.FILE,
+            name=config.name, subjects=[STREAM_SUBJECTS], storage=StorageType.FILE,
             num_replicas=config.stream_replicas, max_age=config.stream_max_age,
             max_bytes=config.stream_max_bytes, duplicate_window=config.stream_duplicate_window,
         ))
-        return f"created JetStream stream {config.stream} (subjects {STREAM_SUBJECTS})"
+        return f"created JetStream stream {config.name} (subjects {STREAM_SUBJECTS})"
     patterns = info.config.subjects or []
     missing = [s for s in subjects if not any(subject_matches(p, s) for p in patterns)]
     if missing:
         raise StreamMismatch(
-            f"stream {config.stream} has subjects {patterns}, which do not cover "
+            f"stream {config.name} has subjects {patterns}, which do not cover "
             f"{', '.join(missing)}; add {STREAM_SUBJECTS} to it or choose another --stream")
-    return f"using JetStream stream {config.stream} (subjects {patterns})"
+    return f"using JetStream stream {config.name} (subjects {patterns})"
 
 
 class Stored(NamedTuple):

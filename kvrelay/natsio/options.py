@@ -5,13 +5,13 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from kvrelay.config import Config
+from kvrelay.config import NatsSettings
 
 
-def nats_options(config: Config) -> dict[str, Any]:
+def nats_options(config: NatsSettings) -> dict[str, Any]:
     """Connection options shared by the relay and the operator commands."""
     options: dict[str, Any] = {
-        "servers": [s.strip() for s in config.nats.split(",") if s.strip()],
+        "servers": [s.strip() for s in config.servers.split(",") if s.strip()],
         "name": "kvrelay",
         "allow_reconnect": True,
         "max_reconnect_attempts": -1,

@@ -1,36 +1,33 @@
-"""`kvrelay`: parse the command line and hand over. Every default lives in config.py."""
+"""`kvrelay`: parse the command line and hand over. Every default lives in kvrelay/config/."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from kvrelay import __version__, build
-from kvrelay.config import Config, ConfigError, env_var
+from kvrelay.config import Config, ConfigError, env_var, settings
 
 EXIT_USAGE = 2
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field, with its default and environment variable in the help."""
-    for f in dataclasses.fields(Config):
-        meta = f.metadata
-        flag = "--" + f.name.replace("_", "-")
-        envs = ", ".join((env_var(f.name), *meta["env"]))
-        default = f.default if f.default not in (None, ()) else "-"
-        help_text = f"{meta['help']} [default: {default}; env: {envs}]".replace("%", "%%")
-        kwargs: dict[str, object] = {"dest": f.name, "default": None, "help": help_text}
-        if meta["many"]:
+    """One flag per setting, with its default and environment variable in the help."""
+    for s in settings():
+        default = s.default if s.default not in (None, ()) else "-"
+        help_text = f"{s.help} [default: {default}; env: {', '.join(s.env_vars)}]"
+        kwargs: dict[str, object] = {"dest": s.key, "default": None,
+                                     "help": help_text.replace("%", "%%")}
+        if s.many:
             kwargs["action"] = "append"
-        if meta["choices"]:
-            kwargs["choices"] = meta["choices"]
-        if meta["metavar"]:
-            kwargs["metavar"] = meta["metavar"]
-        parser.add_argument(flag, **kwargs)  # type: ignore[arg-type]
+        if s.choices:
+            kwargs["choices"] = s.choices
+        if s.metavar:
+            kwargs["metavar"] = s.metavar
+        parser.add_argument(s.flag, **kwargs)  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,13 +108,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         config = _load_config(args)
-        _setup_logging(config.log_level)
+        _setup_logging(config.system.log_level)
         from kvrelay.app import run
 
         sys.exit(run(config))
     elif args.command == "discover":
         config = _load_config(args)
-        _setup_logging(config.log_level)
+        _setup_logging(config.system.log_level)
         from kvrelay.ops.doctor import discover
 
         sys.exit(discover(config, os.environ))
@@ -149,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _load_config(args: argparse.Namespace) -> Config:
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    flags = {s.key: getattr(args, s.key) for s in settings()}
     try:
         return Config.load(flags, os.environ)
     except ConfigError as exc:

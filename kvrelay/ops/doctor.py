@@ -28,7 +28,7 @@ from nats.aio.client import Client
 from kvrelay.config import Config, SourceSpec
 from kvrelay.discovery import DiscoveryError, InstanceId, select_source
 from kvrelay.natsio.options import nats_options
-from kvrelay.wire.names import STREAM_SUBJECTS, rank_subject, subject_matches
+from kvrelay.wire.names import STREAM_SUBJECTS, Worker, subject_matches
 
 EXIT_OK, EXIT_FAILED = 0, 1
 NATS_PORT = 4222
@@ -50,7 +50,7 @@ class Finding(NamedTuple):
 def nats_addresses(config: Config) -> list[tuple[str, int]]:
     """(host, port) of each configured server URL."""
     out = []
-    for url in (u.strip() for u in config.nats.split(",") if u.strip()):
+    for url in (u.strip() for u in config.nats.servers.split(",") if u.strip()):
         parts = urlsplit(url if "://" in url else f"nats://{url}")
         out.append((parts.hostname or "localhost", parts.port or NATS_PORT))
     return out
@@ -91,7 +91,7 @@ async def check_tcp(host: str, port: int, within: float) -> Finding:
 
 async def check_jetstream(config: Config, subjects: list[str], within: float) -> list[Finding]:
     """JetStream enabled, and the stream usable: present and covering, or creatable."""
-    options = {**nats_options(config), "allow_reconnect": False, "max_reconnect_attempts": 0,
+    options = {**nats_options(config.nats), "allow_reconnect": False, "max_reconnect_attempts": 0,
                "connect_timeout": within}
     nc = Client()
     try:
@@ -107,7 +107,7 @@ async def check_jetstream(config: Config, subjects: list[str], within: float) ->
         except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
             return [Finding("FAIL", "JetStream", (
                 "not enabled on the server: start nats-server with -js (or a jetstream block "
-                "in its configuration)")), Finding("skip", f"stream {config.stream}",
+                "in its configuration)")), Finding("skip", f"stream {config.stream.name}",
                                                    "needs JetStream")]
         except (nats.errors.Error, TimeoutError) as exc:
             return [Finding("FAIL", "JetStream", f"account info failed: {exc!r}")]
@@ -120,9 +120,9 @@ async def check_jetstream(config: Config, subjects: list[str], within: float) ->
 
 async def _check_stream(js: nats.js.JetStreamContext, account: nats.js.api.AccountInfo,
                         config: Config, subjects: list[str]) -> Finding:
-    what = f"stream {config.stream}"
+    what = f"stream {config.stream.name}"
     try:
-        info = await js.stream_info(config.stream)
+        info = await js.stream_info(config.stream.name)
     except nats.js.errors.NotFoundError:
         limit = account.limits.max_streams
         if limit is not None and 0 <= limit <= account.streams:
@@ -227,7 +227,7 @@ async def _silent(ctx: zmq.asyncio.Context, spec: SourceSpec, what: str,
 
 async def check_discovery(config: Config, env: Mapping[str, str],
                           within: float) -> tuple[Finding, InstanceId | None]:
-    source = select_source(config, env)
+    source = select_source(config.discovery, env, own_lease=config.own_lease)
     try:
         found = await asyncio.wait_for(source.resolve(), within)
     except TimeoutError:
@@ -240,11 +240,12 @@ async def check_discovery(config: Config, env: Mapping[str, str],
 
 async def check_system_port(config: Config, within: float) -> Finding:
     """A relay answering /live here, or nothing (a warning: the normal case before start)."""
-    if config.system_port == 0:
+    port = config.system.system_port
+    if port == 0:
         return Finding("skip", "system port", "0 (any free port): nothing to check")
-    host = config.system_host
+    host = config.system.system_host
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-    address = f"[{host}]:{config.system_port}" if ":" in host else f"{host}:{config.system_port}"
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     what = f"system port {address}"
     async with httpx.AsyncClient(base_url=f"http://{address}", timeout=within) as client:
         try:
@@ -273,17 +274,17 @@ async def run_checks(config: Config, env: Mapping[str, str], within: float) -> l
     """Every check, in the order the relay meets them at start."""
     findings = [await check_tcp(host, port, within) for host, port in nats_addresses(config)]
     discovered, identity = await check_discovery(config, env, within)
-    specs = config.sources()
+    specs = config.zmq.sources()
     if any(f.level == "ok" for f in findings):
         instance = identity.value if identity is not None else 0
-        subjects = [rank_subject(config.namespace, config.component, instance, s.dp_rank)
-                    for s in specs]
+        worker = Worker(config.discovery.namespace, config.discovery.component, instance)
+        subjects = [worker.subject(s.dp_rank) for s in specs]
         findings += await check_jetstream(config, subjects, within)
     else:
         findings.append(Finding("skip", "JetStream", "NATS is not reachable"))
     ctx = zmq.asyncio.Context()
     try:
-        zmq_checks = [check_zmq(ctx, spec, config.topic.encode(), within) for spec in specs]
+        zmq_checks = [check_zmq(ctx, spec, config.zmq.topic.encode(), within) for spec in specs]
         findings += await asyncio.gather(*zmq_checks)
     finally:
         ctx.destroy(linger=0)
@@ -304,7 +305,7 @@ def check(config: Config, env: Mapping[str, str], within: float,
 def discover(config: Config, env: Mapping[str, str], out: TextIO = sys.stdout,
              err: TextIO = sys.stderr) -> int:
     """Print the ID the relay would use and how it was found."""
-    source = select_source(config, env)
+    source = select_source(config.discovery, env, own_lease=config.own_lease)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             found = runner.run(source.resolve())

@@ -9,12 +9,11 @@ row; everything else in README.md is left alone.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Final
 
-from kvrelay.config import Config, env_var
+from kvrelay.config import settings
 
 README: Final = Path(__file__).resolve().parents[2] / "README.md"
 HEADER: Final = "| flag | environment | default | meaning |"
@@ -31,13 +30,11 @@ def _default(value: Any, name: str) -> str:
 
 
 def flag_table() -> list[str]:
-    """The table's lines, one row per Config field in declaration order."""
+    """The table's lines, one row per setting, section by section."""
     lines = [HEADER, "|---|---|---|---|"]
-    for f in dataclasses.fields(Config):
-        envs = ", ".join(f"`{var}`" for var in (env_var(f.name), *f.metadata["env"]))
-        flag = "--" + f.name.replace("_", "-")
-        lines.append(f"| `{flag}` | {envs} | {_default(f.default, f.name)} | "
-                     f"{f.metadata['help']} |")
+    for s in settings():
+        envs = ", ".join(f"`{var}`" for var in s.env_vars)
+        lines.append(f"| `{s.flag}` | {envs} | {_default(s.default, s.key)} | {s.help} |")
     return lines
 
 

@@ -12,7 +12,7 @@ from typing import TypeVar
 import nats.errors
 
 from kvrelay.codec import DecodedBatch, InputBatch, MalformedPayload
-from kvrelay.config import Config
+from kvrelay.config import NatsSettings
 from kvrelay.ingest.source import Frame
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
@@ -28,7 +28,7 @@ _AUTH_FLAGS = (("nats_user", "--nats-user"), ("nats_password", "--nats-password"
                ("nats_creds", "--nats-creds"))
 
 
-def refusal(exc: BaseException, config: Config) -> str | None:
+def refusal(exc: BaseException, config: NatsSettings) -> str | None:
     """What the operator must fix when `exc` says NATS refused the relay's settings, else None.
 
     An unreachable server is retried forever; a server that answers "not with these
@@ -38,7 +38,7 @@ def refusal(exc: BaseException, config: Config) -> str | None:
     if isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in text \
             or "authentication" in text:
         given = [flag for name, flag in _AUTH_FLAGS if getattr(config, name)]
-        if "@" in config.nats:
+        if "@" in config.servers:
             given.append("the user in the --nats URL")
         advice = (f"check {', '.join(given)}" if given else
                   "the relay sent none: set --nats-user and --nats-password, --nats-token, "

@@ -7,6 +7,7 @@ where a worker's batches are without either importing the other.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 NAME_RULE = re.compile(r"^[a-z0-9-_]+$")  # Dynamo's rule for namespaces and components
 BUCKET_RULE = re.compile(r"^[A-Za-z0-9_-]+$")  # NATS KV bucket names
@@ -14,9 +15,16 @@ SNAPSHOT_BUCKET = "KV_SNAPSHOTS"
 STREAM_SUBJECTS = "kv.>"
 
 
-def rank_subject(namespace: str, component: str, instance_id: int, dp_rank: int) -> str:
-    """The subject one DP rank of one worker publishes on."""
-    return f"kv.{namespace}.{component}.{instance_id}.{dp_rank}"
+class Worker(NamedTuple):
+    """One worker as subjects name it."""
+
+    namespace: str
+    component: str
+    instance_id: int
+
+    def subject(self, dp_rank: int) -> str:
+        """The subject one of its DP ranks publishes on."""
+        return f"kv.{self.namespace}.{self.component}.{self.instance_id}.{dp_rank}"
 
 
 def worker_subjects(namespace: str, component: str, instance_id: int | None = None) -> str:

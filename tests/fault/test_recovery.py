@@ -23,6 +23,7 @@ from kvrelay.jetstream.publisher import Publisher
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import NatsServer
 from kvrelay.testing.synthetic import WorkloadFactory, encode_batch
+from kvrelay.wire.names import Worker
 from kvrelay.wire.schema import Resync
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,9 @@ async def publisher(fresh_nats: NatsServer) -> AsyncIterator[Publisher]:
             name=STREAM, subjects=["kv.>"], storage=StorageType.FILE, duplicate_window=0.5))
     config = Config.load({"nats": fresh_nats.url, "namespace": NS, "component": COMP}, {})
     metrics = Metrics()
-    publisher = Publisher(config, new_instance_id(), Buffer(100, 1 << 20, metrics), metrics)
+    worker = Worker(NS, COMP, new_instance_id())
+    publisher = Publisher(worker, config.nats, config.publish, config.stream,
+                          Buffer(100, 1 << 20, metrics), metrics)
     await publisher.connect([0])
     assert await publisher.resume_point(0) is None
     try:
