@@ -24,7 +24,8 @@ from kvrelay import __version__, build, discovery
 from kvrelay.config import Config
 from kvrelay.discovery import DiscoveryError, InstanceId
 from kvrelay.ingest.buffer import Buffer
-from kvrelay.ingest.source import Frame, Source
+from kvrelay.ingest.sequencer import Frame
+from kvrelay.ingest.source import Source
 from kvrelay.jetstream.publisher import Publisher
 from kvrelay.jetstream.snapshot import Snapshotter
 from kvrelay.system.health import SystemServer

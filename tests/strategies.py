@@ -15,7 +15,7 @@ import msgspec
 from hypothesis import strategies as st
 from msgspec import UNSET
 
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.wire.schema import (
     BlockHash,
     Cleared,

@@ -50,7 +50,7 @@ from kvrelay.dynamo.wire import (
     decode_message,
     kv_events_subject,
 )
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.synthetic import all_blocks_cleared, block_removed, block_stored, encode_batch
 from kvrelay.wire.schema import Cleared, RelayBatch, Removed, Resync, Stored, Unknown

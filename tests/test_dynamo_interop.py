@@ -44,7 +44,7 @@ from etcdserver import EtcdServer
 from harness import is_ready, join, metric
 
 from kvrelay.dynamo.wire import DynamoEventData, DynamoStoreData, RouterEvent
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.testing.natsserver import NatsServer
 from kvrelay.testing.synthetic import SyntheticVllm, block_removed, block_stored, encode_batch
 

@@ -27,7 +27,7 @@ from kvrelay.app import EXIT_CONFIG, Relay
 from kvrelay.config import Config
 from kvrelay.dynamo.records import FileStore, Registration
 from kvrelay.dynamo.wire import DynamoEventData, DynamoStoreData, RouterEvent
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.testing.natsserver import NatsServer
 from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
 

@@ -13,46 +13,80 @@ import zmq.asyncio
 from kvrelay.app import Relay
 from kvrelay.config import Config, SourceSpec
 from kvrelay.ingest.buffer import Buffer, merge_resyncs
-from kvrelay.ingest.source import Frame, Source
+from kvrelay.ingest.sequencer import Frame, Sequencer
+from kvrelay.ingest.source import Source
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import NatsServer, free_port
-from kvrelay.wire.schema import Resync
+from kvrelay.wire.schema import ResumePoint, Resync
 
 
-def make_source(frames: list[Frame]) -> Source:
-    spec = SourceSpec("tcp://127.0.0.1:1", False, None, 0)
-    return Source(spec, zmq.asyncio.Context.instance(), frames.append, Metrics())
-
-
-async def test_restart_during_replay_is_not_taken_for_replayed_batches() -> None:
+def test_restart_during_replay_is_not_taken_for_replayed_batches() -> None:
     """Held batches after seq went back belong to a new epoch, even if the replay covered them."""
     frames: list[Frame] = []
-    source = make_source(frames)
-    source.expected = 0
-    for seq in range(51):  # what the replay from 0 delivered
-        source._emit(seq, b"old", 0.0)
-    for seq in (45, 46, 50, 0, 1, 2):  # live batches held meanwhile; vLLM restarted after 50
-        source._held.append((seq, b"live", 0.0))
-    source._release_held(replayed_from=0)
+    requested: list[int] = []
+    sequencer = Sequencer(0, frames.append, Metrics(), request_replay=requested.append)
+    sequencer.resume(None)
+    assert requested == [0]  # everything from seq 0 is asked for; live batches wait meanwhile
+    for seq in (45, 46, 50, 0, 1, 2):  # vLLM restarted after 50
+        sequencer.offer(seq, b"live", 0.0)
+    assert frames == []
+    assert sequencer.held == 6
+    sequencer.replayed(0, [(seq, b"old") for seq in range(51)], 0.0)
     after = frames[51:]
     assert [(f.epoch, f.seq) for f in after] == [(1, 0), (1, 1), (1, 2)]
     assert after[0].resyncs == (Resync("restart"),)
     assert all(f.payload == b"live" for f in after)
+    assert [f.payload for f in frames[:51]] == [b"old"] * 51
 
 
-async def test_overflow_while_holding_is_announced_as_overflow() -> None:
+def test_overflow_while_holding_is_announced_as_overflow() -> None:
     """Batches dropped past the hold bound are announced as `overflow` with their range."""
     frames: list[Frame] = []
-    source = make_source(frames)
-    source._hold_limit = 3
+    metrics = Metrics()
+    sequencer = Sequencer(0, frames.append, metrics, hold_limit=3)
     for seq in range(6):
-        source._hold(seq, b"x", 0.0)
-    source.expected = 0
-    source._emitted = True
-    source._release_held(replayed_from=None)
+        sequencer.offer(seq, b"x", 0.0)
+    sequencer.resume(None)
     assert [f.seq for f in frames] == [3, 4, 5]
     assert frames[0].resyncs == (Resync("overflow", 0, 2),)
     assert frames[1].resyncs == ()
+    assert sample(metrics, "kvrelay_batches_dropped_total", reason="overflow") == 3
+
+
+def test_failed_replay_announces_the_gap_and_waits_before_the_next() -> None:
+    """A replay that fails announces what is missing as a gap, and no replay is asked for again
+    until the cooldown has passed."""
+    frames: list[Frame] = []
+    requested: list[int] = []
+    now = [100.0]
+    sequencer = Sequencer(0, frames.append, Metrics(), request_replay=requested.append,
+                          replay_cooldown=5.0, clock=lambda: now[0])
+    sequencer.resume(ResumePoint(0, 9))
+    sequencer.replayed(10, [(10, b"r")], 0.0)
+    sequencer.offer(13, b"a", 0.0)  # 11 and 12 missing: a replay is asked for
+    assert requested == [10, 11]
+    sequencer.replay_failed(11, 0.0)
+    assert [(f.seq, f.resyncs) for f in frames] == [(10, ()), (13, (Resync("gap", 11, 12),))]
+    sequencer.offer(16, b"b", 0.0)  # within the cooldown: announced at once
+    assert requested == [10, 11]
+    assert frames[-1].resyncs == (Resync("gap", 14, 15),)
+    now[0] += 5.0
+    sequencer.offer(20, b"c", 0.0)
+    assert requested == [10, 11, 17]
+
+
+def test_malformed_messages_are_counted_not_sequenced() -> None:
+    """A message without vLLM's three frames or an 8-byte seq is dropped and counted by kind."""
+    frames: list[Frame] = []
+    metrics = Metrics()
+    sequencer = Sequencer(0, frames.append, metrics)
+    sequencer.resume(None)
+    assert not sequencer.offer_message([b"t", b"\x00" * 8], 0.0)
+    assert not sequencer.offer_message([b"t", b"\x00" * 4, b"p"], 0.0)
+    assert sequencer.offer_message([b"t", (0).to_bytes(8, "big"), b"p"], 0.0)
+    assert [f.seq for f in frames] == [0]
+    assert sample(metrics, "kvrelay_decode_errors_total", kind="frame_count") == 1
+    assert sample(metrics, "kvrelay_decode_errors_total", kind="seq_length") == 1
 
 
 def test_merge_resyncs_folds_runs_of_the_same_reason() -> None:

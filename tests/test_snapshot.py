@@ -38,7 +38,7 @@ from kvrelay.app import Relay
 from kvrelay.codec import Codec
 from kvrelay.config import Config
 from kvrelay.ingest.buffer import Buffer
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.jetstream.publisher import Publisher
 from kvrelay.router.consumer import KvConsumer
 from kvrelay.router.index import KvIndex, WorkerKey, decode_snapshot, encode_snapshot

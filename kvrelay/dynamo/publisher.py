@@ -44,7 +44,7 @@ from kvrelay.dynamo.records import (
 from kvrelay.dynamo.translate import EventStream, Translator, group_frames
 from kvrelay.dynamo.wire import Translated, kv_events_subject
 from kvrelay.ingest.buffer import Buffer
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.natsio.options import nats_options
 from kvrelay.natsio.outbox import InboxClient, Outbox
 from kvrelay.publish.common import SEND_SLICE, read_frame, wait_until_sent

@@ -46,7 +46,7 @@ from kvrelay.dynamo.wire import (
     StorageTier,
     Translated,
 )
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import (
     BlockHash,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import Resync
 

@@ -10,19 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Literal, NamedTuple, cast
+from collections.abc import Awaitable
+from typing import Literal, cast
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kvrelay.config import SourceSpec
+from kvrelay.ingest.sequencer import Sequencer, Sink
 from kvrelay.ingest.zmtp import Messages, Subscriber
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
-from kvrelay.wire.schema import ResumePoint, Resync, ResyncReason
+from kvrelay.wire.schema import ResumePoint
 
 log = logging.getLogger("kvrelay.ingest")
 
@@ -31,22 +31,8 @@ RCVHWM = 10_000
 DRAIN_LIMIT = 1024  # messages taken per turn of the event loop
 
 
-class Frame(NamedTuple):
-    """One vLLM batch, in order, ready for the codec."""
-
-    dp_rank: int
-    epoch: int
-    seq: int
-    payload: bytes
-    recv_ts: float
-    resyncs: tuple[Resync, ...]
-
-
 class ReplayError(Exception):
     """vLLM's replay socket answered something that is not a replay."""
-
-
-Sink = Callable[[Frame], None]
 
 
 class Source:
@@ -69,32 +55,18 @@ class Source:
         self.spec = spec
         self._engine = engine
         self._ctx = ctx
-        self._sink = sink
         self._metrics = metrics
         self._topic = topic
-        self._hold_limit = hold_limit
-        self._hold_bytes = hold_bytes
         self._replay_timeout = replay_timeout
-        self._replay_cooldown = replay_cooldown
         self._warn = RateLimitedLog(log)
         self._received = metrics.batches_received.labels(str(spec.dp_rank))
         self._libzmq_subscribed = False
         self._libzmq_peers = 0
         self._subscriber: Subscriber | None = None
-        # Sequence state: the next seq expected in `epoch` (None: nothing known yet), and a
-        # reason to announce with the next batch even when no seq is missing.
-        self.epoch = 0
-        self.expected: int | None = None
-        self._announce: ResyncReason | None = None
-        self._emitted = False
-        self._gap_counted_at: int | None = None  # a gap re-seen after a failed replay is one gap
-        # While resuming or replaying, live batches wait here (bounded: oldest dropped; the
-        # highest seq dropped so the hole is announced as `overflow`).
-        self._holding = True
-        self._held: deque[tuple[int, bytes, float]] = deque()
-        self._held_bytes = 0
-        self._overflow_upto: int | None = None
-        self._cooldown_until = 0.0
+        self.sequencer = Sequencer(
+            spec.dp_rank, sink, metrics, request_replay=self._start_replay if spec.replay else None,
+            hold_limit=hold_limit, hold_bytes=hold_bytes, replay_cooldown=replay_cooldown,
+            name=self.name)
         self._watcher: asyncio.Task[None] | None = None
         self._failed: asyncio.Future[None] | None = None  # set while run() reads
         self._tasks: set[asyncio.Task[None]] = set()  # resume and replay
@@ -188,8 +160,8 @@ class Source:
             return
         try:
             now = time.time()
-            on_frames = self._on_frames
-            self._received.inc(sum([on_frames(frames, now) for frames in messages]))
+            offer = self.sequencer.offer_message
+            self._received.inc(sum([offer(frames, now) for frames in messages]))
         except Exception as exc:  # a callback's exception would only be logged: end run()
             failed.set_exception(exc)
 
@@ -204,12 +176,7 @@ class Source:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        lost = len(self._held)
-        if lost:
-            self._held.clear()
-            self._held_bytes = 0
-            self._metrics.drop("shutdown", lost)
-        return lost
+        return self.sequencer.discard_held()
 
     async def _open(self) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(zmq.SUB)
@@ -268,136 +235,38 @@ class Source:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- sequence tracking ---------------------------------------------------------------------
-
-    def _on_frames(self, frames: list[bytes], now: float) -> bool:
-        """Take one ZMQ message; False if it is not a vLLM batch message."""
-        if len(frames) != 3:
-            self._malformed("frame_count", f"{len(frames)} frames, expected 3")
-            return False
-        raw_seq = frames[1]
-        if len(raw_seq) != 8:
-            self._malformed("seq_length", f"seq of {len(raw_seq)} bytes, expected 8")
-            return False
-        seq = int.from_bytes(raw_seq, "big")
-        if seq == self.expected and self._announce is None and self._overflow_upto is None \
-                and not self._holding:
-            # The steady state, what `_accept` and `_emit` would conclude: next in line.
-            self.expected = seq + 1
-            self._emitted = True
-            self._sink(Frame(self.spec.dp_rank, self.epoch, seq, frames[2], now, ()))
-            return True
-        if self._holding:
-            self._hold(seq, frames[2], now)
-        else:
-            self._accept(seq, frames[2], now)
-        return True
-
-    def _malformed(self, kind: str, detail: str) -> None:
-        self._metrics.decode_errors.labels(kind).inc()
-        self._warn.warning(kind, "dropped a malformed message from %s: %s", self.name, detail)
-
-    def _hold(self, seq: int, payload: bytes, now: float) -> None:
-        self._held.append((seq, payload, now))
-        self._held_bytes += len(payload)
-        while len(self._held) > self._hold_limit or (
-                self._held_bytes > self._hold_bytes and len(self._held) > 1):
-            dropped, dropped_payload, _ = self._held.popleft()
-            self._held_bytes -= len(dropped_payload)
-            self._overflow_upto = max(dropped, self._overflow_upto or dropped)
-            self._metrics.drop("overflow", 1)
-
-    def _accept(self, seq: int, payload: bytes, now: float) -> None:
-        """A live batch: pass it on, or start a replay for what is missing before it."""
-        if self.expected is not None and seq < self.expected:
-            self._metrics.restarts.inc()
-            log.warning("vLLM on %s restarted (seq %d after %d): epoch %d begins",
-                        self.name, seq, self.expected - 1, self.epoch + 1)
-            self.epoch += 1
-            self.expected = 0
-            self._announce = "restart"
-        missing_from = 0 if self.expected is None else self.expected
-        if seq > missing_from:
-            if (self._announce is None and self.expected is not None
-                    and self._gap_counted_at != missing_from):
-                self._gap_counted_at = missing_from
-                self._metrics.gaps.inc()
-            if self.spec.replay and time.monotonic() >= self._cooldown_until:
-                self._holding = True
-                self._hold(seq, payload, now)
-                self._spawn(self._replay(missing_from))
-                return
-        self._emit(seq, payload, now)
-
-    def _emit(self, seq: int, payload: bytes, now: float) -> None:
-        resyncs: list[Resync] = []
-        start = 0 if self.expected is None else self.expected
-        if seq > start:
-            overflowed = self._overflow_upto is not None and self._overflow_upto >= start
-            reason = self._announce or (
-                "overflow" if overflowed else "gap" if self._emitted else "start")
-            resyncs.append(Resync(reason, start, seq - 1))
-            self._metrics.missed_batches.inc(seq - start)
-        elif self._announce is not None:
-            resyncs.append(Resync(self._announce))
-        for resync in resyncs:
-            self._metrics.resyncs.labels(resync.reason).inc()
-        if self._overflow_upto is not None and seq > self._overflow_upto:
-            self._overflow_upto = None
-        self._announce = None
-        self._emitted = True
-        self.expected = seq + 1
-        self._sink(Frame(self.spec.dp_rank, self.epoch, seq, payload, now, tuple(resyncs)))
-
     # -- resume and replay ---------------------------------------------------------------------
 
+    @property
+    def epoch(self) -> int:
+        return self.sequencer.epoch
+
+    @property
+    def expected(self) -> int | None:
+        """The next seq expected from this publisher (None: nothing known yet)."""
+        return self.sequencer.expected
+
     async def _resume(self, resume: Awaitable[ResumePoint | None]) -> None:
-        point = await resume
-        if point is not None:
-            self.epoch, self.expected = point.epoch, point.seq + 1
-            log.info("%s resumes after epoch %d seq %d", self.name, point.epoch, point.seq)
-        if self.spec.replay:
-            await self._replay(0 if self.expected is None else self.expected)
-        else:
-            self._release_held(replayed_from=None)
+        self.sequencer.resume(await resume)
+
+    def _start_replay(self, start: int) -> None:
+        self._spawn(self._replay(start))
 
     async def _replay(self, start: int) -> None:
-        """Ask vLLM for every batch from `start`, then merge them with the live ones held."""
+        """Ask vLLM for every batch from `start`; the sequencer merges them with those held."""
         self._metrics.replays.labels("requested").inc()
         try:
             replies = await self._request_replay(start)
         except Exception as exc:  # timeout, garbage, or a socket error: all fall back to resync
             self._metrics.replays.labels("failed").inc()
-            self._cooldown_until = time.monotonic() + self._replay_cooldown
             log.warning("replay from seq %d on %s failed (%s); emitting resync instead",
                         start, self.spec.replay, exc or "timed out")
-            replies = []
-        else:
-            # vLLM holds a bounded history; it may no longer have `start`.
-            partial = bool(replies) and replies[0][0] > start
-            self._metrics.replays.labels("partial" if partial else "succeeded").inc()
-        now = time.time()
-        for seq, payload in replies:
-            if seq >= start and (self.expected is None or seq >= self.expected):
-                self._emit(seq, payload, now)
-        self._release_held(replayed_from=start)
-
-    def _release_held(self, replayed_from: int | None) -> None:
-        held, self._held = self._held, deque()
-        self._held_bytes = 0
-        self._holding = False
-        previous = -1
-        for seq, payload, recv_ts in held:
-            if seq < previous:
-                replayed_from = None  # vLLM restarted meanwhile: these are a new epoch's
-            previous = seq
-            if (replayed_from is not None and self.expected is not None
-                    and replayed_from <= seq < self.expected):
-                continue  # the replay delivered it already
-            if self._holding:
-                self._hold(seq, payload, recv_ts)
-            else:
-                self._accept(seq, payload, recv_ts)
+            self.sequencer.replay_failed(start, time.time())
+            return
+        # vLLM holds a bounded history; it may no longer have `start`.
+        partial = bool(replies) and replies[0][0] > start
+        self._metrics.replays.labels("partial" if partial else "succeeded").inc()
+        self.sequencer.replayed(start, replies, time.time())
 
     async def _request_replay(self, start: int) -> list[tuple[int, bytes]]:
         assert self.spec.replay is not None

@@ -32,7 +32,7 @@ from nats.aio.client import Client
 from kvrelay.codec import Codec, MalformedPayload
 from kvrelay.config import NatsSettings, PublishSettings, StreamSettings
 from kvrelay.ingest.buffer import Buffer
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.jetstream.api import ApiError, PubAck
 from kvrelay.jetstream.stream import (
     StreamMismatch,

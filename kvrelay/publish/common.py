@@ -13,7 +13,7 @@ import nats.errors
 
 from kvrelay.codec import DecodedBatch, InputBatch, MalformedPayload
 from kvrelay.config import NatsSettings
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import Resync

@@ -17,11 +17,9 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    import zmq.asyncio
 
     from kvrelay.codec import Codec, MalformedPayload
-    from kvrelay.config import SourceSpec
-    from kvrelay.ingest.source import Frame, Source
+    from kvrelay.ingest.sequencer import Frame, Sequencer
     from kvrelay.system.metrics import Metrics
 
 logging.disable(logging.WARNING)  # restarts and gaps by the million: counted, not logged
@@ -29,9 +27,8 @@ metrics = Metrics()
 codec = Codec("msgpack", metrics)
 json_codec = Codec("json", metrics)
 frames_out: list[Frame] = []
-source = Source(SourceSpec("tcp://127.0.0.1:1", False, None, 0), zmq.asyncio.Context.instance(),
-                frames_out.append, metrics)
-source._holding = False  # live, as after start-up
+sequencer = Sequencer(0, frames_out.append, metrics)
+sequencer.resume(None)  # live, as after start-up
 
 
 def one_input(data: bytes) -> None:
@@ -39,7 +36,7 @@ def one_input(data: bytes) -> None:
     count = fdp.ConsumeIntInRange(1, 4)
     frames = [fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 16)) for _ in range(count - 1)]
     frames.append(fdp.ConsumeBytes(fdp.remaining_bytes()))
-    source._on_frames(frames, 0.0)
+    sequencer.offer_message(frames, 0.0)
     while frames_out:
         payload = frames_out.pop().payload
         for decoder in (codec, json_codec):

@@ -18,7 +18,7 @@ from nats.js.api import StorageType, StreamConfig
 from fault.accounting import Tally, offered_keys, read_subject, tally
 from kvrelay.config import Config
 from kvrelay.ingest.buffer import Buffer
-from kvrelay.ingest.source import Frame
+from kvrelay.ingest.sequencer import Frame
 from kvrelay.jetstream.publisher import Publisher
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import NatsServer

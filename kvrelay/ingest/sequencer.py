@@ -1,0 +1,220 @@
+"""The sequence of one vLLM publisher: batches in, in-order Frames out, with what was lost.
+
+Pure logic, no I/O: the Source reads sockets and runs replays; the Sequencer decides what each
+batch means (next in line, a gap to replay, a restart), holds live batches while a resume or a
+replay is under way (bounded), and hands every batch on once, in order, with the `resync`s a
+consumer must see before it. Every drop it makes is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import NamedTuple
+
+from kvrelay.ratelimit import RateLimitedLog
+from kvrelay.system.metrics import Metrics
+from kvrelay.wire.schema import ResumePoint, Resync, ResyncReason
+
+log = logging.getLogger("kvrelay.ingest")
+
+
+class Frame(NamedTuple):
+    """One vLLM batch, in order, ready for the codec."""
+
+    dp_rank: int
+    epoch: int
+    seq: int
+    payload: bytes
+    recv_ts: float
+    resyncs: tuple[Resync, ...]
+
+
+Sink = Callable[[Frame], None]
+ReplayRequest = Callable[[int], None]  # start a replay from this seq; answer with `replayed`
+
+
+class Sequencer:
+    """One publisher's (epoch, seq) bookkeeping. Starts holding: nothing is handed on before
+    `resume` says where the stream left off."""
+
+    def __init__(self, dp_rank: int, sink: Sink, metrics: Metrics, *,
+                 request_replay: ReplayRequest | None = None, hold_limit: int = 50_000,
+                 hold_bytes: int = 64 << 20, replay_cooldown: float = 5.0,
+                 name: str = "", clock: Callable[[], float] = time.monotonic) -> None:
+        """`request_replay` None: there is no replay socket, gaps are announced at once."""
+        self.dp_rank = dp_rank
+        self.name = name or f"dp_rank {dp_rank}"
+        self._sink = sink
+        self._metrics = metrics
+        self._request_replay = request_replay
+        self._hold_limit = hold_limit
+        self._hold_bytes = hold_bytes
+        self._replay_cooldown = replay_cooldown
+        self._clock = clock
+        self._warn = RateLimitedLog(log)
+        # The next seq expected in `epoch` (None: nothing known yet), and a reason to announce
+        # with the next batch even when no seq is missing.
+        self.epoch = 0
+        self.expected: int | None = None
+        self._announce: ResyncReason | None = None
+        self._emitted = False
+        self._gap_counted_at: int | None = None  # a gap re-seen after a failed replay is one gap
+        # While resuming or replaying, live batches wait here (bounded: oldest dropped; the
+        # highest seq dropped so the hole is announced as `overflow`).
+        self._holding = True
+        self._held: deque[tuple[int, bytes, float]] = deque()
+        self._held_bytes = 0
+        self._overflow_upto: int | None = None
+        self._cooldown_until = 0.0
+
+    @property
+    def holding(self) -> bool:
+        """Live batches wait: a resume or a replay is under way."""
+        return self._holding
+
+    @property
+    def held(self) -> int:
+        """Live batches waiting."""
+        return len(self._held)
+
+    # -- live batches --------------------------------------------------------------------------
+
+    def offer_message(self, frames: list[bytes], now: float) -> bool:
+        """One ZMQ message as vLLM sends it ([topic, seq, payload]); False (counted, logged)
+        if it is not one."""
+        if len(frames) != 3:
+            self._malformed("frame_count", f"{len(frames)} frames, expected 3")
+            return False
+        raw_seq = frames[1]
+        if len(raw_seq) != 8:
+            self._malformed("seq_length", f"seq of {len(raw_seq)} bytes, expected 8")
+            return False
+        seq = int.from_bytes(raw_seq, "big")
+        if seq == self.expected and self._announce is None and self._overflow_upto is None \
+                and not self._holding:
+            # The steady state, what `offer` would conclude: next in line.
+            self.expected = seq + 1
+            self._emitted = True
+            self._sink(Frame(self.dp_rank, self.epoch, seq, frames[2], now, ()))
+            return True
+        self.offer(seq, frames[2], now)
+        return True
+
+    def offer(self, seq: int, payload: bytes, now: float) -> None:
+        """A live batch: handed on, held, or held while a replay fills what is missing."""
+        if self._holding:
+            self._hold(seq, payload, now)
+        else:
+            self._accept(seq, payload, now)
+
+    def _malformed(self, kind: str, detail: str) -> None:
+        self._metrics.decode_errors.labels(kind).inc()
+        self._warn.warning(kind, "dropped a malformed message from %s: %s", self.name, detail)
+
+    def _hold(self, seq: int, payload: bytes, now: float) -> None:
+        self._held.append((seq, payload, now))
+        self._held_bytes += len(payload)
+        while len(self._held) > self._hold_limit or (
+                self._held_bytes > self._hold_bytes and len(self._held) > 1):
+            dropped, dropped_payload, _ = self._held.popleft()
+            self._held_bytes -= len(dropped_payload)
+            self._overflow_upto = max(dropped, self._overflow_upto or dropped)
+            self._metrics.drop("overflow", 1)
+
+    def _accept(self, seq: int, payload: bytes, now: float) -> None:
+        """Pass a batch on, or start a replay for what is missing before it."""
+        if self.expected is not None and seq < self.expected:
+            self._metrics.restarts.inc()
+            log.warning("vLLM on %s restarted (seq %d after %d): epoch %d begins",
+                        self.name, seq, self.expected - 1, self.epoch + 1)
+            self.epoch += 1
+            self.expected = 0
+            self._announce = "restart"
+        missing_from = 0 if self.expected is None else self.expected
+        if seq > missing_from:
+            if (self._announce is None and self.expected is not None
+                    and self._gap_counted_at != missing_from):
+                self._gap_counted_at = missing_from
+                self._metrics.gaps.inc()
+            if self._request_replay is not None and self._clock() >= self._cooldown_until:
+                self._holding = True
+                self._hold(seq, payload, now)
+                self._request_replay(missing_from)
+                return
+        self._emit(seq, payload, now)
+
+    def _emit(self, seq: int, payload: bytes, now: float) -> None:
+        resyncs: list[Resync] = []
+        start = 0 if self.expected is None else self.expected
+        if seq > start:
+            overflowed = self._overflow_upto is not None and self._overflow_upto >= start
+            reason = self._announce or (
+                "overflow" if overflowed else "gap" if self._emitted else "start")
+            resyncs.append(Resync(reason, start, seq - 1))
+            self._metrics.missed_batches.inc(seq - start)
+        elif self._announce is not None:
+            resyncs.append(Resync(self._announce))
+        for resync in resyncs:
+            self._metrics.resyncs.labels(resync.reason).inc()
+        if self._overflow_upto is not None and seq > self._overflow_upto:
+            self._overflow_upto = None
+        self._announce = None
+        self._emitted = True
+        self.expected = seq + 1
+        self._sink(Frame(self.dp_rank, self.epoch, seq, payload, now, tuple(resyncs)))
+
+    # -- resume and replay ---------------------------------------------------------------------
+
+    def resume(self, point: ResumePoint | None) -> None:
+        """Where the stream left off (None: nothing published yet). With a replay socket the
+        Sequencer asks for everything after it; otherwise what was held goes on."""
+        if point is not None:
+            self.epoch, self.expected = point.epoch, point.seq + 1
+            log.info("%s resumes after epoch %d seq %d", self.name, point.epoch, point.seq)
+        if self._request_replay is not None:
+            self._request_replay(0 if self.expected is None else self.expected)
+        else:
+            self._release_held(replayed_from=None)
+
+    def replayed(self, start: int, replies: list[tuple[int, bytes]], now: float) -> None:
+        """What a replay from `start` returned, in seq order, then the live batches held."""
+        for seq, payload in replies:
+            if seq >= start and (self.expected is None or seq >= self.expected):
+                self._emit(seq, payload, now)
+        self._release_held(replayed_from=start)
+
+    def replay_failed(self, start: int, now: float) -> None:
+        """The replay from `start` failed: no replay is tried for a while; what is missing is
+        announced instead."""
+        self._cooldown_until = self._clock() + self._replay_cooldown
+        self.replayed(start, [], now)
+
+    def _release_held(self, replayed_from: int | None) -> None:
+        held, self._held = self._held, deque()
+        self._held_bytes = 0
+        self._holding = False
+        previous = -1
+        for seq, payload, recv_ts in held:
+            if seq < previous:
+                replayed_from = None  # vLLM restarted meanwhile: these are a new epoch's
+            previous = seq
+            if (replayed_from is not None and self.expected is not None
+                    and replayed_from <= seq < self.expected):
+                continue  # the replay delivered it already
+            if self._holding:
+                self._hold(seq, payload, recv_ts)
+            else:
+                self._accept(seq, payload, recv_ts)
+
+    def discard_held(self) -> int:
+        """Drop what is still held (reading has stopped for good); returns how many, counted
+        as dropped at shutdown."""
+        lost = len(self._held)
+        if lost:
+            self._held.clear()
+            self._held_bytes = 0
+            self._metrics.drop("shutdown", lost)
+        return lost
