@@ -72,7 +72,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def build_report(run: BenchRun) -> dict[str, Any]:
-    """The whole result as JSON-ready data (see README, section Benchmark). A search that a
+    """The whole result as JSON-ready data (see docs/benchmark.md). A search that a
     failed trial cut short has no maximum and stays out of the median."""
     summary = summarize(run.trials)
     by_target: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -41,7 +41,7 @@ OVERLAYS = DEPLOY / "kubernetes" / "overlays"
 MIN_KUBERNETES = "1.29"  # native sidecars (restartPolicy: Always init containers) on by default
 RELAY_CONTAINER = "kvrelay"
 CLOSE_SECONDS = 2.0  # after the drain, the relay waits this long at most for NATS to close
-# Read by discovery rather than Config (CONTRACT.md section 3).
+# Read by discovery rather than Config (docs/contract.md section 3).
 DISCOVERY_ENV = frozenset({"POD_NAME", "POD_NAMESPACE", "POD_UID", "DYN_DISCOVERY_BACKEND"})
 # vLLM's KVEventsConfig fields (vllm/config/kv_events.py).
 VLLM_KV_EVENTS_FIELDS = frozenset({"enable_kv_cache_events", "publisher", "endpoint",

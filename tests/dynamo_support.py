@@ -122,7 +122,7 @@ class RouterModel:
     blocks: dict[int, Block] = field(default_factory=dict)
 
     def apply(self, event: dict[str, Any]) -> None:
-        """Apply one vLLM event (map form, as relay.synthetic builds them)."""
+        """Apply one vLLM event (map form, as kvrelay.testing.synthetic builds them)."""
         kind = event["type"]
         if kind == "AllBlocksCleared":
             self.blocks.clear()

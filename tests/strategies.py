@@ -1,9 +1,9 @@
 """Hypothesis strategies for kvrelay's tests (the project keeps all of them in this module).
 
 vLLM-side strategies draw an input object exactly as vLLM's msgpack encoder sees it *and* the
-normalized output the relay must make of it, built here from the contract (CONTRACT.md section 1
-and 2), never by calling the codec, so a test can compare `Codec.decode` with an independent
-expectation.
+normalized output the relay must make of it, built here from the contract (docs/contract.md
+sections 1 and 2), never by calling the codec, so a test can compare `Codec.decode` with an
+independent expectation.
 """
 
 from __future__ import annotations

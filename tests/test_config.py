@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -127,12 +128,27 @@ def test_cli_errors_exit_2(args: list[str], message: str) -> None:
     assert message in done.stderr
 
 
-def test_readme_flag_table_is_generated_from_config() -> None:
-    """README.md's settings table is what Config generates (`python -m kvrelay.ops.flagtable`)."""
-    readme = flagtable.README.read_text()
-    assert flagtable.render(readme) == readme
+def test_manual_flag_table_is_generated_from_config() -> None:
+    """docs/configuration.md's settings table is what `python -m kvrelay.ops.flagtable` writes."""
+    assert flagtable.PAGE.parts[-2:] == ("docs", "configuration.md")
+    page = flagtable.PAGE.read_text()
+    assert flagtable.render(page) == page
     for s in settings():
-        assert f"| `{s.flag}` | `{env_var(s.key)}`" in readme
+        assert f"| `{s.flag}` | `{env_var(s.key)}`" in page
+
+
+def test_flagtable_check_passes_on_the_manual_and_fails_on_drift(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--check` exits 0 on the committed page and 1, rewriting nothing, when a row drifts."""
+    assert flagtable.main(["--check"]) == 0
+    page = tmp_path / "configuration.md"
+    stale = flagtable.PAGE.read_text().replace("| `--log-level` |", "| `--log-lvl` |")
+    page.write_text(stale)
+    monkeypatch.setattr(flagtable, "PAGE", page)
+    assert flagtable.main(["--check"]) == 1
+    assert page.read_text() == stale
+    assert flagtable.main([]) == 0
+    assert flagtable.render(page.read_text()) == page.read_text()
 
 
 def test_stale_flag_table_is_rewritten_and_the_rest_kept() -> None:

@@ -21,7 +21,7 @@ from kvrelay.discovery import (
 )
 from kvrelay.discovery.dynamo import DynamoEndpoint, transport_address, worker_ids
 
-# CONTRACT.md section 3: Dynamo's hash_pod_name over these names.
+# docs/contract.md section 3: Dynamo's hash_pod_name over these names.
 POD_NAME_VECTORS = [
     ("worker-0", 1186445869714687),
     ("worker-99999", 7410589986301036),

@@ -106,7 +106,7 @@ def _expected(row: dict[str, Any]) -> tuple[bytes, bytes]:
 
 
 def test_schema_file_matches_the_structs() -> None:
-    """schemas/relaybatch.schema.json is exactly what relay.schema's Structs generate."""
+    """schemas/relaybatch.schema.json is exactly what kvrelay.wire.schema's Structs generate."""
     generated = json.dumps(relay_batch_json_schema(), indent=2, sort_keys=True) + "\n"
     assert (SCHEMAS / "relaybatch.schema.json").read_text() == generated
 

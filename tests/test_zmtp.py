@@ -21,7 +21,7 @@ from kvrelay.testing.natsserver import free_port
 
 
 def frame(body: bytes, more: bool = False, command: bool = False) -> bytes:
-    """One ZMTP frame, written here independently of relay.zmtp."""
+    """One ZMTP frame, written here independently of kvrelay.ingest.zmtp."""
     flags = (1 if more else 0) | (4 if command else 0)
     if len(body) > 255:
         return bytes([flags | 2]) + len(body).to_bytes(8, "big") + body

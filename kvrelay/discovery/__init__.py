@@ -1,6 +1,6 @@
 """Worker instance-ID discovery: the ID the relay publishes under, and how it was found.
 
-Sources, first that applies (CONTRACT.md section 3), each a `Source`:
+Sources, first that applies (docs/contract.md section 3), each a `Source`:
 1. `ExplicitSource`: --instance-id / KVRELAY_INSTANCE_ID;
 2. `KubernetesSource`: DYN_DISCOVERY_BACKEND=kubernetes with POD_NAME and POD_NAMESPACE: the
    worker's DynamoWorkerMetadata custom resource;

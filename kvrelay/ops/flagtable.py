@@ -1,9 +1,10 @@
-"""README.md's table of `kvrelay run` settings, generated from Config (`--check`: verify instead).
+"""The manual's table of `kvrelay run` settings (docs/configuration.md), generated from Config
+(`--check`: verify instead).
 
     python -m kvrelay.ops.flagtable [--check]
 
 The table sits between the `| flag |` header and the first line after it that is not a table
-row; everything else in README.md is left alone.
+row; everything else in docs/configuration.md is left alone.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Final
 
 from kvrelay.config import settings
 
-README: Final = Path(__file__).resolve().parents[2] / "README.md"
+PAGE: Final = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 HEADER: Final = "| flag | environment | default | meaning |"
 
 
@@ -38,9 +39,9 @@ def flag_table() -> list[str]:
     return lines
 
 
-def render(readme: str) -> str:
-    """README text with its flag table replaced by the generated one."""
-    lines = readme.split("\n")
+def render(page: str) -> str:
+    """The page's text with its flag table replaced by the generated one."""
+    lines = page.split("\n")
     start = lines.index(HEADER)
     end = start
     while end < len(lines) and lines[end].startswith("|"):
@@ -51,17 +52,17 @@ def render(readme: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 if README.md's table differs from Config")
+                        help="exit 1 if docs/configuration.md's table differs from Config")
     args = parser.parse_args(argv)
-    current = README.read_text()
+    current = PAGE.read_text()
     wanted = render(current)
     if args.check:
         if wanted != current:
-            print("README.md's flag table is out of date: run python -m kvrelay.ops.flagtable",
-                  file=sys.stderr)
+            print("docs/configuration.md's flag table is out of date: run "
+                  "python -m kvrelay.ops.flagtable", file=sys.stderr)
             return 1
         return 0
-    README.write_text(wanted)
+    PAGE.write_text(wanted)
     return 0
 
 

@@ -2,8 +2,8 @@
 
 It stands in for a real engine in `kvrelay demo`, the integration tests and the benchmark, so
 the relay can be driven through gaps, replays and malformed frames without a GPU. Frames,
-replay protocol, bind rule and event shapes follow vLLM's `ZmqEventPublisher` (see CONTRACT.md
-section 1 and the captured vLLM 0.32 vectors).
+replay protocol, bind rule and event shapes follow vLLM's `ZmqEventPublisher` (see
+docs/contract.md section 1 and the captured vLLM 0.32 vectors).
 """
 
 from __future__ import annotations
