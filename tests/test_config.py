@@ -91,6 +91,25 @@ def test_invalid_env_value_names_the_variable() -> None:
         Config.load({}, {"KVRELAY_MAX_IN_FLIGHT": "many"})
 
 
+def test_invalid_dynamo_variable_is_named_not_the_flag() -> None:
+    """A bad value from a Dynamo variable names that variable, not the flag nobody gave."""
+    with pytest.raises(ConfigError, match=r"^DYN_NAMESPACE must match"):
+        Config.load({}, {"DYN_NAMESPACE": "Bad NS"})
+    with pytest.raises(ConfigError, match=r"^--namespace must match"):
+        Config.load({"namespace": "Bad NS"}, {"DYN_NAMESPACE": "fine"})
+
+
+def test_each_section_holds_only_its_own_settings() -> None:
+    """Every setting lives in exactly one section, and each flag names exactly one setting."""
+    keys = [s.key for s in settings()]
+    assert len(keys) == len(set(keys))
+    config = Config.load({"zmq": ["tcp://a:1"], "stream": "S", "nats": "nats://n:1"}, {})
+    assert (config.zmq.connect, config.stream.name, config.nats.servers) == (
+        ("tcp://a:1",), "S", "nats://n:1")
+    with pytest.raises(ConfigError, match="unknown settings: nope"):
+        Config.load({"nope": 1}, {})
+
+
 def test_redacted_masks_secrets() -> None:
     """Config dumps never show passwords, tokens or credentials in URLs."""
     config = Config.load({"nats": "nats://u:url-pa55word@host:4222", "nats_password": "pw",

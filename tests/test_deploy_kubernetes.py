@@ -231,7 +231,7 @@ BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
      "KVRELAY_NATS_SERVER is not a setting the relay reads"),
     ("invalid-setting",
      lambda o: _set_env(o, "KVRELAY_DP_RANKS", "0"),
-     "the relay refuses its settings: --dp-ranks must be at least 1"),
+     "the relay refuses its settings: KVRELAY_DP_RANKS must be at least 1"),
     ("unknown-flag",
      lambda o: _relay(o).update(args=["--natz", "nats://nats:4222"]),
      "unrecognized arguments: --natz"),
