@@ -334,7 +334,7 @@ def test_cli_flags_reach_the_config(tmp_path: Path) -> None:
         "run", "--format", "dynamo", "--dynamo-endpoint", "prefill", "--dynamo-register",
         "events", "--dynamo-model", "llama", "--kv-block-size", "32", "--dynamo-file-kv",
         str(tmp_path)])
-    flags: dict[str, Any] = vars(args)
+    flags: dict[str, Any] = {k: v for k, v in vars(args).items() if k != "command"}
     config = Config.load(flags, {"KVRELAY_DYNAMO_DISCOVERY": "file"})
     dynamo = config.dynamo
     assert (dynamo.dynamo_endpoint, dynamo.dynamo_register, dynamo.dynamo_model,

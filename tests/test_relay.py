@@ -654,7 +654,7 @@ async def test_bad_frames_counted_and_stream_continues(nc: Any, nats_server: Nat
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["run", "--namespace", "Bad.NS"], "--namespace 'Bad.NS' must match ^[a-z0-9-_]+$"),
+    (["run", "--namespace", "Bad.NS"], "--namespace must match ^[a-z0-9-_]+$ (got 'Bad.NS')"),
     (["run", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
 ], ids=["namespace", "unknown-flag"])
 def test_config_errors_exit_2(args: list[str], message: str) -> None:
