@@ -110,13 +110,17 @@ def test_buffer_hands_owed_resyncs_to_the_ranks_next_frame_once() -> None:
     buffer = Buffer(max_batches=3, max_bytes=1 << 20, metrics=metrics)
     for seq in range(5):  # seqs 0 and 1 of rank 0 overflow
         buffer.put(Frame(0, 0, seq, b"x", 0.0, ()))
-    buffer.owe(1, (Resync("gap", 7, 7),))
+    buffer.lose("rejected", 1, (7,), events=3, carried=(Resync("restart"),))
     first, second = buffer.pop_upto(2)
     assert first.resyncs == (Resync("overflow", 0, 1),)
     assert second.resyncs == ()
     assert sample(metrics, "kvrelay_resyncs_total", reason="overflow") == 1
     assert sample(metrics, "kvrelay_batches_dropped_total", reason="overflow") == 2
-    assert buffer.claim(1) == (Resync("gap", 7, 7),)
+    assert sample(metrics, "kvrelay_batches_dropped_total", reason="rejected") == 1
+    assert sample(metrics, "kvrelay_events_dropped_total", reason="rejected") == 3
+    assert sample(metrics, "kvrelay_resyncs_total", reason="gap") == 0  # not announced yet
+    assert buffer.claim(1) == (Resync("restart"), Resync("gap", 7, 7))
+    assert sample(metrics, "kvrelay_resyncs_total", reason="gap") == 1
     assert buffer.claim(1) == ()
     assert not buffer.owes(1)
     assert [f.seq for f in buffer.pop_upto(10)] == [4]

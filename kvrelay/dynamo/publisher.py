@@ -51,7 +51,7 @@ from kvrelay.publish.common import SEND_SLICE, read_frame, wait_until_sent
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
-from kvrelay.wire.schema import ResumePoint, Resync
+from kvrelay.wire.schema import ResumePoint
 
 log = logging.getLogger("kvrelay.dynamo")
 
@@ -373,8 +373,7 @@ class DynamoPublisher:
         for frame in frames:
             if buffer.owes(rank):  # one before it was dropped (counted): say so first
                 frame = frame._replace(resyncs=(*buffer.claim(rank), *frame.resyncs))
-            decoded = read_frame(self._codec.decode_input, frame, metrics, self._warn,
-                                 self._owe)
+            decoded = read_frame(self._codec.decode_input, frame, buffer, metrics, self._warn)
             if decoded is None:
                 continue
             received += len(decoded.events)
@@ -393,19 +392,13 @@ class DynamoPublisher:
         assert self._nc is not None
         if len(payload) > self._nc.max_payload:
             stream.rollback(len(items))
-            metrics.drop("too_large", len(carried), received)
-            self._owe(rank, tuple(Resync("gap", seq, seq) for seq in carried))
+            buffer.lose("too_large", rank, carried, received)
             log.error("dropped %d batch(es) making a message of %d bytes for dp_rank %d: "
                       "larger than the server's max_payload", len(carried), len(payload), rank)
             return None
         sent = _Sent(payload, ts, len(carried), len(items))
         self._window.append(sent)
         return sent
-
-    def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
-        """Announce a loss (as `cleared`) with the next message of `dp_rank`."""
-        self._metrics.resyncs.labels("gap").inc()
-        self._buffer.owe(dp_rank, resyncs)
 
     async def _publish(self, sent: _Sent) -> None:
         """Publish through nats-py, which waits while its queue is full."""

@@ -1,18 +1,23 @@
-"""The bounded buffer between ingest and publish.
+"""The bounded buffer between ingest and publish, and the one place losses past ingest go.
 
 ZMQ cannot be paused without vLLM dropping on its side, so the relay keeps reading while NATS is
-slow or away, up to a bound in batches and in bytes. Past the bound the oldest batch goes, is
-counted, and the next batch of its (instance, dp_rank) carries a `resync` for what went.
+slow or away, up to a bound in batches and in bytes. Past the bound the oldest batch goes.
+
+Every batch lost after ingest handed it on (overflow here; malformed, too large, refused or out
+of order in a publisher) goes through `lose`: counted as dropped by its reason, and announced
+with the next batch of its (instance, dp_rank) as a `resync` range. Announcements are counted
+when a batch takes them on (`pop`, `claim`). Ingest announces what it finds missing in vLLM's
+own stream in-band, on the batch after the hole.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.system.metrics import Metrics
-from kvrelay.wire.schema import Resync
+from kvrelay.wire.schema import Resync, ResyncReason
 
 
 def merge_resyncs(owed: Iterable[Resync], new: Iterable[Resync]) -> tuple[Resync, ...]:
@@ -62,7 +67,16 @@ class Buffer:
         ):
             self._drop_oldest()
 
-    def owe(self, dp_rank: int, resyncs: Iterable[Resync]) -> None:
+    def lose(self, reason: str, dp_rank: int, seqs: Sequence[int], events: int = 0,
+             carried: tuple[Resync, ...] = ()) -> None:
+        """Batches `seqs` of `dp_rank` will not be delivered: count them as dropped for
+        `reason`, and have the rank's next frame announce them (`overflow` for the buffer's own
+        drops, `gap` for any other), after the resyncs they `carried` themselves."""
+        self._metrics.drop(reason, len(seqs), events)
+        kind: ResyncReason = "overflow" if reason == "overflow" else "gap"
+        self._owe(dp_rank, (*carried, *(Resync(kind, seq, seq) for seq in seqs)))
+
+    def _owe(self, dp_rank: int, resyncs: Iterable[Resync]) -> None:
         """Have the next frame of `dp_rank` announce `resyncs` (a loss it comes after)."""
         self._owed[dp_rank] = merge_resyncs(self._owed.get(dp_rank, ()), resyncs)
 
@@ -86,9 +100,8 @@ class Buffer:
     def claim(self, dp_rank: int) -> tuple[Resync, ...]:
         """The resyncs owed to `dp_rank`, handed to a caller that announces them now."""
         owed = self._owed.pop(dp_rank, ())
-        overflows = sum(resync.reason == "overflow" for resync in owed)
-        if overflows:
-            self._metrics.resyncs.labels("overflow").inc(overflows)
+        for resync in owed:
+            self._metrics.resyncs.labels(resync.reason).inc()
         return owed
 
     def drain_all(self) -> list[Frame]:
@@ -101,7 +114,6 @@ class Buffer:
     def _drop_oldest(self) -> None:
         frame = self._frames.popleft()
         self._bytes -= len(frame.payload)
-        self._metrics.drop("overflow", 1)
         # What the dropped frame had to announce, then its own loss; a run of drops folds
         # into one `overflow` range, and a restart among them breaks the run as it should.
-        self.owe(frame.dp_rank, (*frame.resyncs, Resync("overflow", frame.seq, frame.seq)))
+        self.lose("overflow", frame.dp_rank, (frame.seq,), carried=frame.resyncs)

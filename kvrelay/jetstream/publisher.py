@@ -54,7 +54,7 @@ from kvrelay.publish.common import (
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
-from kvrelay.wire.schema import SCHEMA_VERSION, RelayBatch, ResumePoint, Resync
+from kvrelay.wire.schema import SCHEMA_VERSION, RelayBatch, ResumePoint
 
 log = logging.getLogger("kvrelay.publish")
 
@@ -334,7 +334,7 @@ class Publisher:
 
     def _enter(self, frame: Frame) -> tuple[int, _Pending] | None:
         """Encode a frame and put it in the window; None if it was dropped (counted)."""
-        decoded = read_frame(self._codec.decode, frame, self._metrics, self._warn, self._owe)
+        decoded = read_frame(self._codec.decode, frame, self._buffer, self._metrics, self._warn)
         if decoded is None:
             return None
         events: list[Any] = ([*frame.resyncs, *decoded.events] if frame.resyncs
@@ -346,7 +346,7 @@ class Publisher:
         try:
             payload = self._codec.encode(batch)
         except MalformedPayload as exc:
-            drop_malformed(frame, exc, self._metrics, self._warn, self._owe)
+            drop_malformed(frame, exc, self._buffer, self._metrics, self._warn)
             return None
         self._metrics.events_received.inc(len(decoded.events))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
@@ -359,10 +359,9 @@ class Publisher:
         self._unsettled.setdefault(pending.subject, deque()).append(pending)
         return token, pending
 
-    def _owe(self, dp_rank: int, resyncs: tuple[Resync, ...]) -> None:
-        """Announce a loss with the next batch of `dp_rank` that is sent."""
-        self._metrics.resyncs.labels("gap").inc()
-        self._buffer.owe(dp_rank, resyncs)
+    def _lose(self, reason: str, pending: _Pending) -> None:
+        """A batch in the window that will not be stored: counted, announced (`Buffer.lose`)."""
+        self._buffer.lose(reason, pending.dp_rank, (pending.seq,), pending.events)
 
     async def _publish(self, token: int, pending: _Pending) -> None:
         assert self._nc is not None
@@ -373,8 +372,7 @@ class Publisher:
                                    reply=f"{self._inbox}{token}", headers=_headers(pending))
         except nats.errors.MaxPayloadError:
             del self._window[token]
-            self._metrics.drop("too_large", 1, pending.events)
-            self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+            self._lose("too_large", pending)
             self._settle_in_order(pending.subject)
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
@@ -394,8 +392,7 @@ class Publisher:
         pending.sent_at = time.monotonic()
         if len(pending.payload) > nc.max_payload:
             del self._window[token]
-            self._metrics.drop("too_large", 1, pending.events)
-            self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+            self._lose("too_large", pending)
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
             return
@@ -456,8 +453,7 @@ class Publisher:
             pending = self._window.get(token)
             if pending is not None and point < newest:
                 del self._window[token]
-                self._metrics.drop("out_of_order", 1, pending.events)
-                self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+                self._lose("out_of_order", pending)
                 self._warn.warning("out-of-order", "batch epoch %d seq %d on %s was refused "
                                    "while a later one was stored; announced as a gap",
                                    pending.epoch, pending.seq, subject)
@@ -574,8 +570,7 @@ class Publisher:
 
     def _reject(self, token: int, pending: _Pending, error: ApiError) -> None:
         del self._window[token]
-        self._metrics.drop("rejected", 1, pending.events)
-        self._owe(pending.dp_rank, (Resync("gap", pending.seq, pending.seq),))
+        self._lose("rejected", pending)
         self._settle_in_order(pending.subject)
         self._warn.warning("rejected", "JetStream rejected a publish on %s: %s (code %d)",
                            pending.subject, error.description, error.code)

@@ -13,10 +13,10 @@ import nats.errors
 
 from kvrelay.codec import DecodedBatch, InputBatch, MalformedPayload
 from kvrelay.config import NatsSettings
+from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
-from kvrelay.wire.schema import Resync
 
 
 class NatsRefused(Exception):
@@ -68,31 +68,27 @@ async def wait_until_sent(unsent: Callable[[], bool], wake: asyncio.Event,
 SEND_SLICE = 256  # batches the publish loop sends from a backlog before letting others run
 
 
-Owe = Callable[[int, tuple[Resync, ...]], None]
-
-
-def drop_malformed(frame: Frame, exc: MalformedPayload, metrics: Metrics, warn: RateLimitedLog,
-                   owe: Owe) -> None:
+def drop_malformed(frame: Frame, exc: MalformedPayload, buffer: Buffer, metrics: Metrics,
+                   warn: RateLimitedLog) -> None:
     """Count and log a batch that cannot be read or written; what it had to announce, and its
-    own loss, go with its rank's next batch (`owe`)."""
+    own loss, go with its rank's next batch (`Buffer.lose`)."""
     metrics.decode_errors.labels(exc.kind).inc()
-    metrics.drop("malformed", 1)
     warn.warning(exc.kind, "dropped a batch (dp_rank %d seq %d): %s", frame.dp_rank, frame.seq,
                  exc)
-    owe(frame.dp_rank, (*frame.resyncs, Resync("gap", frame.seq, frame.seq)))
+    buffer.lose("malformed", frame.dp_rank, (frame.seq,), carried=frame.resyncs)
 
 
 Decoded = TypeVar("Decoded", DecodedBatch, InputBatch)
 
 
-def read_frame(decode: Callable[[bytes], Decoded], frame: Frame, metrics: Metrics,
-               warn: RateLimitedLog, owe: Owe) -> Decoded | None:
+def read_frame(decode: Callable[[bytes], Decoded], frame: Frame, buffer: Buffer,
+               metrics: Metrics, warn: RateLimitedLog) -> Decoded | None:
     """A frame's vLLM batch, decoded (`Codec.decode` or `decode_input`) for either publisher;
     None if it is malformed (dropped through `drop_malformed`)."""
     try:
         decoded = decode(frame.payload)
     except MalformedPayload as exc:
-        drop_malformed(frame, exc, metrics, warn, owe)
+        drop_malformed(frame, exc, buffer, metrics, warn)
         return None
     if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
         warn.warning("rank", "batch says data_parallel_rank %d but arrived on the endpoint of "
