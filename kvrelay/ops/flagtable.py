@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from kvrelay.config import Config, env_var
 
-README: Final = Path(__file__).resolve().parent.parent / "README.md"
+README: Final = Path(__file__).resolve().parents[2] / "README.md"
 HEADER: Final = "| flag | environment | default | meaning |"
 
 
