@@ -147,7 +147,8 @@ class Relay:
                             hold_bytes=max(1024, config.buffer_bytes // len(specs)),
                             replay_timeout=config.replay_timeout,
                             replay_cooldown=config.replay_cooldown,
-                            engine=config.zmq_engine)
+                            engine=config.zmq_engine,
+                            heartbeat=config.zmq_heartbeat)
             self._sources.append(source)
             task = asyncio.ensure_future(source.run(self.publisher.resume_point(spec.dp_rank)))
             self._source_tasks.append(task)

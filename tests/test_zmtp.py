@@ -1,11 +1,14 @@
-"""The native ZMTP SUB against libzmq's PUB (pyzmq), and its framing against any cut of a stream."""
+"""The native ZMTP SUB against libzmq's PUB (pyzmq) and raw peers: framing against any cut of a
+stream, heartbeats, the bound on a message, transports and reconnection."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,12 @@ def frame(body: bytes, more: bool = False, command: bool = False) -> bytes:
     return bytes([flags, len(body)]) + body
 
 
+PUB_READY = frame(b"\x05READY\x0bSocket-Type" + (3).to_bytes(4, "big") + b"PUB", command=True)
+
+
 def pub_stream(messages: Messages) -> bytes:
     """What a PUB writes after the handshake-free start: greeting, READY, then the messages."""
-    ready = frame(b"\x05READY\x0bSocket-Type" + (3).to_bytes(4, "big") + b"PUB", command=True)
-    out = [GREETING, ready]
+    out = [GREETING, PUB_READY]
     for message in messages:
         out += [frame(part, more=i < len(message) - 1) for i, part in enumerate(message)]
     return b"".join(out)
@@ -130,7 +135,7 @@ def test_endpoints_not_read_natively_say_so(endpoint: str, bind: bool) -> None:
 
 
 @contextlib.asynccontextmanager
-async def subscribed(endpoint: str, bind: bool, topic: bytes = b""
+async def subscribed(endpoint: str, bind: bool, topic: bytes = b"", heartbeat: float = 0.0
                      ) -> AsyncIterator[tuple[Subscriber, Messages, asyncio.Event]]:
     got: Messages = []
     arrived = asyncio.Event()
@@ -140,13 +145,47 @@ async def subscribed(endpoint: str, bind: bool, topic: bytes = b""
         arrived.set()
 
     retries: list[str] = []
-    subscriber = Subscriber(endpoint, bind, topic, deliver, endpoint)
+    subscriber = Subscriber(endpoint, bind, topic, deliver, endpoint,
+                            heartbeat=heartbeat)
     task = asyncio.ensure_future(subscriber.run(retries.append))
     try:
         yield subscriber, got, arrived
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail saying `what` when `within` seconds pass first."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        await asyncio.sleep(0.01)
+
+
+def heartbeating_pub(ctx: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+    """libzmq's PUB with heartbeats on: a PING every 100 ms, dropped 300 ms after one unheard."""
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.HEARTBEAT_IVL, 100)
+    pub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 300)
+    pub.setsockopt(zmq.HEARTBEAT_TTL, 500)
+    return pub
+
+
+def endpoint_for(transport: str, tmp_path: Path) -> str:
+    """A free endpoint: tcp over IPv4 or IPv6 loopback, or ipc."""
+    if transport == "ipc":
+        return f"ipc://{tmp_path / 'kv.sock'}"
+    if transport == "tcp":
+        return f"tcp://127.0.0.1:{free_port()}"
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError as exc:
+        pytest.skip(f"this machine has no IPv6 loopback (binding [::1] failed: {exc})")
+    return f"tcp://[::1]:{port}"
 
 
 async def send_until_received(pub: zmq.Socket[bytes], got: Messages, arrived: asyncio.Event,
@@ -244,21 +283,21 @@ async def test_topic_filters_at_the_pub() -> None:
 
 
 async def test_reconnects_when_the_pub_restarts() -> None:
-    """A PUB that goes away and binds again (vLLM restarting) is found again without help."""
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
+    """A PUB that goes away and binds the same port again (vLLM restarting) is connected to
+    again without help, and what the new one publishes arrives."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     ctx = zmq.Context()
     try:
         async with subscribed(endpoint, bind=False) as (subscriber, got, arrived):
             for generation in range(2):
-                pub = ctx.socket(zmq.PUB)
+                pub = heartbeating_pub(ctx)
                 pub.bind(endpoint)
                 arrived.clear()
                 await send_until_received(pub, got, arrived, [b"", bytes([generation])])
+                assert subscriber.attachments == generation + 1
                 pub.close(linger=0)
-                await asyncio.sleep(0.1)
-            assert [m[1] for m in got if len(m) == 2][-1] == b"\x01"
-            assert subscriber.peers <= 1
+                await until(lambda: subscriber.peers == 0, "the closed PUB was not noticed")
+            assert got[-1] == [b"", b"\x01"]
     finally:
         ctx.term()
 
@@ -295,3 +334,160 @@ def test_greeting_is_the_rfc_layout() -> None:
     assert GREETING[9] == 0x7F
     assert GREETING[10:12] == b"\x03\x00"
     assert GREETING[12:32].rstrip(b"\x00") == b"NULL"
+
+
+@pytest.mark.parametrize(("transport", "pub_heartbeat", "relay_heartbeat", "seconds"), [
+    ("tcp", True, 0.0, 3.0),
+    ("ipc", True, 0.0, 3.0),
+    ("tcp6", True, 0.0, 3.0),
+    ("tcp", False, 0.1, 1.5),
+])
+async def test_heartbeats_cost_no_reconnects_and_no_messages(
+        transport: str, pub_heartbeat: bool, relay_heartbeat: float, seconds: float,
+        tmp_path: Path) -> None:
+    """Every libzmq PING (100 ms, 300 ms timeout) is answered, and libzmq answers ours: while the
+    PUB publishes, the connection never drops and every message arrives, in order."""
+    endpoint = endpoint_for(transport, tmp_path)
+    ctx = zmq.Context()
+    pub = heartbeating_pub(ctx) if pub_heartbeat else ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.IPV6, transport == "tcp6")
+    pub.bind(endpoint)
+    try:
+        async with subscribed(endpoint, bind=False, heartbeat=relay_heartbeat) as (
+                subscriber, got, arrived):
+            await send_until_received(pub, got, arrived, [b"", b"hello"])
+            sent = 0
+            stop = time.monotonic() + seconds
+            while time.monotonic() < stop:
+                for _ in range(10):
+                    pub.send_multipart([b"", sent.to_bytes(8, "big"), bytes(64)])
+                    sent += 1
+                await asyncio.sleep(0.005)
+            await until(lambda: sum(len(m) == 3 for m in got) >= sent, "messages were lost")
+            assert [int.from_bytes(m[1], "big") for m in got if len(m) == 3] == list(range(sent))
+            assert subscriber.attachments == 1
+            assert subscriber.peers == 1
+    finally:
+        pub.close(linger=0)
+        ctx.term()
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One ZMTP frame off a stream: its flags and its body."""
+    flags, size = await reader.readexactly(2)
+    if flags & 2:
+        size = int.from_bytes(bytes([size]) + await reader.readexactly(7), "big")
+    return flags, await reader.readexactly(size)
+
+
+Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_pub(behave: Behaviour, minor: int = 1) -> AsyncIterator[tuple[int, list[int]]]:
+    """A TCP server playing a PUB's part of the handshake (greeting as ZMTP 3.`minor`), then
+    `behave(reader, writer, n)` for its n-th SUB; yields its port and the SUBs handshaken."""
+    handshaken: list[int] = []
+    accepted = 0
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        index, accepted = accepted, accepted + 1
+        try:
+            writer.write(GREETING[:11] + bytes([minor]) + GREETING[12:])
+            await reader.readexactly(64)
+            assert (await read_frame(reader))[1].startswith(b"\x05READY")
+            writer.write(PUB_READY)
+            assert (await read_frame(reader))[1] == b"\x01"  # subscribed to everything
+            handshaken.append(index)
+            await behave(reader, writer, index)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], handshaken
+    finally:
+        server.close()
+        if handlers:  # the SUB is gone: each handler sees it close and ends
+            await asyncio.wait(handlers, timeout=5)
+        await server.wait_closed()
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> None:
+    """Read until the other side closes (or resets) the connection."""
+    with contextlib.suppress(ConnectionError):
+        while await reader.read(65536):
+            pass
+
+
+async def test_a_peer_silent_past_its_ping_ttl_is_dropped_and_reconnected() -> None:
+    """A PING is answered with a PONG echoing its context; when nothing more arrives within the
+    PING's TTL (0.3 s) the connection is closed, not before, and made again."""
+    pongs: list[tuple[int, bytes]] = []
+    closed_after: list[float] = []
+
+    async def ping_then_fall_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                    index: int) -> None:
+        if index > 0:
+            await closed_by_peer(reader)  # the reconnection: no PING, kept
+            return
+        writer.write(frame(b"\x04PING" + (3).to_bytes(2, "big") + b"ctx-17", command=True))
+        pinged = time.monotonic()
+        pongs.append(await read_frame(reader))
+        await closed_by_peer(reader)
+        closed_after.append(time.monotonic() - pinged)
+
+    async with (raw_pub(ping_then_fall_silent) as (port, handshaken),
+                subscribed(f"tcp://127.0.0.1:{port}", bind=False) as (subscriber, _, _)):
+        await until(lambda: len(handshaken) >= 2, "the silent peer was never reconnected")
+        await until(lambda: subscriber.peers == 1, "the reconnection did not attach")
+        assert pongs == [(4, b"\x04PONGctx-17")]
+        assert 0.3 <= closed_after[0] < 5.0
+
+
+async def test_own_pings_drop_a_peer_that_never_answers() -> None:
+    """With a heartbeat of 0.1 s the SUB PINGs a 3.1 peer (asking a TTL of three heartbeats) and,
+    hearing nothing back within 0.1 s, closes the connection and makes it again."""
+    pings: list[tuple[int, bytes]] = []
+    closed_after: list[float] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           index: int) -> None:
+        if index > 0:
+            await closed_by_peer(reader)
+            return
+        pings.append(await read_frame(reader))
+        pinged = time.monotonic()
+        await closed_by_peer(reader)
+        closed_after.append(time.monotonic() - pinged)
+
+    async with (raw_pub(never_answer) as (port, handshaken),
+                subscribed(f"tcp://127.0.0.1:{port}", bind=False, heartbeat=0.1)):
+        await until(lambda: len(handshaken) >= 2, "the silent peer was never reconnected")
+        assert pings == [(4, b"\x04PING" + (3).to_bytes(2, "big"))]
+        assert 0.09 <= closed_after[0] < 5.0
+
+
+async def test_no_pings_to_a_3_0_peer() -> None:
+    """ZMTP 3.0 has no PING: a peer that greets as 3.0 gets none, even with a heartbeat set, and
+    stays connected."""
+    heard: list[bytes] = []
+
+    async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     index: int) -> None:
+        heard.append(await reader.read(65536))
+
+    async with (raw_pub(listen, minor=0) as (port, _),
+                subscribed(f"tcp://127.0.0.1:{port}", bind=False, heartbeat=0.1) as (
+                    subscriber, _, _)):
+        await until(lambda: subscriber.peers == 1, "the 3.0 peer did not attach")
+        await asyncio.sleep(0.5)  # five heartbeats: long enough for a PING to have come
+        assert heard == []
+        assert subscriber.attachments == 1

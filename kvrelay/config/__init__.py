@@ -64,6 +64,10 @@ class Config:
     zmq_engine: Literal["native", "libzmq"] = field(default="native", metadata=_opt(
         "how vLLM's PUB stream is read: native (ZMTP on the relay's event loop, tcp:// and "
         "ipc://) or libzmq (pyzmq, every transport libzmq has)", choices=("native", "libzmq")))
+    zmq_heartbeat: float = field(default=0.0, metadata=_opt(
+        "seconds between ZMTP PINGs to each vLLM publisher (0: none, else 0.1 to 60); one that "
+        "sends nothing back within that time is dropped and reconnected (publishers' own PINGs "
+        "are always answered and their TTL honoured)"))
     dp_ranks: int = field(default=1, metadata=_opt(
         "data-parallel ranks: expand the one ZMQ (and replay) endpoint to N consecutive ports"))
     dp_rank_start: int = field(default=0, metadata=_opt(
@@ -212,6 +216,9 @@ class Config:
                      "discovery_timeout", "discovery_retry_max"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        if self.zmq_heartbeat != 0 and not 0.1 <= self.zmq_heartbeat <= 60:
+            raise ConfigError(f"--zmq-heartbeat {self.zmq_heartbeat:g} must be 0 (off) or from "
+                              "0.1 to 60 seconds")
         for name in ("snapshot_interval", "snapshot_events"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be 0 (off) or positive")

@@ -19,7 +19,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kvrelay.config import SourceSpec
-from kvrelay.ingest.zmtp import Messages, Subscriber
+from kvrelay.ingest.zmtp import Messages, Subscriber, ping_ttl
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import ResumePoint, Resync, ResyncReason
@@ -65,9 +65,11 @@ class Source:
         replay_timeout: float = 2.0,
         replay_cooldown: float = 5.0,
         engine: Literal["native", "libzmq"] = "native",
+        heartbeat: float = 0.0,
     ) -> None:
         self.spec = spec
         self._engine = engine
+        self._heartbeat = heartbeat  # seconds between PINGs to the publisher; 0: none
         self._ctx = ctx
         self._sink = sink
         self._metrics = metrics
@@ -128,7 +130,8 @@ class Source:
     async def _run_native(self, failed: asyncio.Future[None]) -> None:
         """ZMTP on this event loop: each read of the socket hands on every message it holds."""
         subscriber = self._subscriber = Subscriber(
-            self.spec.endpoint, self.spec.bind, self._topic, self._take, self.name)
+            self.spec.endpoint, self.spec.bind, self._topic, self._take, self.name,
+            heartbeat=self._heartbeat)
         reading = asyncio.ensure_future(subscriber.run(
             lambda message: self._warn.warning("retry:" + self.name, "%s", message)))
         try:
@@ -216,6 +219,10 @@ class Source:
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
+        if self._heartbeat > 0:  # as the native engine: PINGs, a heartbeat to answer, a TTL
+            sock.setsockopt(zmq.HEARTBEAT_IVL, round(self._heartbeat * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, round(self._heartbeat * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_TTL, ping_ttl(self._heartbeat) * 100)
         self._watcher = asyncio.ensure_future(self._watch(sock.get_monitor_socket()))
         delay = 0.1
         try:
