@@ -148,6 +148,8 @@ class Relay:
                             replay_timeout=config.replay_timeout,
                             replay_cooldown=config.replay_cooldown,
                             engine=config.zmq_engine,
+                            # A message the whole buffer could not hold is refused unread.
+                            max_message=config.buffer_bytes,
                             heartbeat=config.zmq_heartbeat)
             self._sources.append(source)
             task = asyncio.ensure_future(source.run(self.publisher.resume_point(spec.dp_rank)))

@@ -8,19 +8,26 @@ import contextlib
 import logging
 import socket
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
+import zmq.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import chunkings, zmtp_messages
 
+from kvrelay.config import SourceSpec
 from kvrelay.config.endpoint import parse_endpoint
+from kvrelay.ingest.source import Frame, Source
 from kvrelay.ingest.zmtp import GREETING, READY, Connection, Messages, Subscriber
+from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import free_port
+
+MAX_MESSAGE = 64 << 20  # the default of --buffer-bytes
 
 
 def frame(body: bytes, more: bool = False, command: bool = False) -> bytes:
@@ -65,7 +72,8 @@ class Recorder:
 
 async def _connection() -> tuple[Connection, Recorder, Messages]:
     got: Messages = []
-    connection = Connection(b"kv", got.extend, lambda c: None, lambda c, e: None)
+    connection = Connection(b"kv", got.extend, lambda c: None, lambda c, e: None,
+                            max_message=MAX_MESSAGE)
     recorder = Recorder()
     connection.connection_made(recorder)  # type: ignore[arg-type]
     return connection, recorder, got
@@ -96,12 +104,15 @@ async def test_any_cut_of_the_stream_gives_the_same_messages(messages: Messages,
                       command=True), "a PUSH socket"),
     (GREETING + frame(b"hello"), "a message before READY"),
     (GREETING + frame(b"\x05ERROR\x06denied", command=True), "denied"),
+    (GREETING + PUB_READY + b"\x02" + (MAX_MESSAGE + 1).to_bytes(8, "big"),
+     "refused a message of"),
 ])
 async def test_a_peer_that_is_not_a_pub_is_refused(stream: bytes, why: str) -> None:
     """Anything but a ZMTP 3 PUB with the NULL mechanism is closed with the reason, not read."""
     closed: list[Exception | None] = []
     got: Messages = []
-    connection = Connection(b"", got.extend, lambda c: None, lambda c, e: closed.append(e))
+    connection = Connection(b"", got.extend, lambda c: None, lambda c, e: closed.append(e),
+                            max_message=MAX_MESSAGE)
     recorder = Recorder()
     connection.connection_made(recorder)  # type: ignore[arg-type]
     connection.data_received(stream)
@@ -145,7 +156,7 @@ async def subscribed(endpoint: str, bind: bool, topic: bytes = b"", heartbeat: f
         arrived.set()
 
     retries: list[str] = []
-    subscriber = Subscriber(endpoint, bind, topic, deliver, endpoint,
+    subscriber = Subscriber(endpoint, bind, topic, deliver, endpoint, max_message=MAX_MESSAGE,
                             heartbeat=heartbeat)
     task = asyncio.ensure_future(subscriber.run(retries.append))
     try:
@@ -491,3 +502,63 @@ async def test_no_pings_to_a_3_0_peer() -> None:
         await asyncio.sleep(0.5)  # five heartbeats: long enough for a PING to have come
         assert heard == []
         assert subscriber.attachments == 1
+
+
+@pytest.mark.parametrize("shape", ["one frame", "many frames"])
+async def test_a_message_over_the_bound_is_refused_counted_and_never_held(
+        shape: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A PUB announcing a message above the byte bound (64 KiB here) is reset as the header that
+    crosses it arrives: the drop is counted (`too_large`) and logged, the megabytes it streams
+    are never kept in memory, and the reader connects again."""
+    bound = 64 << 10
+    streamed: list[int] = []
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    index: int) -> None:
+        if index > 0:
+            await closed_by_peer(reader)
+            return
+        chunk = bytes(60_000)
+        if shape == "one frame":  # one frame of 100 MiB, its body sent as it goes
+            writer.write(b"\x01\x00" + b"\x02" + (100 << 20).to_bytes(8, "big"))
+            piece = chunk
+        else:  # 60 KB frames, each under the bound, never the last of their message
+            piece = b"\x03" + len(chunk).to_bytes(8, "big") + chunk
+        total = 0
+        try:
+            while total < 16 << 20:
+                writer.write(piece)
+                await writer.drain()
+                total += len(piece)
+        finally:
+            streamed.append(total)
+
+    metrics = Metrics()
+    frames: list[Frame] = []
+    caplog.set_level(logging.WARNING, "kvrelay.zmtp")
+    async with raw_pub(flood) as (port, handshaken):
+        spec = SourceSpec(f"tcp://127.0.0.1:{port}", False, None, 0)
+        source = Source(spec, zmq.asyncio.Context.instance(), frames.append, metrics,
+                        max_message=bound)
+        resumed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        resumed.set_result(None)
+        tracemalloc.start()
+        try:
+            baseline = tracemalloc.get_traced_memory()[0]
+            reading = asyncio.ensure_future(source.run(resumed))
+            try:
+                await until(lambda: len(handshaken) >= 2, "the reader did not connect again")
+                await until(lambda: bool(streamed), "the flood was not cut off")
+                peak = tracemalloc.get_traced_memory()[1] - baseline
+            finally:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+        finally:
+            tracemalloc.stop()
+    assert streamed[0] < 16 << 20  # the reset cut the flood short
+    assert peak < 4 << 20
+    assert frames == []
+    assert metrics.registry.get_sample_value(
+        "kvrelay_batches_dropped_total", {"reason": "too_large"}) == 1
+    assert "refused a message of" in caplog.text
+    assert "--buffer-bytes" in caplog.text

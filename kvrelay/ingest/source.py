@@ -65,10 +65,12 @@ class Source:
         replay_timeout: float = 2.0,
         replay_cooldown: float = 5.0,
         engine: Literal["native", "libzmq"] = "native",
+        max_message: int = 64 << 20,
         heartbeat: float = 0.0,
     ) -> None:
         self.spec = spec
         self._engine = engine
+        self._max_message = max_message  # native: a larger message is refused, counted
         self._heartbeat = heartbeat  # seconds between PINGs to the publisher; 0: none
         self._ctx = ctx
         self._sink = sink
@@ -131,7 +133,7 @@ class Source:
         """ZMTP on this event loop: each read of the socket hands on every message it holds."""
         subscriber = self._subscriber = Subscriber(
             self.spec.endpoint, self.spec.bind, self._topic, self._take, self.name,
-            heartbeat=self._heartbeat)
+            max_message=self._max_message, heartbeat=self._heartbeat, too_large=self._too_large)
         reading = asyncio.ensure_future(subscriber.run(
             lambda message: self._warn.warning("retry:" + self.name, "%s", message)))
         try:
@@ -183,6 +185,10 @@ class Source:
             failed.set_exception(exc)
         if batch:
             self._take(batch)
+
+    def _too_large(self, size: int) -> None:
+        """A message refused at the socket for its size: a batch lost, counted."""
+        self._metrics.drop("too_large", 1)
 
     def _take(self, messages: Messages) -> None:
         """Sequence-check and hand on messages just read (either engine)."""

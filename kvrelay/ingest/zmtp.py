@@ -19,6 +19,9 @@ answers that peer's PINGs (zmtp_engine.cpp, stream_engine_base.cpp). Saying 3.1 
 SUB to subscribe with a SUBSCRIBE command, which libzmq PUBs before 4.3.0 ignore: they would send
 nothing. Our own PINGs (`heartbeat`, off by default) go only to a peer that greeted as 3.1 or
 later, since 3.0 has no PING.
+
+A frame, or a message, larger than `max_message` is refused as its header arrives: the connection
+is reset before its body is read, so the read buffer never holds more than that bound and a read.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from collections.abc import Callable
 from typing import cast
 
 from kvrelay.config.endpoint import parse_endpoint
+from kvrelay.ratelimit import RateLimitedLog
 
 log = logging.getLogger("kvrelay.zmtp")
 
@@ -45,7 +49,6 @@ _GREETING_SIZE = 64
 GREETING = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
             + b"\x00" + bytes(31))
 HANDSHAKE_TIMEOUT = 5.0
-MAX_FRAME = 1 << 31  # a frame this large is not a vLLM batch: the stream is garbage
 MAX_CONTEXT = 16  # a PING's context is at most 16 bytes; libzmq echoes no more either
 # A timer may run before the loop has read what arrived while it was busy (uvloop runs timers
 # before polling sockets): silence is confirmed once more after this long before it counts.
@@ -57,6 +60,14 @@ MAX_TTL_DECISECONDS = 655
 
 class ProtocolError(Exception):
     """The peer does not speak ZMTP 3 PUB with the NULL mechanism."""
+
+
+class TooLarge(ProtocolError):
+    """The peer announced a frame (or a message) above the bound: refused unread."""
+
+    def __init__(self, size: int, bound: int) -> None:
+        super().__init__(f"refused a message of {size} bytes, over the bound of {bound} bytes")
+        self.size = size
 
 
 class Silent(ProtocolError):
@@ -104,17 +115,19 @@ class Connection(asyncio.Protocol):
     def __init__(self, topic: bytes, deliver: MessageSink,
                  attached: Callable[[Connection], None],
                  closed: Callable[[Connection, Exception | None], None], *,
-                 heartbeat: float = 0.0) -> None:
+                 max_message: int, heartbeat: float = 0.0) -> None:
         self._topic = topic
         self._deliver = deliver
         self._attached = attached
         self._closed = closed
+        self._max_message = max_message
         self._heartbeat = heartbeat  # seconds between our PINGs; 0: none
         self._transport: asyncio.Transport | None = None
         self._greeted = False
         self._peer_minor = 0  # the peer's ZMTP 3.x minor version, from its greeting
         self.ready = False
         self._parts: list[bytes] = []
+        self._held = 0  # wire bytes of the message in `_parts` so far
         self._rest = bytearray()  # an incomplete frame (or greeting) waiting for more bytes
         self._need = 0  # bytes `_rest` must hold before parsing is worth trying again
         self._error: Exception | None = None
@@ -180,6 +193,8 @@ class Connection(asyncio.Protocol):
 
     def _split(self, data: bytes, pos: int, end: int, messages: Messages) -> None:
         parts = self._parts
+        held = self._held
+        room = self._max_message - held
         need = 0
         while pos < end:
             flags = data[pos]
@@ -188,8 +203,6 @@ class Connection(asyncio.Protocol):
                     need = 9
                     break
                 size = int.from_bytes(data[pos + 1:pos + 9], "big")
-                if size > MAX_FRAME:
-                    raise ProtocolError(f"a frame of {size} bytes")
                 start = pos + 9
             else:
                 if end - pos < 2:
@@ -198,6 +211,8 @@ class Connection(asyncio.Protocol):
                 size = data[pos + 1]
                 start = pos + 2
             stop = start + size
+            if stop - pos > room:  # refused before a byte more of it is kept
+                raise TooLarge(held + stop - pos, self._max_message)
             if stop > end:
                 need = stop - pos
                 break
@@ -207,10 +222,16 @@ class Connection(asyncio.Protocol):
                 raise ProtocolError("a message before READY")
             else:
                 parts.append(data[start:stop])
-                if not flags & _MORE:
+                if flags & _MORE:
+                    held += stop - pos
+                    room -= stop - pos
+                else:
                     messages.append(parts)
                     parts = self._parts = []
+                    held = 0
+                    room = self._max_message
             pos = stop
+        self._held = held
         if pos < end:
             self._rest += data[pos:]
             self._need = need
@@ -312,19 +333,24 @@ class Connection(asyncio.Protocol):
 class Subscriber:
     """Every PUB at one endpoint: connect and reconnect to it, or accept those that connect.
 
-    `heartbeat` > 0: PING each 3.1 PUB that often and drop it when nothing comes back within
-    that time.
+    `max_message` bounds a message (its frames on the wire); a PUB announcing a larger one is
+    reset and `too_large(size)` hears of it. `heartbeat` > 0: PING each 3.1 PUB that often and
+    drop it when nothing comes back within that time.
     """
 
     def __init__(self, endpoint: str, bind: bool, topic: bytes, deliver: MessageSink,
-                 name: str, *, heartbeat: float = 0.0) -> None:
+                 name: str, *, max_message: int, heartbeat: float = 0.0,
+                 too_large: Callable[[int], None] | None = None) -> None:
         self.address = parse_endpoint(endpoint, bind)
         self.endpoint = endpoint
         self.bind = bind
         self._topic = topic
         self._deliver = deliver
         self._name = name
+        self._max_message = max_message
         self._heartbeat = heartbeat
+        self._too_large = too_large
+        self._warn = RateLimitedLog(log)
         self.peers = 0
         self.attachments = 0  # handshakes completed, ever: 1 + reconnections, when connecting
         self.listening = False
@@ -338,7 +364,7 @@ class Subscriber:
 
     def _connection(self) -> Connection:
         connection = Connection(self._topic, self._deliver, self._on_attached, self._on_closed,
-                                heartbeat=self._heartbeat)
+                                max_message=self._max_message, heartbeat=self._heartbeat)
         self._connections.add(connection)
         return connection
 
@@ -351,7 +377,12 @@ class Subscriber:
         self._connections.discard(connection)
         if connection.ready:
             self.peers = max(0, self.peers - 1)
-        if connection.ready:
+        if isinstance(exc, TooLarge):
+            if self._too_large is not None:
+                self._too_large(exc.size)
+            self._warn.warning("too_large", "%s: %s (--buffer-bytes); connection reset",
+                               self._name, exc)
+        elif connection.ready:
             log.warning("vLLM publisher went away from %s%s", self._name,
                         f" ({exc})" if isinstance(exc, Silent) else "")
         elif exc is not None:
