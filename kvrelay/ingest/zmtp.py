@@ -22,6 +22,14 @@ later, since 3.0 has no PING.
 
 A frame, or a message, larger than `max_message` is refused as its header arrives: the connection
 is reset before its body is read, so the read buffer never holds more than that bound and a read.
+
+While the relay is behind, it reads ahead of what it hands on, as libzmq's I/O thread does: a
+large read (more waited in the kernel) is split into messages at once (PINGs answered there and
+then) and its messages handed on for at most `DRAIN_TURN` seconds per turn of the event loop, so
+the socket is read again between turns. Otherwise a PING would wait behind the backlog in the
+kernel's buffer, and a PUB with a heartbeat timeout shorter than that backlog would drop the
+relay. Reading pauses while `READ_AHEAD` messages or `max_message` bytes wait, as libzmq's SUB
+stops reading at its RCVHWM.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ import logging
 import math
 import os
 import socket
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import cast
 
@@ -56,6 +66,10 @@ CONFIRM = 0.01
 # libzmq keeps a PING's TTL in milliseconds in 16 bits: above 65.5 s it wraps around, so the
 # TTL sent with our own PINGs stays below that.
 MAX_TTL_DECISECONDS = 655
+LARGE_READ = 1 << 14  # a read this large means more is waiting in the kernel: read ahead
+DRAIN_SLICE = 64  # messages handed on at a time while reading ahead
+DRAIN_TURN = 0.05  # seconds of handing on per turn of the event loop before reading again
+READ_AHEAD = 10_000  # messages read ahead at most (libzmq's SUB: RCVHWM), then reading pauses
 
 
 class ProtocolError(Exception):
@@ -138,6 +152,13 @@ class Connection(asyncio.Protocol):
         self._ttl_watch: asyncio.TimerHandle | None = None  # the peer's PING TTL
         self._pong_watch: asyncio.TimerHandle | None = None  # an answer to our PING
         self._pinger: asyncio.TimerHandle | None = None
+        # Read ahead: whole messages not handed on yet, each read's with its size in bytes.
+        self._ahead: deque[tuple[Messages, int]] = deque()
+        self._ahead_messages = 0
+        self._ahead_bytes = 0
+        self._draining = False
+        self._paused = False
+        self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not registered as asyncio.Transport: no isinstance here.
@@ -154,6 +175,10 @@ class Connection(asyncio.Protocol):
         for timer in (self._timer, self._ttl_watch, self._pong_watch, self._pinger):
             if timer is not None:
                 timer.cancel()
+        self._lost = True
+        if self._ahead:  # now, before a new connection's messages can come
+            self._deliver([m for messages, _ in self._ahead for m in messages])
+            self._ahead.clear()
         self._closed(self, self._error or exc)
 
     def close(self) -> None:
@@ -182,14 +207,69 @@ class Connection(asyncio.Protocol):
             self._fail(exc)
 
     def _frames(self, data: bytes, pos: int) -> None:
-        """Split frames out of `data` from `pos`; whole messages go to `deliver` in one call."""
+        """Split frames out of `data` from `pos`; whole messages go to `deliver` in one call,
+        or, behind, a slice per turn."""
         end = len(data)
         messages: Messages = []
         try:
             self._split(data, pos, end, messages)
         finally:
-            if messages:  # what came whole before a protocol error is still delivered
+            if not messages:  # what came whole before a protocol error is still delivered
+                pass
+            elif self._ahead or end >= LARGE_READ:
+                self._read_ahead(messages, end - pos)
+            else:
                 self._deliver(messages)
+
+    def _read_ahead(self, messages: Messages, size: int) -> None:
+        self._ahead.append((messages, size))
+        self._ahead_messages += len(messages)
+        self._ahead_bytes += size
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().call_soon(self._drain)
+        if not self._paused and (self._ahead_messages >= READ_AHEAD
+                                 or self._ahead_bytes >= self._max_message):
+            self._paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+
+    def _drain(self) -> None:
+        """Hand on what was read ahead for a while; come back next turn for the rest."""
+        deadline = time.perf_counter() + DRAIN_TURN
+        try:
+            while self._ahead:
+                self._deliver(self._slice())
+                if time.perf_counter() >= deadline:
+                    break
+        finally:
+            if self._ahead:
+                asyncio.get_running_loop().call_soon(self._drain)
+            else:
+                self._draining = False
+
+    def _slice(self) -> Messages:
+        """Up to DRAIN_SLICE messages off what was read ahead; reading resumes below half."""
+        ahead = self._ahead
+        taken: Messages = []
+        while ahead and len(taken) < DRAIN_SLICE:
+            messages, size = ahead[0]
+            room = DRAIN_SLICE - len(taken)
+            if len(messages) > room:  # a large read's messages go over several turns
+                part = size * room // len(messages)
+                ahead[0] = (messages[room:], size - part)
+                messages, size = messages[:room], part
+            else:
+                ahead.popleft()
+            taken += messages
+            self._ahead_messages -= len(messages)
+            self._ahead_bytes -= size
+        if self._paused and not self._lost and self._ahead_messages < READ_AHEAD // 2 \
+                and self._ahead_bytes < self._max_message // 2:
+            self._paused = False
+            assert self._transport is not None
+            self._transport.resume_reading()
+        return taken
 
     def _split(self, data: bytes, pos: int, end: int, messages: Messages) -> None:
         parts = self._parts
