@@ -213,12 +213,10 @@ class Connection(asyncio.Protocol):
         messages: Messages = []
         try:
             self._split(data, pos, end, messages)
-        finally:
-            if not messages:  # what came whole before a protocol error is still delivered
-                pass
-            elif self._ahead or end >= LARGE_READ:
+        finally:  # what came whole before a protocol error is still delivered
+            if messages and (self._ahead or end >= LARGE_READ):
                 self._read_ahead(messages, end - pos)
-            else:
+            elif messages:
                 self._deliver(messages)
 
     def _read_ahead(self, messages: Messages, size: int) -> None:
@@ -395,8 +393,9 @@ class Connection(asyncio.Protocol):
         self._pinger = loop.call_later(self._heartbeat, self._ping)
 
     def _expire(self, mark: int, why: str, confirming: bool, peers_ttl: bool) -> None:
-        """A watch ran out: close the connection if nothing arrived since read `mark`."""
-        if self._reads != mark:
+        """A watch ran out: close the connection if nothing arrived since read `mark` (while
+        reading is paused, what the peer sent waits unread: no verdict)."""
+        if self._reads != mark or self._paused:
             handle = None
         elif not confirming:
             handle = asyncio.get_running_loop().call_later(
