@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-limits", action="store_true", help="skip measuring the raw limits of the parts")
     a("--limits-duration", type=float, default=2.0, help="seconds per raw limit (default: 2)")
     a("--tick", type=float, default=0.001, help="feeder burst interval in seconds")
+    a("--pub-heartbeat", type=int, default=0, metavar="MS",
+      help="the vLLM PUBs' ZMQ_HEARTBEAT_IVL in ms (timeout 3x, TTL 5x), so relays answer "
+           "PINGs while measured (default: 0, none)")
     a("--json", metavar="PATH", help="write the JSON report here ('-': stdout, no table)")
     a("--plot", metavar="PNG", help="draw lag percentiles and CPU against offered rate")
     return p
@@ -127,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             event_form=args.event_form, batch_form=args.batch_form, seed=args.seed)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.pub_heartbeat < 0:
+        parser.error("--pub-heartbeat must be 0 (none) or a number of milliseconds")
     if args.workers < 1 or args.dp_ranks < 1 or args.repeat < 1 or args.duration <= 0:
         parser.error("--workers, --dp-ranks, --repeat and --duration must be positive")
     if args.batch_form == "map" and "dynamo" in args.targets:
@@ -139,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      workers=args.workers, dp_ranks=args.dp_ranks, workload=workload,
                      search=search, repeat=args.repeat,
                      limits_duration=None if args.no_limits else args.limits_duration,
-                     tick=args.tick)
+                     tick=args.tick, pub_heartbeat_ms=args.pub_heartbeat)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         run = run_bench(spec)

@@ -35,6 +35,7 @@ class FeedPlan:
     shm_name: str
     capacity: int  # batches per publisher the shared timestamp array holds
     tick: float = 0.001
+    heartbeat_ms: int = 0  # the PUBs' ZMQ_HEARTBEAT_IVL (timeout 3x, TTL 5x); 0: none
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class Feeder:
             sock = self._ctx.socket(zmq.XPUB)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, PUB_HWM)
+            if plan.heartbeat_ms:  # vLLM's socket with heartbeats on: PINGs to answer
+                sock.setsockopt(zmq.HEARTBEAT_IVL, plan.heartbeat_ms)
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * plan.heartbeat_ms)
+                sock.setsockopt(zmq.HEARTBEAT_TTL, 5 * plan.heartbeat_ms)
             self._socks.append(sock)
             sock.bind(endpoint)
 

@@ -194,7 +194,9 @@ def render_table(report: dict[str, Any]) -> str:
              f"{workload['event_form']} events in {workload['batch_form']} batches; "
              f"{config['duration']:g} s per rate; "
              f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}; "
-             f"kvrelay {report['machine'].get('kvrelay_build', 'python')} build", ""]
+             + (f"vLLM PUBs heartbeat every {config['pub_heartbeat_ms']} ms; "
+                if config.get("pub_heartbeat_ms") else "")
+             + f"kvrelay {report['machine'].get('kvrelay_build', 'python')} build", ""]
     for name, reason in report["unavailable"].items():
         lines.append(f"{name}: {reason}")
     rows = [[r["target"], "max" if r["offered_batches_per_s"] is None

@@ -44,6 +44,7 @@ class BenchSpec:
     repeat: int = 1
     limits_duration: float | None = 2.0  # None: skip the raw limits
     tick: float = 0.001
+    pub_heartbeat_ms: int = 0  # the synthetic vLLM PUBs' ZMQ_HEARTBEAT_IVL; 0: none
 
 
 @dataclass
@@ -128,7 +129,8 @@ def search(target: Target, pools: list[Pool], spec: BenchSpec, progress: Progres
     def step(rate: float) -> str | None:
         try:
             result = run_trial(target, pools, rate=rate, duration=s.step_duration,
-                               workers=spec.workers, dp_ranks=spec.dp_ranks, tick=spec.tick)
+                               workers=spec.workers, dp_ranks=spec.dp_ranks, tick=spec.tick,
+                               pub_heartbeat_ms=spec.pub_heartbeat_ms)
         except TrialError as exc:
             errors.append(f"search {target.name} @ {rate:.0f}/s: {exc}")
             progress(f"  search {target.name} @ {rate:.0f}/s: failed to run: {exc}")
@@ -210,7 +212,7 @@ def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun
                 try:
                     result = run_trial(target, pools, rate=rate, duration=spec.duration,
                                        workers=spec.workers, dp_ranks=spec.dp_ranks,
-                                       tick=spec.tick)
+                                       tick=spec.tick, pub_heartbeat_ms=spec.pub_heartbeat_ms)
                 except TrialError as exc:
                     run.errors.append(f"{target.name} @ {offered}: {exc}")
                     progress(f"  {target.name} @ {offered}: failed to run: {exc}")

@@ -176,7 +176,8 @@ def _stop_process(proc: multiprocessing.process.BaseProcess, conn: Connection) -
 
 
 def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration: float,
-              workers: int, dp_ranks: int, tick: float = 0.001) -> TrialResult:
+              workers: int, dp_ranks: int, tick: float = 0.001,
+              pub_heartbeat_ms: int = 0) -> TrialResult:
     """Run `target` for `duration` seconds at `rate` batches/s in total (None: flat out)."""
     publishers = workers * dp_ranks
     if len(pools) != publishers:
@@ -204,7 +205,7 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
         feeder_conn, child = _SPAWN.Pipe()
         feeder = _SPAWN.Process(target=feeder_main, name="bench-feeder", daemon=True,
                                 args=(child, FeedPlan(endpoints, pools, shm.name, capacity,
-                                                      tick)))
+                                                      tick, pub_heartbeat_ms)))
         feeder.start()
         stack.callback(_stop_process, feeder, feeder_conn)
         _expect(feeder_conn, "bound", 30, "feeder")

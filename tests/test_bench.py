@@ -290,7 +290,8 @@ def test_cli_lists_targets_with_their_availability(
 
 
 @pytest.mark.parametrize("args", [["--rates", "0"], ["--rates", "fast"], ["--targets", "x"],
-                                  ["--blocks", "9-2"], ["--workers", "0"]])
+                                  ["--blocks", "9-2"], ["--workers", "0"],
+                                  ["--pub-heartbeat", "-1"]])
 def test_cli_rejects_bad_arguments(args: list[str]) -> None:
     """Invalid arguments exit with usage status 2 before anything starts."""
     with pytest.raises(SystemExit) as exc:

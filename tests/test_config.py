@@ -78,6 +78,10 @@ def test_overlapping_dp_layout_is_warned(caplog: pytest.LogCaptureFixture) -> No
     ({"snapshot_interval": "-1"}, "0 \\(off\\) or positive"),
     ({"snapshot_events": "-5"}, "0 \\(off\\) or positive"),
     ({"snapshot_bucket": "KV.SNAP"}, "--snapshot-bucket"),
+    ({"zmq_heartbeat": "0.05"},
+     "--zmq-heartbeat must be 0 \\(off\\) or from 0.1 to 60 seconds \\(got 0.05\\)"),
+    ({"zmq_heartbeat": "61"}, "--zmq-heartbeat must be 0 \\(off\\) or from 0.1 to 60"),
+    ({"zmq_heartbeat": "-1"}, "--zmq-heartbeat must be 0 \\(off\\) or from 0.1 to 60"),
 ])
 def test_invalid_values_are_config_errors(flags: dict[str, object], message: str) -> None:
     """Each invalid setting is refused with a message naming the problem."""

@@ -1,23 +1,34 @@
-"""The native ZMTP SUB against libzmq's PUB (pyzmq), and its framing against any cut of a stream."""
+"""The native ZMTP SUB against libzmq's PUB (pyzmq) and raw peers: framing against any cut of a
+stream, heartbeats, the bound on a message, transports and reconnection."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import socket
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
+import zmq.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import chunkings, zmtp_messages
 
+from kvrelay.config import SourceSpec
 from kvrelay.config.endpoint import parse_endpoint
+from kvrelay.ingest.sequencer import Frame
+from kvrelay.ingest.source import Source
 from kvrelay.ingest.zmtp import GREETING, READY, Connection, Messages, Subscriber
+from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import free_port
+
+MAX_MESSAGE = 64 << 20  # the default of --buffer-bytes
 
 
 def frame(body: bytes, more: bool = False, command: bool = False) -> bytes:
@@ -28,10 +39,12 @@ def frame(body: bytes, more: bool = False, command: bool = False) -> bytes:
     return bytes([flags, len(body)]) + body
 
 
+PUB_READY = frame(b"\x05READY\x0bSocket-Type" + (3).to_bytes(4, "big") + b"PUB", command=True)
+
+
 def pub_stream(messages: Messages) -> bytes:
     """What a PUB writes after the handshake-free start: greeting, READY, then the messages."""
-    ready = frame(b"\x05READY\x0bSocket-Type" + (3).to_bytes(4, "big") + b"PUB", command=True)
-    out = [GREETING, ready]
+    out = [GREETING, PUB_READY]
     for message in messages:
         out += [frame(part, more=i < len(message) - 1) for i, part in enumerate(message)]
     return b"".join(out)
@@ -60,7 +73,8 @@ class Recorder:
 
 async def _connection() -> tuple[Connection, Recorder, Messages]:
     got: Messages = []
-    connection = Connection(b"kv", got.extend, lambda c: None, lambda c, e: None)
+    connection = Connection(b"kv", got.extend, lambda c: None, lambda c, e: None,
+                            max_message=MAX_MESSAGE)
     recorder = Recorder()
     connection.connection_made(recorder)  # type: ignore[arg-type]
     return connection, recorder, got
@@ -76,6 +90,10 @@ async def test_any_cut_of_the_stream_gives_the_same_messages(messages: Messages,
     connection, recorder, got = await _connection()
     for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         connection.data_received(stream[start:stop])
+    for _ in range(100):  # a read of 64 KiB or more is handed on over the next turns
+        if len(got) >= len(messages):
+            break
+        await asyncio.sleep(0)
     assert got == messages
     assert not recorder.aborted
     # The SUB answered the greeting with READY, then subscribed to its topic (ZMTP 3.0 form).
@@ -91,12 +109,15 @@ async def test_any_cut_of_the_stream_gives_the_same_messages(messages: Messages,
                       command=True), "a PUSH socket"),
     (GREETING + frame(b"hello"), "a message before READY"),
     (GREETING + frame(b"\x05ERROR\x06denied", command=True), "denied"),
+    (GREETING + PUB_READY + b"\x02" + (MAX_MESSAGE + 1).to_bytes(8, "big"),
+     "refused a message of"),
 ])
 async def test_a_peer_that_is_not_a_pub_is_refused(stream: bytes, why: str) -> None:
     """Anything but a ZMTP 3 PUB with the NULL mechanism is closed with the reason, not read."""
     closed: list[Exception | None] = []
     got: Messages = []
-    connection = Connection(b"", got.extend, lambda c: None, lambda c, e: closed.append(e))
+    connection = Connection(b"", got.extend, lambda c: None, lambda c, e: closed.append(e),
+                            max_message=MAX_MESSAGE)
     recorder = Recorder()
     connection.connection_made(recorder)  # type: ignore[arg-type]
     connection.data_received(stream)
@@ -130,7 +151,7 @@ def test_endpoints_not_read_natively_say_so(endpoint: str, bind: bool) -> None:
 
 
 @contextlib.asynccontextmanager
-async def subscribed(endpoint: str, bind: bool, topic: bytes = b""
+async def subscribed(endpoint: str, bind: bool, topic: bytes = b"", heartbeat: float = 0.0
                      ) -> AsyncIterator[tuple[Subscriber, Messages, asyncio.Event]]:
     got: Messages = []
     arrived = asyncio.Event()
@@ -140,13 +161,47 @@ async def subscribed(endpoint: str, bind: bool, topic: bytes = b""
         arrived.set()
 
     retries: list[str] = []
-    subscriber = Subscriber(endpoint, bind, topic, deliver, endpoint)
+    subscriber = Subscriber(endpoint, bind, topic, deliver, endpoint, max_message=MAX_MESSAGE,
+                            heartbeat=heartbeat)
     task = asyncio.ensure_future(subscriber.run(retries.append))
     try:
         yield subscriber, got, arrived
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def until(condition: Callable[[], bool], what: str, within: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail saying `what` when `within` seconds pass first."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        await asyncio.sleep(0.01)
+
+
+def heartbeating_pub(ctx: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+    """libzmq's PUB with heartbeats on: a PING every 100 ms, dropped 300 ms after one unheard."""
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.HEARTBEAT_IVL, 100)
+    pub.setsockopt(zmq.HEARTBEAT_TIMEOUT, 300)
+    pub.setsockopt(zmq.HEARTBEAT_TTL, 500)
+    return pub
+
+
+def endpoint_for(transport: str, tmp_path: Path) -> str:
+    """A free endpoint: tcp over IPv4 or IPv6 loopback, or ipc."""
+    if transport == "ipc":
+        return f"ipc://{tmp_path / 'kv.sock'}"
+    if transport == "tcp":
+        return f"tcp://127.0.0.1:{free_port()}"
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError as exc:
+        pytest.skip(f"this machine has no IPv6 loopback (binding [::1] failed: {exc})")
+    return f"tcp://[::1]:{port}"
 
 
 async def send_until_received(pub: zmq.Socket[bytes], got: Messages, arrived: asyncio.Event,
@@ -244,21 +299,21 @@ async def test_topic_filters_at_the_pub() -> None:
 
 
 async def test_reconnects_when_the_pub_restarts() -> None:
-    """A PUB that goes away and binds again (vLLM restarting) is found again without help."""
-    port = free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
+    """A PUB that goes away and binds the same port again (vLLM restarting) is connected to
+    again without help, and what the new one publishes arrives."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     ctx = zmq.Context()
     try:
         async with subscribed(endpoint, bind=False) as (subscriber, got, arrived):
             for generation in range(2):
-                pub = ctx.socket(zmq.PUB)
+                pub = heartbeating_pub(ctx)
                 pub.bind(endpoint)
                 arrived.clear()
                 await send_until_received(pub, got, arrived, [b"", bytes([generation])])
+                assert subscriber.attachments == generation + 1
                 pub.close(linger=0)
-                await asyncio.sleep(0.1)
-            assert [m[1] for m in got if len(m) == 2][-1] == b"\x01"
-            assert subscriber.peers <= 1
+                await until(lambda: subscriber.peers == 0, "the closed PUB was not noticed")
+            assert got[-1] == [b"", b"\x01"]
     finally:
         ctx.term()
 
@@ -295,3 +350,265 @@ def test_greeting_is_the_rfc_layout() -> None:
     assert GREETING[9] == 0x7F
     assert GREETING[10:12] == b"\x03\x00"
     assert GREETING[12:32].rstrip(b"\x00") == b"NULL"
+
+
+@pytest.mark.parametrize(("transport", "pub_heartbeat", "relay_heartbeat", "seconds"), [
+    ("tcp", True, 0.0, 3.0),
+    ("ipc", True, 0.0, 3.0),
+    ("tcp6", True, 0.0, 3.0),
+    ("tcp", False, 0.1, 1.5),
+])
+async def test_heartbeats_cost_no_reconnects_and_no_messages(
+        transport: str, pub_heartbeat: bool, relay_heartbeat: float, seconds: float,
+        tmp_path: Path) -> None:
+    """Every libzmq PING (100 ms, 300 ms timeout) is answered, and libzmq answers ours: while the
+    PUB publishes, the connection never drops and every message arrives, in order."""
+    endpoint = endpoint_for(transport, tmp_path)
+    ctx = zmq.Context()
+    pub = heartbeating_pub(ctx) if pub_heartbeat else ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.IPV6, transport == "tcp6")
+    pub.bind(endpoint)
+    try:
+        async with subscribed(endpoint, bind=False, heartbeat=relay_heartbeat) as (
+                subscriber, got, arrived):
+            await send_until_received(pub, got, arrived, [b"", b"hello"])
+            sent = 0
+            stop = time.monotonic() + seconds
+            while time.monotonic() < stop:
+                for _ in range(10):
+                    pub.send_multipart([b"", sent.to_bytes(8, "big"), bytes(64)])
+                    sent += 1
+                await asyncio.sleep(0.005)
+            await until(lambda: sum(len(m) == 3 for m in got) >= sent, "messages were lost")
+            assert [int.from_bytes(m[1], "big") for m in got if len(m) == 3] == list(range(sent))
+            assert subscriber.attachments == 1
+            assert subscriber.peers == 1
+    finally:
+        pub.close(linger=0)
+        ctx.term()
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One ZMTP frame off a stream: its flags and its body."""
+    flags, size = await reader.readexactly(2)
+    if flags & 2:
+        size = int.from_bytes(bytes([size]) + await reader.readexactly(7), "big")
+    return flags, await reader.readexactly(size)
+
+
+Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_pub(behave: Behaviour, minor: int = 1) -> AsyncIterator[tuple[int, list[int]]]:
+    """A TCP server playing a PUB's part of the handshake (greeting as ZMTP 3.`minor`), then
+    `behave(reader, writer, n)` for its n-th SUB; yields its port and the SUBs handshaken."""
+    handshaken: list[int] = []
+    accepted = 0
+    handlers: set[asyncio.Task[Any]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)
+        index, accepted = accepted, accepted + 1
+        try:
+            writer.write(GREETING[:11] + bytes([minor]) + GREETING[12:])
+            await reader.readexactly(64)
+            assert (await read_frame(reader))[1].startswith(b"\x05READY")
+            writer.write(PUB_READY)
+            assert (await read_frame(reader))[1] == b"\x01"  # subscribed to everything
+            handshaken.append(index)
+            await behave(reader, writer, index)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], handshaken
+    finally:
+        server.close()
+        if handlers:  # the SUB is gone: each handler sees it close and ends
+            await asyncio.wait(handlers, timeout=5)
+        await server.wait_closed()
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> None:
+    """Read until the other side closes (or resets) the connection."""
+    with contextlib.suppress(ConnectionError):
+        while await reader.read(65536):
+            pass
+
+
+async def test_a_peer_silent_past_its_ping_ttl_is_dropped_and_reconnected() -> None:
+    """A PING is answered with a PONG echoing its context; when nothing more arrives within the
+    PING's TTL (0.3 s) the connection is closed, not before, and made again."""
+    pongs: list[tuple[int, bytes]] = []
+    closed_after: list[float] = []
+
+    async def ping_then_fall_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                    index: int) -> None:
+        if index > 0:
+            await closed_by_peer(reader)  # the reconnection: no PING, kept
+            return
+        writer.write(frame(b"\x04PING" + (3).to_bytes(2, "big") + b"ctx-17", command=True))
+        pinged = time.monotonic()
+        pongs.append(await read_frame(reader))
+        await closed_by_peer(reader)
+        closed_after.append(time.monotonic() - pinged)
+
+    async with (raw_pub(ping_then_fall_silent) as (port, handshaken),
+                subscribed(f"tcp://127.0.0.1:{port}", bind=False) as (subscriber, _, _)):
+        await until(lambda: len(handshaken) >= 2, "the silent peer was never reconnected")
+        await until(lambda: subscriber.peers == 1, "the reconnection did not attach")
+        assert pongs == [(4, b"\x04PONGctx-17")]
+        assert 0.3 <= closed_after[0] < 5.0
+
+
+async def test_own_pings_drop_a_peer_that_never_answers() -> None:
+    """With a heartbeat of 0.1 s the SUB PINGs a 3.1 peer (asking a TTL of three heartbeats) and,
+    hearing nothing back within 0.1 s, closes the connection and makes it again."""
+    pings: list[tuple[int, bytes]] = []
+    closed_after: list[float] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                           index: int) -> None:
+        if index > 0:
+            await closed_by_peer(reader)
+            return
+        pings.append(await read_frame(reader))
+        pinged = time.monotonic()
+        await closed_by_peer(reader)
+        closed_after.append(time.monotonic() - pinged)
+
+    async with (raw_pub(never_answer) as (port, handshaken),
+                subscribed(f"tcp://127.0.0.1:{port}", bind=False, heartbeat=0.1)):
+        await until(lambda: len(handshaken) >= 2, "the silent peer was never reconnected")
+        assert pings == [(4, b"\x04PING" + (3).to_bytes(2, "big"))]
+        assert 0.09 <= closed_after[0] < 5.0
+
+
+async def test_no_pings_to_a_3_0_peer() -> None:
+    """ZMTP 3.0 has no PING: a peer that greets as 3.0 gets none, even with a heartbeat set, and
+    stays connected."""
+    heard: list[bytes] = []
+
+    async def listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     index: int) -> None:
+        heard.append(await reader.read(65536))
+
+    async with (raw_pub(listen, minor=0) as (port, _),
+                subscribed(f"tcp://127.0.0.1:{port}", bind=False, heartbeat=0.1) as (
+                    subscriber, _, _)):
+        await until(lambda: subscriber.peers == 1, "the 3.0 peer did not attach")
+        await asyncio.sleep(0.5)  # five heartbeats: long enough for a PING to have come
+        assert heard == []
+        assert subscriber.attachments == 1
+
+
+@pytest.mark.parametrize("shape", ["one frame", "many frames"])
+async def test_a_message_over_the_bound_is_refused_counted_and_never_held(
+        shape: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A PUB announcing a message above the byte bound (64 KiB here) is reset as the header that
+    crosses it arrives: the drop is counted (`too_large`) and logged, the megabytes it streams
+    are never kept in memory, and the reader connects again."""
+    bound = 64 << 10
+    streamed: list[int] = []
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    index: int) -> None:
+        if index > 0:
+            await closed_by_peer(reader)
+            return
+        chunk = bytes(60_000)
+        if shape == "one frame":  # one frame of 100 MiB, its body sent as it goes
+            writer.write(b"\x01\x00" + b"\x02" + (100 << 20).to_bytes(8, "big"))
+            piece = chunk
+        else:  # 60 KB frames, each under the bound, never the last of their message
+            piece = b"\x03" + len(chunk).to_bytes(8, "big") + chunk
+        total = 0
+        try:
+            while total < 16 << 20:
+                writer.write(piece)
+                await writer.drain()
+                total += len(piece)
+        finally:
+            streamed.append(total)
+
+    metrics = Metrics()
+    frames: list[Frame] = []
+    caplog.set_level(logging.WARNING, "kvrelay.zmtp")
+    async with raw_pub(flood) as (port, handshaken):
+        spec = SourceSpec(f"tcp://127.0.0.1:{port}", False, None, 0)
+        source = Source(spec, zmq.asyncio.Context.instance(), frames.append, metrics,
+                        max_message=bound)
+        resumed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        resumed.set_result(None)
+        tracemalloc.start()
+        try:
+            baseline = tracemalloc.get_traced_memory()[0]
+            reading = asyncio.ensure_future(source.run(resumed))
+            try:
+                await until(lambda: len(handshaken) >= 2, "the reader did not connect again")
+                await until(lambda: bool(streamed), "the flood was not cut off")
+                peak = tracemalloc.get_traced_memory()[1] - baseline
+            finally:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+        finally:
+            tracemalloc.stop()
+    assert streamed[0] < 16 << 20  # the reset cut the flood short
+    assert peak < 4 << 20
+    assert frames == []
+    assert metrics.registry.get_sample_value(
+        "kvrelay_batches_dropped_total", {"reason": "too_large"}) == 1
+    assert "refused a message of" in caplog.text
+    assert "--buffer-bytes" in caplog.text
+
+
+@pytest.mark.parametrize(("whose", "max_message"), [("the PUB's", MAX_MESSAGE),
+                                                    ("ours", 64 << 10)])
+async def test_heartbeats_hold_while_the_reader_is_behind(whose: str, max_message: int) -> None:
+    """While the reader is behind (each message costs it 1 ms; a burst of 1.5 s of work waits in
+    the socket), heartbeats do not drop the connection: the PUB's PINGs (300 ms timeout) are
+    answered as they arrive, and ours (0.1 s) pass no verdict while reading is paused at the
+    bound (64 KiB here); the whole burst arrives over the one connection."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    pub = heartbeating_pub(ctx) if whose == "the PUB's" else ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    pub.bind(endpoint)
+    got: Messages = []
+    arrived = asyncio.Event()
+
+    def deliver(messages: Messages) -> None:
+        """Take the messages, busy for 1 ms each, as a relay short of CPU would be."""
+        busy_until = time.perf_counter() + 1e-3 * len(messages)
+        while time.perf_counter() < busy_until:
+            pass
+        got.extend(messages)
+        arrived.set()
+
+    subscriber = Subscriber(endpoint, False, b"", deliver, endpoint, max_message=max_message,
+                            heartbeat=0.0 if whose == "the PUB's" else 0.1)
+    task = asyncio.ensure_future(subscriber.run(lambda message: None))
+    try:
+        await send_until_received(pub, got, arrived, [b"", b"hello"])
+        burst = 1500
+        for seq in range(burst):
+            pub.send_multipart([b"", seq.to_bytes(8, "big"), bytes(100)])
+        await until(lambda: sum(len(m) == 3 for m in got) >= burst, "the burst was not read")
+        assert [int.from_bytes(m[1], "big") for m in got if len(m) == 3] == list(range(burst))
+        # A connection given up on closed after the burst: what follows would come through a
+        # new one.
+        arrived.clear()
+        await send_until_received(pub, got, arrived, [b"", b"after"])
+        assert subscriber.attachments == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        pub.close(linger=0)
+        ctx.term()

@@ -19,6 +19,7 @@ log = logging.getLogger("kvrelay.config")
 
 MAX_U64 = 2**64 - 1
 _NAME = NAME_RULE.pattern
+_HEARTBEAT_RULE = "must be 0 (off) or from 0.1 to 60 seconds"
 _HOST_PORT = Annotated[str, msgspec.Meta(
     pattern=r"^((\[[0-9a-fA-F:.]+\]|[^:\[\]\s]+)(:\d{1,5})?|[0-9a-fA-F:]+)$")]
 
@@ -29,6 +30,10 @@ class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 
 class ZmqSettings(Section, frozen=True):
     """Ingest: where vLLM's PUB (and replay) sockets are and how they are read."""
+
+    def __post_init__(self) -> None:
+        if 0 < self.heartbeat < 0.1:  # 0 or a range: more than one Meta can say
+            raise ValueError(f"--zmq-heartbeat {_HEARTBEAT_RULE} (got {self.heartbeat!r})")
 
     connect: Annotated[tuple[str, ...], setting(
         "vLLM PUB endpoint to connect to (vLLM binds, e.g. its default tcp://*:5557); "
@@ -44,6 +49,11 @@ class ZmqSettings(Section, frozen=True):
     engine: Annotated[Literal["native", "libzmq"], setting(
         "how vLLM's PUB stream is read: native (ZMTP on the relay's event loop, tcp:// and "
         "ipc://) or libzmq (pyzmq, every transport libzmq has)", flag="zmq_engine")] = "native"
+    heartbeat: Annotated[float, setting(
+        "seconds between ZMTP PINGs to each vLLM publisher (0: none, else 0.1 to 60); one that "
+        "sends nothing back within that time is dropped and reconnected (publishers' own PINGs "
+        "are always answered and their TTL honoured)", flag="zmq_heartbeat", ge=0, le=60,
+        rule=_HEARTBEAT_RULE)] = 0.0
     dp_ranks: Annotated[int, setting(
         "data-parallel ranks: expand the one ZMQ (and replay) endpoint to N consecutive ports",
         ge=1)] = 1

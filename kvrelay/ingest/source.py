@@ -19,7 +19,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from kvrelay.config import SourceSpec
 from kvrelay.ingest.sequencer import Sequencer, Sink
-from kvrelay.ingest.zmtp import Messages, Subscriber
+from kvrelay.ingest.zmtp import Messages, Subscriber, ping_ttl
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import ResumePoint
@@ -51,9 +51,13 @@ class Source:
         replay_timeout: float = 2.0,
         replay_cooldown: float = 5.0,
         engine: Literal["native", "libzmq"] = "native",
+        max_message: int = 64 << 20,
+        heartbeat: float = 0.0,
     ) -> None:
         self.spec = spec
         self._engine = engine
+        self._max_message = max_message  # native: a larger message is refused, counted
+        self._heartbeat = heartbeat  # seconds between PINGs to the publisher; 0: none
         self._ctx = ctx
         self._metrics = metrics
         self._topic = topic
@@ -100,7 +104,8 @@ class Source:
     async def _run_native(self, failed: asyncio.Future[None]) -> None:
         """ZMTP on this event loop: each read of the socket hands on every message it holds."""
         subscriber = self._subscriber = Subscriber(
-            self.spec.endpoint, self.spec.bind, self._topic, self._take, self.name)
+            self.spec.endpoint, self.spec.bind, self._topic, self._take, self.name,
+            max_message=self._max_message, heartbeat=self._heartbeat, too_large=self._too_large)
         reading = asyncio.ensure_future(subscriber.run(
             lambda message: self._warn.warning("retry:" + self.name, "%s", message)))
         try:
@@ -153,6 +158,10 @@ class Source:
         if batch:
             self._take(batch)
 
+    def _too_large(self, size: int) -> None:
+        """A message refused at the socket for its size: a batch lost, counted."""
+        self._metrics.drop("too_large", 1)
+
     def _take(self, messages: Messages) -> None:
         """Sequence-check and hand on messages just read (either engine)."""
         failed = self._failed
@@ -183,6 +192,10 @@ class Source:
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
+        if self._heartbeat > 0:  # as the native engine: PINGs, a heartbeat to answer, a TTL
+            sock.setsockopt(zmq.HEARTBEAT_IVL, round(self._heartbeat * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, round(self._heartbeat * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_TTL, ping_ttl(self._heartbeat) * 100)
         self._watcher = asyncio.ensure_future(self._watch(sock.get_monitor_socket()))
         delay = 0.1
         try:

@@ -1,4 +1,4 @@
-"""ZMTP 3.0 SUB on the event loop: vLLM's PUB stream read without libzmq's I/O thread.
+"""ZMTP 3 SUB on the event loop: vLLM's PUB stream read without libzmq's I/O thread.
 
 With libzmq, every batch wakes its I/O thread, which reads the TCP socket and signals the
 socket's mailbox, which wakes the event loop, which then takes the message out frame by frame
@@ -6,9 +6,30 @@ socket's mailbox, which wakes the event loop, which then takes the message out f
 the event loop reads the TCP (or IPC) socket itself and splits frames out of what arrived: one
 wake-up per read, however many messages it holds.
 
-Only what a SUB needs from a PUB is spoken (RFC 23, ZMTP 3.0, NULL mechanism): the greeting,
-READY, the subscription, and data frames. A peer speaking anything else is closed with a clear
-error and retried. vLLM's publisher (libzmq 4.x) speaks ZMTP 3.1 and answers a 3.0 peer in 3.0.
+Only what a SUB needs from a PUB is spoken (NULL mechanism): the greeting, READY, the
+subscription, data frames, and heartbeats (RFC 37, ZMTP 3.1): every PING is answered with a PONG
+echoing its context, and a PING's TTL is honoured: when nothing at all arrives within it, the
+connection is taken for dead, closed and made again, as libzmq does. A peer speaking anything else
+is closed with a clear error and retried.
+
+The greeting says 3.0, and the subscription goes as 3.0's message (\x01 + topic). libzmq (every
+4.x that vLLM's pyzmq ships) heartbeats a 3.0 peer exactly as a 3.1 one: its heartbeat timer
+starts once the handshake is done whatever the peer's version, its PINGs reach a 3.0 peer, and it
+answers that peer's PINGs (zmtp_engine.cpp, stream_engine_base.cpp). Saying 3.1 would oblige the
+SUB to subscribe with a SUBSCRIBE command, which libzmq PUBs before 4.3.0 ignore: they would send
+nothing. Our own PINGs (`heartbeat`, off by default) go only to a peer that greeted as 3.1 or
+later, since 3.0 has no PING.
+
+A frame, or a message, larger than `max_message` is refused as its header arrives: the connection
+is reset before its body is read, so the read buffer never holds more than that bound and a read.
+
+While the relay is behind, it reads ahead of what it hands on, as libzmq's I/O thread does: a
+large read (more waited in the kernel) is split into messages at once (PINGs answered there and
+then) and its messages handed on for at most `DRAIN_TURN` seconds per turn of the event loop, so
+the socket is read again between turns. Otherwise a PING would wait behind the backlog in the
+kernel's buffer, and a PUB with a heartbeat timeout shorter than that backlog would drop the
+relay. Reading pauses while `READ_AHEAD` messages or `max_message` bytes wait, as libzmq's SUB
+stops reading at its RCVHWM.
 """
 
 from __future__ import annotations
@@ -16,12 +37,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import cast
 
 from kvrelay.config.endpoint import parse_endpoint
+from kvrelay.ratelimit import RateLimitedLog
 
 log = logging.getLogger("kvrelay.zmtp")
 
@@ -34,11 +59,39 @@ _GREETING_SIZE = 64
 GREETING = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
             + b"\x00" + bytes(31))
 HANDSHAKE_TIMEOUT = 5.0
-MAX_FRAME = 1 << 31  # a frame this large is not a vLLM batch: the stream is garbage
+MAX_CONTEXT = 16  # a PING's context is at most 16 bytes; libzmq echoes no more either
+# A timer may run before the loop has read what arrived while it was busy (uvloop runs timers
+# before polling sockets): silence is confirmed once more after this long before it counts.
+CONFIRM = 0.01
+# libzmq keeps a PING's TTL in milliseconds in 16 bits: above 65.5 s it wraps around, so the
+# TTL sent with our own PINGs stays below that.
+MAX_TTL_DECISECONDS = 655
+LARGE_READ = 1 << 14  # a read this large means more is waiting in the kernel: read ahead
+DRAIN_SLICE = 64  # messages handed on at a time while reading ahead
+DRAIN_TURN = 0.05  # seconds of handing on per turn of the event loop before reading again
+READ_AHEAD = 10_000  # messages read ahead at most (libzmq's SUB: RCVHWM), then reading pauses
 
 
 class ProtocolError(Exception):
     """The peer does not speak ZMTP 3 PUB with the NULL mechanism."""
+
+
+class TooLarge(ProtocolError):
+    """The peer announced a frame (or a message) above the bound: refused unread."""
+
+    def __init__(self, size: int, bound: int) -> None:
+        super().__init__(f"refused a message of {size} bytes, over the bound of {bound} bytes")
+        self.size = size
+
+
+class Silent(ProtocolError):
+    """Nothing arrived from the peer within the time a heartbeat allowed."""
+
+
+def ping_ttl(heartbeat: float) -> int:
+    """The TTL our PINGs carry, in deciseconds: three heartbeats, capped where libzmq reads it
+    right."""
+    return min(MAX_TTL_DECISECONDS, math.ceil(heartbeat * 30))
 
 
 def _frame(body: bytes, flags: int = 0) -> bytes:
@@ -75,19 +128,37 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, topic: bytes, deliver: MessageSink,
                  attached: Callable[[Connection], None],
-                 closed: Callable[[Connection, Exception | None], None]) -> None:
+                 closed: Callable[[Connection, Exception | None], None], *,
+                 max_message: int, heartbeat: float = 0.0) -> None:
         self._topic = topic
         self._deliver = deliver
         self._attached = attached
         self._closed = closed
+        self._max_message = max_message
+        self._heartbeat = heartbeat  # seconds between our PINGs; 0: none
         self._transport: asyncio.Transport | None = None
         self._greeted = False
+        self._peer_minor = 0  # the peer's ZMTP 3.x minor version, from its greeting
         self.ready = False
         self._parts: list[bytes] = []
+        self._held = 0  # wire bytes of the message in `_parts` so far
         self._rest = bytearray()  # an incomplete frame (or greeting) waiting for more bytes
         self._need = 0  # bytes `_rest` must hold before parsing is worth trying again
         self._error: Exception | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Liveness: reads are counted; a watch started at read N finds the peer silent when
+        # the count is still N as it expires.
+        self._reads = 0
+        self._ttl_watch: asyncio.TimerHandle | None = None  # the peer's PING TTL
+        self._pong_watch: asyncio.TimerHandle | None = None  # an answer to our PING
+        self._pinger: asyncio.TimerHandle | None = None
+        # Read ahead: whole messages not handed on yet, each read's with its size in bytes.
+        self._ahead: deque[tuple[Messages, int]] = deque()
+        self._ahead_messages = 0
+        self._ahead_bytes = 0
+        self._draining = False
+        self._paused = False
+        self._lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not registered as asyncio.Transport: no isinstance here.
@@ -101,8 +172,13 @@ class Connection(asyncio.Protocol):
                                                          f"{HANDSHAKE_TIMEOUT:.0f}s"))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._ttl_watch, self._pong_watch, self._pinger):
+            if timer is not None:
+                timer.cancel()
+        self._lost = True
+        if self._ahead:  # now, before a new connection's messages can come
+            self._deliver([m for messages, _ in self._ahead for m in messages])
+            self._ahead.clear()
         self._closed(self, self._error or exc)
 
     def close(self) -> None:
@@ -115,6 +191,7 @@ class Connection(asyncio.Protocol):
             self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        self._reads += 1
         rest = self._rest
         if rest:
             rest += data
@@ -130,17 +207,72 @@ class Connection(asyncio.Protocol):
             self._fail(exc)
 
     def _frames(self, data: bytes, pos: int) -> None:
-        """Split frames out of `data` from `pos`; whole messages go to `deliver` in one call."""
+        """Split frames out of `data` from `pos`; whole messages go to `deliver` in one call,
+        or, behind, a slice per turn."""
         end = len(data)
         messages: Messages = []
         try:
             self._split(data, pos, end, messages)
-        finally:
-            if messages:  # what came whole before a protocol error is still delivered
+        finally:  # what came whole before a protocol error is still delivered
+            if messages and (self._ahead or end >= LARGE_READ):
+                self._read_ahead(messages, end - pos)
+            elif messages:
                 self._deliver(messages)
+
+    def _read_ahead(self, messages: Messages, size: int) -> None:
+        self._ahead.append((messages, size))
+        self._ahead_messages += len(messages)
+        self._ahead_bytes += size
+        if not self._draining:
+            self._draining = True
+            asyncio.get_running_loop().call_soon(self._drain)
+        if not self._paused and (self._ahead_messages >= READ_AHEAD
+                                 or self._ahead_bytes >= self._max_message):
+            self._paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+
+    def _drain(self) -> None:
+        """Hand on what was read ahead for a while; come back next turn for the rest."""
+        deadline = time.perf_counter() + DRAIN_TURN
+        try:
+            while self._ahead:
+                self._deliver(self._slice())
+                if time.perf_counter() >= deadline:
+                    break
+        finally:
+            if self._ahead:
+                asyncio.get_running_loop().call_soon(self._drain)
+            else:
+                self._draining = False
+
+    def _slice(self) -> Messages:
+        """Up to DRAIN_SLICE messages off what was read ahead; reading resumes below half."""
+        ahead = self._ahead
+        taken: Messages = []
+        while ahead and len(taken) < DRAIN_SLICE:
+            messages, size = ahead[0]
+            room = DRAIN_SLICE - len(taken)
+            if len(messages) > room:  # a large read's messages go over several turns
+                part = size * room // len(messages)
+                ahead[0] = (messages[room:], size - part)
+                messages, size = messages[:room], part
+            else:
+                ahead.popleft()
+            taken += messages
+            self._ahead_messages -= len(messages)
+            self._ahead_bytes -= size
+        if self._paused and not self._lost and self._ahead_messages < READ_AHEAD // 2 \
+                and self._ahead_bytes < self._max_message // 2:
+            self._paused = False
+            assert self._transport is not None
+            self._transport.resume_reading()
+        return taken
 
     def _split(self, data: bytes, pos: int, end: int, messages: Messages) -> None:
         parts = self._parts
+        held = self._held
+        room = self._max_message - held
         need = 0
         while pos < end:
             flags = data[pos]
@@ -149,8 +281,6 @@ class Connection(asyncio.Protocol):
                     need = 9
                     break
                 size = int.from_bytes(data[pos + 1:pos + 9], "big")
-                if size > MAX_FRAME:
-                    raise ProtocolError(f"a frame of {size} bytes")
                 start = pos + 9
             else:
                 if end - pos < 2:
@@ -159,19 +289,27 @@ class Connection(asyncio.Protocol):
                 size = data[pos + 1]
                 start = pos + 2
             stop = start + size
+            if stop - pos > room:  # refused before a byte more of it is kept
+                raise TooLarge(held + stop - pos, self._max_message)
             if stop > end:
                 need = stop - pos
                 break
-            pos = stop
             if flags & _COMMAND:
-                self._on_command(data[start:stop])
+                self._on_command(data[start:stop], stop < end)
             elif not self.ready:
                 raise ProtocolError("a message before READY")
             else:
                 parts.append(data[start:stop])
-                if not flags & _MORE:
+                if flags & _MORE:
+                    held += stop - pos
+                    room -= stop - pos
+                else:
                     messages.append(parts)
                     parts = self._parts = []
+                    held = 0
+                    room = self._max_message
+            pos = stop
+        self._held = held
         if pos < end:
             self._rest += data[pos:]
             self._need = need
@@ -190,6 +328,7 @@ class Connection(asyncio.Protocol):
             raise ProtocolError("the peer is not a ZMTP 3 socket")
         if data[10] < 3:
             raise ProtocolError(f"the peer speaks ZMTP {data[10]}.x, not 3")
+        self._peer_minor = 255 if data[10] > 3 else data[11]
         mechanism = data[12:32].rstrip(b"\x00")
         if mechanism != b"NULL":
             raise ProtocolError(f"the peer wants the {mechanism.decode(errors='replace')} "
@@ -199,11 +338,14 @@ class Connection(asyncio.Protocol):
         self._transport.write(READY)
         return _GREETING_SIZE
 
-    def _on_command(self, body: bytes) -> None:
+    def _on_command(self, body: bytes, followed: bool) -> None:
+        """One command; `followed`: more bytes came in the same read after it."""
         if not body or len(body) < 1 + body[0]:
             raise ProtocolError("a malformed command")
         name, rest = body[1:1 + body[0]], body[1 + body[0]:]
-        if name == b"READY" and not self.ready:
+        if name == b"PING" and self.ready:
+            self._on_ping(rest, followed)
+        elif name == b"READY" and not self.ready:
             kind = _properties(rest).get(b"socket-type", b"")
             if kind not in (b"PUB", b"XPUB"):
                 raise ProtocolError(f"the peer is a {kind.decode(errors='replace')} socket, "
@@ -213,26 +355,83 @@ class Connection(asyncio.Protocol):
                 self._timer.cancel()
             assert self._transport is not None
             self._transport.write(_frame(b"\x01" + self._topic))  # ZMTP 3.0's subscribe message
+            if self._heartbeat > 0 and self._peer_minor >= 1:
+                self._pinger = asyncio.get_running_loop().call_later(self._heartbeat, self._ping)
             self._attached(self)
         elif name == b"ERROR":
             raise ProtocolError(f"the peer sent ERROR: {rest[1:].decode(errors='replace')}")
         elif not self.ready:
             raise ProtocolError(f"{name.decode(errors='replace')} before READY")
-        # PING, SUBSCRIBE and the like mean nothing to a SUB that said 3.0: ignored.
+        # PONG is traffic like any other; SUBSCRIBE and the like mean nothing to a SUB: ignored.
+
+    def _on_ping(self, body: bytes, followed: bool) -> None:
+        """Answer with a PONG echoing the context; watch for the TTL the peer asks for."""
+        if len(body) < 2:
+            raise ProtocolError("a PING without its TTL")
+        assert self._transport is not None
+        self._transport.write(_command(b"PONG", body[2:2 + MAX_CONTEXT]))
+        ttl = int.from_bytes(body[:2], "big") / 10
+        if self._ttl_watch is not None:
+            self._ttl_watch.cancel()  # this PING is traffic: the previous TTL is met
+            self._ttl_watch = None
+        if ttl > 0:
+            # Bytes after the PING in this same read are traffic after it already.
+            mark = self._reads - 1 if followed else self._reads
+            self._ttl_watch = asyncio.get_running_loop().call_later(
+                ttl, self._expire, mark, f"nothing from the peer within the {ttl:g}s TTL of "
+                "its PING", False, True)
+
+    def _ping(self) -> None:
+        """Our heartbeat: a PING; nothing at all back within a heartbeat means a dead peer."""
+        assert self._transport is not None
+        loop = asyncio.get_running_loop()
+        self._transport.write(_command(b"PING", ping_ttl(self._heartbeat).to_bytes(2, "big")))
+        if self._pong_watch is None:
+            self._pong_watch = loop.call_later(
+                self._heartbeat, self._expire, self._reads,
+                f"nothing from the peer within {self._heartbeat:g}s of a PING", False, False)
+        self._pinger = loop.call_later(self._heartbeat, self._ping)
+
+    def _expire(self, mark: int, why: str, confirming: bool, peers_ttl: bool) -> None:
+        """A watch ran out: close the connection if nothing arrived since read `mark` (while
+        reading is paused, what the peer sent waits unread: no verdict)."""
+        if self._reads != mark or self._paused:
+            handle = None
+        elif not confirming:
+            handle = asyncio.get_running_loop().call_later(
+                CONFIRM, self._expire, mark, why, True, peers_ttl)
+        else:
+            self._fail(Silent(why))
+            return
+        if peers_ttl:
+            self._ttl_watch = handle
+        else:
+            self._pong_watch = handle
 
 
 class Subscriber:
-    """Every PUB at one endpoint: connect and reconnect to it, or accept those that connect."""
+    """Every PUB at one endpoint: connect and reconnect to it, or accept those that connect.
+
+    `max_message` bounds a message (its frames on the wire); a PUB announcing a larger one is
+    reset and `too_large(size)` hears of it. `heartbeat` > 0: PING each 3.1 PUB that often and
+    drop it when nothing comes back within that time.
+    """
 
     def __init__(self, endpoint: str, bind: bool, topic: bytes, deliver: MessageSink,
-                 name: str) -> None:
+                 name: str, *, max_message: int, heartbeat: float = 0.0,
+                 too_large: Callable[[int], None] | None = None) -> None:
         self.address = parse_endpoint(endpoint, bind)
         self.endpoint = endpoint
         self.bind = bind
         self._topic = topic
         self._deliver = deliver
         self._name = name
+        self._max_message = max_message
+        self._heartbeat = heartbeat
+        self._too_large = too_large
+        self._warn = RateLimitedLog(log)
         self.peers = 0
+        self.attachments = 0  # handshakes completed, ever: 1 + reconnections, when connecting
         self.listening = False
         self._connections: set[Connection] = set()
         self._lost: asyncio.Event = asyncio.Event()
@@ -243,19 +442,28 @@ class Subscriber:
         return self.listening or not self.bind
 
     def _connection(self) -> Connection:
-        connection = Connection(self._topic, self._deliver, self._on_attached, self._on_closed)
+        connection = Connection(self._topic, self._deliver, self._on_attached, self._on_closed,
+                                max_message=self._max_message, heartbeat=self._heartbeat)
         self._connections.add(connection)
         return connection
 
     def _on_attached(self, connection: Connection) -> None:
         self.peers += 1
+        self.attachments += 1
         log.info("vLLM publisher attached on %s", self._name)
 
     def _on_closed(self, connection: Connection, exc: Exception | None) -> None:
         self._connections.discard(connection)
         if connection.ready:
             self.peers = max(0, self.peers - 1)
-            log.warning("vLLM publisher went away from %s", self._name)
+        if isinstance(exc, TooLarge):
+            if self._too_large is not None:
+                self._too_large(exc.size)
+            self._warn.warning("too_large", "%s: %s (--buffer-bytes); connection reset",
+                               self._name, exc)
+        elif connection.ready:
+            log.warning("vLLM publisher went away from %s%s", self._name,
+                        f" ({exc})" if isinstance(exc, Silent) else "")
         elif exc is not None:
             log.warning("%s: %s", self._name, exc)
         self._lost.set()
