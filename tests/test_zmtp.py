@@ -24,7 +24,8 @@ from kvrelay.config import SourceSpec
 from kvrelay.config.endpoint import parse_endpoint
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.ingest.source import Source
-from kvrelay.ingest.zmtp import GREETING, READY, Connection, Messages, Subscriber
+from kvrelay.ingest.subscriber import Subscriber
+from kvrelay.ingest.zmtp import GREETING, READY, Connection, Messages
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import free_port
 

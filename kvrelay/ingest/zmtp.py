@@ -35,18 +35,13 @@ stops reading at its RCVHWM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
-import os
 import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import cast
-
-from kvrelay.config.endpoint import parse_endpoint
-from kvrelay.ratelimit import RateLimitedLog
 
 log = logging.getLogger("kvrelay.zmtp")
 
@@ -407,124 +402,3 @@ class Connection(asyncio.Protocol):
             self._ttl_watch = handle
         else:
             self._pong_watch = handle
-
-
-class Subscriber:
-    """Every PUB at one endpoint: connect and reconnect to it, or accept those that connect.
-
-    `max_message` bounds a message (its frames on the wire); a PUB announcing a larger one is
-    reset and `too_large(size)` hears of it. `heartbeat` > 0: PING each 3.1 PUB that often and
-    drop it when nothing comes back within that time.
-    """
-
-    def __init__(self, endpoint: str, bind: bool, topic: bytes, deliver: MessageSink,
-                 name: str, *, max_message: int, heartbeat: float = 0.0,
-                 too_large: Callable[[int], None] | None = None) -> None:
-        self.address = parse_endpoint(endpoint, bind)
-        self.endpoint = endpoint
-        self.bind = bind
-        self._topic = topic
-        self._deliver = deliver
-        self._name = name
-        self._max_message = max_message
-        self._heartbeat = heartbeat
-        self._too_large = too_large
-        self._warn = RateLimitedLog(log)
-        self.peers = 0
-        self.attachments = 0  # handshakes completed, ever: 1 + reconnections, when connecting
-        self.listening = False
-        self._connections: set[Connection] = set()
-        self._lost: asyncio.Event = asyncio.Event()
-
-    @property
-    def subscribed(self) -> bool:
-        """Bound, or connecting (a vLLM that is not up yet is waited for, not an error)."""
-        return self.listening or not self.bind
-
-    def _connection(self) -> Connection:
-        connection = Connection(self._topic, self._deliver, self._on_attached, self._on_closed,
-                                max_message=self._max_message, heartbeat=self._heartbeat)
-        self._connections.add(connection)
-        return connection
-
-    def _on_attached(self, connection: Connection) -> None:
-        self.peers += 1
-        self.attachments += 1
-        log.info("vLLM publisher attached on %s", self._name)
-
-    def _on_closed(self, connection: Connection, exc: Exception | None) -> None:
-        self._connections.discard(connection)
-        if connection.ready:
-            self.peers = max(0, self.peers - 1)
-        if isinstance(exc, TooLarge):
-            if self._too_large is not None:
-                self._too_large(exc.size)
-            self._warn.warning("too_large", "%s: %s (--buffer-bytes); connection reset",
-                               self._name, exc)
-        elif connection.ready:
-            log.warning("vLLM publisher went away from %s%s", self._name,
-                        f" ({exc})" if isinstance(exc, Silent) else "")
-        elif exc is not None:
-            log.warning("%s: %s", self._name, exc)
-        self._lost.set()
-
-    async def run(self, retry: Callable[[str], None]) -> None:
-        """Until cancelled. `retry(message)` hears of each failed attempt (to log at a rate)."""
-        mode = "bound to" if self.bind else "connecting to"
-        log.info("ZMQ SUB (native ZMTP) %s %s", mode, self._name)
-        try:
-            if self.bind:
-                await self._listen()
-            else:
-                await self._connect_forever(retry)
-        finally:
-            for connection in list(self._connections):
-                connection.close()
-
-    async def _listen(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = 0.1
-        while True:
-            try:
-                if self.address.transport == "ipc":
-                    # A socket file left by a previous run is replaced, as libzmq does.
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.address.path)
-                    server = await loop.create_unix_server(self._connection, self.address.path)
-                else:
-                    server = await loop.create_server(self._connection,
-                                                      self.address.host or None,
-                                                      self.address.port, reuse_address=True)
-                break
-            except OSError as exc:
-                log.error("cannot bind %s: %s; retrying in %.1fs", self.endpoint, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        self.listening = True
-        try:
-            await asyncio.Future()  # serve until cancelled
-        finally:
-            self.listening = False
-            server.close()
-
-    async def _connect_forever(self, retry: Callable[[str], None]) -> None:
-        loop = asyncio.get_running_loop()
-        delay = 0.1
-        while True:
-            self._lost.clear()
-            try:
-                if self.address.transport == "ipc":
-                    await loop.create_unix_connection(self._connection, self.address.path)
-                else:
-                    await loop.create_connection(self._connection, self.address.host,
-                                                 self.address.port)
-            except OSError as exc:
-                retry(f"no vLLM publisher at {self.endpoint} yet ({exc.strerror or exc}); "
-                      "retrying")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-                continue
-            await self._lost.wait()
-            # Back soon: a restarting vLLM binds again within seconds.
-            delay = 0.1
-            await asyncio.sleep(delay)
