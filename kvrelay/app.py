@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import uvloop
 import zmq.asyncio
@@ -28,12 +28,10 @@ from kvrelay.ingest.sequencer import Frame
 from kvrelay.ingest.source import Source
 from kvrelay.jetstream.publisher import Publisher
 from kvrelay.jetstream.snapshot import Snapshotter
+from kvrelay.publish.base import Output
 from kvrelay.system.health import SystemServer
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
-
-if TYPE_CHECKING:
-    from kvrelay.dynamo.publisher import DynamoPublisher
 
 log = logging.getLogger("kvrelay")
 
@@ -68,7 +66,7 @@ class Relay:
         self._sources: list[Source] = []
         self._zmq: zmq.asyncio.Context | None = None
         self.buffer: Buffer | None = None
-        self.publisher: Publisher | DynamoPublisher | None = None
+        self.publisher: Output | None = None
         self.snapshotter: Snapshotter | None = None
         self.system: SystemServer | None = None
         self.started = asyncio.Event()
@@ -128,26 +126,9 @@ class Relay:
         worker = Worker(config.discovery.namespace, config.discovery.component, instance_id)
         self.buffer = Buffer(publish.buffer_batches, publish.buffer_bytes, self.metrics)
         specs = config.zmq.sources()
-        if publish.format == "dynamo":
-            from kvrelay.dynamo.publisher import DynamoPublisher  # needs the dynamo extra
-
-            # Core NATS: no stream, so no snapshots (Dynamo's router keeps its own state).
-            etcd = (config.discovery.etcd_endpoint_list() if config.dynamo_backend() == "etcd"
-                    else None)
-            self.publisher = DynamoPublisher(worker, config.nats, publish, config.dynamo,
-                                             self.buffer, self.metrics, etcd=etcd,
-                                             lease=self.identity.lease)
-        else:
-            if config.snapshot.enabled:
-                self.snapshotter = Snapshotter(worker, [s.dp_rank for s in specs],
-                                               config.snapshot, config.nats, config.stream,
-                                               self.metrics)
-            self.publisher = Publisher(worker, config.nats, publish, config.stream, self.buffer,
-                                       self.metrics,
-                                       self.snapshotter.stored if self.snapshotter else None)
-            if self.snapshotter is not None:
-                self.snapshotter.start(self.publisher.stream_ready)
-        self._spawn(self.publisher.connect([s.dp_rank for s in specs]))
+        ranks = [s.dp_rank for s in specs]
+        self.publisher = self._output(worker, ranks, self.identity.lease)
+        self._spawn(self.publisher.connect(ranks))
         self._spawn(self.publisher.run())
         self._zmq = zmq.asyncio.Context()
         topic = config.zmq.topic.encode()
@@ -167,6 +148,27 @@ class Relay:
             self._source_tasks.append(task)
             log.info("publishing %s on %s", source.name, self.publisher.subject(spec.dp_rank))
         self.started.set()
+
+    def _output(self, worker: Worker, ranks: list[int], lease: int | None) -> Output:
+        """The configured output (with the JetStream one, its snapshots when they are on)."""
+        config, buffer = self.config, self.buffer
+        assert buffer is not None
+        if config.publish.format == "dynamo":
+            from kvrelay.dynamo.publisher import DynamoPublisher  # needs the dynamo extra
+
+            # Core NATS: no stream, so no snapshots (Dynamo's router keeps its own state).
+            etcd = (config.discovery.etcd_endpoint_list() if config.dynamo_backend() == "etcd"
+                    else None)
+            return DynamoPublisher(worker, config.nats, config.publish, config.dynamo, buffer,
+                                   self.metrics, etcd=etcd, lease=lease)
+        if config.snapshot.enabled:
+            self.snapshotter = Snapshotter(worker, ranks, config.snapshot, config.nats,
+                                           config.stream, self.metrics)
+        publisher = Publisher(worker, config.nats, config.publish, config.stream, buffer,
+                              self.metrics, self.snapshotter.stored if self.snapshotter else None)
+        if self.snapshotter is not None:
+            self.snapshotter.start(publisher.stream_ready)
+        return publisher
 
     def _deliver(self, frame: Frame) -> None:
         assert self.publisher is not None
@@ -280,11 +282,7 @@ class Relay:
         if publisher is None:
             return {"relay": "starting"}
         parts["nats"] = "ok" if publisher.connected else publisher.last_error
-        if isinstance(publisher, Publisher):
-            parts["stream"] = "ok" if publisher.stream_ready.is_set() else (
-                f"stream {self.config.stream.name} not verified yet")
-        else:
-            parts["dynamo_records"] = publisher.readiness()
+        parts.update(publisher.readiness())
         idle = [s.spec.endpoint for s in self._sources if not s.subscribed]
         parts["zmq"] = "ok" if not idle else f"not subscribed: {', '.join(idle)}"
         if self._draining:

@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Final
 
@@ -45,10 +46,8 @@ from kvrelay.dynamo.translate import EventStream, Translator, group_frames
 from kvrelay.dynamo.wire import Translated, kv_events_subject
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
-from kvrelay.natsio.options import nats_options
-from kvrelay.natsio.outbox import InboxClient, Outbox
-from kvrelay.publish.common import SEND_SLICE, read_frame, wait_until_sent
-from kvrelay.ratelimit import RateLimitedLog
+from kvrelay.publish.base import Output
+from kvrelay.publish.common import SEND_SLICE, read_frame
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
 from kvrelay.wire.schema import ResumePoint
@@ -79,7 +78,7 @@ class _Sent:
         self.sent_at = 0.0
 
 
-class DynamoPublisher:
+class DynamoPublisher(Output):
     """Takes Frames from the Buffer and keeps them flowing to Dynamo's router over core NATS."""
 
     def __init__(self, worker: Worker, nats: NatsSettings, publish: PublishSettings,
@@ -87,42 +86,26 @@ class DynamoPublisher:
                  etcd: list[str] | None = None, lease: int | None = None) -> None:
         """Records go to Dynamo's etcd backend at `etcd` when given, else to its file
         backend; `lease` is the etcd lease discovery took, whose ID is the instance ID."""
+        super().__init__(nats, publish, buffer, metrics, log)
         self._config = config
-        self._nats = nats
-        self._settings = publish
         self._worker = worker
         self._instance_id = worker.instance_id
         self._etcd = etcd
         self._lease = lease
-        self._buffer = buffer
-        self._metrics = metrics
         self._codec = Codec(metrics=metrics)
         self._translator = Translator(config.kv_block_size, metrics)
-        self._warn = RateLimitedLog(log)
         self._subject = kv_events_subject(worker.namespace, worker.component,
                                           config.dynamo_endpoint)
         self._pub_prefix = f"PUB {self._subject} ".encode()
         self._streams: dict[int, EventStream] = {}
         self.file_kv = Path(config.dynamo_file_kv or default_file_kv())
         self.registrar: Registrar | None = None
-        self._nc: InboxClient | None = None
-        self._outbox = Outbox()
         self._window: deque[_Sent] = deque()
         self._gathered: list[Frame] = []  # taken in this turn, sent together at its end
         self._markers = Markers[_Sent](self._outbox, self._online, self._confirm)
-        self._parked = False  # the publish loop waits for work: notify() may send directly
         self._resend = False
-        self._retry_at: float | None = None
-        self._backoff = 0.05
-        self._wake = asyncio.Event()
         self._registered = asyncio.Event()
-        self.connected = False
-        self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
-        self.last_error = "not connected yet"
         metrics.in_flight.set_function(self._window.__len__)  # read at scrape time
-
-    def _online(self) -> bool:
-        return self.connected and self._nc is not None and self._nc.is_connected
 
     def subject(self, dp_rank: int) -> str:
         return self._subject
@@ -142,10 +125,17 @@ class DynamoPublisher:
     def in_flight(self) -> int:
         return len(self._window)
 
-    def readiness(self) -> str:
+    def readiness(self) -> dict[str, str]:
         if self.registrar is None:
-            return "discovery records not written yet"
-        return "ok" if self.registrar.registered else self.registrar.last_error
+            return {"dynamo_records": "discovery records not written yet"}
+        return {"dynamo_records": "ok" if self.registrar.registered
+                else self.registrar.last_error}
+
+    def _unsent(self) -> bool:
+        return bool(self._buffer or self._window or self._gathered)
+
+    def _side_tasks(self) -> list[Awaitable[None]]:
+        return [self._watch_markers(), self._keep_registered()]
 
     # -- discovery and connection --------------------------------------------------------------
 
@@ -177,16 +167,7 @@ class DynamoPublisher:
                 f"cannot write Dynamo discovery records to {store.where}: {exc}; {hint}"))
             return
         self._registered.set()
-        log.info("connecting to NATS at %s", self._nats.redacted_servers())
-        nc = InboxClient()
-        await nc.connect(
-            **nats_options(self._nats),
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-        )
-        self._nc = nc
-        self._outbox.bind(nc)
+        nc = await self._connect_nats()
         inbox = nc.new_inbox()
         self._markers.bind(inbox)
         nc.route_inbox(inbox, (await nc.subscribe(inbox))._id, self._markers.on_reply)
@@ -200,89 +181,40 @@ class DynamoPublisher:
         """Core NATS keeps nothing to resume from: every run starts new publishers."""
         return None
 
-    async def _on_error(self, exc: Exception) -> None:
-        self._metrics.nats_errors.inc()
-        self.last_error = f"NATS: {exc!r}"
-        self._warn.warning("nats", "NATS at %s: %r (the relay keeps buffering and retrying)",
-                           self._nats.redacted_servers(), exc)
-
-    async def _on_disconnected(self) -> None:
-        if self.connected:
-            log.warning("disconnected from NATS; buffering until it is back")
-        self.connected = False
-        self.last_error = "disconnected from NATS"
-        self._lose_connection()
-        # nats-py would send what it had not written yet before our ordered resend; the
-        # window holds all of it, so drop nats-py's copy and the outbox's (see publish.py).
-        self._outbox.discard()
-        if self._nc is not None:
-            self._nc._pending = []
-            self._nc._pending_data_size = 0
-
-    async def _on_reconnected(self) -> None:
-        self._metrics.nats_reconnects.inc()
-        self.connected = True
-        log.info("reconnected to NATS; publishing %d unconfirmed messages again",
-                 len(self._window))
-        self._wake.set()
-
-    def _lose_connection(self) -> None:
+    def _connection_lost(self) -> None:
         """What was published but not confirmed may be lost: publish it all again."""
         self._markers.forget()
         if self._window:
             self._resend = True
 
-    def _retry_later(self) -> None:
-        """Publish again after a backoff that grows while NATS keeps not confirming."""
-        self._retry_at = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, self._nats.reconnect_wait_max)
-        self._wake.set()
-
     # -- the publish loop ----------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Move frames from the buffer into the window until cancelled."""
-        side = [asyncio.ensure_future(self._watch_markers()),
-                asyncio.ensure_future(self._keep_registered())]
-        try:
-            while True:
-                self._parked = True
-                await self._wake.wait()
-                self._parked = False
-                self._wake.clear()
-                if not self._online():
-                    continue
-                if self._retry_at is not None:
-                    if time.monotonic() < self._retry_at:
-                        continue
-                    self._retry_at = None
-                if self._resend:
-                    self._resend = False
-                    for sent in list(self._window):
-                        self._metrics.republished.inc()
-                        await self._publish(sent)
-                        if not self._online() or self._resend:
-                            break
+    async def _publish_pending(self, retrying: bool) -> None:
+        """Publish the unconfirmed window again when it may have been lost, in order; then
+        move frames from the buffer into the window."""
+        if self._resend:
+            self._resend = False
+            for sent in list(self._window):
+                self._metrics.republished.inc()
+                await self._publish(sent)
+                if not self._online() or self._resend:
+                    break
+        published = 0
+        while self._buffer and len(self._window) < self._settings.max_in_flight \
+                and not self._resend and self._online():
+            for group in self._buffered_groups():
+                entered = self._enter(group)
+                if entered is not None and self._outbox.writable():
+                    self._publish_now(entered)
+                    published += entered.batches
+                elif entered is not None:
+                    await self._publish(entered)  # waits for nats-py's flush
+            if published >= SEND_SLICE:
                 published = 0
-                while self._buffer and len(self._window) < self._settings.max_in_flight \
-                        and not self._resend and self._online():
-                    for group in self._buffered_groups():
-                        entered = self._enter(group)
-                        if entered is not None and self._outbox.writable():
-                            self._publish_now(entered)
-                            published += entered.batches
-                        elif entered is not None:
-                            await self._publish(entered)  # waits for nats-py's flush
-                    if published >= SEND_SLICE:
-                        published = 0
-                        self._markers.follow()
-                        await asyncio.sleep(0)  # a backlog must not hold up ingest
-                if published:
-                    self._markers.follow()
-        finally:
-            self._parked = False
-            for task in side:
-                task.cancel()
+                self._markers.follow()
+                await asyncio.sleep(0)  # a backlog must not hold up ingest
+        if published:
+            self._markers.follow()
 
     async def _keep_registered(self) -> None:
         await self._registered.wait()
@@ -345,9 +277,8 @@ class DynamoPublisher:
             self._markers.follow()
 
     def _sending_here(self) -> bool:
-        """The publish loop idle with nothing to retry or publish again, NATS up: a producer's
-        turn may publish itself."""
-        return self._parked and self._retry_at is None and not self._resend and self._online()
+        """As for every output, and nothing to publish again."""
+        return super()._sending_here() and not self._resend
 
     def _room(self) -> bool:
         return len(self._window) < self._settings.max_in_flight and self._outbox.writable()
@@ -409,8 +340,8 @@ class DynamoPublisher:
             await self._nc.publish(self._subject, sent.payload)
         except (nats.errors.Error, OSError) as exc:
             self._warn.warning("publish", "publish failed: %r; will publish again", exc)
-            self._lose_connection()
-            self._retry_later()
+            self._connection_lost()
+            self._schedule_retry()
             return
         self._markers.published(sent)
         self._markers.follow()
@@ -442,12 +373,12 @@ class DynamoPublisher:
                 self._warn.warning("confirm", "NATS did not confirm %d messages within %.1fs; "
                                    "publishing them again", len(self._window),
                                    self._settings.ack_timeout)
-                self._lose_connection()
-                self._retry_later()
+                self._connection_lost()
+                self._schedule_retry()
 
     def _confirm(self, mark: _Sent) -> None:
         """A marker came back: the server has passed on everything up to `mark`."""
-        self._backoff = 0.05
+        self._succeeded()
         now, wall = time.monotonic(), time.time()
         window, metrics = self._window, self._metrics
         batches = events = 0
@@ -465,11 +396,6 @@ class DynamoPublisher:
             self._wake.set()
 
     # -- shutdown ------------------------------------------------------------------------------
-
-    async def flush(self, within: float) -> bool:
-        """Wait until the buffer and the window are empty; False if `within` seconds pass."""
-        return await wait_until_sent(
-            lambda: bool(self._buffer or self._window or self._gathered), self._wake, within)
 
     def abandon(self) -> int:
         """Count what could not be delivered; returns the number of batches."""
@@ -493,5 +419,4 @@ class DynamoPublisher:
                 log.error("cannot remove the Dynamo discovery records from %s: %s (they "
                           "expire in %.0fs)", self.registrar.store.where, exc,
                           self.registrar.store.ttl)
-        if self._nc is not None and not self._nc.is_closed:
-            await self._nc.close()
+        await super().close()

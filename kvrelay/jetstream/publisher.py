@@ -20,14 +20,13 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client
 
 from kvrelay.codec import Codec, MalformedPayload
 from kvrelay.config import NatsSettings, PublishSettings, StreamSettings
@@ -41,17 +40,12 @@ from kvrelay.jetstream.stream import (
     last_stored,
     stored_from,
 )
-from kvrelay.natsio.options import nats_options
-from kvrelay.natsio.outbox import InboxClient, Outbox
+from kvrelay.publish.base import Output
 from kvrelay.publish.common import (
     SEND_SLICE,
-    NatsRefused,
     drop_malformed,
     read_frame,
-    refusal,
-    wait_until_sent,
 )
-from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
 from kvrelay.wire.schema import SCHEMA_VERSION, RelayBatch, ResumePoint
@@ -91,7 +85,7 @@ class _Pending:
         self.sent_at = 0.0
 
 
-class Publisher:
+class Publisher(Output):
     """Takes Frames from the Buffer, encodes them and keeps them flowing into JetStream."""
 
     def __init__(self, worker: Worker, nats: NatsSettings, publish: PublishSettings,
@@ -99,18 +93,12 @@ class Publisher:
                  on_stored: Callable[[RelayBatch, int], None] | None = None) -> None:
         """`on_stored(batch, stream_seq)` hears of every batch JetStream stored, once each,
         in the order of its subject's stream."""
-        self._nats = nats
-        self._settings = publish
+        super().__init__(nats, publish, buffer, metrics, log)
         self._stream = stream
         self._instance_id = worker.instance_id
-        self._buffer = buffer
-        self._metrics = metrics
         self._codec = Codec(publish.format, metrics)
-        self._warn = RateLimitedLog(log)
         self._worker = worker
         self._subjects: dict[int, str] = {}
-        self._nc: Client | None = None
-        self._outbox = Outbox()
         self._inbox = ""
         self._inbox_bytes = b""
         self._window: dict[int, _Pending] = {}
@@ -125,20 +113,7 @@ class Publisher:
         self._settled_at: dict[str, int] = {}
         self._on_stored = on_stored
         self._next_token = 0
-        self._wake = asyncio.Event()
-        self._parked = False  # the publish loop waits for work: notify() may send directly
-        self._retry_at: float | None = None
-        self._backoff = 0.05
-        self.connected = False
         self.stream_ready = asyncio.Event()
-        # A configuration NATS or the stream will never accept: the relay exits (code 2).
-        self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
-        self._connected_once = False
-        self.last_error = "not connected yet"
-
-    def _online(self) -> bool:
-        # nats-py's own state flips before our callback runs; trust it for sending.
-        return self.connected and self._nc is not None and self._nc.is_connected
 
     def subject(self, dp_rank: int) -> str:
         subject = self._subjects.get(dp_rank)
@@ -150,27 +125,35 @@ class Publisher:
     def in_flight(self) -> int:
         return len(self._window)
 
+    def readiness(self) -> dict[str, str]:
+        return {"stream": "ok" if self.stream_ready.is_set() else (
+            f"stream {self._stream.name} not verified yet")}
+
+    def _can_publish(self) -> bool:
+        return self.stream_ready.is_set()
+
+    def _unsent(self) -> bool:
+        return bool(self._buffer or self._window)
+
+    def _side_tasks(self) -> list[Awaitable[None]]:
+        return [self._watch_acks()]
+
+    def _connection_lost(self) -> None:
+        """Nothing to do now: the window is settled with the stream once NATS is back."""
+
+    def _connection_back(self) -> None:
+        self._schedule_retry(0.0)  # settle the window with the stream, then resend it
+
     # -- connection and stream -----------------------------------------------------------------
 
     async def connect(self, dp_ranks: list[int]) -> None:
         """Connect (retrying forever), then create or verify the stream."""
-        options = nats_options(self._nats)
-        log.info("connecting to NATS at %s", self._nats.redacted_servers())
-        nc = InboxClient()
-        await nc.connect(
-            **options,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-        )
-        self._nc = nc
-        self._outbox.bind(nc)
+        nc = await self._connect_nats()
         self._inbox = nc.new_inbox() + "."
         self._inbox_bytes = self._inbox.encode()
         nc.route_inbox(self._inbox, (await nc.subscribe(self._inbox + "*"))._id, self._on_ack)
         self.connected = True
-        self._connected_once = True
-        url = self._nc.connected_url
+        url = nc.connected_url
         # host:port only: the URL may carry a user and password.
         log.info("connected to NATS at %s:%s", url.hostname if url else "?",
                  url.port if url else "?")
@@ -219,74 +202,27 @@ class Publisher:
             self._settled_at[subject] = max(stored.stream_seq, self._settled_at.get(subject, 0))
             return stored.point
 
-    async def _on_error(self, exc: Exception) -> None:
-        self._metrics.nats_errors.inc()
-        self.last_error = f"NATS: {exc!r}"
-        if not self._connected_once and (reason := refusal(exc, self._nats)) is not None:
-            # Refused before ever connecting: misconfigured, not unreachable. (Once connected,
-            # a refusal while reconnecting is retried: the buffer is worth keeping.)
-            if not self.fatal.done():
-                self.fatal.set_result(NatsRefused(reason))
-            return
-        self._warn.warning("nats", "NATS at %s: %r (the relay keeps buffering and retrying)",
-                           self._nats.redacted_servers(), exc)
-
-    async def _on_disconnected(self) -> None:
-        if self.connected:
-            log.warning("disconnected from NATS; buffering until it is back")
-        self.connected = False
-        self.last_error = "disconnected from NATS"
-        # nats-py would send the commands it had not written yet right after reconnecting,
-        # before our ordered resend of the whole window, so later batches could land before
-        # earlier ones lost with the old socket. The window holds them all: forget nats-py's
-        # copy and let the resend put them back in order.
-        self._outbox.discard()
-        if self._nc is not None:
-            self._nc._pending = []
-            self._nc._pending_data_size = 0
-
-    async def _on_reconnected(self) -> None:
-        self._metrics.nats_reconnects.inc()
-        self.connected = True
-        log.info("reconnected to NATS; resending %d unacknowledged publishes", len(self._window))
-        self._schedule_retry(0.0)
-
     # -- the publish loop ----------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Move frames from the buffer into the window until cancelled."""
-        watchdog = asyncio.ensure_future(self._watch_acks())
-        try:
-            while True:
-                self._parked = True
-                await self._wake.wait()
-                self._parked = False
-                self._wake.clear()
-                if not self._online() or not self.stream_ready.is_set():
-                    continue
-                if self._retry_at is not None:
-                    if time.monotonic() < self._retry_at:
-                        continue
-                    self._retry_at = None
-                    if not await self._recover():
-                        self._schedule_retry()
-                        continue
-                sent = 0
-                while self._buffer and len(self._window) < self._settings.max_in_flight:
-                    if self._outbox.writable():
-                        entry = self._enter(self._buffer.pop())
-                        if entry is not None:
-                            self._publish_now(*entry)
-                        sent += 1
-                        if sent % SEND_SLICE == 0:
-                            await asyncio.sleep(0)  # a backlog must not hold up acks and ingest
-                    else:
-                        await self._send(self._buffer.pop())  # waits for nats-py's flush
-                    if not self._online():
-                        break
-        finally:
-            self._parked = False
-            watchdog.cancel()
+    async def _publish_pending(self, retrying: bool) -> None:
+        """After a failure settle and resend the window first; then move frames from the
+        buffer into the window."""
+        if retrying and not await self._recover():
+            self._schedule_retry()
+            return
+        sent = 0
+        while self._buffer and len(self._window) < self._settings.max_in_flight:
+            if self._outbox.writable():
+                entry = self._enter(self._buffer.pop())
+                if entry is not None:
+                    self._publish_now(*entry)
+                sent += 1
+                if sent % SEND_SLICE == 0:
+                    await asyncio.sleep(0)  # a backlog must not hold up acks and ingest
+            else:
+                await self._send(self._buffer.pop())  # waits for nats-py's flush
+            if not self._online():
+                break
 
     def take(self, frame: Frame) -> None:
         """Ingest's hand-off, each frame in order. In the steady state (nothing buffered or owed
@@ -317,12 +253,6 @@ class Publisher:
             if not self._buffer:
                 return
         self._wake.set()
-
-    def _sending_here(self) -> bool:
-        """The publish loop idle with nothing to retry, NATS and the stream up: a producer's
-        turn may publish itself."""
-        return self._parked and self._retry_at is None and self._online() \
-            and self.stream_ready.is_set()
 
     def _room(self) -> bool:
         return len(self._window) < self._settings.max_in_flight and self._outbox.writable()
@@ -420,7 +350,7 @@ class Publisher:
             self._warn.warning("recover", "cannot settle unacknowledged publishes with stream "
                                "%s yet: %r; retrying", self._stream.name, exc)
             return False
-        self._backoff = 0.05
+        self._succeeded()
         return True
 
     async def _settle(self, subject: str) -> None:
@@ -498,14 +428,6 @@ class Publisher:
         self._reject(token, pending, ack.error)
         return True
 
-    def _schedule_retry(self, delay: float | None = None) -> None:
-        if delay is None:
-            delay = self._backoff
-            self._backoff = min(self._backoff * 2, self._nats.reconnect_wait_max)
-        if self._retry_at is None:
-            self._retry_at = time.monotonic() + delay
-        self._wake.set()
-
     async def _watch_acks(self) -> None:
         """Resend the window when its oldest publish has waited longer than the ack timeout."""
         period = min(self._settings.ack_timeout / 4, 0.25)
@@ -552,7 +474,7 @@ class Publisher:
         del self._window[token]
         if ack.seq > self._acked_at.get(pending.subject, 0):
             self._acked_at[pending.subject] = ack.seq
-        self._backoff = 0.05
+        self._succeeded()
         self._published(pending, ack.duplicate, ack.seq)
         if self._buffer and len(self._window) < self._settings.max_in_flight:
             self._wake.set()
@@ -590,12 +512,6 @@ class Publisher:
 
     # -- shutdown ------------------------------------------------------------------------------
 
-    async def flush(self, within: float) -> bool:
-        """Wait until the buffer and the window are empty; False if `within` seconds pass."""
-        flushed = await wait_until_sent(lambda: bool(self._buffer or self._window), self._wake,
-                                        within)
-        return flushed
-
     def abandon(self) -> int:
         """Count what could not be delivered; returns the number of batches."""
         lost = len(self._buffer) + len(self._window)
@@ -608,7 +524,3 @@ class Publisher:
             self._metrics.drop("shutdown", lost, events)
         return lost
 
-    async def close(self) -> None:
-        self.connected = False
-        if self._nc is not None and not self._nc.is_closed:
-            await self._nc.close()

@@ -1,0 +1,223 @@
+"""The publisher skeleton both outputs share; an output fills in what differs.
+
+Shared here: the NATS connection and what its callbacks do (a refusal before the first
+connection is fatal, a loss of connection drops what nats-py had not written so the output's
+own ordered resend comes first), the publish loop's wake-ups and retry backoff, the drain wait
+and the close. An output (JetStream's windowed publisher, `--format dynamo`'s confirmed core
+NATS publisher) says how a frame becomes a message, what a reply means, how it catches up after
+a failure, and what it adds to /health. The relay sees every output through this interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable
+
+from kvrelay.config import NatsSettings, PublishSettings
+from kvrelay.ingest.buffer import Buffer
+from kvrelay.ingest.sequencer import Frame
+from kvrelay.natsio.options import nats_options
+from kvrelay.natsio.outbox import InboxClient, Outbox
+from kvrelay.publish.common import NatsRefused, refusal, wait_until_sent
+from kvrelay.ratelimit import RateLimitedLog
+from kvrelay.system.metrics import Metrics
+from kvrelay.wire.schema import ResumePoint
+
+BACKOFF_START = 0.05
+
+
+class Output(ABC):
+    """Takes Frames from ingest and keeps them flowing into NATS, in order."""
+
+    def __init__(self, nats: NatsSettings, publish: PublishSettings, buffer: Buffer,
+                 metrics: Metrics, log: logging.Logger) -> None:
+        self._nats = nats
+        self._settings = publish
+        self._buffer = buffer
+        self._metrics = metrics
+        self._log = log
+        self._warn = RateLimitedLog(log)
+        self._nc: InboxClient | None = None
+        self._outbox = Outbox()
+        self._wake = asyncio.Event()
+        self._parked = False  # the publish loop waits for work: a producer may send directly
+        self._retry_at: float | None = None
+        self._backoff = BACKOFF_START
+        self._connected_once = False
+        self.connected = False
+        self.last_error = "not connected yet"
+        # A configuration NATS (or the output's peer) will never accept: the relay exits (2).
+        self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+
+    # -- what an output provides ---------------------------------------------------------------
+
+    @abstractmethod
+    async def connect(self, dp_ranks: list[int]) -> None:
+        """Everything before publishing (`_connect_nats` among it), retrying until it can."""
+
+    @abstractmethod
+    def subject(self, dp_rank: int) -> str:
+        """Where a rank's batches go."""
+
+    @abstractmethod
+    async def resume_point(self, dp_rank: int) -> ResumePoint | None:
+        """The last (epoch, seq) this output holds for a rank, None if nothing to resume."""
+
+    @abstractmethod
+    def take(self, frame: Frame) -> None:
+        """Ingest's hand-off, each frame in order."""
+
+    @property
+    @abstractmethod
+    def in_flight(self) -> int:
+        """Messages published and not yet confirmed."""
+
+    @abstractmethod
+    def readiness(self) -> dict[str, str]:
+        """What this output adds to /health: each part and "ok", or what is wrong."""
+
+    @abstractmethod
+    def abandon(self) -> int:
+        """Count what could not be delivered as dropped at shutdown; returns the batches."""
+
+    @abstractmethod
+    def _unsent(self) -> bool:
+        """Batches buffered or unconfirmed remain."""
+
+    @abstractmethod
+    def _side_tasks(self) -> list[Awaitable[None]]:
+        """What runs beside the publish loop (ack watchdogs, record keep-alives)."""
+
+    def _can_publish(self) -> bool:
+        """Beyond a connection: whatever else must be up before publishing."""
+        return True
+
+    @abstractmethod
+    async def _publish_pending(self, retrying: bool) -> None:
+        """One turn of the publish loop while online: catch up after a failure (`retrying`:
+        the backoff after one just ran out), then move what the buffer holds into NATS."""
+
+    @abstractmethod
+    def _connection_lost(self) -> None:
+        """NATS went away: what was published and not confirmed may be lost."""
+
+    def _connection_back(self) -> None:
+        """NATS is back."""
+        self._wake.set()
+
+    # -- the connection ------------------------------------------------------------------------
+
+    def _online(self) -> bool:
+        # nats-py's own state flips before our callback runs; trust it for sending.
+        return self.connected and self._nc is not None and self._nc.is_connected
+
+    async def _connect_nats(self) -> InboxClient:
+        """Connect (nats-py retries forever), with the shared callbacks and the outbox."""
+        self._log.info("connecting to NATS at %s", self._nats.redacted_servers())
+        nc = InboxClient()
+        await nc.connect(
+            **nats_options(self._nats),
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
+        self._nc = nc
+        self._outbox.bind(nc)
+        self.connected = True
+        self._connected_once = True
+        return nc
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._metrics.nats_errors.inc()
+        self.last_error = f"NATS: {exc!r}"
+        if not self._connected_once and (reason := refusal(exc, self._nats)) is not None:
+            # Refused before ever connecting: misconfigured, not unreachable. (Once connected,
+            # a refusal while reconnecting is retried: the buffer is worth keeping.)
+            if not self.fatal.done():
+                self.fatal.set_result(NatsRefused(reason))
+            return
+        self._warn.warning("nats", "NATS at %s: %r (the relay keeps buffering and retrying)",
+                           self._nats.redacted_servers(), exc)
+
+    async def _on_disconnected(self) -> None:
+        if self.connected:
+            self._log.warning("disconnected from NATS; buffering until it is back")
+        self.connected = False
+        self.last_error = "disconnected from NATS"
+        self._connection_lost()
+        # nats-py would send the commands it had not written yet right after reconnecting,
+        # before the output's ordered resend, so later batches could land before earlier ones
+        # lost with the old socket. The output holds them all: forget nats-py's copy and the
+        # outbox's, and let the resend put them back in order.
+        self._outbox.discard()
+        if self._nc is not None:
+            self._nc._pending = []
+            self._nc._pending_data_size = 0
+
+    async def _on_reconnected(self) -> None:
+        self._metrics.nats_reconnects.inc()
+        self.connected = True
+        self._log.info("reconnected to NATS; publishing %d unconfirmed messages again",
+                       self.in_flight)
+        self._connection_back()
+
+    def _schedule_retry(self, delay: float | None = None) -> None:
+        """Run the loop again after `delay`, or after a backoff that grows while failures go
+        on (reset by `_succeeded`)."""
+        if delay is None:
+            delay = self._backoff
+            self._backoff = min(self._backoff * 2, self._nats.reconnect_wait_max)
+        if self._retry_at is None:
+            self._retry_at = time.monotonic() + delay
+        self._wake.set()
+
+    def _succeeded(self) -> None:
+        self._backoff = BACKOFF_START
+
+    # -- the publish loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Publish until cancelled: a wake-up per backlog, a failure or a retry that is due."""
+        side = [asyncio.ensure_future(task) for task in self._side_tasks()]
+        try:
+            while True:
+                self._parked = True
+                await self._wake.wait()
+                self._parked = False
+                self._wake.clear()
+                if not self._online() or not self._can_publish():
+                    continue
+                retrying = self._retry_at is not None
+                if self._retry_at is not None:
+                    if time.monotonic() < self._retry_at:
+                        continue
+                    self._retry_at = None
+                await self._publish_pending(retrying)
+        finally:
+            self._parked = False
+            for task in side:
+                task.cancel()
+
+    def _sending_here(self) -> bool:
+        """The publish loop idle with nothing to retry, NATS and the output up: a producer's
+        turn may publish itself."""
+        return self._parked and self._retry_at is None and self._online() \
+            and self._can_publish()
+
+    def notify(self) -> None:
+        """Called by the buffer's producer: there is something to send."""
+        self._wake.set()
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    async def flush(self, within: float) -> bool:
+        """Wait until nothing is buffered or unconfirmed; False if `within` seconds pass."""
+        return await wait_until_sent(self._unsent, self._wake, within)
+
+    async def close(self) -> None:
+        self.connected = False
+        if self._nc is not None and not self._nc.is_closed:
+            await self._nc.close()
