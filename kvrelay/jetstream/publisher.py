@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ from kvrelay.jetstream.stream import (
     last_stored,
     stored_from,
 )
+from kvrelay.jetstream.window import Pending, Window
 from kvrelay.publish.base import Output
 from kvrelay.publish.common import (
     SEND_SLICE,
@@ -60,29 +60,9 @@ _ACK = msgspec.json.Decoder(PubAck)
 _SCHEMA_HEADER = f"Kvrelay-Schema: {SCHEMA_VERSION}\r\n"
 
 
-def _headers(pending: _Pending) -> dict[str, str]:
+def _headers(pending: Pending) -> dict[str, str]:
     """A batch's headers as nats-py takes them (the paths that go through nats-py)."""
     return {"Nats-Msg-Id": pending.msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)}
-
-
-class _Pending:
-    __slots__ = ("batch", "dp_rank", "epoch", "events", "msg_id", "payload", "sent_at", "seq",
-                 "stored_at", "subject", "token", "ts")
-
-    def __init__(self, frame: Frame, subject: str, msg_id: str, payload: bytes,
-                 ts: float, events: int, token: int, batch: RelayBatch | None) -> None:
-        self.batch = batch  # kept for on_stored only
-        self.token = token
-        self.stored_at = 0  # stream sequence once JetStream stored it
-        self.dp_rank = frame.dp_rank
-        self.epoch = frame.epoch
-        self.seq = frame.seq
-        self.subject = subject
-        self.msg_id = msg_id
-        self.payload = payload
-        self.ts = ts
-        self.events = events
-        self.sent_at = 0.0
 
 
 class Publisher(Output):
@@ -101,18 +81,8 @@ class Publisher(Output):
         self._subjects: dict[int, str] = {}
         self._inbox = ""
         self._inbox_bytes = b""
-        self._window: dict[int, _Pending] = {}
-        metrics.in_flight.set_function(lambda: len(self._window))  # read at scrape time
-        # subject -> stream sequence of the latest message known stored on it (ack or resume).
-        self._acked_at: dict[str, int] = {}
-        # Per subject, sent batches in send order until they and all before them are settled
-        # (stored or dropped): acks can come out of order after a failure. `_settled_at` is the
-        # stream sequence of the last one stored in that order, so an unsettled batch, if
-        # stored, lies after it: where the failure path starts reading the stream.
-        self._unsettled: dict[str, deque[_Pending]] = {}
-        self._settled_at: dict[str, int] = {}
-        self._on_stored = on_stored
-        self._next_token = 0
+        self._window = Window(on_stored)
+        metrics.in_flight.set_function(self._window.__len__)  # read at scrape time
         self.stream_ready = asyncio.Event()
 
     def subject(self, dp_rank: int) -> str:
@@ -198,8 +168,7 @@ class Publisher(Output):
                 continue
             if stored is None:
                 return None
-            self._acked_at[subject] = max(stored.stream_seq, self._acked_at.get(subject, 0))
-            self._settled_at[subject] = max(stored.stream_seq, self._settled_at.get(subject, 0))
+            self._window.resumed(subject, stored.stream_seq)
             return stored.point
 
     # -- the publish loop ----------------------------------------------------------------------
@@ -262,7 +231,7 @@ class Publisher(Output):
         if entry is not None:
             await self._publish(*entry)
 
-    def _enter(self, frame: Frame) -> tuple[int, _Pending] | None:
+    def _enter(self, frame: Frame) -> tuple[int, Pending] | None:
         """Encode a frame and put it in the window; None if it was dropped (counted)."""
         decoded = read_frame(self._codec.decode, frame, self._buffer, self._metrics, self._warn)
         if decoded is None:
@@ -280,20 +249,18 @@ class Publisher(Output):
             return None
         self._metrics.events_received.inc(len(decoded.events))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
-        token = self._next_token
-        self._next_token += 1
-        pending = _Pending(frame, self.subject(frame.dp_rank), msg_id,
-                           payload, decoded.ts, len(decoded.events), token,
-                           batch if self._on_stored is not None else None)
-        self._window[token] = pending
-        self._unsettled.setdefault(pending.subject, deque()).append(pending)
-        return token, pending
+        return self._window.add(frame, self.subject(frame.dp_rank), msg_id, payload, decoded.ts,
+                                len(decoded.events), batch if self._window.keeps_batches else None)
 
-    def _lose(self, reason: str, pending: _Pending) -> None:
-        """A batch in the window that will not be stored: counted, announced (`Buffer.lose`)."""
-        self._buffer.lose(reason, pending.dp_rank, (pending.seq,), pending.events)
+    def _drop(self, token: int, reason: str) -> Pending | None:
+        """A batch of the window that will not be stored: out of it, counted and announced
+        (`Buffer.lose`)."""
+        pending = self._window.dropped(token)
+        if pending is not None:
+            self._buffer.lose(reason, pending.dp_rank, (pending.seq,), pending.events)
+        return pending
 
-    async def _publish(self, token: int, pending: _Pending) -> None:
+    async def _publish(self, token: int, pending: Pending) -> None:
         assert self._nc is not None
         pending.sent_at = time.monotonic()
         self._outbox.flush()  # what the steady state queued goes first
@@ -301,16 +268,14 @@ class Publisher(Output):
             await self._nc.publish(pending.subject, pending.payload,
                                    reply=f"{self._inbox}{token}", headers=_headers(pending))
         except nats.errors.MaxPayloadError:
-            del self._window[token]
-            self._lose("too_large", pending)
-            self._settle_in_order(pending.subject)
+            self._drop(token, "too_large")
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
         except (nats.errors.Error, OSError) as exc:
             self._warn.warning("publish", "publish failed: %r; will resend", exc)
             self._schedule_retry()
 
-    def _publish_now(self, token: int, pending: _Pending) -> None:
+    def _publish_now(self, token: int, pending: Pending) -> None:
         """`_publish` without awaiting, for the steady state: only while online and writable.
 
         The HPUB command goes to the outbox, which writes all of a turn's commands at once
@@ -321,8 +286,7 @@ class Publisher(Output):
         assert nc is not None
         pending.sent_at = time.monotonic()
         if len(pending.payload) > nc.max_payload:
-            del self._window[token]
-            self._lose("too_large", pending)
+            self._drop(token, "too_large")
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
             return
@@ -340,9 +304,9 @@ class Publisher(Output):
         Returns False (to be tried again after a backoff) while the stream cannot take it.
         """
         try:
-            for subject in {p.subject for p in self._window.values()}:
+            for subject in {p.subject for _, p in self._window.pending()}:
                 await self._settle(subject)
-            for token, pending in list(self._window.items()):
+            for token, pending in self._window.pending():
                 while token in self._window:
                     if not self._online() or not await self._resend(token, pending):
                         return False
@@ -361,38 +325,23 @@ class Publisher(Output):
         """
         assert self._nc is not None
         js = self._nc.jetstream()
-        waiting = {(p.epoch, p.seq): t for t, p in self._window.items() if p.subject == subject}
-        last = self._acked_at.get(subject, 0)
-        newest: tuple[int, int] | None = None
         # From the last message settled in order (a later one may have been acked while an
         # earlier one, stored too, lost its ack): it says where the subject's batches stand.
-        async for stored in stored_from(js, self._stream.name, subject,
-                                        self._settled_at.get(subject, 0)):
-            last = max(last, stored.stream_seq)
-            if stored.point is None:
-                continue
-            newest = (stored.point.epoch, stored.point.seq)
-            token = waiting.get(newest)
-            pending = self._window.pop(token, None) if token is not None else None
-            if pending is not None:
-                self._published(pending, False, stored.stream_seq)
-        self._acked_at[subject] = last
-        if newest is None:
-            return
-        for point, token in waiting.items():
-            pending = self._window.get(token)
-            if pending is not None and point < newest:
-                del self._window[token]
-                self._lose("out_of_order", pending)
-                self._warn.warning("out-of-order", "batch epoch %d seq %d on %s was refused "
-                                   "while a later one was stored; announced as a gap",
-                                   pending.epoch, pending.seq, subject)
-        self._settle_in_order(subject)
+        messages = [(s.stream_seq, s.point) async for s in stored_from(
+            js, self._stream.name, subject, self._window.settled_at(subject))]
+        stored, late = self._window.found(subject, messages)
+        for pending in stored:
+            self._published(pending, False)
+        for pending in late:
+            self._buffer.lose("out_of_order", pending.dp_rank, (pending.seq,), pending.events)
+            self._warn.warning("out-of-order", "batch epoch %d seq %d on %s was refused while a "
+                               "later one was stored; announced as a gap",
+                               pending.epoch, pending.seq, subject)
 
-    async def _resend(self, token: int, pending: _Pending) -> bool:
+    async def _resend(self, token: int, pending: Pending) -> bool:
         """Publish one batch expecting its predecessor last on the subject; False: not now."""
         assert self._nc is not None
-        expected = self._acked_at.get(pending.subject, 0)
+        expected = self._window.acked_at(pending.subject)
         headers = {**_headers(pending), "Nats-Expected-Last-Subject-Sequence": str(expected)}
         pending.sent_at = time.monotonic()
         self._outbox.flush()
@@ -409,9 +358,8 @@ class Publisher(Output):
         if token not in self._window:
             return True  # an earlier attempt's ack came meanwhile
         if ack.error is None:
-            del self._window[token]
-            self._acked_at[pending.subject] = max(ack.seq, expected)
-            self._published(pending, ack.duplicate, ack.seq)
+            if self._window.stored(token, ack.seq) is not None:
+                self._published(pending, ack.duplicate)
             return True
         if ack.error.err_code == WRONG_LAST_SEQUENCE:
             # Stored since we looked (a late earlier attempt) or the last one aged out.
@@ -420,7 +368,7 @@ class Publisher(Output):
             if stored is not None and stored.stream_seq > expected:
                 await self._settle(pending.subject)
             else:
-                self._acked_at[pending.subject] = 0 if stored is None else stored.stream_seq
+                self._window.last_is(pending.subject, 0 if stored is None else stored.stream_seq)
             return True
         if ack.error.code == 503 or ack.error.code == 0:
             self.last_error = f"stream {self._stream.name}: {ack.error.description}"
@@ -437,8 +385,10 @@ class Publisher(Output):
                 self._wake.set()
             if not self._window or not self._online():
                 continue
-            oldest = next(iter(self._window.values()))
-            if oldest.sent_at and time.monotonic() - oldest.sent_at > self._settings.ack_timeout:
+            oldest = self._window.oldest()
+            timeout = self._settings.ack_timeout
+            if oldest is not None and oldest.sent_at \
+                    and time.monotonic() - oldest.sent_at > timeout:
                 self._warn.warning("ack-timeout", "no JetStream ack within %.1fs for %d "
                                    "publishes; sending them again", self._settings.ack_timeout,
                                    len(self._window))
@@ -471,18 +421,14 @@ class Publisher(Output):
                 return
             self._reject(token, pending, ack.error)
             return
-        del self._window[token]
-        if ack.seq > self._acked_at.get(pending.subject, 0):
-            self._acked_at[pending.subject] = ack.seq
+        self._window.stored(token, ack.seq)
         self._succeeded()
-        self._published(pending, ack.duplicate, ack.seq)
+        self._published(pending, ack.duplicate)
         if self._buffer and len(self._window) < self._settings.max_in_flight:
             self._wake.set()
 
-    def _published(self, pending: _Pending, duplicate: bool, stream_seq: int) -> None:
-        pending.stored_at = stream_seq
-        pending.payload = b""  # out of the window: never sent again
-        self._settle_in_order(pending.subject)
+    def _published(self, pending: Pending, duplicate: bool) -> None:
+        """Count a batch JetStream stored (the window has already let it go)."""
         if duplicate:
             self._metrics.duplicates.inc()
         self._metrics.batches_published.inc()
@@ -490,36 +436,18 @@ class Publisher(Output):
         self._metrics.publish_latency.observe(time.monotonic() - pending.sent_at)
         self._metrics.lag.observe(max(0.0, time.time() - pending.ts))
 
-    def _reject(self, token: int, pending: _Pending, error: ApiError) -> None:
-        del self._window[token]
-        self._lose("rejected", pending)
-        self._settle_in_order(pending.subject)
+    def _reject(self, token: int, pending: Pending, error: ApiError) -> None:
+        self._drop(token, "rejected")
         self._warn.warning("rejected", "JetStream rejected a publish on %s: %s (code %d)",
                            pending.subject, error.description, error.code)
-
-    def _settle_in_order(self, subject: str) -> None:
-        """Pass over the subject's batches settled with none unsettled before them; report
-        the stored ones to on_stored."""
-        queue = self._unsettled.get(subject)
-        window, report = self._window, self._on_stored
-        while queue and (queue[0].stored_at or queue[0].token not in window):
-            pending = queue.popleft()
-            if pending.stored_at:
-                if pending.stored_at > self._settled_at.get(subject, 0):
-                    self._settled_at[subject] = pending.stored_at
-                if report is not None and pending.batch is not None:
-                    report(pending.batch, pending.stored_at)
 
     # -- shutdown ------------------------------------------------------------------------------
 
     def abandon(self) -> int:
         """Count what could not be delivered; returns the number of batches."""
-        lost = len(self._buffer) + len(self._window)
-        events = sum(p.events for p in self._window.values())
+        in_window, events = self._window.clear()
+        lost = len(self._buffer) + in_window
         self._buffer.drain_all()
-        self._window.clear()
-        for subject in self._unsettled:
-            self._settle_in_order(subject)
         if lost:
             self._metrics.drop("shutdown", lost, events)
         return lost

@@ -1,0 +1,68 @@
+"""The JetStream publisher's window as pure bookkeeping: acks in any order, recovery's verdicts."""
+
+from __future__ import annotations
+
+from kvrelay.ingest.sequencer import Frame
+from kvrelay.jetstream.window import Window
+from kvrelay.wire.schema import RelayBatch, ResumePoint
+
+SUBJECT = "kv.ns.comp.7.0"
+
+
+def batch(seq: int) -> RelayBatch:
+    return RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=seq, ts=0.0, relay_ts=0.0, events=[])
+
+
+def fill(window: Window, seqs: range) -> list[int]:
+    """Put one batch per seq in the window; returns their tokens."""
+    return [window.add(Frame(0, 0, seq, b"p", 0.0, ()), SUBJECT, f"7.0.0.{seq}", b"p", 0.0, 2,
+                       batch(seq))[0] for seq in seqs]
+
+
+def test_acks_out_of_order_are_reported_in_stream_order_once() -> None:
+    """A later batch's ack does not report it before an earlier one is settled; each is
+    reported once, with its stream sequence, and the settled point follows."""
+    heard: list[tuple[int, int]] = []
+    window = Window(lambda b, stream_seq: heard.append((b.seq, stream_seq)))
+    tokens = fill(window, range(3))
+    assert window.stored(tokens[1], 11) is not None
+    assert heard == []  # seq 0 is not settled yet
+    assert window.settled_at(SUBJECT) == 0
+    window.stored(tokens[0], 10)
+    assert heard == [(0, 10), (1, 11)]
+    assert window.stored(tokens[0], 10) is None  # a second ack of the same batch
+    window.dropped(tokens[2])
+    assert heard == [(0, 10), (1, 11)]
+    assert (len(window), window.acked_at(SUBJECT), window.settled_at(SUBJECT)) == (0, 11, 11)
+
+
+def test_found_settles_what_the_stream_holds_and_lets_late_batches_go() -> None:
+    """Recovery's reading of the stream: batches found stored leave the window as stored; one
+    older than a batch found stored can no longer go in order and leaves as late."""
+    window = Window()
+    window.resumed(SUBJECT, 4)
+    tokens = fill(window, range(4))
+    messages = [(5, ResumePoint(0, 0)), (6, None), (7, ResumePoint(0, 2))]
+    stored, late = window.found(SUBJECT, messages)
+    assert [(p.seq, p.stored_at) for p in stored] == [(0, 5), (2, 7)]
+    assert [p.seq for p in late] == [1]
+    assert [t for t, _ in window.pending()] == [tokens[3]]  # seq 3 is resent
+    assert (window.acked_at(SUBJECT), window.settled_at(SUBJECT)) == (7, 7)
+
+
+def test_found_nothing_of_ours_keeps_the_window() -> None:
+    """A stream with none of the window's batches keeps all of them for the resend, and
+    the last message seen is where the next resend expects to follow."""
+    window = Window()
+    fill(window, range(2))
+    stored, late = window.found(SUBJECT, [(3, None)])
+    assert (stored, late, len(window), window.acked_at(SUBJECT)) == ([], [], 2, 3)
+
+
+def test_clear_counts_what_was_in_flight() -> None:
+    """Shutdown empties the window and says how many batches and events it held."""
+    window = Window()
+    fill(window, range(3))
+    assert window.clear() == (3, 6)
+    assert len(window) == 0
+    assert window.oldest() is None
