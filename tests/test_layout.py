@@ -100,7 +100,8 @@ def test_imports_only_run_downward() -> None:
 def test_the_import_check_sees_an_upward_import(tmp_path: Path) -> None:
     """The check reads imports inside functions and relative ones, as an offender would write."""
     fake = tmp_path / "x.py"
-    fake.write_text("def f():\n    from kvrelay.app import Relay\n    from ..ingest import source\n")
+    fake.write_text(
+        "def f():\n    from kvrelay.app import Relay\n    from ..ingest import source\n")
     assert [m for _, m in imports(fake, "kvrelay.router")] == ["kvrelay.app", "kvrelay.ingest"]
 
 
@@ -123,7 +124,8 @@ def test_every_package_says_what_it_is() -> None:
 @pytest.mark.timeout(300)
 def test_wheel_ships_only_kvrelay(tmp_path: Path) -> None:
     """`pip wheel .` builds a wheel whose only top-level package is kvrelay (no bench, tests)."""
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)], check=True, timeout=280)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, timeout=280)
     (wheel,) = tmp_path.glob("kvrelay-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         tops = {name.split("/")[0] for name in zf.namelist()}
