@@ -46,7 +46,7 @@ from kvrelay.dynamo.wire import Translated, kv_events_subject
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.source import Frame
 from kvrelay.natsio.options import nats_options
-from kvrelay.natsio.outbox import InboxClient, Outbox
+from kvrelay.natsio.outbox import InboxClient, Outbox, discard_unwritten, subscription_sid
 from kvrelay.publish.common import SEND_SLICE, read_frame, wait_until_sent
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
@@ -181,7 +181,7 @@ class DynamoPublisher:
         self._outbox.bind(nc)
         inbox = nc.new_inbox()
         self._markers.bind(inbox)
-        nc.route_inbox(inbox, (await nc.subscribe(inbox))._id, self._markers.on_reply)
+        nc.route_inbox(inbox, subscription_sid(await nc.subscribe(inbox)), self._markers.on_reply)
         self.connected = True
         url = nc.connected_url
         log.info("connected to NATS at %s; publishing Dynamo KV events on %s",
@@ -208,8 +208,7 @@ class DynamoPublisher:
         # window holds all of it, so drop nats-py's copy and the outbox's (see publish.py).
         self._outbox.discard()
         if self._nc is not None:
-            self._nc._pending = []
-            self._nc._pending_data_size = 0
+            discard_unwritten(self._nc)
 
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()

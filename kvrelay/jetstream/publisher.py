@@ -42,7 +42,7 @@ from kvrelay.jetstream.stream import (
     stored_from,
 )
 from kvrelay.natsio.options import nats_options
-from kvrelay.natsio.outbox import InboxClient, Outbox
+from kvrelay.natsio.outbox import InboxClient, Outbox, discard_unwritten, subscription_sid
 from kvrelay.publish.common import (
     SEND_SLICE,
     NatsRefused,
@@ -164,7 +164,8 @@ class Publisher:
         self._outbox.bind(nc)
         self._inbox = nc.new_inbox() + "."
         self._inbox_bytes = self._inbox.encode()
-        nc.route_inbox(self._inbox, (await nc.subscribe(self._inbox + "*"))._id, self._on_ack)
+        nc.route_inbox(self._inbox, subscription_sid(await nc.subscribe(self._inbox + "*")),
+                       self._on_ack)
         self.connected = True
         self._connected_once = True
         url = self._nc.connected_url
@@ -239,8 +240,7 @@ class Publisher:
         # copy and let the resend put them back in order.
         self._outbox.discard()
         if self._nc is not None:
-            self._nc._pending = []
-            self._nc._pending_data_size = 0
+            discard_unwritten(self._nc)
 
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()
