@@ -70,6 +70,12 @@ class Config:
         "DP rank of the first endpoint (vLLM's data_parallel_start_rank on this node)"))
     nats: str = field(default="nats://127.0.0.1:4222", metadata=_opt(
         "NATS server URL(s), comma-separated", env=("NATS_SERVER",), metavar="URL"))
+    nats_engine: Literal["direct", "public"] = field(default="direct", metadata=_opt(
+        "how publishes and their replies pass through nats-py: direct (a loop turn's "
+        "publishes in one socket write, replies read as the socket is read; relies on nats-py "
+        "internals, checked at connect) or public (nats-py's publish() and a subscription; "
+        "more CPU per batch)",
+        choices=("direct", "public")))
     namespace: str = field(default="dynamo", metadata=_opt(
         "namespace of the subject, ^[a-z0-9-_]+$", env=("DYN_NAMESPACE",)))
     component: str = field(default="backend", metadata=_opt(

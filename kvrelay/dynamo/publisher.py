@@ -12,7 +12,7 @@ listen are written before the first message and removed after the last
 (kvrelay/dynamo/records.py).
 
 In the steady state a message is sent in the producer's turn of the event loop, through the
-outbox (kvrelay/natsio/outbox.py), as the JetStream publisher does; markers go the same way, so the
+link (kvrelay/natsio/link.py), as the JetStream publisher does; markers go the same way, so the
 order on the wire is the order of the calls.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Final
 
 import nats.errors
+from nats.aio.client import Client
 
 from kvrelay.codec import Codec
 from kvrelay.config import Config
@@ -45,8 +46,8 @@ from kvrelay.dynamo.translate import EventStream, Translator, group_frames
 from kvrelay.dynamo.wire import Translated, kv_events_subject
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.source import Frame
+from kvrelay.natsio.link import NatsPyIncompatible, new_link
 from kvrelay.natsio.options import nats_options
-from kvrelay.natsio.outbox import InboxClient, Outbox, discard_unwritten, subscription_sid
 from kvrelay.publish.common import SEND_SLICE, read_frame, wait_until_sent
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
@@ -93,15 +94,14 @@ class DynamoPublisher:
         self._warn = RateLimitedLog(log)
         self._subject = kv_events_subject(config.namespace, config.component,
                                           config.dynamo_endpoint)
-        self._pub_prefix = f"PUB {self._subject} ".encode()
         self._streams: dict[int, EventStream] = {}
         self.file_kv = Path(config.dynamo_file_kv or default_file_kv())
         self.registrar: Registrar | None = None
-        self._nc: InboxClient | None = None
-        self._outbox = Outbox()
+        self._nc: Client | None = None
+        self._link = new_link(config.nats_engine)
         self._window: deque[_Sent] = deque()
         self._gathered: list[Frame] = []  # taken in this turn, sent together at its end
-        self._markers = Markers[_Sent](self._outbox, self._online, self._confirm)
+        self._markers = Markers[_Sent](self._link, self._online, self._confirm)
         self._parked = False  # the publish loop waits for work: notify() may send directly
         self._resend = False
         self._retry_at: float | None = None
@@ -170,18 +170,17 @@ class DynamoPublisher:
             return
         self._registered.set()
         log.info("connecting to NATS at %s", self._config.redacted()["nats"])
-        nc = InboxClient()
-        await nc.connect(
-            **nats_options(self._config),
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-        )
-        self._nc = nc
-        self._outbox.bind(nc)
-        inbox = nc.new_inbox()
-        self._markers.bind(inbox)
-        nc.route_inbox(inbox, subscription_sid(await nc.subscribe(inbox)), self._markers.on_reply)
+        self._nc = nc = await self._link.connect(nats_options(self._config), self._on_error,
+                                                 self._on_disconnected, self._on_reconnected)
+        try:
+            self._markers.bind(await self._link.open_inbox(self._markers.on_reply,
+                                                           wildcard=False))
+        except NatsPyIncompatible as exc:
+            self.last_error = str(exc)
+            await nc.close()
+            if not self.fatal.done():
+                self.fatal.set_result(exc)
+            return
         self.connected = True
         url = nc.connected_url
         log.info("connected to NATS at %s; publishing Dynamo KV events on %s",
@@ -205,10 +204,8 @@ class DynamoPublisher:
         self.last_error = "disconnected from NATS"
         self._lose_connection()
         # nats-py would send what it had not written yet before our ordered resend; the
-        # window holds all of it, so drop nats-py's copy and the outbox's (see publish.py).
-        self._outbox.discard()
-        if self._nc is not None:
-            discard_unwritten(self._nc)
+        # window holds all of it, so drop what was not written (see jetstream/publisher.py).
+        self._link.discard()
 
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()
@@ -259,7 +256,7 @@ class DynamoPublisher:
                         and not self._resend and self._online():
                     for group in self._buffered_groups():
                         entered = self._enter(group)
-                        if entered is not None and self._outbox.writable():
+                        if entered is not None and self._link.writable():
                             self._publish_now(entered)
                             published += entered.batches
                         elif entered is not None:
@@ -308,7 +305,7 @@ class DynamoPublisher:
             self.notify()
             return
         self._send_now(self._groups(frames))
-        self._outbox.flush()  # now, not in another turn of the loop
+        self._link.flush()  # now, not in another turn of the loop
 
     def notify(self) -> None:
         """Called by the buffer's producer: there is something to send.
@@ -341,7 +338,7 @@ class DynamoPublisher:
         return self._parked and self._retry_at is None and not self._resend and self._online()
 
     def _room(self) -> bool:
-        return len(self._window) < self._config.max_in_flight and self._outbox.writable()
+        return len(self._window) < self._config.max_in_flight and self._link.writable()
 
     def _groups(self, frames: list[Frame]) -> list[list[Frame]]:
         assert self._nc is not None
@@ -400,11 +397,9 @@ class DynamoPublisher:
 
     async def _publish(self, sent: _Sent) -> None:
         """Publish through nats-py, which waits while its queue is full."""
-        assert self._nc is not None
         sent.sent_at = time.monotonic()
-        self._outbox.flush()  # what the steady state queued goes first
         try:
-            await self._nc.publish(self._subject, sent.payload)
+            await self._link.publish(self._subject, sent.payload)
         except (nats.errors.Error, OSError) as exc:
             self._warn.warning("publish", "publish failed: %r; will publish again", exc)
             self._lose_connection()
@@ -416,13 +411,10 @@ class DynamoPublisher:
     def _publish_now(self, sent: _Sent) -> None:
         """`_publish` without awaiting, for the steady state: only while online and writable.
 
-        The PUB command goes to the outbox, which writes a turn's commands at once (this skips
-        nats-py's per-call checks: the subject is well-formed by construction and the size was
-        checked against max_payload)."""
+        The link sends a turn's publishes at once (the size was checked against
+        max_payload)."""
         sent.sent_at = time.monotonic()
-        payload = sent.payload
-        self._outbox.put(b"%s%d\r\n%s\r\n" % (self._pub_prefix, len(payload), payload),
-                         len(payload))
+        self._link.put(self._subject, sent.payload)
         self._markers.published(sent)
 
     # -- confirmation --------------------------------------------------------------------------

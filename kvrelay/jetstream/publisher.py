@@ -41,8 +41,8 @@ from kvrelay.jetstream.stream import (
     last_stored,
     stored_from,
 )
+from kvrelay.natsio.link import NatsPyIncompatible, new_link
 from kvrelay.natsio.options import nats_options
-from kvrelay.natsio.outbox import InboxClient, Outbox, discard_unwritten, subscription_sid
 from kvrelay.publish.common import (
     SEND_SLICE,
     NatsRefused,
@@ -63,12 +63,12 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence di
 
 _ACK = msgspec.json.Decoder(PubAck)
 
-_SCHEMA_HEADER = f"Kvrelay-Schema: {SCHEMA_VERSION}\r\n"
+_SCHEMA = str(SCHEMA_VERSION)
 
 
 def _headers(pending: _Pending) -> dict[str, str]:
-    """A batch's headers as nats-py takes them (the paths that go through nats-py)."""
-    return {"Nats-Msg-Id": pending.msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)}
+    """A batch's headers."""
+    return {"Nats-Msg-Id": pending.msg_id, "Kvrelay-Schema": _SCHEMA}
 
 
 class _Pending:
@@ -107,7 +107,7 @@ class Publisher:
         self._worker = (config.namespace, config.component, instance_id)
         self._subjects: dict[int, str] = {}
         self._nc: Client | None = None
-        self._outbox = Outbox()
+        self._link = new_link(config.nats_engine)
         self._inbox = ""
         self._inbox_bytes = b""
         self._window: dict[int, _Pending] = {}
@@ -153,19 +153,17 @@ class Publisher:
         """Connect (retrying forever), then create or verify the stream."""
         options = nats_options(self._config)
         log.info("connecting to NATS at %s", self._config.redacted()["nats"])
-        nc = InboxClient()
-        await nc.connect(
-            **options,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-        )
-        self._nc = nc
-        self._outbox.bind(nc)
-        self._inbox = nc.new_inbox() + "."
+        self._nc = await self._link.connect(options, self._on_error, self._on_disconnected,
+                                            self._on_reconnected)
+        try:
+            self._inbox = await self._link.open_inbox(self._on_ack, wildcard=True)
+        except NatsPyIncompatible as exc:
+            self.last_error = str(exc)
+            await self._nc.close()
+            if not self.fatal.done():
+                self.fatal.set_result(exc)
+            return
         self._inbox_bytes = self._inbox.encode()
-        nc.route_inbox(self._inbox, subscription_sid(await nc.subscribe(self._inbox + "*")),
-                       self._on_ack)
         self.connected = True
         self._connected_once = True
         url = self._nc.connected_url
@@ -238,9 +236,7 @@ class Publisher:
         # before our ordered resend of the whole window, so later batches could land before
         # earlier ones lost with the old socket. The window holds them all: forget nats-py's
         # copy and let the resend put them back in order.
-        self._outbox.discard()
-        if self._nc is not None:
-            discard_unwritten(self._nc)
+        self._link.discard()
 
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()
@@ -270,7 +266,7 @@ class Publisher:
                         continue
                 sent = 0
                 while self._buffer and len(self._window) < self._config.max_in_flight:
-                    if self._outbox.writable():
+                    if self._link.writable():
                         entry = self._enter(self._buffer.pop())
                         if entry is not None:
                             self._publish_now(*entry)
@@ -322,7 +318,7 @@ class Publisher:
             and self.stream_ready.is_set()
 
     def _room(self) -> bool:
-        return len(self._window) < self._config.max_in_flight and self._outbox.writable()
+        return len(self._window) < self._config.max_in_flight and self._link.writable()
 
     async def _send(self, frame: Frame) -> None:
         entry = self._enter(frame)
@@ -362,12 +358,10 @@ class Publisher:
         self._buffer.owe(dp_rank, resyncs)
 
     async def _publish(self, token: int, pending: _Pending) -> None:
-        assert self._nc is not None
         pending.sent_at = time.monotonic()
-        self._outbox.flush()  # what the steady state queued goes first
         try:
-            await self._nc.publish(pending.subject, pending.payload,
-                                   reply=f"{self._inbox}{token}", headers=_headers(pending))
+            await self._link.publish(pending.subject, pending.payload,
+                                     reply=f"{self._inbox}{token}", headers=_headers(pending))
         except nats.errors.MaxPayloadError:
             del self._window[token]
             self._metrics.drop("too_large", 1, pending.events)
@@ -382,9 +376,7 @@ class Publisher:
     def _publish_now(self, token: int, pending: _Pending) -> None:
         """`_publish` without awaiting, for the steady state: only while online and writable.
 
-        The HPUB command goes to the outbox, which writes all of a turn's commands at once
-        (this skips nats-py's per-call subject and header validation: ours are well-formed by
-        construction).
+        The link sends all of a turn's publishes at once (kvrelay/natsio/link.py).
         """
         nc = self._nc
         assert nc is not None
@@ -396,11 +388,8 @@ class Publisher:
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
             return
-        head = f"NATS/1.0\r\nNats-Msg-Id: {pending.msg_id}\r\n{_SCHEMA_HEADER}\r\n".encode()
-        size = len(head) + len(pending.payload)
-        self._outbox.put(b"".join((
-            f"HPUB {pending.subject} {self._inbox}{token} {len(head)} {size}\r\n".encode(),
-            head, pending.payload, b"\r\n")), len(pending.payload))
+        self._link.put(pending.subject, pending.payload, f"{self._inbox}{token}",
+                       _headers(pending))
 
     # -- the failure path ----------------------------------------------------------------------
 
@@ -466,10 +455,9 @@ class Publisher:
         expected = self._acked_at.get(pending.subject, 0)
         headers = {**_headers(pending), "Nats-Expected-Last-Subject-Sequence": str(expected)}
         pending.sent_at = time.monotonic()
-        self._outbox.flush()
         try:
-            reply = await self._nc.request(pending.subject, pending.payload, headers=headers,
-                                           timeout=self._config.ack_timeout)
+            reply = await self._link.request(pending.subject, pending.payload, headers,
+                                             self._config.ack_timeout)
         except nats.errors.NoRespondersError:
             self.last_error = f"stream {self._config.stream} did not answer (no responders)"
             return False

@@ -8,8 +8,9 @@ while nats-py has commands not yet written, the outbox's go behind them in that 
 
 This is the one module of kvrelay that touches private names of nats-py (and of asyncio's
 streams). INTERNALS lists them all with what each must be; `incompatibilities` checks them on a
-connected client (tests/test_natsio.py does on the nats-py the tests run with), so a nats-py
-release that drops or changes one is named, not silently followed.
+connected client (kvrelay/natsio/link.py does at connect, tests/test_natsio.py on every
+nats-py the tests run with), so a nats-py release that drops or changes one is named, not
+silently followed.
 """
 
 from __future__ import annotations
