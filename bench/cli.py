@@ -114,8 +114,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_targets:
+        width = max(map(len, TARGETS))
         for name, target in TARGETS.items():
-            print(f"{name:16} {target.summary}; {target.unavailable() or 'available'}")
+            print(f"{name:{width}} {target.summary}; {target.unavailable() or 'available'}")
         return
     if args.plot:
         try:

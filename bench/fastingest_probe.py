@@ -39,7 +39,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bench.procstat import cpu_seconds
-from kvrelay.natsio.outbox import InboxClient, Outbox
+from kvrelay.natsio.outbox import InboxClient, Outbox, subscription_sid
 from kvrelay.testing.natsserver import NatsServer
 
 STREAM: Final = "FI"
@@ -167,7 +167,7 @@ async def _probe(server: NatsServer, idle: float) -> None:
     nc = Client()
     await nc.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=1,
                      reconnected_cb=on_reconnect)
-    print(f"nats-server {nc._server_info.get('version')}")
+    print(f"nats-server {nc.connected_server_version}")
     start = time.monotonic()
 
     def clock() -> float:
@@ -333,7 +333,7 @@ class PerMessageAcks(Publisher):
         self.inbox = self.nc.new_inbox() + "."
         self.prefix = self.inbox.encode()
         self.pending: dict[int, int] = {}
-        self.nc.route_inbox(self.inbox, (await self.nc.subscribe(self.inbox + "*"))._id,
+        self.nc.route_inbox(self.inbox, subscription_sid(await self.nc.subscribe(self.inbox + "*")),
                             self.on_ack)
 
     def send(self, count: int) -> None:
@@ -368,7 +368,8 @@ class FastIngest(Publisher):
     async def start(self) -> None:
         self.inbox = self.nc.new_inbox()
         self.reply_prefix = f"{self.inbox}.{self.flow}.fail."
-        self.nc.route_inbox(self.inbox + ".", (await self.nc.subscribe(self.inbox + ".>"))._id,
+        self.nc.route_inbox(self.inbox + ".",
+                            subscription_sid(await self.nc.subscribe(self.inbox + ".>")),
                             self.on_frame)
 
     def send(self, count: int) -> None:

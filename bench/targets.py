@@ -134,6 +134,20 @@ class KvRelayLibzmq(KvRelay):
                 for w in site.workers]
 
 
+@register
+class KvRelayPublic(KvRelay):
+    name = "kvrelay-public"
+    summary = ("kvrelay run into JetStream through nats-py's publish() and a subscription "
+               "(--nats-engine public)")
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        return [Launch(f"kvrelay-public-{w.index}",
+                       _kvrelay_argv(site, w, "--nats-engine", "public"), {},
+                       site.workdir / f"kvrelay-public-{w.index}.log",
+                       health_ok(w.system_port))
+                for w in site.workers]
+
+
 def _dynamo_env(site: TrialSite) -> dict[str, str]:
     return {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(site.workdir / "dynamo-kv"),
             "DYN_REQUEST_PLANE": "tcp", "DYN_EVENT_PLANE": "nats", "NATS_SERVER": site.nats_url,
@@ -157,6 +171,20 @@ class KvRelayDynamo(Target):
         return [Launch(f"kvrelay-dynamo-{w.index}",
                        _kvrelay_argv(site, w, "--format", "dynamo"), _dynamo_env(site),
                        site.workdir / f"kvrelay-dynamo-{w.index}.log",
+                       health_ok(w.system_port))
+                for w in site.workers]
+
+
+@register
+class KvRelayDynamoPublic(KvRelayDynamo):
+    name = "kvrelay-dynamo-public"
+    summary = ("kvrelay run --format dynamo through nats-py's publish() and a subscription "
+               "(--nats-engine public)")
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        return [Launch(f"kvrelay-dynamo-public-{w.index}",
+                       _kvrelay_argv(site, w, "--format", "dynamo", "--nats-engine", "public"),
+                       _dynamo_env(site), site.workdir / f"kvrelay-dynamo-public-{w.index}.log",
                        health_ok(w.system_port))
                 for w in site.workers]
 

@@ -231,14 +231,17 @@ async def test_paused_nats_gets_the_unconfirmed_again_without_holes(
     assert len(ids) > len(set(ids))  # the repeats arrived too; the router ignores them
 
 
-async def test_nats_restart_loses_nothing(fresh_nats: NatsServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["direct", "public"])
+async def test_nats_restart_loses_nothing(fresh_nats: NatsServer, tmp_path: Path,
+                                          engine: str) -> None:
     """NATS killed mid-stream and restarted: the relay buffers, reconnects, publishes again
     what was not confirmed and then the rest; everything is confirmed, nothing dropped, and a
-    reader sees the event ids without holes up to the last."""
+    reader sees the event ids without holes up to the last (either --nats-engine)."""
     worker = next(_instance_ids)
     with SyntheticVllm(ANY_PORT, factory=WorkloadFactory(seed=5)) as vllm:
         async with running_dynamo_relay(tmp_path, nats=fresh_nats.url, instance_id=worker,
-                                        zmq=[vllm.address], reconnect_wait_max=0.2) as relay:
+                                        zmq=[vllm.address], reconnect_wait_max=0.2,
+                                        nats_engine=engine) as relay:
             await eventually(lambda: is_ready(relay), "relay ready")
             await join(vllm, relay)
             for _ in range(10):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from nats.aio.transport import TcpTransport
 from strategies import REPLY_INBOX, REPLY_SID, chunkings, nats_operations
 
-from kvrelay.natsio.outbox import InboxClient
+from kvrelay.natsio.outbox import InboxClient, subscription_sid
 from kvrelay.testing.natsserver import NatsServer
 
 
@@ -39,7 +39,7 @@ async def routed_client(url: str, reconnected: asyncio.Event | None = None
     await client.connect(url, max_reconnect_attempts=-1, reconnected_cb=on_reconnected)
     inbox = client.new_inbox() + "."
     got: list[tuple[bytes, bytes]] = []
-    sid = (await client.subscribe(inbox + "*"))._id
+    sid = subscription_sid(await client.subscribe(inbox + "*"))
     client.route_inbox(inbox, sid, lambda subject, data: got.append((subject, data)))
     return client, inbox, got
 
@@ -118,7 +118,7 @@ async def test_a_failing_handler_does_not_stop_reading(nats_server: NatsServer) 
             raise ValueError("unreadable")
         got.append(data)
 
-    client.route_inbox(inbox, (await client.subscribe(inbox + "*"))._id, handler)
+    client.route_inbox(inbox, subscription_sid(await client.subscribe(inbox + "*")), handler)
     sender = await nats.connect(nats_server.url)
     try:
         for data in (b"1", b"bad", b"2"):

@@ -442,12 +442,14 @@ async def test_nats_down_at_start_then_up(fresh_nats: NatsServer) -> None:
     assert resyncs(got) == []
 
 
-async def test_nats_killed_mid_stream_and_restarted(fresh_nats: NatsServer) -> None:
-    """NATS crashes and comes back: the relay buffers, reconnects and loses nothing."""
+@pytest.mark.parametrize("engine", ["direct", "public"])
+async def test_nats_killed_mid_stream_and_restarted(fresh_nats: NatsServer, engine: str) -> None:
+    """NATS crashes and comes back: the relay buffers, reconnects and loses nothing, with
+    either --nats-engine."""
     instance = new_instance_id()
     with SyntheticVllm(ANY_PORT) as vllm:
         async with running_relay(nats=fresh_nats.url, instance_id=instance,
-                                 zmq=[vllm.address]) as relay:
+                                 zmq=[vllm.address], nats_engine=engine) as relay:
             await publish_then_crash_nats(relay, vllm, fresh_nats, instance, 20)
             publisher = relay.publisher
             assert publisher is not None

@@ -128,6 +128,11 @@ class NatsSettings(Section, frozen=True):
     servers: Annotated[str, setting(
         "NATS server URL(s), comma-separated", flag="nats", env=("NATS_SERVER",),
         metavar="URL")] = "nats://127.0.0.1:4222"
+    engine: Annotated[Literal["direct", "public"], setting(
+        "how publishes and their replies pass through nats-py: direct (a loop turn's "
+        "publishes in one socket write, replies read as the socket is read; relies on nats-py "
+        "internals, checked at connect) or public (nats-py's publish() and subscriptions)",
+        flag="nats_engine")] = "direct"
     reconnect_wait_max: Annotated[float, setting(
         "cap of the NATS reconnect backoff in seconds", gt=0)] = 1.0
     nats_user: Annotated[str | None, setting("NATS user")] = None

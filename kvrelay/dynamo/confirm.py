@@ -5,7 +5,7 @@ published after some messages comes back to the publisher's inbox, the server ha
 messages to every subscriber. One marker is out at a time and markers go at most every
 MARKER_INTERVAL: a returning marker confirms everything published before it, so a burst of
 messages costs one round trip, not one each. A marker rides in the socket write of the
-messages it follows (kvrelay/natsio/outbox.py) whenever it can.
+messages it follows (kvrelay/natsio/link.py) whenever it can.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Final, Generic, TypeVar
 
-from kvrelay.natsio.outbox import Outbox
+from kvrelay.natsio.link import Link
 
 # The shortest time between two markers: confirmations of a steady flow come in groups, and
 # markers ride in the socket writes of the messages they follow.
@@ -28,12 +28,12 @@ class Markers(Generic[Mark]):
     """The markers of one publisher. `published(mark)` after each message; `on_confirmed(mark)`
     hears of the last message a returning marker covers."""
 
-    def __init__(self, outbox: Outbox, can_send: Callable[[], bool],
+    def __init__(self, link: Link, can_send: Callable[[], bool],
                  on_confirmed: Callable[[Mark], None]) -> None:
-        self._outbox = outbox
+        self._link = link
         self._can_send = can_send
         self._on_confirmed = on_confirmed
-        self._prefix = b""  # "PUB <inbox> "
+        self._inbox = ""
         self._last: Mark | None = None  # the last message published
         self._unmarked = False  # published since the last marker went
         self._out = 0  # token of the marker out, 0 when none is
@@ -46,7 +46,7 @@ class Markers(Generic[Mark]):
     def bind(self, inbox: str) -> None:
         """Send markers to `inbox` (the publisher subscribes to it and hands replies to
         `on_reply`)."""
-        self._prefix = f"PUB {inbox} ".encode()
+        self._inbox = inbox
 
     @property
     def out(self) -> bool:
@@ -112,5 +112,4 @@ class Markers(Generic[Mark]):
         self._unmarked = False
         self.sent_at = now
         self._next_at = now + MARKER_INTERVAL
-        token = b"%d" % self._tokens
-        self._outbox.put(b"%s%d\r\n%s\r\n" % (self._prefix, len(token), token), len(token))
+        self._link.put(self._inbox, b"%d" % self._tokens)

@@ -96,13 +96,12 @@ class DynamoPublisher(Output):
         self._translator = Translator(config.kv_block_size, metrics)
         self._subject = kv_events_subject(worker.namespace, worker.component,
                                           config.dynamo_endpoint)
-        self._pub_prefix = f"PUB {self._subject} ".encode()
         self._streams: dict[int, EventStream] = {}
         self.file_kv = Path(config.dynamo_file_kv or default_file_kv())
         self.registrar: Registrar | None = None
         self._window: deque[_Sent] = deque()
         self._gathered: list[Frame] = []  # taken in this turn, sent together at its end
-        self._markers = Markers[_Sent](self._outbox, self._online, self._confirm)
+        self._markers = Markers[_Sent](self._link, self._online, self._confirm)
         self._resend = False
         self._registered = asyncio.Event()
         metrics.in_flight.set_function(self._window.__len__)  # read at scrape time
@@ -167,12 +166,13 @@ class DynamoPublisher(Output):
                 f"cannot write Dynamo discovery records to {store.where}: {exc}; {hint}"))
             return
         self._registered.set()
-        nc = await self._connect_nats()
-        inbox = nc.new_inbox()
+        inbox = await self._connect_nats(self._markers.on_reply, wildcard=False)
+        if inbox is None:
+            return
+        assert self._nc is not None
         self._markers.bind(inbox)
-        nc.route_inbox(inbox, (await nc.subscribe(inbox))._id, self._markers.on_reply)
         self.connected = True
-        url = nc.connected_url
+        url = self._nc.connected_url
         log.info("connected to NATS at %s; publishing Dynamo KV events on %s",
                  url.netloc if url else "?", self._subject)
         self._wake.set()
@@ -204,7 +204,7 @@ class DynamoPublisher(Output):
                 and not self._resend and self._online():
             for group in self._buffered_groups():
                 entered = self._enter(group)
-                if entered is not None and self._outbox.writable():
+                if entered is not None and self._link.writable():
                     self._publish_now(entered)
                     published += entered.batches
                 elif entered is not None:
@@ -249,7 +249,7 @@ class DynamoPublisher(Output):
             self.notify()
             return
         self._send_now(self._groups(frames))
-        self._outbox.flush()  # now, not in another turn of the loop
+        self._link.flush()  # now, not in another turn of the loop
 
     def notify(self) -> None:
         """Called by the buffer's producer: there is something to send.
@@ -281,7 +281,7 @@ class DynamoPublisher(Output):
         return super()._sending_here() and not self._resend
 
     def _room(self) -> bool:
-        return len(self._window) < self._settings.max_in_flight and self._outbox.writable()
+        return len(self._window) < self._settings.max_in_flight and self._link.writable()
 
     def _groups(self, frames: list[Frame]) -> list[list[Frame]]:
         assert self._nc is not None
@@ -335,9 +335,8 @@ class DynamoPublisher(Output):
         """Publish through nats-py, which waits while its queue is full."""
         assert self._nc is not None
         sent.sent_at = time.monotonic()
-        self._outbox.flush()  # what the steady state queued goes first
         try:
-            await self._nc.publish(self._subject, sent.payload)
+            await self._link.publish(self._subject, sent.payload)
         except (nats.errors.Error, OSError) as exc:
             self._warn.warning("publish", "publish failed: %r; will publish again", exc)
             self._connection_lost()
@@ -354,8 +353,7 @@ class DynamoPublisher(Output):
         checked against max_payload)."""
         sent.sent_at = time.monotonic()
         payload = sent.payload
-        self._outbox.put(b"%s%d\r\n%s\r\n" % (self._pub_prefix, len(payload), payload),
-                         len(payload))
+        self._link.put(self._subject, payload)
         self._markers.published(sent)
 
     # -- confirmation --------------------------------------------------------------------------

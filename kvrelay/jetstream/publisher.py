@@ -57,12 +57,12 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence di
 
 _ACK = msgspec.json.Decoder(PubAck)
 
-_SCHEMA_HEADER = f"Kvrelay-Schema: {SCHEMA_VERSION}\r\n"
+_SCHEMA = str(SCHEMA_VERSION)
 
 
 def _headers(pending: Pending) -> dict[str, str]:
-    """A batch's headers as nats-py takes them (the paths that go through nats-py)."""
-    return {"Nats-Msg-Id": pending.msg_id, "Kvrelay-Schema": str(SCHEMA_VERSION)}
+    """A batch's headers."""
+    return {"Nats-Msg-Id": pending.msg_id, "Kvrelay-Schema": _SCHEMA}
 
 
 class Publisher(Output):
@@ -118,12 +118,13 @@ class Publisher(Output):
 
     async def connect(self, dp_ranks: list[int]) -> None:
         """Connect (retrying forever), then create or verify the stream."""
-        nc = await self._connect_nats()
-        self._inbox = nc.new_inbox() + "."
-        self._inbox_bytes = self._inbox.encode()
-        nc.route_inbox(self._inbox, (await nc.subscribe(self._inbox + "*"))._id, self._on_ack)
+        inbox = await self._connect_nats(self._on_ack, wildcard=True)
+        if inbox is None:
+            return
+        assert self._nc is not None
+        self._inbox, self._inbox_bytes = inbox, inbox.encode()
         self.connected = True
-        url = nc.connected_url
+        url = self._nc.connected_url
         # host:port only: the URL may carry a user and password.
         log.info("connected to NATS at %s:%s", url.hostname if url else "?",
                  url.port if url else "?")
@@ -181,7 +182,7 @@ class Publisher(Output):
             return
         sent = 0
         while self._buffer and len(self._window) < self._settings.max_in_flight:
-            if self._outbox.writable():
+            if self._link.writable():
                 entry = self._enter(self._buffer.pop())
                 if entry is not None:
                     self._publish_now(*entry)
@@ -224,7 +225,7 @@ class Publisher(Output):
         self._wake.set()
 
     def _room(self) -> bool:
-        return len(self._window) < self._settings.max_in_flight and self._outbox.writable()
+        return len(self._window) < self._settings.max_in_flight and self._link.writable()
 
     async def _send(self, frame: Frame) -> None:
         entry = self._enter(frame)
@@ -263,10 +264,9 @@ class Publisher(Output):
     async def _publish(self, token: int, pending: Pending) -> None:
         assert self._nc is not None
         pending.sent_at = time.monotonic()
-        self._outbox.flush()  # what the steady state queued goes first
         try:
-            await self._nc.publish(pending.subject, pending.payload,
-                                   reply=f"{self._inbox}{token}", headers=_headers(pending))
+            await self._link.publish(pending.subject, pending.payload,
+                                     reply=f"{self._inbox}{token}", headers=_headers(pending))
         except nats.errors.MaxPayloadError:
             self._drop(token, "too_large")
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
@@ -290,11 +290,8 @@ class Publisher(Output):
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
             return
-        head = f"NATS/1.0\r\nNats-Msg-Id: {pending.msg_id}\r\n{_SCHEMA_HEADER}\r\n".encode()
-        size = len(head) + len(pending.payload)
-        self._outbox.put(b"".join((
-            f"HPUB {pending.subject} {self._inbox}{token} {len(head)} {size}\r\n".encode(),
-            head, pending.payload, b"\r\n")), len(pending.payload))
+        self._link.put(pending.subject, pending.payload, f"{self._inbox}{token}",
+                       _headers(pending))
 
     # -- the failure path ----------------------------------------------------------------------
 
@@ -344,10 +341,9 @@ class Publisher(Output):
         expected = self._window.acked_at(pending.subject)
         headers = {**_headers(pending), "Nats-Expected-Last-Subject-Sequence": str(expected)}
         pending.sent_at = time.monotonic()
-        self._outbox.flush()
         try:
-            reply = await self._nc.request(pending.subject, pending.payload, headers=headers,
-                                           timeout=self._settings.ack_timeout)
+            reply = await self._link.request(pending.subject, pending.payload, headers,
+                                             self._settings.ack_timeout)
         except nats.errors.NoRespondersError:
             self.last_error = f"stream {self._stream.name} did not answer (no responders)"
             return False

@@ -1,1 +1,2 @@
-"""The one wall around nats-py: everything that touches its internals lives here."""
+"""Connecting and publishing to NATS: the options (options.py), a publisher's connection
+(link.py) and the one module that touches nats-py's internals (outbox.py)."""

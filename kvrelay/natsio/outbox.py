@@ -5,22 +5,141 @@ socket's drain: at one vLLM batch per turn, that task's wake-up and the write co
 the batch itself. The outbox takes finished commands (PUB/HPUB bytes), and at the end of the
 turn writes them all with one call on nats-py's transport. Order with nats-py's own queue holds:
 while nats-py has commands not yet written, the outbox's go behind them in that queue.
+
+This is the one module of kvrelay that touches private names of nats-py (and of asyncio's
+streams). INTERNALS lists them all with what each must be; `incompatibilities` checks them on a
+connected client (kvrelay/natsio/link.py does at connect, tests/test_natsio.py on every
+nats-py the tests run with), so a nats-py release that drops or changes one is named, not
+silently followed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Final
 
+import nats.protocol.parser
 from mypy_extensions import mypyc_attr
 from nats.aio.client import Client
-from nats.aio.transport import TcpTransport
-from nats.protocol.parser import AWAITING_CONTROL_LINE
+from nats.aio.subscription import Subscription
+from nats.aio.transport import TcpTransport, Transport
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 log = logging.getLogger("kvrelay.outbox")
 
 InboxHandler = Callable[[bytes, bytes], None]
+
+# Every private name this module relies on: (owner, name, what it must be), the owner being
+# the class (or module) that has it, what it must be a type's name or "method(parameters)".
+INTERNALS: Final = (
+    ("Client", "_process_msg", "method(sid, subject, reply, data, headers)"),
+    ("Client", "_process_connect_init", "method()"),
+    ("Client", "_transport", "Transport"),
+    ("Client", "_ps", "Parser"),
+    ("Client", "_pending", "list"),
+    ("Client", "_pending_data_size", "int"),
+    ("Client", "_flush_queue", "Queue"),
+    ("Client", "_flusher_task", "Future"),
+    ("Parser", "buf", "bytearray"),
+    ("Parser", "state", "int"),
+    ("nats.protocol.parser", "AWAITING_CONTROL_LINE", "int"),
+    ("Subscription", "_id", "int"),
+    ("TcpTransport", "_io_reader", "StreamReader"),
+    ("TcpTransport", "_io_writer", "StreamWriter"),
+    ("StreamReader", "_buffer", "bytearray"),
+    ("StreamReader", "feed_data", "method(data)"),
+)
+
+_KINDS: Final[dict[str, type]] = {
+    "Transport": Transport, "Parser": Parser, "list": list, "int": int,
+    "Queue": asyncio.Queue, "Future": asyncio.Future, "bytearray": bytearray,
+    "StreamReader": asyncio.StreamReader, "StreamWriter": asyncio.StreamWriter,
+}
+
+
+def check_internals(owners: Mapping[str, object]) -> list[str]:
+    """What of INTERNALS the objects in `owners` (by owner name) lack or have otherwise; an
+    owner left out is not checked."""
+    problems = []
+    for owner, name, kind in INTERNALS:
+        if owner not in owners:
+            continue
+        where = f"{owner}.{name}"
+        try:
+            value = _as_nats_py_has_it(owners[owner], name)
+        except AttributeError:
+            problems.append(f"{where} is missing")
+            continue
+        if kind.startswith("method("):
+            want = kind[len("method("):-1]
+            if not callable(value):
+                problems.append(f"{where} is {type(value).__name__}, not a method")
+                continue
+            try:
+                got = ", ".join(inspect.signature(value).parameters)
+            except (TypeError, ValueError):
+                continue  # a builtin without a signature: callable is all one can check
+            if got != want:
+                problems.append(f"{where} takes ({got}), not ({want})")
+        elif not isinstance(value, _KINDS[kind]):
+            problems.append(f"{where} is {type(value).__name__}, not {kind}")
+    return problems
+
+
+def _as_nats_py_has_it(owner: object, name: str) -> object:
+    """`owner`'s `name`; a method as nats-py's (or asyncio's) class defines it, not as a
+    kvrelay subclass overrides it or kvrelay patches it on the instance."""
+    for cls in type(owner).__mro__:
+        if cls.__module__.startswith("kvrelay."):
+            continue
+        found = cls.__dict__.get(name)
+        if callable(found):
+            bound: object = found.__get__(owner, type(owner))
+            return bound
+    return getattr(owner, name)
+
+
+def internals_of(nc: Client, sub: Subscription) -> dict[str, object]:
+    """The owners of INTERNALS for a connected client and one of its subscriptions; the
+    socket's parts only when it is TCP (a websocket takes nats-py's own path)."""
+    owners: dict[str, object] = {"Client": nc, "Subscription": sub,
+                                 "nats.protocol.parser": nats.protocol.parser}
+    parser = getattr(nc, "_ps", None)
+    if parser is not None:
+        owners["Parser"] = parser
+    transport = getattr(nc, "_transport", None)
+    if isinstance(transport, TcpTransport):
+        owners["TcpTransport"] = transport
+        reader = getattr(transport, "_io_reader", None)
+        if reader is not None:
+            owners["StreamReader"] = reader
+    return owners
+
+
+def incompatibilities(nc: Client, sub: Subscription) -> list[str]:
+    """What of INTERNALS this connected client and its subscription lack or have otherwise."""
+    return check_internals(internals_of(nc, sub))
+
+
+def subscription_sid(sub: Subscription) -> int:
+    """The ID nats-py gave the subscription (what the server puts in its MSG lines)."""
+    sid: int = sub._id
+    return sid
+
+
+def discard_unwritten(nc: Client) -> bool:
+    """Forget the commands nats-py has not written yet (it would send them first after a
+    reconnect, ahead of the publisher's ordered resend). False, touching nothing, when nats-py
+    does not keep them as INTERNALS says."""
+    if not isinstance(getattr(nc, "_pending", None), list) \
+            or not isinstance(getattr(nc, "_pending_data_size", None), int):
+        return False
+    nc._pending = []
+    nc._pending_data_size = 0
+    return True
 
 
 _MAX_CUT_LINE = 1 << 16  # a protocol line longer than this without its end is not NATS

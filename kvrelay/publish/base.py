@@ -16,11 +16,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable
 
+from nats.aio.client import Client
+
 from kvrelay.config import NatsSettings, PublishSettings
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
+from kvrelay.natsio.link import NatsPyIncompatible, new_link
 from kvrelay.natsio.options import nats_options
-from kvrelay.natsio.outbox import InboxClient, Outbox
+from kvrelay.natsio.outbox import InboxHandler
 from kvrelay.publish.common import NatsRefused, refusal, wait_until_sent
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
@@ -40,8 +43,8 @@ class Output(ABC):
         self._metrics = metrics
         self._log = log
         self._warn = RateLimitedLog(log)
-        self._nc: InboxClient | None = None
-        self._outbox = Outbox()
+        self._nc: Client | None = None
+        self._link = new_link(nats.engine)
         self._wake = asyncio.Event()
         self._parked = False  # the publish loop waits for work: a producer may send directly
         self._retry_at: float | None = None
@@ -114,21 +117,22 @@ class Output(ABC):
         # nats-py's own state flips before our callback runs; trust it for sending.
         return self.connected and self._nc is not None and self._nc.is_connected
 
-    async def _connect_nats(self) -> InboxClient:
-        """Connect (nats-py retries forever), with the shared callbacks and the outbox."""
+    async def _connect_nats(self, on_reply: InboxHandler, wildcard: bool) -> str | None:
+        """Connect through the link (nats-py retries forever) with the shared callbacks, and
+        open the reply inbox (see `Link.open_inbox`); None when the installed nats-py cannot
+        carry `--nats-engine direct` (fatal: the relay exits saying what is missing)."""
         self._log.info("connecting to NATS at %s", self._nats.redacted_servers())
-        nc = InboxClient()
-        await nc.connect(
-            **nats_options(self._nats),
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-        )
-        self._nc = nc
-        self._outbox.bind(nc)
-        self.connected = True
+        self._nc = nc = await self._link.connect(nats_options(self._nats), self._on_error,
+                                                 self._on_disconnected, self._on_reconnected)
         self._connected_once = True
-        return nc
+        try:
+            return await self._link.open_inbox(on_reply, wildcard)
+        except NatsPyIncompatible as exc:
+            self.last_error = str(exc)
+            await nc.close()
+            if not self.fatal.done():
+                self.fatal.set_result(exc)
+            return None
 
     async def _on_error(self, exc: Exception) -> None:
         self._metrics.nats_errors.inc()
@@ -150,12 +154,9 @@ class Output(ABC):
         self._connection_lost()
         # nats-py would send the commands it had not written yet right after reconnecting,
         # before the output's ordered resend, so later batches could land before earlier ones
-        # lost with the old socket. The output holds them all: forget nats-py's copy and the
-        # outbox's, and let the resend put them back in order.
-        self._outbox.discard()
-        if self._nc is not None:
-            self._nc._pending = []
-            self._nc._pending_data_size = 0
+        # lost with the old socket. The output holds them all: forget what was not written
+        # and let the resend put them back in order.
+        self._link.discard()
 
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()
