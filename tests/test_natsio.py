@@ -19,7 +19,7 @@ from nats.aio.subscription import Subscription
 from kvrelay.config import Config
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.jetstream.publisher import Publisher
-from kvrelay.natsio.link import DirectLink, NatsPyIncompatible, new_link
+from kvrelay.natsio.link import DirectLink, NatsPyIncompatible, header_block, new_link
 from kvrelay.natsio.outbox import (
     INTERNALS,
     InboxClient,
@@ -172,8 +172,8 @@ async def listening(nc: Any, subject: str, got: list[Msg], answer: bool = False)
 async def test_a_link_sends_in_call_order_and_routes_replies(
         nats_server: NatsServer, nc: Any, engine: str) -> None:
     """Publishes put in a turn, an awaited one after them and puts after that reach a
-    subscriber in call order with their headers, and replies reach the inbox handler, with
-    either --nats-engine."""
+    subscriber in call order with their headers (given as a dict or a ready block), and
+    replies reach the inbox handler, with either --nats-engine."""
     link = new_link(engine)
     await link.connect({"servers": [nats_server.url]}, nothing, nothing, nothing)
     replies: list[bytes] = []
@@ -182,8 +182,10 @@ async def test_a_link_sends_in_call_order_and_routes_replies(
     got: list[Msg] = []
     await listening(nc, subject, got, answer=True)
     try:
-        for n in range(100):
-            link.put(subject, b"%d" % n, f"{inbox}{n}", {"Nats-Msg-Id": str(n)})
+        for n in range(100):  # headers as a dict, or as the ready block the steady state uses
+            headers = {"Nats-Msg-Id": str(n)}
+            link.put(subject, b"%d" % n, f"{inbox}{n}",
+                     header_block(headers) if n % 2 else headers)
         await link.publish(subject, b"100", headers={"Nats-Msg-Id": "100"})
         for n in range(101, 200):
             link.put(subject, b"%d" % n)

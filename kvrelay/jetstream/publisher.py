@@ -58,6 +58,7 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence di
 _ACK = msgspec.json.Decoder(PubAck)
 
 _SCHEMA = str(SCHEMA_VERSION)
+_SCHEMA_HEADER = f"Kvrelay-Schema: {_SCHEMA}\r\n"
 
 
 def _headers(pending: Pending) -> dict[str, str]:
@@ -290,8 +291,9 @@ class Publisher(Output):
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)
             return
-        self._link.put(pending.subject, pending.payload, f"{self._inbox}{token}",
-                       _headers(pending))
+        # `_headers` as a ready block: built once here, written as it is.
+        head = f"NATS/1.0\r\nNats-Msg-Id: {pending.msg_id}\r\n{_SCHEMA_HEADER}\r\n".encode()
+        self._link.put(pending.subject, pending.payload, f"{self._inbox}{token}", head)
 
     # -- the failure path ----------------------------------------------------------------------
 

@@ -46,10 +46,19 @@ class NatsPyIncompatible(Exception):
     """The installed nats-py lacks what `--nats-engine direct` relies on."""
 
 
+Headers = dict[str, str] | bytes  # bytes: the block as an HPUB carries it (`header_block`)
+
+
 def header_block(headers: dict[str, str]) -> bytes:
     """Headers as an HPUB carries them."""
     lines = "".join(f"{key}: {value}\r\n" for key, value in headers.items())
     return f"NATS/1.0\r\n{lines}\r\n".encode()
+
+
+def header_dict(block: bytes) -> dict[str, str]:
+    """`header_block` read back, for nats-py's API."""
+    lines = block.decode().split("\r\n")[1:]
+    return dict(line.split(": ", 1) for line in lines if line)
 
 
 class Link:
@@ -79,9 +88,10 @@ class Link:
         raise NotImplementedError
 
     def put(self, subject: str, payload: bytes, reply: str = "",
-            headers: dict[str, str] | None = None) -> None:
+            headers: Headers | None = None) -> None:
         """Publish without awaiting; leaves with the loop turn's others. Only when `writable`
-        and the payload is within the server's max_payload."""
+        and the payload is within the server's max_payload. The steady state passes headers
+        as a ready block (bytes): the direct link writes it as it is."""
         raise NotImplementedError
 
     def flush(self) -> None:
@@ -134,15 +144,15 @@ class DirectLink(Link):
         return self._outbox.writable()
 
     def put(self, subject: str, payload: bytes, reply: str = "",
-            headers: dict[str, str] | None = None) -> None:
+            headers: Headers | None = None) -> None:
+        target = f"{subject} {reply}" if reply else subject
         if headers is None:
-            command = b"PUB %s %s%d\r\n%s\r\n" % (
-                subject.encode(), f"{reply} ".encode() if reply else b"", len(payload), payload)
+            command = b"".join((f"PUB {target} {len(payload)}\r\n".encode(), payload, b"\r\n"))
         else:
-            head = header_block(headers)
-            command = b"HPUB %s %s%d %d\r\n%s%s\r\n" % (
-                subject.encode(), f"{reply} ".encode() if reply else b"", len(head),
-                len(head) + len(payload), head, payload)
+            head = headers if isinstance(headers, bytes) else header_block(headers)
+            size = len(head) + len(payload)
+            command = b"".join((f"HPUB {target} {len(head)} {size}\r\n".encode(), head, payload,
+                                b"\r\n"))
         self._outbox.put(command, len(payload))
 
     def flush(self) -> None:
@@ -197,7 +207,9 @@ class PublicLink(Link):
             and self._queued + nc.pending_data_size < self._limit
 
     def put(self, subject: str, payload: bytes, reply: str = "",
-            headers: dict[str, str] | None = None) -> None:
+            headers: Headers | None = None) -> None:
+        if isinstance(headers, bytes):
+            headers = header_dict(headers)
         self._queue.append((subject, payload, reply, headers))
         self._queued += len(payload)
         if self._sender is None:
