@@ -680,12 +680,12 @@ async def test_stored_batches_reported_in_stream_order_after_lost_acks(
         inbox = publisher._inbox
         publisher._inbox = "_INBOX.kvrelay-nobody-listens."  # seq 0's ack goes nowhere
         now = time.time()
-        await publisher._send(Frame(0, 0, 0, encode_batch(factory.next_events(), now), now, ()))
+        await publisher.send(Frame(0, 0, 0, encode_batch(factory.next_events(), now), now, ()))
         publisher._inbox = inbox
-        await publisher._send(Frame(0, 0, 1, encode_batch(factory.next_events(), now), now, ()))
+        await publisher.send(Frame(0, 0, 1, encode_batch(factory.next_events(), now), now, ()))
         await eventually(lambda: publisher.in_flight == 1, "seq 1 acknowledged")
         assert heard == []
-        assert await publisher._recover()
+        assert await publisher.recover()
         async with nats_client(fresh_nats.url) as client:
             last = await last_stream_seq(client, publisher.subject(0))
         assert heard == [(0, last - 1), (1, last)]

@@ -178,7 +178,7 @@ class Publisher(Output):
     async def _publish_pending(self, retrying: bool) -> None:
         """After a failure settle and resend the window first; then move frames from the
         buffer into the window."""
-        if retrying and not await self._recover():
+        if retrying and not await self.recover():
             self._schedule_retry()
             return
         sent = 0
@@ -191,7 +191,7 @@ class Publisher(Output):
                 if sent % SEND_SLICE == 0:
                     await asyncio.sleep(0)  # a backlog must not hold up acks and ingest
             else:
-                await self._send(self._buffer.pop())  # waits for nats-py's flush
+                await self.send(self._buffer.pop())  # waits for nats-py's flush
             if not self._online():
                 break
 
@@ -228,7 +228,9 @@ class Publisher(Output):
     def _room(self) -> bool:
         return len(self._window) < self._settings.max_in_flight and self._link.writable()
 
-    async def _send(self, frame: Frame) -> None:
+    async def send(self, frame: Frame) -> None:
+        """Publish one frame now, through nats-py (waiting while its queue is full), after
+        whatever was put before it; what the loop does when the outbox is full."""
         entry = self._enter(frame)
         if entry is not None:
             await self._publish(*entry)
@@ -297,7 +299,7 @@ class Publisher(Output):
 
     # -- the failure path ----------------------------------------------------------------------
 
-    async def _recover(self) -> bool:
+    async def recover(self) -> bool:
         """Settle the window with the stream, then resend it one at a time, in order.
 
         Returns False (to be tried again after a backoff) while the stream cannot take it.

@@ -111,6 +111,20 @@ class Output(ABC):
         """NATS is back."""
         self._wake.set()
 
+    @property
+    def metrics(self) -> Metrics:
+        return self._metrics
+
+    @property
+    def buffer(self) -> Buffer:
+        """Where frames wait while they cannot be published at once."""
+        return self._buffer
+
+    @property
+    def retry_due(self) -> bool:
+        """A failure was seen: the loop catches up once the backoff has passed."""
+        return self._retry_at is not None
+
     # -- the connection ------------------------------------------------------------------------
 
     def _online(self) -> bool:

@@ -56,7 +56,7 @@ def frame(seq: int, factory: WorkloadFactory) -> Frame:
 
 
 def dropped(publisher: Publisher, reason: str) -> float:
-    value = publisher._metrics.registry.get_sample_value(
+    value = publisher.metrics.registry.get_sample_value(
         "kvrelay_batches_dropped_total", {"reason": reason})
     return value or 0.0
 
@@ -70,16 +70,16 @@ async def test_refused_batch_is_not_stored_after_its_successor(
         js = nc.jetstream()
         await js.update_stream(StreamConfig(name=STREAM, subjects=["elsewhere.>"],
                                             duplicate_window=0.5))
-        await publisher._send(frame(0, factory))  # nobody takes kv.> now: refused (503)
-        await eventually(lambda: publisher._retry_at is not None, "the refusal")
+        await publisher.send(frame(0, factory))  # nobody takes kv.> now: refused (503)
+        await eventually(lambda: publisher.retry_due, "the refusal")
         await js.update_stream(StreamConfig(name=STREAM, subjects=["kv.>"],
                                             duplicate_window=0.5))
-        await publisher._send(frame(1, factory))  # already on its way when 0 was refused
+        await publisher.send(frame(1, factory))  # already on its way when 0 was refused
         await eventually(lambda: publisher.in_flight == 1, "seq 1 acknowledged")
-        publisher._buffer.put(frame(2, factory))
-        assert await publisher._recover()
+        publisher.buffer.put(frame(2, factory))
+        assert await publisher.recover()
         assert publisher.in_flight == 0
-        await publisher._send(publisher._buffer.pop())
+        await publisher.send(publisher.buffer.pop())
         await eventually(lambda: publisher.in_flight == 0, "seq 2 acknowledged")
         got = await read_subject(nc, subject)
     assert dropped(publisher, "out_of_order") == 1
@@ -96,7 +96,7 @@ async def test_batches_stored_with_lost_acks_are_not_stored_again(
     inbox = publisher._inbox
     publisher._inbox = "_INBOX.kvrelay-nobody-listens."  # the acks go nowhere
     for seq in range(5):
-        await publisher._send(frame(seq, factory))
+        await publisher.send(frame(seq, factory))
     publisher._inbox = inbox
     async with nats_client(fresh_nats.url) as nc:
         deadline = time.monotonic() + 5
@@ -105,9 +105,9 @@ async def test_batches_stored_with_lost_acks_are_not_stored_again(
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)  # twice the duplicate window: dedup no longer knows them
         assert publisher.in_flight == 5
-        assert await publisher._recover()
+        assert await publisher.recover()
         assert publisher.in_flight == 0
         got = await read_subject(nc, publisher.subject(0))
     row = record(tally("acks lost past the duplicate window", got, offered_keys(0, 5)))
     assert (row.delivered, row.duplicates, row.order_violations, row.resyncs) == (5, 0, 0, 0)
-    assert publisher._metrics.registry.get_sample_value("kvrelay_batches_published_total") == 5
+    assert publisher.metrics.registry.get_sample_value("kvrelay_batches_published_total") == 5
