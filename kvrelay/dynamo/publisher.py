@@ -12,7 +12,7 @@ listen are written before the first message and removed after the last
 (kvrelay/dynamo/records.py).
 
 In the steady state a message is sent in the producer's turn of the event loop, through the
-outbox (kvrelay/natsio/outbox.py), as the JetStream publisher does; markers go the same way, so the
+link (kvrelay/natsio/link.py), as the JetStream publisher does; markers go the same way, so the
 order on the wire is the order of the calls.
 """
 
@@ -280,9 +280,6 @@ class DynamoPublisher(Output):
         """As for every output, and nothing to publish again."""
         return super()._sending_here() and not self._resend
 
-    def _room(self) -> bool:
-        return len(self._window) < self._settings.max_in_flight and self._link.writable()
-
     def _groups(self, frames: list[Frame]) -> list[list[Frame]]:
         assert self._nc is not None
         return group_frames(frames, self._config.dynamo_batches_per_message,
@@ -348,12 +345,11 @@ class DynamoPublisher(Output):
     def _publish_now(self, sent: _Sent) -> None:
         """`_publish` without awaiting, for the steady state: only while online and writable.
 
-        The PUB command goes to the outbox, which writes a turn's commands at once (this skips
-        nats-py's per-call checks: the subject is well-formed by construction and the size was
-        checked against max_payload)."""
+        The link sends a turn's publishes at once (the direct one skips nats-py's per-call
+        checks: the subject is well-formed by construction and the size was checked against
+        max_payload)."""
         sent.sent_at = time.monotonic()
-        payload = sent.payload
-        self._link.put(self._subject, payload)
+        self._link.put(self._subject, sent.payload)
         self._markers.published(sent)
 
     # -- confirmation --------------------------------------------------------------------------

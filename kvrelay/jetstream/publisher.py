@@ -225,12 +225,9 @@ class Publisher(Output):
                 return
         self._wake.set()
 
-    def _room(self) -> bool:
-        return len(self._window) < self._settings.max_in_flight and self._link.writable()
-
     async def send(self, frame: Frame) -> None:
         """Publish one frame now, through nats-py (waiting while its queue is full), after
-        whatever was put before it; what the loop does when the outbox is full."""
+        whatever was put before it; what the loop does when the link is not writable."""
         entry = self._enter(frame)
         if entry is not None:
             await self._publish(*entry)
@@ -281,9 +278,9 @@ class Publisher(Output):
     def _publish_now(self, token: int, pending: Pending) -> None:
         """`_publish` without awaiting, for the steady state: only while online and writable.
 
-        The HPUB command goes to the outbox, which writes all of a turn's commands at once
-        (this skips nats-py's per-call subject and header validation: ours are well-formed by
-        construction).
+        The link sends all of a turn's publishes at once (kvrelay/natsio/link.py); the direct
+        one skips nats-py's per-call subject and header validation: ours are well-formed by
+        construction.
         """
         nc = self._nc
         assert nc is not None

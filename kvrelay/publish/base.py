@@ -222,9 +222,9 @@ class Output(ABC):
         return self._parked and self._retry_at is None and self._online() \
             and self._can_publish()
 
-    def notify(self) -> None:
-        """Called by the buffer's producer: there is something to send."""
-        self._wake.set()
+    def _room(self) -> bool:
+        """Room in the window and in the link for one more message."""
+        return self.in_flight < self._settings.max_in_flight and self._link.writable()
 
     # -- shutdown ------------------------------------------------------------------------------
 
