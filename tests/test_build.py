@@ -59,6 +59,10 @@ def test_a_plain_install_builds_the_compiled_wheel(tmp_path: Path) -> None:
     """With a C compiler present, the default build compiles every module on the list."""
     wheel = build_wheel(tmp_path / "wheel")
     assert not wheel.name.endswith("-none-any.whl"), wheel.name  # a platform wheel
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {name.split("/")[0] for name in archive.namelist()}
+    extra = {top for top in tops if top != "kvrelay" and not top.endswith(".dist-info")}
+    assert [top.split(".")[0] for top in extra] == ["kvrelay__mypyc"], tops  # mypyc's runtime
     assert build_of(wheel, tmp_path / "site") == ("compiled", compiled_names())
 
 

@@ -31,6 +31,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from kvrelay.config import NatsSettings, SnapshotSettings, StreamSettings
+from kvrelay.jetstream import forked
 from kvrelay.natsio.options import nats_options
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.router.consumer import KvConsumer
@@ -44,6 +45,7 @@ log = logging.getLogger("kvrelay.snapshot")
 
 _RETRY_MAX: Final = 60.0
 _QUEUE: Final = 1000  # batches stored during a rebuild kept for going live
+_SPACING: Final = 10.0  # an event-triggered snapshot waits 10x the last build's CPU time
 
 
 @dataclass(eq=False)
@@ -81,6 +83,7 @@ class Snapshotter:
         self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._not_before = 0.0  # no event-triggered snapshot before (CPU budget)
 
     def stored(self, batch: RelayBatch, stream_seq: int) -> None:
         """The publisher's hook: JetStream stored `batch` at `stream_seq`."""
@@ -184,6 +187,10 @@ class Snapshotter:
                 await self._write_changed()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._due.wait(), timeout=interval or None)
+                    # An event count came due: within the CPU budget, unless stopping.
+                    wait = self._not_before - time.monotonic()
+                    if wait > 0 and not self._stopping:
+                        await asyncio.sleep(wait)  # stopping cancels it
                 self._due.clear()
         except Exception:
             if not self._stopping:
@@ -299,12 +306,31 @@ class Snapshotter:
                     and rank.worker in rank.index.workers():
                 await self._write(rank)
 
+    async def _built(self, rank: _Rank) -> tuple[int, bytes]:
+        """The rank's snapshot (stream sequence and bytes), built in a forked child where the
+        platform can fork, else in a thread from a copy; the next event-triggered snapshot
+        waits long enough that building uses at most 1/_SPACING of a core."""
+        if forked.available():
+            framed, cpu = await forked.in_child(lambda: _framed(rank.index, rank.worker))
+            seq, data = int.from_bytes(framed[:8], "big"), framed[8:]
+        else:  # pragma: no cover - platforms without fork
+            started = time.process_time()
+            seq, data = await asyncio.to_thread(_encoded, rank.index.snapshot_later(rank.worker))
+            cpu = time.process_time() - started
+        self._metrics.snapshot_build_seconds.inc(cpu)
+        self._not_before = time.monotonic() + _SPACING * cpu
+        return seq, data
+
     async def _write(self, rank: _Rank) -> None:
         assert self._kv is not None
         assert self._nc is not None
-        build = rank.index.snapshot_later(rank.worker)
         events = rank.events
-        seq, data = await asyncio.to_thread(_encoded, build)
+        try:
+            seq, data = await self._built(rank)
+        except (OSError, forked.ChildFailed) as exc:
+            self._metrics.snapshot_failures.labels("build").inc()
+            self._warn.warning("build", "cannot build snapshot %s: %s", rank.key, _why(exc))
+            return
         rank.events = max(0, rank.events - events)  # written or not: next on the cadence
         label = str(rank.dp_rank)
         if len(data) > self._nc.max_payload:
@@ -336,3 +362,9 @@ def _why(exc: BaseException) -> str:
 def _encoded(build: Callable[[], WorkerSnapshot]) -> tuple[int, bytes]:
     snapshot = build()
     return snapshot.stream_seq, encode_snapshot(snapshot)
+
+
+def _framed(index: KvIndex, worker: WorkerKey) -> bytes:
+    """The child's answer: the snapshot's stream sequence (8 bytes), then the snapshot."""
+    seq, data = _encoded(lambda: index.snapshot(worker))
+    return seq.to_bytes(8, "big") + data

@@ -427,16 +427,31 @@ def _hash_order(block: BlockHash) -> tuple[int, BlockHash]:
     return (1, block) if isinstance(block, bytes) else (0, block)
 
 
+def _sorted(blocks: Iterable[BlockHash]) -> list[BlockHash]:
+    """Hashes in canonical order: integers by value, then bytes by value."""
+    try:
+        return sorted(blocks)  # one kind (the usual case): no key to build per hash
+    except TypeError:
+        return sorted(blocks, key=_hash_order)
+
+
+def _before(a: BlockHash, b: BlockHash) -> bool:
+    if type(a) is type(b):
+        return a < b  # type: ignore[operator]
+    return isinstance(b, bytes)
+
+
 def _chains(blocks: dict[BlockHash, BlockHash | None]) -> list[list[BlockHash | None]]:
     """Canonical chains of a tier: each block continues its parent's chain when it is the
-    parent's smallest held child; parent cycles (only from inconsistent input) are cut."""
-    order = sorted(blocks, key=_hash_order)
+    parent's smallest held child; chains in the order of their first block; parent cycles
+    (only from inconsistent input) are cut at their smallest block. One pass over the blocks
+    and a sort of the chains' starts only."""
     successor: dict[BlockHash, BlockHash] = {}
-    for block in order:
-        parent = blocks[block]
-        if parent is not None and parent != block and parent in blocks and (
-                parent not in successor):
-            successor[parent] = block
+    for block, parent in blocks.items():
+        if parent is not None and parent != block and parent in blocks:
+            held = successor.get(parent)
+            if held is None or _before(block, held):
+                successor[parent] = block
     continuing = set(successor.values())
     emitted: set[BlockHash] = set()
     chains: list[list[BlockHash | None]] = []
@@ -450,11 +465,10 @@ def _chains(blocks: dict[BlockHash, BlockHash | None]) -> list[list[BlockHash | 
             block = successor.get(block)
         chains.append(chain)
 
-    for block in order:
-        if block not in continuing:
-            emit(block)
-    if len(emitted) < len(order):
-        for block in order:
+    for block in _sorted([b for b in blocks if b not in continuing]):
+        emit(block)
+    if len(emitted) < len(blocks):  # what is left lies on cycles
+        for block in _sorted([b for b in blocks if b not in emitted]):
             if block not in emitted:
                 emit(block)
     return chains

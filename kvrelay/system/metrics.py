@@ -17,7 +17,7 @@ DROP_REASONS = ("overflow", "malformed", "rejected", "too_large", "out_of_order"
 # Blocks `--format dynamo` cannot carry, by why (see kvrelay/dynamo/translate.py).
 BLOCK_DROP_REASONS = ("block_size", "short_tokens", "duplicate", "medium", "invalid")
 SNAPSHOT_FAILURES = ("bucket", "write", "too_large", "undecodable", "stale", "tail_missing",
-                     "bootstrap", "index")
+                     "bootstrap", "index", "build")
 DECODE_ERROR_KINDS = (
     "frame_count", "seq_length", "msgpack", "batch_shape", "invalid_event", "unencodable",
 )
@@ -198,6 +198,9 @@ class Metrics:
         self.snapshot_age = Gauge(
             "kvrelay_snapshot_age_seconds", "Seconds since the last snapshot was written",
             ["dp_rank"], registry=r)
+        self.snapshot_build_seconds = Counter(
+            "kvrelay_snapshot_build_cpu_seconds",
+            "CPU seconds spent building and encoding snapshots (in a forked child)", registry=r)
         self.snapshot_bytes = Gauge(
             "kvrelay_snapshot_bytes", "Size of the last snapshot written", ["dp_rank"],
             registry=r)
