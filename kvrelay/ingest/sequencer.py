@@ -1,9 +1,17 @@
 """The sequence of one vLLM publisher: batches in, in-order Frames out, with what was lost.
 
 Pure logic, no I/O: the Source reads sockets and runs replays; the Sequencer decides what each
-batch means (next in line, a gap to replay, a restart), holds live batches while a resume or a
-replay is under way (bounded), and hands every batch on once, in order, with the `resync`s a
-consumer must see before it. Every drop it makes is counted.
+batch means (next in line, a gap to replay, a duplicate, a restart), holds live batches while a
+resume or a replay is under way (bounded), and hands every batch on once, in order, with the
+`resync`s a consumer must see before it. Every drop it makes is counted.
+
+A seq below the one expected is a restart or a duplicate (`is_restart`). vLLM's publisher
+counts from 0 again when the engine restarts, and the relay, reading all along, sees the new
+publisher's first batches within moments: a restart's seq is small against what was passed. A
+duplicate (a batch sent again, or a second publisher repeating the stream) sits just behind
+what was passed. So seq 0 is a restart, and so is a seq below half of the one expected; any
+other seq already passed is a duplicate: dropped, counted, and logged, with no new epoch and no
+resync.
 """
 
 from __future__ import annotations
@@ -34,6 +42,13 @@ class Frame(NamedTuple):
 
 Sink = Callable[[Frame], None]
 ReplayRequest = Callable[[int], None]  # start a replay from this seq; answer with `replayed`
+
+
+def is_restart(seq: int, expected: int) -> bool:
+    """Whether `seq`, below the `expected` one, comes from a restarted engine (it counts from 0
+    again, and is seen within moments) rather than repeating one just passed: seq 0, or a seq
+    far below, under half of `expected`."""
+    return seq == 0 or seq < expected // 2
 
 
 class Sequencer:
@@ -125,11 +140,16 @@ class Sequencer:
             self._metrics.drop("overflow", 1)
 
     def _accept(self, seq: int, payload: bytes, now: float) -> None:
-        """Pass a batch on, or start a replay for what is missing before it."""
-        if self.expected is not None and seq < self.expected:
+        """Pass a batch on, drop it as a duplicate, or start a replay for what is missing
+        before it."""
+        expected = self.expected
+        if expected is not None and seq < expected:
+            if not is_restart(seq, expected):
+                self._duplicate(seq, expected)
+                return
             self._metrics.restarts.inc()
             log.warning("vLLM on %s restarted (seq %d after %d): epoch %d begins",
-                        self.name, seq, self.expected - 1, self.epoch + 1)
+                        self.name, seq, expected - 1, self.epoch + 1)
             self.epoch += 1
             self.expected = 0
             self._announce = "restart"
@@ -145,6 +165,12 @@ class Sequencer:
                 self._request_replay(missing_from)
                 return
         self._emit(seq, payload, now)
+
+    def _duplicate(self, seq: int, expected: int) -> None:
+        """A batch repeating a seq already passed (not a restart): dropped, counted, logged."""
+        self._metrics.drop("duplicate", 1)
+        self._warn.warning("duplicate", "dropped a batch from %s repeating seq %d (expected "
+                           "%d): a duplicate, not a restart", self.name, seq, expected)
 
     def _emit(self, seq: int, payload: bytes, now: float) -> None:
         resyncs: list[Resync] = []
@@ -180,9 +206,14 @@ class Sequencer:
             self._release_held(replayed_from=None)
 
     def replayed(self, start: int, replies: list[tuple[int, bytes]], now: float) -> None:
-        """What a replay from `start` returned, in seq order, then the live batches held."""
+        """What a replay from `start` returned, in seq order, then the live batches held.
+
+        A replay answers from `start` up, so a reply below what was passed is a duplicate, never
+        a restart."""
         for seq, payload in replies:
-            if seq >= start and (self.expected is None or seq >= self.expected):
+            if self.expected is not None and seq < self.expected:
+                self._duplicate(seq, self.expected)
+            elif seq >= start:
                 self._emit(seq, payload, now)
         self._release_held(replayed_from=start)
 
@@ -193,12 +224,17 @@ class Sequencer:
         self.replayed(start, [], now)
 
     def _release_held(self, replayed_from: int | None) -> None:
+        """Hand on the live batches held, in the order they came, each checked against the one
+        held before it as a live batch is against the one expected (`is_restart`)."""
         held, self._held = self._held, deque()
         self._held_bytes = 0
         self._holding = False
-        previous = -1
+        previous: int | None = None
         for seq, payload, recv_ts in held:
-            if seq < previous:
+            if previous is not None and seq <= previous:
+                if not is_restart(seq, previous + 1):
+                    self._duplicate(seq, previous + 1)
+                    continue
                 replayed_from = None  # vLLM restarted meanwhile: these are a new epoch's
             previous = seq
             if (replayed_from is not None and self.expected is not None
