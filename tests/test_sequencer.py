@@ -7,12 +7,15 @@ import logging
 from collections.abc import Iterable
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from strategies import EngineStep, engine_scripts
 
 from kvrelay.ingest.sequencer import Frame, Sequencer, is_restart
 from kvrelay.system.metrics import Metrics
-from kvrelay.wire.schema import ResumePoint, Resync
+from kvrelay.wire.schema import ResumePoint, Resync, ResyncReason
 
-REASONS = ("gap", "restart", "overflow", "start")
+REASONS: tuple[ResyncReason, ...] = ("gap", "restart", "overflow", "start")
 
 
 class Run:
@@ -165,6 +168,36 @@ def test_half_of_the_expected_seq_divides_restarts_from_duplicates(seq: int, res
     assert run.duplicates() == (0 if restart else 1)
 
 
+def test_a_seq_below_the_resume_point_is_a_restart_before_anything_is_read() -> None:
+    """A relay that resumes after seq 99 and first reads seq 60 finds an engine that restarted
+    while it was away (a duplicate repeats a batch this relay read): a new epoch, announced."""
+    run = Run(replay=False, resume=ResumePoint(3, 99))
+    run.live(60, 61, 61)
+    assert run.seqs() == [(4, 60), (4, 61)]
+    assert run.resyncs() == [(4, 60, Resync("restart", 0, 59))]
+    assert run.duplicates() == 1  # 61 again: read here before, a duplicate
+
+
+@replay_or_not
+def test_the_first_batch_after_the_publisher_went_away_below_the_expected_is_a_restart(
+        replay: bool) -> None:
+    """Once the publisher's connection went away, the next batch below the one expected is a
+    restarted engine's, however far it has counted; a repeat after that is a duplicate again."""
+    run = Run(replay=replay)
+    run.live(*range(20))
+    run.sequencer.publisher_lost()
+    run.live(15)  # the new engine sent 0..14 before the relay connected again
+    if replay:
+        assert run.requested == [0]
+        run.answer(range(16))
+    run.live(16, 16)
+    first = [(1, seq) for seq in range(16)] if replay else [(1, 15)]
+    assert run.seqs() == [(0, seq) for seq in range(20)] + first + [(1, 16)]
+    assert run.resyncs() == [(1, 0, Resync("restart"))] if replay else [
+        (1, 15, Resync("restart", 0, 14))]
+    assert run.duplicates() == 1
+
+
 def test_a_restart_while_holding_for_a_replay() -> None:
     """The engine restarts while the relay holds live batches for a gap's replay, and is first
     seen a few batches in: the old epoch is completed by the replay, the new one replayed from
@@ -232,3 +265,75 @@ def test_one_resync_per_loss(replay: bool) -> None:
     assert sum(run.resyncs_counted().values()) == len(announced)
     assert run.count("kvrelay_engine_restarts_total") == 1
     assert run.duplicates() == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(script=engine_scripts(), replay=st.booleans())
+def test_every_loss_is_announced_once_whatever_the_publisher_does(
+        script: list[EngineStep], replay: bool) -> None:
+    """Any mix of batches in order, lost, repeated, and restarts (seen far below, or after the
+    connection went away): every batch read is handed on once in its engine's epoch, repeats
+    are dropped, and each loss carries exactly one resync (a restart one `restart`, a gap one
+    `gap`, none with replay, which fills gaps), counted once."""
+    run = Run(replay=replay)
+    expected: list[tuple[int, int, tuple[Resync, ...]]] = []
+    sent = 0  # the engine's next seq
+    read: list[int] = []  # the seqs of this engine the relay read
+    position: int | None = None  # the seq the relay expects next
+    epoch = restarts = gaps = missed = duplicates = 0
+    restarted = went_away = False
+
+    def receive(seq: int) -> None:
+        nonlocal position, epoch, restarts, gaps, missed, restarted, went_away
+        reason: ResyncReason = "gap" if position is not None else "start"
+        first = 0 if position is None else position
+        if restarted:
+            assert position is not None
+            # Past these, a restart cannot be told from a gap, a duplicate or the next batch.
+            assume(seq < position and (went_away or is_restart(seq, position)))
+            epoch, restarts, reason, first = epoch + 1, restarts + 1, "restart", 0
+            restarted = went_away = False
+        elif position is not None and seq > position:
+            gaps += 1
+        if replay:
+            expected.extend((epoch, s, (Resync("restart"),) if reason == "restart" and s == 0
+                             else ()) for s in range(first, seq + 1))
+        else:
+            resync = (Resync(reason, first, seq - 1),) if seq > first else \
+                (Resync("restart"),) if reason == "restart" else ()
+            missed += seq - first
+            expected.append((epoch, seq, resync))
+        position = seq + 1
+        read.append(seq)
+
+    for kind, n in script:
+        if kind == "send":
+            for _ in range(n):
+                receive(sent)
+                run.live(sent)
+                sent += 1
+        elif kind == "skip":
+            sent += n
+        elif kind == "repeat":
+            if len(read) >= n and position is not None and not is_restart(read[-n], position):
+                run.live(read[-n])
+                duplicates += 1
+        else:
+            sent, read = 0, []
+            restarted = position is not None
+            if n:
+                went_away = True
+                run.sequencer.publisher_lost()
+        for _ in range(10):
+            if not run.requested:
+                break
+            run.answer(range(sent))
+        assert run.requested == []
+    assert [(f.epoch, f.seq, f.resyncs) for f in run.frames] == expected
+    assert run.sequencer.held == 0
+    assert run.duplicates() == duplicates
+    assert run.count("kvrelay_engine_restarts_total") == restarts
+    assert run.count("kvrelay_gaps_total") == gaps
+    assert run.count("kvrelay_missed_batches_total") == missed
+    carried = [r.reason for f in run.frames for r in f.resyncs]
+    assert run.resyncs_counted() == {reason: float(carried.count(reason)) for reason in REASONS}

@@ -11,7 +11,10 @@ publisher's first batches within moments: a restart's seq is small against what 
 duplicate (a batch sent again, or a second publisher repeating the stream) sits just behind
 what was passed. So seq 0 is a restart, and so is a seq below half of the one expected; any
 other seq already passed is a duplicate: dropped, counted, and logged, with no new epoch and no
-resync.
+resync. The first batch read since this relay started, or since the publisher's connection went
+away, is a restart whenever it is below the one expected: a duplicate repeats a batch read over
+the same connection, and a restarted engine may be well into its count by the time the relay
+has connected again (the relay was down, or its reconnection backed off).
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ class Sequencer:
         self.expected: int | None = None
         self._announce: ResyncReason | None = None
         self._emitted = False
+        # Nothing read from the publisher since this relay started or since its connection
+        # went away: a seq below the one expected is a restart, never a duplicate.
+        self._fresh = True
         self._gap_counted_at: int | None = None  # a gap re-seen after a failed replay is one gap
         # While resuming or replaying, live batches wait here (bounded: oldest dropped; the
         # highest seq dropped so the hole is announced as `overflow`).
@@ -109,7 +115,7 @@ class Sequencer:
             return False
         seq = int.from_bytes(raw_seq, "big")
         if seq == self.expected and self._announce is None and self._overflow_upto is None \
-                and not self._holding:
+                and not self._holding and not self._fresh:
             # The steady state, what `offer` would conclude: next in line.
             self.expected = seq + 1
             self._emitted = True
@@ -117,6 +123,11 @@ class Sequencer:
             return True
         self.offer(seq, frames[2], now)
         return True
+
+    def publisher_lost(self) -> None:
+        """The publisher's connection went away: the next batch read may be a restarted
+        engine's, however far it has counted."""
+        self._fresh = True
 
     def offer(self, seq: int, payload: bytes, now: float) -> None:
         """A live batch: handed on, held, or held while a replay fills what is missing."""
@@ -143,8 +154,9 @@ class Sequencer:
         """Pass a batch on, drop it as a duplicate, or start a replay for what is missing
         before it."""
         expected = self.expected
+        fresh, self._fresh = self._fresh, False
         if expected is not None and seq < expected:
-            if not is_restart(seq, expected):
+            if not fresh and not is_restart(seq, expected):
                 self._duplicate(seq, expected)
                 return
             self._metrics.restarts.inc()
@@ -239,6 +251,7 @@ class Sequencer:
             previous = seq
             if (replayed_from is not None and self.expected is not None
                     and replayed_from <= seq < self.expected):
+                self._fresh = False  # read in line with what the replay delivered
                 continue  # the replay delivered it already
             if self._holding:
                 self._hold(seq, payload, recv_ts)
