@@ -218,6 +218,21 @@ def test_a_restart_while_holding_for_a_replay() -> None:
     assert run.sequencer.held == 0
 
 
+def test_a_restart_while_holding_answered_by_the_new_engine() -> None:
+    """A gap's replay answered by the engine that replaced the one asked (it holds nothing from
+    the gap on) is not asked for again: the gap is announced, then the restart, once each."""
+    run = Run(replay=True)
+    run.live(*range(10), 12)
+    run.live(13, 0, 1)  # the engine restarted after 13
+    run.answer([0, 1])  # its ROUTER holds nothing from seq 10
+    assert run.requested == []
+    assert run.seqs() == [(0, seq) for seq in (*range(10), 12, 13)] + [(1, 0), (1, 1)]
+    assert run.resyncs() == [(0, 12, Resync("gap", 10, 11)), (1, 0, Resync("restart"))]
+    assert run.resyncs_counted() == {**NO_RESYNCS, "gap": 1.0, "restart": 1.0}
+    assert run.count("kvrelay_gaps_total") == 1
+    assert run.count("kvrelay_missed_batches_total") == 2
+
+
 def test_duplicates_arriving_while_holding_are_dropped() -> None:
     """Repeats among the live batches held during a replay, of a held batch or of one passed
     before, are dropped and counted when the batches held are handed on; nothing announced."""

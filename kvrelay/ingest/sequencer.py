@@ -83,6 +83,10 @@ class Sequencer:
         # went away: a seq below the one expected is a restart, never a duplicate.
         self._fresh = True
         self._gap_counted_at: int | None = None  # a gap re-seen after a failed replay is one gap
+        # The batch whose gap the replay under way was asked for: if the replay's answer does not
+        # reach it, vLLM no longer holds what is missing (or a restarted engine answered), and the
+        # gap is announced rather than asked for again.
+        self._replay_for: int | None = None
         # While resuming or replaying, live batches wait here (bounded: oldest dropped; the
         # highest seq dropped so the hole is announced as `overflow`).
         self._holding = True
@@ -171,8 +175,11 @@ class Sequencer:
                     and self._gap_counted_at != missing_from):
                 self._gap_counted_at = missing_from
                 self._metrics.gaps.inc()
-            if self._request_replay is not None and self._clock() >= self._cooldown_until:
+            asked, self._replay_for = self._replay_for == seq, None
+            if (self._request_replay is not None and not asked
+                    and self._clock() >= self._cooldown_until):
                 self._holding = True
+                self._replay_for = seq
                 self._hold(seq, payload, now)
                 self._request_replay(missing_from)
                 return
@@ -257,6 +264,8 @@ class Sequencer:
                 self._hold(seq, payload, recv_ts)
             else:
                 self._accept(seq, payload, recv_ts)
+        if not self._holding:
+            self._replay_for = None
 
     def discard_held(self) -> int:
         """Drop what is still held (reading has stopped for good); returns how many, counted
