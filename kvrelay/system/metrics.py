@@ -141,7 +141,9 @@ class Metrics:
             registry=r,
         )
         self.restarts = Counter(
-            "kvrelay_engine_restarts", "vLLM engine restarts seen (sequence went back)", registry=r
+            "kvrelay_engine_restarts",
+            "vLLM engine restarts seen (sequence back to 0 or far below, or back after the "
+            "publisher's connection went away)", registry=r
         )
         self.resyncs = Counter(
             "kvrelay_resyncs", "resync events emitted, by reason", ["reason"], registry=r
