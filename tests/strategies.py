@@ -565,3 +565,20 @@ def frames_in_hand(draw: st.DrawFn) -> list[Frame]:
         size = draw(st.integers(1, 4000))
         frames.append(Frame(rank, 0, seqs[rank], bytes(size), 0.0, ()))
     return frames
+
+
+# -- one vLLM publisher's run, as the relay's Sequencer reads it --------------------------------
+
+EngineStep = tuple[str, int]
+
+
+@st.composite
+def engine_scripts(draw: st.DrawFn) -> list[EngineStep]:
+    """What one vLLM publisher does, step by step: `send` its next n batches, `skip` n (lost on
+    the way to the relay, kept for replay), `repeat` the batch n behind the last one the relay
+    read, `restart` (counting from 0 again; n = 1: the relay saw its connection go away)."""
+    kinds = draw(st.lists(st.sampled_from(["send"] * 4 + ["skip", "repeat", "restart"]),
+                          max_size=40))
+    return [(kind, draw(st.integers(0, 1) if kind == "restart" else
+                        st.integers(1, 5) if kind == "send" else st.integers(1, 3)))
+            for kind in kinds]

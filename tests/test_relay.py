@@ -354,6 +354,106 @@ async def test_engine_restart_while_relay_down(nc: Any, nats_server: NatsServer)
     assert resyncs(got) == [(0, Resync("restart"))]
 
 
+@pytest.mark.parametrize("engine", ["native", "libzmq"])
+@pytest.mark.parametrize("with_replay", [False, True], ids=["no-replay", "replay"])
+async def test_restart_read_late_is_a_restart_after_the_connection_went_away(
+        nc: Any, nats_server: NatsServer, with_replay: bool, engine: str) -> None:
+    """A restarted engine first read at seq 15, with 20 passed (above half: alone it would be a
+    duplicate), is a restart: its predecessor's connection went away. A new epoch led by one
+    `resync` restart; with replay it is complete from seq 0."""
+    instance = new_instance_id()
+    endpoint = f"tcp://*:{free_port('0.0.0.0')}"
+    replay = f"tcp://127.0.0.1:{free_port()}" if with_replay else None
+    flags: dict[str, Any] = {"nats": nats_server.url, "instance_id": instance,
+                             "zmq": [endpoint.replace("*", "127.0.0.1")], "zmq_engine": engine}
+    if replay:
+        flags["replay"] = [replay]
+    async with running_relay(**flags) as relay:
+        await eventually(lambda: is_ready(relay), "relay ready")
+        with SyntheticVllm(endpoint, replay_endpoint=replay) as first:
+            await join(first, relay)
+            publish(first, 20)
+            await read_stream(nc, subject_of(instance), 20, settle=0)
+        await eventually(lambda: relay.source_states()[0]["peers"] == 0,
+                         "the relay to see the engine go")
+        with SyntheticVllm(endpoint, replay_endpoint=replay) as second:
+            await join(second, relay)
+            second.skip(15)  # sent before the relay was back: replay alone has them
+            publish(second, 3)
+            got = await read_stream(nc, subject_of(instance), 20 + (18 if replay else 3))
+        assert metric(relay, "kvrelay_engine_restarts_total") == 1
+        assert metric(relay, "kvrelay_resyncs_total", reason="restart") == 1
+        assert metric(relay, "kvrelay_batches_dropped_total", reason="duplicate") == 0
+    again = range(18) if replay else range(15, 18)
+    assert seqs(got) == [(0, s) for s in range(20)] + [(1, s) for s in again]
+    assert resyncs(got) == ([(0, Resync("restart"))] if replay
+                            else [(15, Resync("restart", 0, 14))])
+
+
+@pytest.mark.parametrize("with_replay", [False, True], ids=["no-replay", "replay"])
+async def test_repeated_batches_are_dropped_as_duplicates(
+        nc: Any, nats_server: NatsServer, with_replay: bool) -> None:
+    """A vLLM that sends its last batch again, or one a few behind, has not restarted: the
+    repeats are dropped and counted, the stream stays in epoch 0, every batch once and in order,
+    with no resync and no replay asked for."""
+    instance = new_instance_id()
+    with SyntheticVllm(ANY_PORT, replay_endpoint=ANY_PORT if with_replay else None) as vllm:
+        flags: dict[str, Any] = {"nats": nats_server.url, "instance_id": instance,
+                                 "zmq": [vllm.address]}
+        if with_replay:
+            assert vllm.replay_address is not None
+            flags["replay"] = [vllm.replay_address]
+        async with running_relay(**flags) as relay:
+            await eventually(lambda: is_ready(relay), "relay ready")
+            await join(vllm, relay)
+            publish(vllm, 10)
+            assert vllm.resend() == 9
+            assert vllm.resend(4) == 6
+            publish(vllm, 5)
+            got = await read_stream(nc, subject_of(instance), 15)
+            await eventually(lambda: metric(relay, "kvrelay_batches_received_total",
+                                            dp_rank="0") == 17, "every batch sent to be read")
+            assert metric(relay, "kvrelay_batches_dropped_total", reason="duplicate") == 2
+            assert metric(relay, "kvrelay_engine_restarts_total") == 0
+            assert metric(relay, "kvrelay_missed_batches_total") == 0
+            for reason in ("gap", "start", "restart", "overflow"):
+                assert metric(relay, "kvrelay_resyncs_total", reason=reason) == 0
+            requests = vllm.replay_requests
+    assert seqs(got) == [(0, s) for s in range(15)]
+    assert resyncs(got) == []
+    assert requests == (1 if with_replay else 0)  # the start-up replay alone
+
+
+async def test_restart_and_a_gap_after_it_each_announced_once(
+        nc: Any, nats_server: NatsServer) -> None:
+    """An engine that restarts (seq from 0 again, through a new connection) and then skips a
+    batch: one `resync` restart for the restart, one `resync` gap for the batch, each counted
+    once, and the new epoch's batches stored once each."""
+    instance = new_instance_id()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"  # the relay binds, vLLM connects
+    async with running_relay(nats=nats_server.url, instance_id=instance,
+                             zmq_bind=[endpoint]) as relay:
+        await eventually(lambda: is_ready(relay), "relay ready")
+        with SyntheticVllm(endpoint) as first:
+            await join(first, relay)
+            publish(first, 20)
+            await read_stream(nc, subject_of(instance), 20, settle=0)
+        with SyntheticVllm(endpoint) as second:
+            await join(second, relay)
+            publish(second, 2)
+            second.skip(1)
+            publish(second, 2)
+            got = await read_stream(nc, subject_of(instance), 24)
+        assert metric(relay, "kvrelay_engine_restarts_total") == 1
+        assert metric(relay, "kvrelay_resyncs_total", reason="restart") == 1
+        assert metric(relay, "kvrelay_resyncs_total", reason="gap") == 1
+        assert metric(relay, "kvrelay_gaps_total") == 1
+        assert metric(relay, "kvrelay_missed_batches_total") == 1
+    assert seqs(got) == [(0, s) for s in range(20)] + [(1, s) for s in (0, 1, 3, 4)]
+    assert resyncs(got) == [(0, Resync("restart")), (3, Resync("gap", 2, 2))]
+    assert [sum(isinstance(e, Resync) for e in r.batch.events) for r in got[20:]] == [1, 0, 1, 0]
+
+
 # -- 5. relay restart ------------------------------------------------------------------------------
 
 

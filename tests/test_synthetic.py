@@ -223,6 +223,24 @@ def test_skip_leaves_a_gap_and_send_raw_keeps_seq(sockets: Sockets) -> None:
         assert [_seq(_recv(sub)[1]) for _ in range(3)] == [0, 0, 3]
 
 
+def test_resend_repeats_a_sent_batch_and_keeps_seq(sockets: Sockets) -> None:
+    """A resent batch arrives again with its own seq and payload; the next seq is unchanged."""
+    with SyntheticVllm(ANY_PORT) as pub:
+        sub = sockets(zmq.SUB)
+        sub.connect(pub.address)
+        _join(pub, sub)
+        for _ in range(3):
+            pub.publish_next()
+        sent = [_recv(sub) for _ in range(3)]
+        assert pub.resend() == 2
+        assert pub.resend(3) == 0
+        assert pub.publish_next() == 3
+        assert [_recv(sub) for _ in range(2)] == [sent[2], sent[0]]
+        assert _seq(_recv(sub)[1]) == 3
+        with pytest.raises(ValueError, match="4 batches are kept"):
+            pub.resend(5)
+
+
 @pytest.mark.parametrize("with_topic", [True, False])
 def test_replay_returns_buffered_batches_then_end_marker(
     sockets: Sockets, with_topic: bool

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -570,13 +571,42 @@ async def test_a_message_over_the_bound_is_refused_counted_and_never_held(
     assert "--buffer-bytes" in caplog.text
 
 
-@pytest.mark.parametrize(("whose", "max_message"), [("the PUB's", MAX_MESSAGE),
-                                                    ("ours", 64 << 10)])
-async def test_heartbeats_hold_while_the_reader_is_behind(whose: str, max_message: int) -> None:
-    """While the reader is behind (each message costs it 1 ms; a burst of 1.5 s of work waits in
-    the socket), heartbeats do not drop the connection: the PUB's PINGs (300 ms timeout) are
-    answered as they arrive, and ours (0.1 s) pass no verdict while reading is paused at the
-    bound (64 KiB here); the whole burst arrives over the one connection."""
+class HostStalls:
+    """The longest the host kept this process from running while it was watched: a thread
+    wakes every `tick` and notes how late it is. The reader's own work does not show here (it
+    is Python code, which lets the thread in at every switch interval, 5 ms); a host too busy
+    to run the process does."""
+
+    def __init__(self, tick: float = 0.005) -> None:
+        self.tick = tick
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="host-stalls", daemon=True)
+
+    def _watch(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self.tick):
+            now = time.monotonic()
+            self.longest = max(self.longest, now - last - self.tick)
+            last = now
+
+    def __enter__(self) -> HostStalls:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+BEHIND_TRIALS = 3
+BURST = 1500
+
+
+async def reader_behind(whose: str, max_message: int) -> tuple[int, float]:
+    """One trial: a burst of BURST messages, each costing the reader 1 ms, then one more
+    message. Returns the handshakes the Subscriber completed (1: the connection held) and the
+    longest the host stalled the process from the burst on."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     ctx = zmq.Context()
     pub = heartbeating_pub(ctx) if whose == "the PUB's" else ctx.socket(zmq.PUB)
@@ -593,23 +623,54 @@ async def test_heartbeats_hold_while_the_reader_is_behind(whose: str, max_messag
         got.extend(messages)
         arrived.set()
 
+    def burst() -> list[int]:
+        return [int.from_bytes(m[1], "big") for m in got if len(m) == 3]
+
     subscriber = Subscriber(endpoint, False, b"", deliver, endpoint, max_message=max_message,
                             heartbeat=0.0 if whose == "the PUB's" else 0.1)
     task = asyncio.ensure_future(subscriber.run(lambda message: None))
     try:
         await send_until_received(pub, got, arrived, [b"", b"hello"])
-        burst = 1500
-        for seq in range(burst):
-            pub.send_multipart([b"", seq.to_bytes(8, "big"), bytes(100)])
-        await until(lambda: sum(len(m) == 3 for m in got) >= burst, "the burst was not read")
-        assert [int.from_bytes(m[1], "big") for m in got if len(m) == 3] == list(range(burst))
-        # A connection given up on closed after the burst: what follows would come through a
-        # new one.
-        arrived.clear()
-        await send_until_received(pub, got, arrived, [b"", b"after"])
-        assert subscriber.attachments == 1
+        with HostStalls() as stalls:
+            for seq in range(BURST):
+                pub.send_multipart([b"", seq.to_bytes(8, "big"), bytes(100)])
+            # Messages queued for a connection given up on are lost with it.
+            await until(lambda: len(burst()) >= BURST or subscriber.attachments > 1,
+                        "the burst was not read")
+            if subscriber.attachments == 1:
+                assert burst() == list(range(BURST))
+                # A connection given up on closed after the burst: what follows would come
+                # through a new one.
+                arrived.clear()
+                await send_until_received(pub, got, arrived, [b"", b"after"])
+        return subscriber.attachments, stalls.longest
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         pub.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.parametrize(("whose", "max_message"), [("the PUB's", MAX_MESSAGE),
+                                                    ("ours", 64 << 10)])
+async def test_heartbeats_hold_while_the_reader_is_behind(whose: str, max_message: int) -> None:
+    """While the reader is behind (each message costs it 1 ms; a burst of 1.5 s of work waits in
+    the socket), heartbeats do not drop the connection: the PUB's PINGs (300 ms timeout) are
+    answered as they arrive, and ours (0.1 s) pass no verdict while reading is paused at the
+    bound (64 KiB here); the whole burst arrives over the one connection. A trial in which the
+    host itself stalled the process for a third of the timeout or more proves nothing either
+    way when the connection dropped: it is tried again (up to 3 trials), and skipped, saying so,
+    when the host stalled every one."""
+    timeout = 0.3 if whose == "the PUB's" else 0.1  # heartbeating_pub's, or our heartbeat
+    stalls: list[float] = []
+    for _ in range(BEHIND_TRIALS):
+        attachments, stall = await reader_behind(whose, max_message)
+        if attachments == 1:
+            return
+        assert stall >= timeout / 3, (
+            f"{whose} heartbeats dropped the reader while it was behind ({attachments} "
+            f"handshakes), the host having stalled the process {stall * 1000:.0f} ms at most")
+        stalls.append(stall)
+    pytest.skip(f"the host stalled this process {min(stalls) * 1000:.0f} ms or more in each of "
+                f"{BEHIND_TRIALS} trials (heartbeat timeout {timeout * 1000:.0f} ms), and the "
+                "connection dropped in each: these trials say nothing about the reader")

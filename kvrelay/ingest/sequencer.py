@@ -1,9 +1,20 @@
 """The sequence of one vLLM publisher: batches in, in-order Frames out, with what was lost.
 
 Pure logic, no I/O: the Source reads sockets and runs replays; the Sequencer decides what each
-batch means (next in line, a gap to replay, a restart), holds live batches while a resume or a
-replay is under way (bounded), and hands every batch on once, in order, with the `resync`s a
-consumer must see before it. Every drop it makes is counted.
+batch means (next in line, a gap to replay, a duplicate, a restart), holds live batches while a
+resume or a replay is under way (bounded), and hands every batch on once, in order, with the
+`resync`s a consumer must see before it. Every drop it makes is counted.
+
+A seq below the one expected is a restart or a duplicate (`is_restart`). vLLM's publisher
+counts from 0 again when the engine restarts, and the relay, reading all along, sees the new
+publisher's first batches within moments: a restart's seq is small against what was passed. A
+duplicate (a batch sent again, or a second publisher repeating the stream) sits just behind
+what was passed. So seq 0 is a restart, and so is a seq below half of the one expected; any
+other seq already passed is a duplicate: dropped, counted, and logged, with no new epoch and no
+resync. The first batch read since this relay started, or since the publisher's connection went
+away, is a restart whenever it is below the one expected: a duplicate repeats a batch read over
+the same connection, and a restarted engine may be well into its count by the time the relay
+has connected again (the relay was down, or its reconnection backed off).
 """
 
 from __future__ import annotations
@@ -36,6 +47,13 @@ Sink = Callable[[Frame], None]
 ReplayRequest = Callable[[int], None]  # start a replay from this seq; answer with `replayed`
 
 
+def is_restart(seq: int, expected: int) -> bool:
+    """Whether `seq`, below the `expected` one, comes from a restarted engine (it counts from 0
+    again, and is seen within moments) rather than repeating one just passed: seq 0, or a seq
+    far below, under half of `expected`."""
+    return seq == 0 or seq < expected // 2
+
+
 class Sequencer:
     """One publisher's (epoch, seq) bookkeeping. Starts holding: nothing is handed on before
     `resume` says where the stream left off."""
@@ -61,7 +79,14 @@ class Sequencer:
         self.expected: int | None = None
         self._announce: ResyncReason | None = None
         self._emitted = False
+        # Nothing read from the publisher since this relay started or since its connection
+        # went away: a seq below the one expected is a restart, never a duplicate.
+        self._fresh = True
         self._gap_counted_at: int | None = None  # a gap re-seen after a failed replay is one gap
+        # The batch whose gap the replay under way was asked for: if the replay's answer does not
+        # reach it, vLLM no longer holds what is missing (or a restarted engine answered), and the
+        # gap is announced rather than asked for again.
+        self._replay_for: int | None = None
         # While resuming or replaying, live batches wait here (bounded: oldest dropped; the
         # highest seq dropped so the hole is announced as `overflow`).
         self._holding = True
@@ -94,7 +119,7 @@ class Sequencer:
             return False
         seq = int.from_bytes(raw_seq, "big")
         if seq == self.expected and self._announce is None and self._overflow_upto is None \
-                and not self._holding:
+                and not self._holding and not self._fresh:
             # The steady state, what `offer` would conclude: next in line.
             self.expected = seq + 1
             self._emitted = True
@@ -102,6 +127,11 @@ class Sequencer:
             return True
         self.offer(seq, frames[2], now)
         return True
+
+    def publisher_lost(self) -> None:
+        """The publisher's connection went away: the next batch read may be a restarted
+        engine's, however far it has counted."""
+        self._fresh = True
 
     def offer(self, seq: int, payload: bytes, now: float) -> None:
         """A live batch: handed on, held, or held while a replay fills what is missing."""
@@ -125,11 +155,17 @@ class Sequencer:
             self._metrics.drop("overflow", 1)
 
     def _accept(self, seq: int, payload: bytes, now: float) -> None:
-        """Pass a batch on, or start a replay for what is missing before it."""
-        if self.expected is not None and seq < self.expected:
+        """Pass a batch on, drop it as a duplicate, or start a replay for what is missing
+        before it."""
+        expected = self.expected
+        fresh, self._fresh = self._fresh, False
+        if expected is not None and seq < expected:
+            if not fresh and not is_restart(seq, expected):
+                self._duplicate(seq, expected)
+                return
             self._metrics.restarts.inc()
             log.warning("vLLM on %s restarted (seq %d after %d): epoch %d begins",
-                        self.name, seq, self.expected - 1, self.epoch + 1)
+                        self.name, seq, expected - 1, self.epoch + 1)
             self.epoch += 1
             self.expected = 0
             self._announce = "restart"
@@ -139,12 +175,21 @@ class Sequencer:
                     and self._gap_counted_at != missing_from):
                 self._gap_counted_at = missing_from
                 self._metrics.gaps.inc()
-            if self._request_replay is not None and self._clock() >= self._cooldown_until:
+            asked, self._replay_for = self._replay_for == seq, None
+            if (self._request_replay is not None and not asked
+                    and self._clock() >= self._cooldown_until):
                 self._holding = True
+                self._replay_for = seq
                 self._hold(seq, payload, now)
                 self._request_replay(missing_from)
                 return
         self._emit(seq, payload, now)
+
+    def _duplicate(self, seq: int, expected: int) -> None:
+        """A batch repeating a seq already passed (not a restart): dropped, counted, logged."""
+        self._metrics.drop("duplicate", 1)
+        self._warn.warning("duplicate", "dropped a batch from %s repeating seq %d (expected "
+                           "%d): a duplicate, not a restart", self.name, seq, expected)
 
     def _emit(self, seq: int, payload: bytes, now: float) -> None:
         resyncs: list[Resync] = []
@@ -180,9 +225,14 @@ class Sequencer:
             self._release_held(replayed_from=None)
 
     def replayed(self, start: int, replies: list[tuple[int, bytes]], now: float) -> None:
-        """What a replay from `start` returned, in seq order, then the live batches held."""
+        """What a replay from `start` returned, in seq order, then the live batches held.
+
+        A replay answers from `start` up, so a reply below what was passed is a duplicate, never
+        a restart."""
         for seq, payload in replies:
-            if seq >= start and (self.expected is None or seq >= self.expected):
+            if self.expected is not None and seq < self.expected:
+                self._duplicate(seq, self.expected)
+            elif seq >= start:
                 self._emit(seq, payload, now)
         self._release_held(replayed_from=start)
 
@@ -193,21 +243,29 @@ class Sequencer:
         self.replayed(start, [], now)
 
     def _release_held(self, replayed_from: int | None) -> None:
+        """Hand on the live batches held, in the order they came, each checked against the one
+        held before it as a live batch is against the one expected (`is_restart`)."""
         held, self._held = self._held, deque()
         self._held_bytes = 0
         self._holding = False
-        previous = -1
+        previous: int | None = None
         for seq, payload, recv_ts in held:
-            if seq < previous:
+            if previous is not None and seq <= previous:
+                if not is_restart(seq, previous + 1):
+                    self._duplicate(seq, previous + 1)
+                    continue
                 replayed_from = None  # vLLM restarted meanwhile: these are a new epoch's
             previous = seq
             if (replayed_from is not None and self.expected is not None
                     and replayed_from <= seq < self.expected):
+                self._fresh = False  # read in line with what the replay delivered
                 continue  # the replay delivered it already
             if self._holding:
                 self._hold(seq, payload, recv_ts)
             else:
                 self._accept(seq, payload, recv_ts)
+        if not self._holding:
+            self._replay_for = None
 
     def discard_held(self) -> int:
         """Drop what is still held (reading has stopped for good); returns how many, counted

@@ -106,7 +106,8 @@ class Source:
         """ZMTP on this event loop: each read of the socket hands on every message it holds."""
         subscriber = self._subscriber = Subscriber(
             self.spec.endpoint, self.spec.bind, self._topic, self._take, self.name,
-            max_message=self._max_message, heartbeat=self._heartbeat, too_large=self._too_large)
+            max_message=self._max_message, heartbeat=self._heartbeat, too_large=self._too_large,
+            went_away=self.sequencer.publisher_lost)
         reading = asyncio.ensure_future(subscriber.run(
             lambda message: self._warn.warning("retry:" + self.name, "%s", message)))
         try:
@@ -234,6 +235,9 @@ class Source:
                     log.info("vLLM publisher attached on %s", self.name)
                 elif kind == zmq.EVENT_DISCONNECTED:
                     self._libzmq_peers = max(0, self._libzmq_peers - 1)
+                    # Messages of that connection still queued may come after this: then the
+                    # next one read takes the hint, and seqs go by `is_restart` alone.
+                    self.sequencer.publisher_lost()
                     log.warning("vLLM publisher went away from %s", self.name)
                 elif kind == zmq.EVENT_CONNECT_RETRIED:
                     self._warn.warning("retry:" + self.name,

@@ -21,12 +21,14 @@ class Subscriber:
 
     `max_message` bounds a message (its frames on the wire); a PUB announcing a larger one is
     reset and `too_large(size)` hears of it. `heartbeat` > 0: PING each 3.1 PUB that often and
-    drop it when nothing comes back within that time.
+    drop it when nothing comes back within that time. `went_away()` hears of each PUB that had
+    attached and is gone, after the last of its messages was handed on.
     """
 
     def __init__(self, endpoint: str, bind: bool, topic: bytes, deliver: MessageSink,
                  name: str, *, max_message: int, heartbeat: float = 0.0,
-                 too_large: Callable[[int], None] | None = None) -> None:
+                 too_large: Callable[[int], None] | None = None,
+                 went_away: Callable[[], None] | None = None) -> None:
         self.address = parse_endpoint(endpoint, bind)
         self.endpoint = endpoint
         self.bind = bind
@@ -36,6 +38,7 @@ class Subscriber:
         self._max_message = max_message
         self._heartbeat = heartbeat
         self._too_large = too_large
+        self._went_away = went_away
         self._warn = RateLimitedLog(log)
         self.peers = 0
         self.attachments = 0  # handshakes completed, ever: 1 + reconnections, when connecting
@@ -63,6 +66,8 @@ class Subscriber:
         self._connections.discard(connection)
         if connection.ready:
             self.peers = max(0, self.peers - 1)
+            if self._went_away is not None:
+                self._went_away()
         if isinstance(exc, TooLarge):
             if self._too_large is not None:
                 self._too_large(exc.size)

@@ -13,7 +13,8 @@ _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )
 
-DROP_REASONS = ("overflow", "malformed", "rejected", "too_large", "out_of_order", "shutdown")
+DROP_REASONS = ("overflow", "malformed", "rejected", "too_large", "out_of_order", "shutdown",
+                "duplicate")
 # Blocks `--format dynamo` cannot carry, by why (see kvrelay/dynamo/translate.py).
 BLOCK_DROP_REASONS = ("block_size", "short_tokens", "duplicate", "medium", "invalid")
 SNAPSHOT_FAILURES = ("bucket", "write", "too_large", "undecodable", "stale", "tail_missing",
@@ -140,7 +141,9 @@ class Metrics:
             registry=r,
         )
         self.restarts = Counter(
-            "kvrelay_engine_restarts", "vLLM engine restarts seen (sequence went back)", registry=r
+            "kvrelay_engine_restarts",
+            "vLLM engine restarts seen (sequence back to 0 or far below, or back after the "
+            "publisher's connection went away)", registry=r
         )
         self.resyncs = Counter(
             "kvrelay_resyncs", "resync events emitted, by reason", ["reason"], registry=r

@@ -341,6 +341,19 @@ class SyntheticVllm:
             batches = [self.factory.next_events() for _ in range(n)]
         return [self._store(self._encode(events, None)) for events in batches]
 
+    def resend(self, back: int = 1) -> int:
+        """Send a batch already sent once more, its seq and payload unchanged, as a publisher
+        repeating itself would (1: the last batch, 2: the one before, ...); the seq of the next
+        batch and the replay buffer are untouched. Returns the seq sent."""
+        if self._pub is None:
+            raise RuntimeError("SyntheticVllm not started")
+        with self._lock:
+            if not 1 <= back <= len(self._buffer):
+                raise ValueError(f"{back} back: {len(self._buffer)} batches are kept")
+            seq, payload = self._buffer[-back]
+        self._pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
+        return seq
+
     def send_raw(self, frames: list[bytes]) -> None:
         """Send arbitrary frames on the PUB, for malformed-input tests; seq is untouched."""
         if self._pub is None:
