@@ -12,7 +12,7 @@ from typing import NoReturn
 
 from bench.report import build_report, plot, render_table
 from bench.run import BenchSpec, SearchSpec, run_bench
-from bench.targets import TARGETS
+from bench.targets import DEFAULT_TARGETS, INSTALL, TARGETS
 from bench.workload import WorkloadSpec
 
 EPILOG = """examples:
@@ -63,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "of the parts.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--targets", type=_targets, default=list(TARGETS),
-      help=f"comma-separated, of: {', '.join(TARGETS)} (default: all; unavailable ones are "
-           "reported and skipped)")
+    a("--targets", type=_targets, default=list(DEFAULT_TARGETS),
+      help=f"comma-separated, of: {', '.join(TARGETS)} (default: {','.join(DEFAULT_TARGETS)}; "
+           "unavailable ones are reported, with the pip command that installs them, and "
+           "skipped)")
     a("--list-targets", action="store_true", help="list the targets and whether they can run")
     a("--rates", type=_rates, default=[2000.0, 10000.0],
       help="offered rates in vLLM batches/s over all publishers, comma-separated; 'max' sends "
@@ -116,13 +117,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.list_targets:
         width = max(map(len, TARGETS))
         for name, target in TARGETS.items():
-            print(f"{name:{width}} {target.summary}; {target.unavailable() or 'available'}")
+            default = "default, " if name in DEFAULT_TARGETS else ""
+            print(f"{name:{width}} {target.summary}; "
+                  f"{default}{target.unavailable() or 'available'}")
         return
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            parser.error("--plot needs matplotlib: pip install 'kvrelay[bench]'")
+            parser.error(f"--plot needs matplotlib: {INSTALL}")
     try:
         workload = WorkloadSpec(
             blocks_min=args.blocks[0], blocks_max=args.blocks[1],

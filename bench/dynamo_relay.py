@@ -4,7 +4,7 @@ A DistributedRuntime (file discovery, TCP request plane, NATS event plane, all f
 environment the caller sets) with endpoint <namespace>/<component>/generate, and one
 `dynamo.llm.KvEventPublisher` per DP rank subscribed to that rank's vLLM ZMQ PUB. Dynamo then
 publishes RouterEvents on core NATS. Run as `python -m bench.dynamo_relay` (needs the
-`bench-dynamo` extra); prints READY once the publishers exist.
+`bench` extra); prints READY once the publishers exist.
 """
 
 from __future__ import annotations

