@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import NoReturn
 
-from bench.report import build_report, plot, render_table
+from bench.report import build_report, plot
 from bench.run import BenchSpec, SearchSpec, run_bench
+from bench.table import render_table
 from bench.targets import DEFAULT_TARGETS, INSTALL, TARGETS
 from bench.workload import WorkloadSpec
 
