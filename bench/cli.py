@@ -69,10 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
            "unavailable ones are reported, with the pip command that installs them, and "
            "skipped)")
     a("--list-targets", action="store_true", help="list the targets and whether they can run")
-    a("--rates", type=_rates, default=[2000.0, 10000.0],
+    a("--rates", type=_rates, default=[100.0, 2000.0, 10000.0],
       help="offered rates in vLLM batches/s over all publishers, comma-separated; 'max' sends "
-           "as fast as possible (default: 2000,10000)")
+           "as fast as possible (default: 100,2000,10000; 100/s is what a sidecar sees)")
     a("--duration", type=float, default=10.0, help="seconds per offered rate (default: 10)")
+    a("--min-batches", type=int, default=3000,
+      help="a fixed rate runs at least this many batches, longer than --duration if need be "
+           "(default: 3000, so 100/s runs 30 s)")
     a("--workers", type=int, default=1, help="vLLM workers, one relay process each (default: 1)")
     a("--dp-ranks", type=int, default=2, help="DP ranks per worker (default: 2)")
     a("--blocks", type=_blocks, default=(4, 4),
@@ -139,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--pub-heartbeat must be 0 (none) or a number of milliseconds")
     if args.workers < 1 or args.dp_ranks < 1 or args.repeat < 1 or args.duration <= 0:
         parser.error("--workers, --dp-ranks, --repeat and --duration must be positive")
+    if args.min_batches < 0:
+        parser.error("--min-batches must be 0 or more")
     if args.batch_form == "map" and "dynamo" in args.targets:
         parser.error("dynamo rejects map-shaped batches; drop it or use --batch-form array")
     search = None
@@ -146,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         search = SearchSpec(args.search_start, args.search_factor, args.search_ceiling,
                             args.step_duration, args.lag_limit_ms)
     spec = BenchSpec(targets=args.targets, rates=args.rates, duration=args.duration,
-                     workers=args.workers, dp_ranks=args.dp_ranks, workload=workload,
+                     min_batches=args.min_batches, workers=args.workers,
+                     dp_ranks=args.dp_ranks, workload=workload,
                      search=search, repeat=args.repeat,
                      limits_duration=None if args.no_limits else args.limits_duration,
                      tick=args.tick, pub_heartbeat_ms=args.pub_heartbeat)

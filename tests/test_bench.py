@@ -24,8 +24,9 @@ from nats.aio.msg import Msg
 
 from bench.cli import main
 from bench.consumer import ConsumePlan, Consumer, Track, percentiles
+from bench.procstat import cpu_seconds, proc_stat_cpu_seconds
 from bench.report import over_path, summarize
-from bench.run import capped_by, verdict
+from bench.run import capped_by, trial_seconds, verdict
 from bench.targets import DEFAULT_TARGETS, TARGETS
 from bench.trial import TrialResult
 from bench.workload import (
@@ -43,11 +44,12 @@ from kvrelay.wire.schema import Cleared, Removed, Stored
 
 TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialResult)}
 REPORT_KEYS = {"version", "config", "machine", "targets", "unavailable", "limits", "summary",
-               "search", "ratios", "trials", "errors", "path_lag"}
+               "search", "ratios", "trials", "errors", "path_lag", "measurement"}
 LIMIT_KEYS = {"zmq_pub_sub", "nats_core_publish", "jetstream_publish_await",
               "jetstream_publish_window"}
 MEASURED = ("batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms", "lag_p999_ms",
-            "lag_max_ms", "relay_cpu_s", "relay_cpu_s_per_m_events", "relay_cpu_percent",
+            "lag_max_ms", "relay_cpu_s", "relay_cpu_us_per_batch", "relay_cpu_s_per_m_events",
+            "relay_cpu_percent",
             "relay_peak_rss_mib", "nats_cpu_s_per_m_events", "feeder_batches_per_s",
             "nats_cpu_percent", "consumer_cpu_percent", "feeder_cpu_percent",
             "machine_busy_percent")
@@ -278,6 +280,44 @@ def test_search_names_the_part_that_capped_a_step() -> None:
     assert capped_by(relay).startswith("capped by the relay (a full core)")
     idle = _trial(machine_busy_percent=80.0, nats_cpu_percent=95.0)
     assert capped_by(idle).startswith("capped by no part saturated (80% busy)")
+
+
+def test_a_low_rate_runs_long_enough_for_its_minimum_of_batches() -> None:
+    """100/s runs 3000 batches (30 s) where 10 s would give 1000; fast rates keep --duration."""
+    assert trial_seconds(100.0, 10.0, 3000) == 30.0
+    assert trial_seconds(10_000.0, 10.0, 3000) == 10.0
+    assert trial_seconds(None, 4.0, 3000) == 4.0
+    assert trial_seconds(100.0, 4.0, 0) == 4.0
+
+
+BUSY_CHILD = """
+import threading, time
+def spin(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+worker = threading.Thread(target=spin, args=(0.25,))
+worker.start()
+worker.join()
+spin(0.25)
+print("spun", flush=True)
+time.sleep(60)
+"""
+
+
+def test_cpu_of_a_process_counts_ended_threads_at_finer_than_proc_ticks() -> None:
+    """A real process's CPU, read from outside, holds its ended thread and agrees with /proc."""
+    with subprocess.Popen([sys.executable, "-c", BUSY_CHILD], stdout=subprocess.PIPE,
+                          text=True) as child:
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline() == "spun\n"
+            precise, ticks = cpu_seconds(child.pid), proc_stat_cpu_seconds(child.pid)
+            assert precise >= 0.5
+            assert abs(precise - ticks) < 0.03  # the same account; /proc rounds to 10 ms ticks
+            assert precise != round(precise, 2)  # not in ticks
+        finally:
+            child.kill()
 
 
 def test_cli_lists_targets_with_their_availability(
