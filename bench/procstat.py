@@ -60,6 +60,18 @@ def peak_rss_bytes(pid: int) -> int:
     raise ValueError(f"no VmHWM for pid {pid}")
 
 
+def mapped_files(pid: int) -> set[str]:
+    """The files `pid` has mapped into memory: among them every shared library and extension
+    module it has loaded."""
+    paths: set[str] = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/"):
+                paths.add(fields[5])
+    return paths
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds every core of the machine has spent busy (not idle, not waiting on I/O)."""
     with open("/proc/stat", "rb") as f:

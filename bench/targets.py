@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from bench import dynamo_relay, naive
 from bench.consumer import OutputKind
+from bench.procstat import mapped_files
 
 NAMESPACE = "dynamo"
 COMPONENT = "backend"
@@ -110,6 +111,25 @@ class Target:
     def launches(self, site: TrialSite) -> list[Launch]:
         raise NotImplementedError
 
+    def build(self, pids: list[int], launches: list[Launch]) -> str:
+        """What the running relay processes are built as (asked of them, not of this one)."""
+        return "python"
+
+
+KVRELAY_COMPILED = "kvrelay__mypyc"
+"""The library mypyc compiles kvrelay's per-batch path into (setup.py's group): a process that
+loaded it runs the compiled build."""
+
+
+def kvrelay_build(pids: list[int]) -> str:
+    """'compiled' when the relay processes loaded kvrelay's mypyc library, else 'python'
+    (both, joined, if they differ): read from their memory maps, so it is what they import,
+    whatever this process imports."""
+    builds = {"compiled" if any(Path(path).name.startswith(f"{KVRELAY_COMPILED}.")
+                                for path in mapped_files(pid)) else "python"
+              for pid in pids}
+    return "/".join(sorted(builds))
+
 
 TARGETS: dict[str, Target] = {}
 DEFAULT_TARGETS: tuple[str, ...] = ("kvrelay", "kvrelay-dynamo", "dynamo")
@@ -141,6 +161,9 @@ class KvRelay(Target):
         return [Launch(f"kvrelay-{w.index}", _kvrelay_argv(site, w), {},
                        site.workdir / f"kvrelay-{w.index}.log", health_ok(w.system_port))
                 for w in site.workers]
+
+    def build(self, pids: list[int], launches: list[Launch]) -> str:
+        return kvrelay_build(pids)
 
 
 @register
@@ -185,6 +208,9 @@ class KvRelayDynamo(Target):
     stream = None
     requires = (Requirement("xxhash", "xxhash"),)  # --format dynamo's tokens_hash
 
+    def build(self, pids: list[int], launches: list[Launch]) -> str:
+        return kvrelay_build(pids)
+
     def launches(self, site: TrialSite) -> list[Launch]:
         return [Launch(f"kvrelay-dynamo-{w.index}",
                        _kvrelay_argv(site, w, "--format", "dynamo"), _dynamo_env(site),
@@ -226,6 +252,15 @@ class Dynamo(Target):
             launches.append(Launch(f"dynamo-{w.index}", argv, _dynamo_env(site), log,
                                    log_says(log, dynamo_relay.READY)))
         return launches
+
+    def build(self, pids: list[int], launches: list[Launch]) -> str:
+        """The runtime version each relay process printed with READY."""
+        versions = set()
+        for launch in launches:
+            for line in launch.log.read_text(errors="replace").splitlines():
+                if line.startswith(f"{dynamo_relay.READY} "):
+                    versions.add(line.removeprefix(f"{dynamo_relay.READY} "))
+        return "/".join(sorted(versions)) or "ai-dynamo-runtime (version unknown)"
 
 
 @register

@@ -46,6 +46,7 @@ class TrialError(RuntimeError):
 @dataclass
 class TrialResult:
     target: str
+    relay_build: str  # what the relay processes run: kvrelay python/compiled, Dynamo's version
     offered_batches_per_s: float | None  # None: as fast as possible
     duration_s: float
     workers: int
@@ -215,6 +216,7 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
         stack.callback(relays.stop)
         relays.start()
         relays.wait_ready(READY_TIMEOUT)
+        build = target.build([p.pid for p in relays.procs], relays.launches)
 
         keys = {(w.worker_id, r): w.index * dp_ranks + r
                 for w in site_workers for r in range(dp_ranks)}
@@ -252,14 +254,14 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
         rss = max((peak_rss_bytes(p.pid) for p in relays.procs if p.poll() is None), default=0)
         result = _summarize(target, rate, duration, workers, dp_ranks, pools, feed, got,
                             CpuSplit(*cpu.between(feed.started, got.last_receipt)),
-                            rss, len(relays.procs))
+                            rss, len(relays.procs), build)
         result.notes += exited
     return result
 
 
 def _summarize(target: Target, rate: float | None, duration: float, workers: int,
                dp_ranks: int, pools: list[Pool], feed: FeedResult, got: ConsumerResult,
-               cpu: CpuSplit, rss: int, processes: int) -> TrialResult:
+               cpu: CpuSplit, rss: int, processes: int, build: str) -> TrialResult:
     warm_events = sum(p.events_of(0) for p in pools)
     warm_batches = WARM_BATCHES * len(pools)
     sent_batches, sent_events = sum(feed.sent_batches), sum(feed.sent_events)
@@ -279,7 +281,8 @@ def _summarize(target: Target, rate: float | None, duration: float, workers: int
     ok = (lost_events == 0 and got.duplicates == 0 and got.out_of_order == 0
           and got.corrupt == 0 and got.resyncs == 0)
     return TrialResult(
-        target=target.name, offered_batches_per_s=rate, duration_s=duration, workers=workers,
+        target=target.name, relay_build=build, offered_batches_per_s=rate,
+        duration_s=duration, workers=workers,
         dp_ranks=dp_ranks, sent_batches=sent_batches, sent_events=sent_events,
         feeder_batches_per_s=(sent_batches - warm_batches) / max(feed.finished - feed.started,
                                                                  1e-9),

@@ -22,12 +22,13 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
+import kvrelay
 from bench.cli import main
 from bench.consumer import ConsumePlan, Consumer, Track, percentiles
 from bench.procstat import cpu_seconds, proc_stat_cpu_seconds
 from bench.report import over_path, summarize
 from bench.run import capped_by, trial_seconds, verdict
-from bench.targets import DEFAULT_TARGETS, TARGETS
+from bench.targets import DEFAULT_TARGETS, KVRELAY_COMPILED, TARGETS, kvrelay_build
 from bench.trial import TrialResult
 from bench.workload import (
     CLEARED,
@@ -232,7 +233,8 @@ def test_percentiles_are_nearest_rank_then_max() -> None:
 
 def _trial(**overrides: Any) -> TrialResult:
     values: dict[str, Any] = {name: 0 for name in TRIAL_FIELDS}
-    values.update(target="kvrelay", offered_batches_per_s=1000.0, ok=True, notes=[],
+    values.update(target="kvrelay", relay_build="python", offered_batches_per_s=1000.0, ok=True,
+                  notes=[],
                   feeder_batches_per_s=1000.0, batches_per_s=1000.0, lag_p99_ms=2.0)
     values.update(overrides)
     return TrialResult(**values)
@@ -248,6 +250,48 @@ def test_summary_takes_medians_and_sums_losses() -> None:
     assert rows[0]["lost_events"] == 3
     assert rows[0]["ok"] is False
     assert rows[0]["runs"] == 3
+
+
+def test_summary_sets_cpu_per_batch_against_dynamo_at_the_same_rate() -> None:
+    """Each row's CPU per batch over dynamo's at its rate; none where dynamo did not run."""
+    rows = summarize([_trial(relay_cpu_us_per_batch=60.0),
+                      _trial(target="dynamo", relay_build="ai-dynamo-runtime 1.6.1",
+                             relay_cpu_us_per_batch=120.0),
+                      _trial(offered_batches_per_s=100.0, relay_cpu_us_per_batch=400.0)])
+    by = {(r["target"], r["offered_batches_per_s"]): r for r in rows}
+    assert by["kvrelay", 1000.0]["cpu_per_batch_vs_dynamo"] == 0.5
+    assert by["dynamo", 1000.0]["cpu_per_batch_vs_dynamo"] == 1.0
+    assert by["kvrelay", 100.0]["cpu_per_batch_vs_dynamo"] is None
+    assert by["dynamo", 1000.0]["build"] == "ai-dynamo-runtime 1.6.1"
+
+
+LOAD_LIBRARY = """
+import ctypes, sys, time
+ctypes.CDLL(sys.argv[1])
+print("loaded", flush=True)
+time.sleep(60)
+"""
+
+
+def test_build_is_read_from_what_the_relay_process_loaded(tmp_path: Path) -> None:
+    """A process that loaded kvrelay's mypyc library counts as compiled; one that did not, not."""
+    extension = Path(msgspec._core.__file__)  # any real shared library will do
+    library = tmp_path / f"{KVRELAY_COMPILED}{extension.name[extension.name.index('.'):]}"
+    library.write_bytes(extension.read_bytes())
+    with (subprocess.Popen([sys.executable, "-c", LOAD_LIBRARY, str(library)],
+                           stdout=subprocess.PIPE, text=True) as compiled,
+          subprocess.Popen([sys.executable, "-c", LOAD_LIBRARY, str(extension)],
+                           stdout=subprocess.PIPE, text=True) as plain):
+        try:
+            for child in (compiled, plain):
+                assert child.stdout is not None
+                assert child.stdout.readline() == "loaded\n"
+            assert kvrelay_build([compiled.pid]) == "compiled"
+            assert kvrelay_build([plain.pid]) == "python"
+            assert kvrelay_build([plain.pid, compiled.pid]) == "compiled/python"
+        finally:
+            compiled.kill()
+            plain.kill()
 
 
 def test_search_step_verdicts() -> None:
@@ -416,6 +460,8 @@ def test_bench_kvrelay_and_naive_deliver_every_event(tmp_path: Path) -> None:
     report = _bench(tmp_path, "--targets", "kvrelay,naive", "--rates", "500",
                     "--duration", "3", "--limits-duration", "0.5")
     _assert_complete_and_lossless(report, ["kvrelay", "naive"])
+    builds = {t["target"]: t["relay_build"] for t in report["trials"]}
+    assert builds == {"kvrelay": kvrelay.build(), "naive": "python"}
     assert set(report["limits"]["median"]) == LIMIT_KEYS
     assert all(v > 0 for v in report["limits"]["median"].values())
     assert set(report["ratios"]["kvrelay/naive"]["at_offered_rate"]["500"]) >= {
@@ -434,6 +480,9 @@ def test_bench_dynamo_delivers_every_event(tmp_path: Path) -> None:
     report = _bench(tmp_path, "--targets", "dynamo", "--rates", "500", "--duration", "3",
                     "--no-limits")
     _assert_complete_and_lossless(report, ["dynamo"])
+    version = importlib.metadata.version("ai-dynamo-runtime")
+    assert report["trials"][0]["relay_build"] == f"ai-dynamo-runtime {version}"
+    assert report["summary"][0]["cpu_per_batch_vs_dynamo"] == 1.0
 
 
 def _processes_using(marker: str, command: bytes = b"") -> list[int]:
