@@ -167,6 +167,20 @@ class KvRelay(Target):
 
 
 @register
+class KvRelayNoSnap(KvRelay):
+    name = "kvrelay-nosnap"
+    summary = ("kvrelay run into JetStream with snapshots off (--snapshot-interval 0 "
+               "--snapshot-events 0), to set against kvrelay's")
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        return [Launch(f"kvrelay-nosnap-{w.index}",
+                       _kvrelay_argv(site, w, "--snapshot-interval", "0",
+                                     "--snapshot-events", "0"), {},
+                       site.workdir / f"kvrelay-nosnap-{w.index}.log", health_ok(w.system_port))
+                for w in site.workers]
+
+
+@register
 class KvRelayLibzmq(KvRelay):
     name = "kvrelay-libzmq"
     summary = "kvrelay run into JetStream, reading vLLM through libzmq (--zmq-engine libzmq)"
