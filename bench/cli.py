@@ -17,7 +17,9 @@ from bench.targets import DEFAULT_TARGETS, INSTALL, TARGETS
 from bench.workload import WorkloadSpec
 
 EPILOG = """examples:
+  python -m bench                  # kvrelay, kvrelay-dynamo and dynamo at 100,2000,10000/s
   python -m bench --targets kvrelay,dynamo,naive --rates 2000,10000 --search --plot out.png
+  python -m bench --targets kvrelay,kvrelay-nosnap --rates 10000 --live-blocks 250000
   python -m bench --targets kvrelay --rates max --duration 5 --json -
 """
 
@@ -88,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="vLLM event encoding: map (vLLM >= 0.24) or legacy array (default: map)")
     a("--batch-form", choices=("array", "map"), default="array",
       help="vLLM batch encoding (default: array, what vLLM sends; dynamo rejects map)")
-    a("--pool", type=int, default=2048, help="pre-encoded batches per publisher (default: 2048)")
+    a("--live-blocks", type=int, default=0, metavar="N",
+      help="each worker's cache holds about N blocks: a pre-fill stores them before the timed "
+           "phase (untimed), then every batch removes the --blocks oldest and stores as many "
+           "new ones (--remove-probability and --clear-probability do not apply); the relay's "
+           "snapshots then work on an index that size (default: 0, the mix above)")
+    a("--pool", type=int, default=2048,
+      help="pre-encoded batches per publisher; with --live-blocks at least what keeps N live "
+           "(default: 2048)")
     a("--seed", type=int, default=0)
     a("--search", action="store_true",
       help="also search the maximum sustained rate with zero loss per target")
@@ -135,9 +144,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             blocks_min=args.blocks[0], blocks_max=args.blocks[1],
             remove_probability=args.remove_probability,
             clear_probability=args.clear_probability, pool_batches=args.pool,
-            event_form=args.event_form, batch_form=args.batch_form, seed=args.seed)
+            event_form=args.event_form, batch_form=args.batch_form, seed=args.seed,
+            live_blocks=args.live_blocks)
     except ValueError as exc:
         parser.error(str(exc))
+    if 0 < args.live_blocks < args.dp_ranks:
+        parser.error("--live-blocks must be 0 or at least one block per DP rank")
     if args.pub_heartbeat < 0:
         parser.error("--pub-heartbeat must be 0 (none) or a number of milliseconds")
     if args.workers < 1 or args.dp_ranks < 1 or args.repeat < 1 or args.duration <= 0:

@@ -15,7 +15,7 @@ from bench.limits import measure_limits, sample_payloads
 from bench.pathlag import measure_path_lag
 from bench.targets import TARGETS, Target
 from bench.trial import TrialError, TrialResult, run_trial
-from bench.workload import Pool, WorkloadSpec, build_pool
+from bench.workload import Pool, WorkloadSpec, build_pools
 
 
 @dataclass(frozen=True)
@@ -198,8 +198,9 @@ def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun
         else:
             run.unavailable[name] = reason
             progress(f"{name}: {reason}")
-    publishers = spec.workers * spec.dp_ranks
-    pools = [build_pool(spec.workload, p, p % spec.dp_ranks) for p in range(publishers)]
+    if spec.workload.live_blocks:
+        progress(f"pre-encoding {spec.workload.live_blocks:,} live blocks per worker")
+    pools = build_pools(spec.workload, spec.workers, spec.dp_ranks)
     vllm, relayed = sample_payloads(pools[0]) if spec.limits_duration is not None else ([], [])
     for rep in range(spec.repeat):
         progress(f"round {rep + 1} of {spec.repeat}")

@@ -33,13 +33,18 @@ def render_table(report: dict[str, Any]) -> str:
     config = report["config"]
     workload = config["workload"]
     runs = config["repeat"]
-    lines = [f"{config['workers']} worker(s) x {config['dp_ranks']} DP rank(s), "
-             f"{workload['blocks_min']}-{workload['blocks_max']} blocks per BlockStored, "
-             f"{workload['event_form']} events in {workload['batch_form']} batches; "
-             f"{config['duration']:g} s per rate (at least {config['min_batches']} batches); "
-             f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}"
-             + (f"; vLLM PUBs heartbeat every {config['pub_heartbeat_ms']} ms"
-                if config.get("pub_heartbeat_ms") else "")]
+    live = workload.get("live_blocks")
+    head = (f"{config['workers']} worker(s) x {config['dp_ranks']} DP rank(s), "
+            f"{workload['blocks_min']}-{workload['blocks_max']} blocks per BlockStored, "
+            f"{workload['event_form']} events in {workload['batch_form']} batches; ")
+    if live:
+        head += (f"{live:,} live blocks per worker (pre-filled untimed; each batch removes the "
+                 f"{workload['blocks_min']} oldest, stores as many); ")
+    head += (f"{config['duration']:g} s per rate (at least {config['min_batches']} batches); "
+             f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}")
+    if config.get("pub_heartbeat_ms"):
+        head += f"; vLLM PUBs heartbeat every {config['pub_heartbeat_ms']} ms"
+    lines = [head]
     if "measurement" in report:
         how = report["measurement"]
         lines += [f"relay CPU: {how['relay_cpu']}", f"  window: {how['window']}",

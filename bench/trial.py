@@ -23,8 +23,8 @@ from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from bench.consumer import WARM_BATCHES, ConsumePlan, ConsumerResult, consumer_main
-from bench.feeder import FeedPlan, FeedResult, feeder_main
+from bench.consumer import ConsumePlan, ConsumerResult, consumer_main
+from bench.feeder import PREFILL_RATE, FeedPlan, FeedResult, feeder_main
 from bench.procstat import CpuSampler, peak_rss_bytes
 from bench.targets import Launch, Target, TrialSite, Worker
 from bench.workload import Pool
@@ -33,6 +33,8 @@ from kvrelay.testing.natsserver import NatsServer, free_port
 WORKER_ID_BASE = 10_000_000_000_000_000_000  # above 2**63, as real instance IDs can be
 MAX_RATE_GUESS = 300_000  # batches/s the timestamp array is sized for when sending flat out
 READY_TIMEOUT = 60.0
+WARM_TIMEOUT = 30.0  # for the warm-up batches to arrive, plus a second per PREFILL_FLOOR of them
+PREFILL_FLOOR = 200.0  # batches/s of pre-fill the slowest relay is given to pass on
 SETTLE_IDLE = 3.0  # seconds without a new message before the consumer stops waiting
 SETTLE_MAX = 60.0
 
@@ -184,8 +186,10 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
     publishers = workers * dp_ranks
     if len(pools) != publishers:
         raise ValueError(f"{len(pools)} pools for {publishers} publishers")
-    capacity = WARM_BATCHES + math.ceil(
-        (rate or MAX_RATE_GUESS) * duration * 1.1 / publishers) + 64
+    warm = max(p.warm_batches for p in pools)
+    capacity = warm + math.ceil((rate or MAX_RATE_GUESS) * duration * 1.1 / publishers) + 64
+    warm_total = sum(p.warm_batches for p in pools)
+    warm_timeout = WARM_TIMEOUT + warm_total / PREFILL_FLOOR
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvrelay-bench-")))
         server = NatsServer(tmp / "nats", name="bench")
@@ -222,7 +226,8 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
                 for w in site_workers for r in range(dp_ranks)}
         consumer_conn, child = _SPAWN.Pipe()
         plan = ConsumePlan(target.output, server.url, target.subject, target.stream, keys,
-                           [p.fingerprints for p in pools], shm.name, capacity)
+                           [p.fingerprints for p in pools], [p.prefix for p in pools], shm.name,
+                           capacity)
         consumer = _SPAWN.Process(target=consumer_main, name="bench-consumer", daemon=True,
                                   args=(child, plan))
         consumer.start()
@@ -231,10 +236,10 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
         _expect(consumer_conn, "subscribed", 30, "consumer")
 
         feeder_conn.send(("warm_up", READY_TIMEOUT))
-        _expect(feeder_conn, "warmed", READY_TIMEOUT + 5, "feeder")
-        consumer_conn.send(("await_warm", 30.0))
+        _expect(feeder_conn, "warmed", READY_TIMEOUT + 5 + warm_total / PREFILL_RATE, "feeder")
+        consumer_conn.send(("await_warm", warm_timeout))
         try:
-            _expect(consumer_conn, "warmed", 35, "consumer")
+            _expect(consumer_conn, "warmed", warm_timeout + 5, "consumer")
         except TrialError as exc:
             logs = "\n".join(f"--- {launch.name} log:\n{_tail(launch.log)}"
                              for launch in relays.launches)
@@ -262,8 +267,8 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
 def _summarize(target: Target, rate: float | None, duration: float, workers: int,
                dp_ranks: int, pools: list[Pool], feed: FeedResult, got: ConsumerResult,
                cpu: CpuSplit, rss: int, processes: int, build: str) -> TrialResult:
-    warm_events = sum(p.events_of(0) for p in pools)
-    warm_batches = WARM_BATCHES * len(pools)
+    warm_events = sum(p.warm_events for p in pools)
+    warm_batches = sum(p.warm_batches for p in pools)
     sent_batches, sent_events = sum(feed.sent_batches), sum(feed.sent_events)
     received_batches, received_events = sum(got.matched_batches), sum(got.matched_events)
     timed_events = max(0, received_events - warm_events)

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -24,19 +25,22 @@ from nats.aio.msg import Msg
 
 import kvrelay
 from bench.cli import main
-from bench.consumer import ConsumePlan, Consumer, Track, percentiles
+from bench.consumer import ConsumePlan, Consumer, percentiles
 from bench.procstat import cpu_seconds, proc_stat_cpu_seconds
 from bench.report import over_path, summarize
 from bench.run import capped_by, trial_seconds, verdict
 from bench.targets import DEFAULT_TARGETS, KVRELAY_COMPILED, TARGETS, kvrelay_build
+from bench.track import Track
 from bench.trial import TrialResult
 from bench.workload import (
     CLEARED,
     REMOVED,
     STORED,
     Fingerprint,
+    Pool,
     WorkloadSpec,
     build_pool,
+    build_pools,
     fingerprint,
     ts_field,
 )
@@ -103,23 +107,93 @@ def test_legacy_array_events_are_fingerprinted_like_map_events() -> None:
     assert first[0] == "BlockStored"
 
 
+def _replay(pool: Pool, batches: int) -> list[dict[Any, None]]:
+    """Apply what a publisher sends as seq 0.. to a cache, as vLLM's would be: the live blocks
+    (oldest first) after each batch. Fails on a store of a live block or a removal of a dead
+    one, the two things a cache that counts references cannot take."""
+    live: dict[Any, None] = {}
+    after = []
+    for seq in range(batches):
+        for event in msgspec.msgpack.decode(pool.payload(seq, ts_field(0.0)))[1]:
+            hashes = event["block_hashes"]
+            if event["type"] == "BlockStored":
+                assert len(event["token_ids"]) == 16 * len(hashes)
+                assert event["parent_block_hash"] == (next(reversed(live)) if live else None)
+                assert not live.keys() & set(hashes), seq
+                live.update(dict.fromkeys(hashes))
+            else:
+                assert event["type"] == "BlockRemoved"
+                assert hashes == list(live)[:len(hashes)], seq  # the oldest
+                for h in hashes:
+                    del live[h]
+        after.append(dict(live))
+    return after
+
+
+def test_live_blocks_hold_n_blocks_from_the_prefill_on_across_cycles() -> None:
+    """With --live-blocks N a worker's ranks hold N blocks after the pre-fill, and keep N through
+    cycles of 4 stores and 4 removals of the oldest, the same tokens for a block each time."""
+    spec = WorkloadSpec(live_blocks=1001, pool_batches=2, prefill_blocks=64)
+    pools = build_pools(spec, workers=1, dp_ranks=2)
+    shares = []
+    for pool in pools:
+        after = _replay(pool, pool.prefix + 2 * pool.cycle + 7)
+        share = len(after[pool.prefix - 1])
+        shares.append(share)
+        assert pool.prefix == math.ceil(share / 64)  # the pre-fill: 64 blocks per batch
+        assert all(len(live) == share for live in after[pool.prefix - 1:])
+        assert after[pool.prefix - 1] == after[pool.prefix + pool.cycle - 1]
+        stored = [e for seq in range(pool.prefix, pool.prefix + 2 * pool.cycle)
+                  for e in msgspec.msgpack.decode(pool.payload(seq, ts_field(0.0)))[1]
+                  if e["type"] == "BlockStored"]
+        assert {len(e["block_hashes"]) for e in stored} == {4}
+        tokens: dict[int, list[int]] = {}
+        for e in stored:
+            assert tokens.setdefault(e["block_hashes"][0], e["token_ids"][:16]) == \
+                e["token_ids"][:16]
+    assert sorted(shares) == [500, 501]
+
+
+def test_track_follows_a_prefix_sent_once_then_the_cycle() -> None:
+    """Batch seqs and content both find their place past the prefix, over cycle wraps; only
+    batches after the warm-up prefix are timed, and a prefix batch seen again is a duplicate."""
+    pool = build_pools(WorkloadSpec(live_blocks=40, pool_batches=2, prefill_blocks=16), 1, 1)[0]
+    assert (pool.prefix, pool.cycle) == (3, 11)
+    seqs = pool.prefix + 3 * pool.cycle + 2
+    for by_seq in (True, False):
+        track, lags = _track(pool.fingerprints, capacity=seqs, prefix=pool.prefix)
+        for seq in range(seqs):
+            at = track.position(seq)
+            for fp in pool.fingerprints[pool.index(seq)]:
+                track.event(fp, now=2000.0, at=at if by_seq else None)
+                at += 1
+        assert (track.batches, track.duplicates, track.corrupt) == (seqs, 0, 0)
+        assert track.matched == sum(pool.events_of(seq) for seq in range(seqs))
+        assert list(lags) == [2000.0 - (1000.0 + b) for b in range(pool.prefix, seqs)]
+    track.event(pool.fingerprints[0][0], now=2000.0, at=track.position(0))
+    assert track.duplicates == 1
+
+
 def test_workload_spec_rejects_impossible_mixes() -> None:
     """Block ranges and probabilities outside their domain are refused with a reason."""
     with pytest.raises(ValueError, match="blocks"):
         WorkloadSpec(blocks_min=5, blocks_max=4)
     with pytest.raises(ValueError, match="remove_probability"):
         WorkloadSpec(remove_probability=1.5)
+    with pytest.raises(ValueError, match="fixed number of blocks"):
+        WorkloadSpec(live_blocks=1000, blocks_min=2, blocks_max=6)
 
 
 # -- the consumer's check -------------------------------------------------------------------------
 
 
-def _track(fps: list[list[Fingerprint]], capacity: int = 100) -> tuple[Track, array[float]]:
+def _track(fps: list[list[Fingerprint]], capacity: int = 100,
+           prefix: int = 0) -> tuple[Track, array[float]]:
     ts = memoryview(bytearray(8 * capacity)).cast("d")
     for b in range(capacity):
         ts[b] = 1000.0 + b
     lags: array[float] = array("d")
-    return Track(0, fps, ts, capacity, lags), lags
+    return Track(0, fps, ts, capacity, lags, prefix), lags
 
 
 POOL: list[list[Fingerprint]] = [[(STORED, 1)], [(STORED, 2), (REMOVED, 1)], [(STORED, 3)],
@@ -208,7 +282,7 @@ def test_dynamo_output_announcing_a_gap_with_cleared_counts_as_a_resync() -> Non
     """A `cleared` where no vLLM clear is due announces a gap; the events after it still match."""
     shm = SharedMemory(create=True, size=8 * 100)
     consumer = Consumer(ConsumePlan("dynamo", "nats://unused", "kv-events", None, {(7, 0): 0},
-                                    [POOL], shm.name, 100))
+                                    [POOL], [0], shm.name, 100))
     try:
         stored = [{"stored": {"parent_hash": None, "start_position": None, "blocks": [
             {"block_hash": h, "tokens_hash": h, "mm_extra_info": None}]}} for h in (1, 2, 3)]
@@ -470,6 +544,19 @@ def test_bench_kvrelay_and_naive_deliver_every_event(tmp_path: Path) -> None:
     assert set(path) == {"core_p50_ms", "core_p99_ms", "jetstream_p50_ms", "jetstream_p99_ms"}
     assert all(0 < v < 1000 for v in path.values()), path
     assert set(report["path_lag"]["p99_over_path"]) == {"kvrelay", "naive"}
+
+
+@pytest.mark.integration
+def test_bench_live_blocks_with_snapshots_on_and_off_deliver_every_event(tmp_path: Path) -> None:
+    """With --live-blocks the pre-fill and the steady store-remove cycle all arrive, snapshots
+    on (kvrelay) and off (kvrelay-nosnap), and the report says how many blocks were live."""
+    report = _bench(tmp_path, "--targets", "kvrelay,kvrelay-nosnap", "--rates", "500",
+                    "--duration", "2", "--min-batches", "0", "--no-limits",
+                    "--live-blocks", "5000")
+    _assert_complete_and_lossless(report, ["kvrelay", "kvrelay-nosnap"])
+    assert report["config"]["workload"]["live_blocks"] == 5000
+    for trial in report["trials"]:  # the pre-fill's 5000 blocks came first, 64 a batch
+        assert trial["sent_batches"] > 2 * math.ceil(2500 / 64) + 500 * 2 * 0.9
 
 
 @pytest.mark.integration
