@@ -20,6 +20,7 @@ EPILOG = """examples:
   python -m bench                  # kvrelay, kvrelay-dynamo and dynamo at 100,2000,10000/s
   python -m bench --targets kvrelay,dynamo,naive --rates 2000,10000 --search --plot out.png
   python -m bench --targets kvrelay,kvrelay-nosnap --rates 10000 --live-blocks 250000
+  python -m bench --idle 60                # idle CPU per hour of the default targets only
   python -m bench --targets kvrelay --rates max --duration 5 --json -
 """
 
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pub-heartbeat", type=int, default=0, metavar="MS",
       help="the vLLM PUBs' ZMQ_HEARTBEAT_IVL in ms (timeout 3x, TTL 5x), so relays answer "
            "PINGs while measured (default: 0, none)")
+    a("--idle-window", type=float, default=60.0, metavar="SECONDS",
+      help="each round also measures each target's idle CPU (publishers connected, nothing "
+           "sent) over this many seconds, reported per hour (default: 60; 0: skip)")
+    a("--idle", type=float, metavar="SECONDS",
+      help="measure only the idle CPU, over this many seconds per target (no rates, search "
+           "or limits)")
     a("--json", metavar="PATH", help="write the JSON report here ('-': stdout, no table)")
     a("--plot", metavar="PNG", help="draw lag percentiles and CPU against offered rate")
     return p
@@ -156,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--workers, --dp-ranks, --repeat and --duration must be positive")
     if args.min_batches < 0:
         parser.error("--min-batches must be 0 or more")
+    if args.idle_window < 0 or (args.idle is not None and args.idle <= 0):
+        parser.error("--idle must be positive and --idle-window 0 (skip) or positive")
     if args.batch_form == "map" and "dynamo" in args.targets:
         parser.error("dynamo rejects map-shaped batches; drop it or use --batch-form array")
     search = None
@@ -167,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                      dp_ranks=args.dp_ranks, workload=workload,
                      search=search, repeat=args.repeat,
                      limits_duration=None if args.no_limits else args.limits_duration,
-                     tick=args.tick, pub_heartbeat_ms=args.pub_heartbeat)
+                     tick=args.tick, pub_heartbeat_ms=args.pub_heartbeat,
+                     idle_window=args.idle if args.idle is not None else args.idle_window,
+                     idle_only=args.idle is not None)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         run = run_bench(spec)

@@ -160,7 +160,14 @@ def feeder_main(conn: Connection, plan: FeedPlan) -> None:
         conn.send(("bound",))
         while True:
             command: tuple[Any, ...] = conn.recv()
-            if command[0] == "warm_up":
+            if command[0] == "await_subscribers":  # the relays connected; nothing is sent
+                try:
+                    feeder.wait_subscribed(command[1])
+                except TimeoutError as exc:
+                    conn.send(("error", str(exc)))
+                    continue
+                conn.send(("subscribed",))
+            elif command[0] == "warm_up":
                 try:
                     feeder.wait_subscribed(command[1])
                 except TimeoutError as exc:

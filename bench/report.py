@@ -16,6 +16,7 @@ from collections import defaultdict
 from typing import Any
 
 import kvrelay
+from bench.idle import SETTLE, IdleResult
 from bench.procstat import CPU_SOURCE
 from bench.run import BenchRun
 from bench.targets import TARGETS
@@ -86,7 +87,29 @@ def measurement(run: BenchRun) -> dict[str, str]:
                   f"runs max(--duration {spec.duration:g} s, --min-batches {spec.min_batches} "
                   "/ rate)",
         "cpu_per_batch": "relay CPU over the window / vLLM batches received in it",
+        "idle": f"relay CPU over {spec.idle_window:g} s with every vLLM publisher connected "
+                f"and silent, from {SETTLE:g} s after the last subscribed, x 3600 / window",
     }
+
+
+def summarize_idle(results: list[IdleResult]) -> list[dict[str, Any]]:
+    """One row per target: medians over the repeats of its idle CPU, and per hour over the
+    yardstick's."""
+    groups: dict[str, list[IdleResult]] = defaultdict(list)
+    for r in results:
+        groups[r.target].append(r)
+    rows: list[dict[str, Any]] = [
+        {"target": target, "build": "/".join(sorted({r.relay_build for r in group})),
+         "runs": len(group),
+         **{name: _median([getattr(r, name) for r in group])
+            for name in ("window_s", "relay_cpu_s", "relay_cpu_s_per_hour",
+                         "relay_peak_rss_mib")}}
+        for target, group in groups.items()]
+    yardstick = next((r for r in rows if r["target"] == YARDSTICK), None)
+    for row in rows:
+        row[f"cpu_per_hour_vs_{YARDSTICK}"] = _ratio(
+            row["relay_cpu_s_per_hour"], yardstick["relay_cpu_s_per_hour"] if yardstick else None)
+    return rows
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -126,6 +149,7 @@ def build_report(run: BenchRun) -> dict[str, Any]:
         "path_lag": {"median": path_lag, "runs": run.path_lag,
                      "p99_over_path": over_path(summary, path_lag)},
         "summary": summary,
+        "idle": {"summary": summarize_idle(run.idle), "runs": [r.as_dict() for r in run.idle]},
         "search": search,
         "ratios": ratios(summary, search, limits),
         "trials": [t.as_dict() for t in run.trials],

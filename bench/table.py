@@ -28,8 +28,8 @@ def _table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,
     return [line(header), *(line(row) for row in rows)]
 
 
-def render_table(report: dict[str, Any]) -> str:
-    """The report as text: per-rate summary, search, raw limits, ratios."""
+def _header(report: dict[str, Any]) -> list[str]:
+    """What was offered and how it was measured."""
     config = report["config"]
     workload = config["workload"]
     runs = config["repeat"]
@@ -44,30 +44,50 @@ def render_table(report: dict[str, Any]) -> str:
              f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}")
     if config.get("pub_heartbeat_ms"):
         head += f"; vLLM PUBs heartbeat every {config['pub_heartbeat_ms']} ms"
-    lines = [head]
-    if "measurement" in report:
-        how = report["measurement"]
-        lines += [f"relay CPU: {how['relay_cpu']}", f"  window: {how['window']}",
-                  f"  CPU per batch: {how['cpu_per_batch']}"]
-    lines.append("")
-    for name, reason in report["unavailable"].items():
-        lines.append(f"{name}: {reason}")
-    rows = [[r["target"], r.get("build", "-"), "max" if r["offered_batches_per_s"] is None
+    how = report["measurement"]
+    return [head, f"relay CPU: {how['relay_cpu']}", f"  window: {how['window']}",
+            f"  CPU per batch: {how['cpu_per_batch']}", ""]
+
+
+def _summary(report: dict[str, Any]) -> list[str]:
+    """One line per target and offered rate."""
+    rows = [[r["target"], r["build"], "max" if r["offered_batches_per_s"] is None
              else _fmt(r["offered_batches_per_s"]), _fmt(r["duration_s"]), _fmt(r["runs"]),
              _fmt(r["batches_per_s"]), _fmt(r["events_per_s"]), _fmt(r["lag_p50_ms"], 1),
              _fmt(r["lag_p99_ms"], 1), _fmt(r["lag_p999_ms"], 1),
-             _fmt(r["relay_cpu_us_per_batch"]), _fmt(r.get("cpu_per_batch_vs_dynamo"), 2),
+             _fmt(r["relay_cpu_us_per_batch"]), _fmt(r["cpu_per_batch_vs_dynamo"], 2),
              _fmt(r["relay_cpu_percent"], 1), _fmt(r["relay_peak_rss_mib"], 1),
              _fmt(r["lost_events"])]
             for r in report["summary"]]
-    if rows:
-        lines += _table(["target", "build", "offered/s", "s", "runs", "batches/s", "events/s",
-                         "lag p50 ms", "p99 ms", "p99.9 ms", "CPU us/batch", "vs dynamo",
-                         "CPU %", "RSS MiB", "lost"], rows, left=(0, 1))
-        lines += ["build: what the relay processes loaded (kvrelay python or compiled, Dynamo's "
-                  "runtime version); s: seconds at the rate; runs: repeats, medians shown",
-                  "vs dynamo: CPU per batch over dynamo's at the same rate; CPU %: of one core"]
-        lines.append("")
+    return [*_table(["target", "build", "offered/s", "s", "runs", "batches/s", "events/s",
+                     "lag p50 ms", "p99 ms", "p99.9 ms", "CPU us/batch", "vs dynamo",
+                     "CPU %", "RSS MiB", "lost"], rows, left=(0, 1)),
+            "build: what the relay processes loaded (kvrelay python or compiled, Dynamo's "
+            "runtime version); s: seconds at the rate; runs: repeats, medians shown",
+            "vs dynamo: CPU per batch over dynamo's at the same rate; CPU %: of one core", ""]
+
+
+def _idle(report: dict[str, Any]) -> list[str]:
+    """Idle CPU per target."""
+    rows = [[r["target"], r["build"], _fmt(r["window_s"]), _fmt(r["runs"]),
+             _fmt(r["relay_cpu_s"], 3), _fmt(r["relay_cpu_s_per_hour"], 1),
+             _fmt(r["cpu_per_hour_vs_dynamo"], 2), _fmt(r["relay_peak_rss_mib"], 1)]
+            for r in report["idle"]["summary"]]
+    return [f"idle: {report['measurement']['idle']}",
+            *_table(["target", "build", "s", "runs", "CPU s", "CPU s/hour", "vs dynamo",
+                     "RSS MiB"], rows, left=(0, 1)), ""]
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The report as text: per-rate summary, idle CPU, search, raw limits, ratios."""
+    config = report["config"]
+    lines = _header(report) if report["summary"] else []
+    for name, reason in report["unavailable"].items():
+        lines.append(f"{name}: {reason}")
+    if report["summary"]:
+        lines += _summary(report)
+    if report["idle"]["summary"]:
+        lines += _idle(report)
     if report["search"]:
         step = config["search"]["step_duration"]
         lines.append(f"maximum sustained rate with zero loss ({step:g} s steps):")

