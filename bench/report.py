@@ -24,13 +24,12 @@ from bench.trial import TrialResult
 
 REPORT_VERSION = 1
 SUMMED = ("lost_batches", "lost_events", "duplicates", "out_of_order", "corrupt", "resyncs")
-MEDIAN = ("duration_s", "sent_batches", "sent_events", "feeder_batches_per_s", "received_batches",
-          "received_events", "batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms",
-          "lag_p999_ms", "lag_max_ms", "relay_cpu_s", "relay_cpu_us_per_batch",
-          "relay_cpu_s_per_m_events",
-          "relay_cpu_percent", "relay_peak_rss_mib", "nats_cpu_s_per_m_events",
-          "nats_cpu_percent", "consumer_cpu_percent", "feeder_cpu_percent",
-          "machine_busy_percent")
+MEDIAN = ("duration_s", "sent_batches", "sent_events", "feeder_batches_per_s",
+          "received_batches", "received_events", "batches_per_s", "events_per_s", "lag_p50_ms",
+          "lag_p99_ms", "lag_p999_ms", "lag_max_ms", "relay_cpu_s", "relay_cpu_us_per_batch",
+          "relay_cpu_s_per_m_events", "relay_cpu_percent", "relay_peak_rss_mib",
+          "nats_cpu_s_per_m_events", "nats_cpu_percent", "consumer_cpu_percent",
+          "feeder_cpu_percent", "machine_busy_percent")
 RATIO_FIELDS = ("events_per_s", "relay_cpu_us_per_batch", "relay_cpu_s_per_m_events",
                 "lag_p50_ms", "lag_p99_ms", "lag_p999_ms", "relay_peak_rss_mib")
 BASELINE = "kvrelay"
