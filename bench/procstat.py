@@ -4,7 +4,9 @@ CPU is what /proc/<pid>/stat reports as utime + stime: every thread of the proce
 I/O thread, Dynamo's runtime threads), ended ones included. /proc gives it in clock ticks
 (10 ms), too coarse for a relay spending a few ms a second at 100 batches/s, so it is read at
 full resolution (ns) from the kernel's CPU clock of the process, the same account
-(clock_getcpuclockid(3)); /proc/<pid>/stat where that clock cannot be read. A sampler thread
+(clock_getcpuclockid(3)); /proc/<pid>/stat where that clock cannot be read. To it comes the CPU
+of the child processes it has reaped (cutime + cstime, in ticks), so work a relay forks off (a
+snapshot built in a child) counts as the relay's once the child is done. A sampler thread
 records it over time so a trial can take the CPU spent between two instants without stopping
 anything.
 """
@@ -24,7 +26,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 CPU_SOURCE = ("utime + stime of each relay process, all threads, read from outside at ns "
               "resolution (the kernel's CPU clock of the process, the account /proc/<pid>/stat "
-              "gives in 10 ms ticks)")
+              "gives in 10 ms ticks), plus its reaped child processes' (cutime + cstime)")
 
 
 def process_cpu_clock(pid: int) -> int:
@@ -33,22 +35,36 @@ def process_cpu_clock(pid: int) -> int:
     return (~pid << 3) | 2
 
 
-def proc_stat_cpu_seconds(pid: int) -> float:
-    """utime + stime of /proc/<pid>/stat in seconds (10 ms ticks), all threads included."""
+def _stat(pid: int) -> list[bytes]:
+    """The fields of /proc/<pid>/stat after the command name (state first)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # The command name may hold spaces; the fields after it are fixed.
-    fields = stat[stat.rindex(b")") + 2:].split()
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def proc_stat_cpu_seconds(pid: int) -> float:
+    """utime + stime of /proc/<pid>/stat in seconds (10 ms ticks), all threads included."""
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def reaped_children_cpu_seconds(pid: int) -> float:
+    """cutime + cstime of /proc/<pid>/stat in seconds: the CPU of the child processes `pid`
+    has waited for (and of theirs)."""
+    fields = _stat(pid)
+    return (int(fields[13]) + int(fields[14])) / _TICK
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of `pid` so far, all threads included, at ns resolution
-    where the kernel lets the process's CPU clock be read, else in /proc's ticks."""
+    where the kernel lets the process's CPU clock be read, else in /proc's ticks; plus those
+    of the child processes it has reaped."""
+    children = reaped_children_cpu_seconds(pid)
     try:
-        return time.clock_gettime(process_cpu_clock(pid))
+        return time.clock_gettime(process_cpu_clock(pid)) + children
     except OSError:
-        return proc_stat_cpu_seconds(pid)
+        return proc_stat_cpu_seconds(pid) + children
 
 
 def peak_rss_bytes(pid: int) -> int:

@@ -20,7 +20,7 @@ import pytest
 import kvrelay
 from bench.cli import main
 from bench.idle import IdleResult, measure_idle
-from bench.procstat import cpu_seconds, proc_stat_cpu_seconds
+from bench.procstat import cpu_seconds, proc_stat_cpu_seconds, reaped_children_cpu_seconds
 from bench.report import summarize_idle
 from bench.site import TrialError
 from bench.targets import (
@@ -161,6 +161,35 @@ def test_cpu_of_a_process_counts_ended_threads_at_finer_than_proc_ticks() -> Non
             assert precise != round(precise, 2)  # not in ticks
         finally:
             child.kill()
+
+
+FORKING_CHILD = """
+import os, time
+def spin(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+pid = os.fork()
+if pid == 0:
+    spin(0.3)
+    os._exit(0)
+os.waitpid(pid, 0)
+print("reaped", flush=True)
+time.sleep(60)
+"""
+
+
+def test_cpu_of_a_process_holds_what_its_reaped_children_spent() -> None:
+    """Work a process forks off and reaps (as a snapshot built in a child) counts as its own."""
+    with subprocess.Popen([sys.executable, "-c", FORKING_CHILD], stdout=subprocess.PIPE,
+                          text=True) as parent:
+        try:
+            assert parent.stdout is not None
+            assert parent.stdout.readline() == "reaped\n"
+            assert reaped_children_cpu_seconds(parent.pid) >= 0.28
+            assert cpu_seconds(parent.pid) >= 0.28 + proc_stat_cpu_seconds(parent.pid) - 0.02
+        finally:
+            parent.kill()
 
 
 def _idle_report(tmp_path: Path, *args: str) -> dict[str, Any]:
