@@ -10,13 +10,17 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import NoReturn
 
-from bench.report import build_report, plot, render_table
+from bench.report import build_report, plot
 from bench.run import BenchSpec, SearchSpec, run_bench
-from bench.targets import TARGETS
+from bench.table import render_table
+from bench.targets import DEFAULT_TARGETS, INSTALL, TARGETS
 from bench.workload import WorkloadSpec
 
 EPILOG = """examples:
+  python -m bench                  # kvrelay, kvrelay-dynamo and dynamo at 100,2000,10000/s
   python -m bench --targets kvrelay,dynamo,naive --rates 2000,10000 --search --plot out.png
+  python -m bench --targets kvrelay,kvrelay-nosnap --rates 10000 --live-blocks 250000
+  python -m bench --idle 60                # idle CPU per hour of the default targets only
   python -m bench --targets kvrelay --rates max --duration 5 --json -
 """
 
@@ -63,14 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "of the parts.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--targets", type=_targets, default=list(TARGETS),
-      help=f"comma-separated, of: {', '.join(TARGETS)} (default: all; unavailable ones are "
-           "reported and skipped)")
+    a("--targets", type=_targets, default=list(DEFAULT_TARGETS),
+      help=f"comma-separated, of: {', '.join(TARGETS)} (default: {','.join(DEFAULT_TARGETS)}; "
+           "unavailable ones are reported, with the pip command that installs them, and "
+           "skipped)")
     a("--list-targets", action="store_true", help="list the targets and whether they can run")
-    a("--rates", type=_rates, default=[2000.0, 10000.0],
+    a("--rates", type=_rates, default=[100.0, 2000.0, 10000.0],
       help="offered rates in vLLM batches/s over all publishers, comma-separated; 'max' sends "
-           "as fast as possible (default: 2000,10000)")
+           "as fast as possible (default: 100,2000,10000; 100/s is what a sidecar sees)")
     a("--duration", type=float, default=10.0, help="seconds per offered rate (default: 10)")
+    a("--min-batches", type=int, default=3000,
+      help="a fixed rate runs at least this many batches, longer than --duration if need be "
+           "(default: 3000, so 100/s runs 30 s)")
     a("--workers", type=int, default=1, help="vLLM workers, one relay process each (default: 1)")
     a("--dp-ranks", type=int, default=2, help="DP ranks per worker (default: 2)")
     a("--blocks", type=_blocks, default=(4, 4),
@@ -83,7 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="vLLM event encoding: map (vLLM >= 0.24) or legacy array (default: map)")
     a("--batch-form", choices=("array", "map"), default="array",
       help="vLLM batch encoding (default: array, what vLLM sends; dynamo rejects map)")
-    a("--pool", type=int, default=2048, help="pre-encoded batches per publisher (default: 2048)")
+    a("--live-blocks", type=int, default=0, metavar="N",
+      help="each worker's cache holds about N blocks: a pre-fill stores them before the timed "
+           "phase (untimed), then every batch removes the --blocks oldest and stores as many "
+           "new ones (--remove-probability and --clear-probability do not apply); the relay's "
+           "snapshots then work on an index that size (default: 0, the mix above)")
+    a("--pool", type=int, default=2048,
+      help="pre-encoded batches per publisher; with --live-blocks at least what keeps N live "
+           "(default: 2048)")
     a("--seed", type=int, default=0)
     a("--search", action="store_true",
       help="also search the maximum sustained rate with zero loss per target")
@@ -101,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--pub-heartbeat", type=int, default=0, metavar="MS",
       help="the vLLM PUBs' ZMQ_HEARTBEAT_IVL in ms (timeout 3x, TTL 5x), so relays answer "
            "PINGs while measured (default: 0, none)")
+    a("--idle-window", type=float, default=60.0, metavar="SECONDS",
+      help="each round also measures each target's idle CPU (publishers connected, nothing "
+           "sent) over this many seconds, reported per hour (default: 60; 0: skip)")
+    a("--idle", type=float, metavar="SECONDS",
+      help="measure only the idle CPU, over this many seconds per target (no rates, search "
+           "or limits)")
     a("--json", metavar="PATH", help="write the JSON report here ('-': stdout, no table)")
     a("--plot", metavar="PNG", help="draw lag percentiles and CPU against offered rate")
     return p
@@ -116,25 +137,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.list_targets:
         width = max(map(len, TARGETS))
         for name, target in TARGETS.items():
-            print(f"{name:{width}} {target.summary}; {target.unavailable() or 'available'}")
+            default = "default, " if name in DEFAULT_TARGETS else ""
+            print(f"{name:{width}} {target.summary}; "
+                  f"{default}{target.unavailable() or 'available'}")
         return
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            parser.error("--plot needs matplotlib: pip install 'kvrelay[bench]'")
+            parser.error(f"--plot needs matplotlib: {INSTALL}")
     try:
         workload = WorkloadSpec(
             blocks_min=args.blocks[0], blocks_max=args.blocks[1],
             remove_probability=args.remove_probability,
             clear_probability=args.clear_probability, pool_batches=args.pool,
-            event_form=args.event_form, batch_form=args.batch_form, seed=args.seed)
+            event_form=args.event_form, batch_form=args.batch_form, seed=args.seed,
+            live_blocks=args.live_blocks)
     except ValueError as exc:
         parser.error(str(exc))
+    if 0 < args.live_blocks < args.dp_ranks:
+        parser.error("--live-blocks must be 0 or at least one block per DP rank")
     if args.pub_heartbeat < 0:
         parser.error("--pub-heartbeat must be 0 (none) or a number of milliseconds")
     if args.workers < 1 or args.dp_ranks < 1 or args.repeat < 1 or args.duration <= 0:
         parser.error("--workers, --dp-ranks, --repeat and --duration must be positive")
+    if args.min_batches < 0:
+        parser.error("--min-batches must be 0 or more")
+    if args.idle_window < 0 or (args.idle is not None and args.idle <= 0):
+        parser.error("--idle must be positive and --idle-window 0 (skip) or positive")
     if args.batch_form == "map" and "dynamo" in args.targets:
         parser.error("dynamo rejects map-shaped batches; drop it or use --batch-form array")
     search = None
@@ -142,10 +172,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         search = SearchSpec(args.search_start, args.search_factor, args.search_ceiling,
                             args.step_duration, args.lag_limit_ms)
     spec = BenchSpec(targets=args.targets, rates=args.rates, duration=args.duration,
-                     workers=args.workers, dp_ranks=args.dp_ranks, workload=workload,
+                     min_batches=args.min_batches, workers=args.workers,
+                     dp_ranks=args.dp_ranks, workload=workload,
                      search=search, repeat=args.repeat,
                      limits_duration=None if args.no_limits else args.limits_duration,
-                     tick=args.tick, pub_heartbeat_ms=args.pub_heartbeat)
+                     tick=args.tick, pub_heartbeat_ms=args.pub_heartbeat,
+                     idle_window=args.idle if args.idle is not None else args.idle_window,
+                     idle_only=args.idle is not None)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         run = run_bench(spec)

@@ -1,9 +1,9 @@
 """The consumer process: reads what a relay published and checks it against what was sent.
 
 Every event received is matched to its place in its publisher's sequence (by the batch seq the
-output carries, or by content when it carries none), so events lost, repeated or out of order
-are counted, not guessed from totals. Lag is measured per batch, from the timestamp the feeder
-stamped it with (in shared memory) to the receipt of its last event here.
+output carries, or by content when it carries none; bench/track.py), so events lost, repeated
+or out of order are counted, not guessed from totals. Lag is measured per batch, from the
+timestamp the feeder stamped it with (in shared memory) to the receipt of its last event here.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import uvloop
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
+from bench.track import Track
 from bench.workload import (
     CLEARED,
     REMOVED,
@@ -36,7 +37,6 @@ from bench.workload import (
 )
 
 OutputKind = Literal["relaybatch", "naive", "dynamo"]
-WARM_BATCHES = 1  # batches per publisher sent before the timed phase (seq 0)
 
 # -- what each kind of output looks like, decoded only as far as the check needs ----------------
 
@@ -105,98 +105,6 @@ def dynamo_fingerprint(data: Any) -> Fingerprint:
     raise ValueError(f"not a RouterEvent payload: {data!r}")
 
 
-# -- the check ------------------------------------------------------------------------------------
-
-
-class Track:
-    """One publisher (worker, dp_rank): where its sequence stands and what arrived."""
-
-    def __init__(self, index: int, fingerprints: list[list[Fingerprint]], ts: memoryview[float],
-                 capacity: int, lags: array[float]) -> None:
-        self.index = index
-        self._flat: list[Fingerprint] = []
-        self._last_of: list[int] = []  # pool batch index when the event ends its batch, else -1
-        self._start: list[int] = []  # flat position of each pool batch's first event
-        for b, fps in enumerate(fingerprints):
-            self._start.append(len(self._flat))
-            self._flat.extend(fps)
-            self._last_of.extend([-1] * (len(fps) - 1) + [b])
-        self._where: dict[Fingerprint, list[int]] = {}
-        for pos, fp in enumerate(self._flat):
-            self._where.setdefault(fp, []).append(pos)
-        self._cycle = len(self._flat)
-        self._batches = len(fingerprints)
-        self._ts = ts
-        self._base = index * capacity
-        self._capacity = capacity
-        self.untimed = 0  # batches past what the feeder stamped (a content match far ahead)
-        self._lags = lags
-        self.next = 0  # global position of the next expected event
-        self.matched = 0
-        self.batches = 0  # batches whose last event arrived
-        self.timed_events = 0
-        self.duplicates = 0
-        self.corrupt = 0
-        self.out_of_order = 0
-        self.last_key: tuple[int, int] | None = None
-
-    def position(self, seq: int, index: int = 0) -> int:
-        """Global position of event `index` of batch `seq`."""
-        cycles, b = divmod(seq, self._batches)
-        return cycles * self._cycle + self._start[b] + index
-
-    def order(self, key: tuple[int, int], expected: tuple[int, int],
-              announced: bool = False) -> None:
-        """Count an order key (seq or event id) that does not follow the previous one. After a
-        loss the output announces (a resync), a jump forward is in order."""
-        if self.last_key is not None and key != expected and not (
-                announced and key > self.last_key):
-            self.out_of_order += 1
-        self.last_key = key
-
-    def event(self, fp: Fingerprint, now: float, at: int | None = None) -> None:
-        """An event arrived: at global position `at` if the output says, else found by content."""
-        if at is None:
-            at = self._find(fp)
-            if at is None:
-                self.duplicates += 1
-                return
-        if at < self.next:
-            self.duplicates += 1
-            return
-        i = at % self._cycle
-        if self._flat[i] != fp:
-            self.corrupt += 1
-            return
-        self.next = at + 1
-        self.matched += 1
-        cycle_batch = self._last_of[i]
-        if cycle_batch < 0:
-            return
-        self.batches += 1
-        b = (at // self._cycle) * self._batches + cycle_batch
-        if b >= self._capacity:
-            self.untimed += 1
-        elif b >= WARM_BATCHES:
-            sent = self._ts[self._base + b]
-            if sent > 0.0:
-                self._lags.append(now - sent)
-            else:  # matched to a batch the feeder has not sent: no send time to time it by
-                self.untimed += 1
-
-    def expects(self, fp: Fingerprint) -> bool:
-        """Whether `fp` is the event that comes next."""
-        return self._flat[self.next % self._cycle] == fp
-
-    def _find(self, fp: Fingerprint) -> int | None:
-        positions = self._where.get(fp)
-        if not positions:
-            return None
-        here = self.next % self._cycle
-        ahead = min((p - here) % self._cycle for p in positions)
-        return self.next + ahead
-
-
 @dataclass
 class ConsumerResult:
     matched_events: list[int]
@@ -229,6 +137,7 @@ class ConsumePlan:
     stream: str | None  # JetStream stream, None for core NATS
     publishers: dict[tuple[int, int], int]  # (worker_id, dp_rank) -> publisher index
     fingerprints: list[list[list[Fingerprint]]]
+    prefixes: list[int]  # per publisher, batches of its pool sent once before the cycle
     shm_name: str
     capacity: int
 
@@ -239,8 +148,9 @@ class Consumer:
         self._shm = SharedMemory(name=plan.shm_name)
         self._ts = shared_floats(self._shm)
         self.lags: array[float] = array("d")
-        self.tracks = [Track(i, fps, self._ts, plan.capacity, self.lags)
-                       for i, fps in enumerate(plan.fingerprints)]
+        self.tracks = [Track(i, fps, self._ts, plan.capacity, self.lags, prefix)
+                       for i, (fps, prefix) in enumerate(zip(plan.fingerprints, plan.prefixes,
+                                                             strict=True))]
         self.resyncs = 0
         self.unknown = 0
         self.strays = 0  # messages from a publisher nobody sent as
@@ -251,7 +161,7 @@ class Consumer:
         self._handle = handlers[plan.kind]
 
     def warmed(self) -> bool:
-        return all(t.batches >= WARM_BATCHES for t in self.tracks)
+        return all(t.batches >= t.warm for t in self.tracks)
 
     async def on_msg(self, msg: Msg) -> None:
         self._handle(msg)

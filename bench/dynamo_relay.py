@@ -4,7 +4,8 @@ A DistributedRuntime (file discovery, TCP request plane, NATS event plane, all f
 environment the caller sets) with endpoint <namespace>/<component>/generate, and one
 `dynamo.llm.KvEventPublisher` per DP rank subscribed to that rank's vLLM ZMQ PUB. Dynamo then
 publishes RouterEvents on core NATS. Run as `python -m bench.dynamo_relay` (needs the
-`bench-dynamo` extra); prints READY once the publishers exist.
+`bench` extra); prints READY and the version of Dynamo's runtime it loaded once the publishers
+exist.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ ENVIRONMENT: Final = ("DYN_DISCOVERY_BACKEND", "DYN_FILE_KV", "DYN_REQUEST_PLANE
 
 
 async def main_async(args: argparse.Namespace) -> None:
+    from dynamo import _core
     from dynamo.llm import KvEventPublisher
     from dynamo.runtime import DistributedRuntime
 
@@ -36,7 +38,8 @@ async def main_async(args: argparse.Namespace) -> None:
                          dp_rank=rank, zmq_endpoint=f"{host}:{int(port) + rank}", zmq_topic="")
         for rank in range(args.dp_ranks)
     ]
-    print(READY, flush=True)
+    version = getattr(_core, "__version__", "(version unknown)")  # not in its type stub
+    print(f"{READY} ai-dynamo-runtime {version}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

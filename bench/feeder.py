@@ -24,6 +24,7 @@ from bench.workload import Pool, shared_floats, ts_field
 TOPIC: Final = b"kv-events"
 PUB_HWM: Final = 100_000  # vLLM's default
 MAX_BURST: Final = 256  # batches per burst when sending as fast as possible
+PREFILL_RATE: Final = 1000.0  # warm-up batches/s over all publishers (a pre-fill: 64 blocks each)
 
 
 @dataclass(frozen=True)
@@ -92,10 +93,22 @@ class Feeder:
         return True
 
     def warm_up(self) -> None:
-        """Send each publisher's first batch (seq 0)."""
-        ts = time.time()
-        for p in range(len(self._socks)):
-            self._send(p, ts, ts_field(ts))
+        """Send each publisher's warm-up batches, round-robin: seq 0, or its pool's prefix (the
+        pre-fill of --live-blocks) at PREFILL_RATE, which the relays absorb untimed."""
+        counts = [pool.warm_batches for pool in self.plan.pools]
+        order = [p for b in range(max(counts)) for p, n in enumerate(counts) if b < n]
+        sent = 0
+        t0 = time.perf_counter()
+        while sent < len(order):
+            due = min(int((time.perf_counter() - t0) * PREFILL_RATE) + 1, len(order)) - sent
+            if due <= 0:
+                time.sleep(self.plan.tick)
+                continue
+            ts = time.time()
+            ts_bytes = ts_field(ts)
+            for p in order[sent:sent + due]:
+                self._send(p, ts, ts_bytes)
+            sent += due
 
     def run(self, rate: float | None, duration: float) -> FeedResult:
         """Send at `rate` batches/s in total (None: as fast as possible) for `duration` s."""
@@ -147,7 +160,14 @@ def feeder_main(conn: Connection, plan: FeedPlan) -> None:
         conn.send(("bound",))
         while True:
             command: tuple[Any, ...] = conn.recv()
-            if command[0] == "warm_up":
+            if command[0] == "await_subscribers":  # the relays connected; nothing is sent
+                try:
+                    feeder.wait_subscribed(command[1])
+                except TimeoutError as exc:
+                    conn.send(("error", str(exc)))
+                    continue
+                conn.send(("subscribed",))
+            elif command[0] == "warm_up":
                 try:
                     feeder.wait_subscribed(command[1])
                 except TimeoutError as exc:

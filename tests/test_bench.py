@@ -1,10 +1,13 @@
-"""The benchmark tool: its workload, its consumer's check, its report, and short real runs."""
+"""The benchmark tool: its consumer's check, its report, its command line and short real runs
+(the workload: test_bench_workload.py; targets, builds and relay CPU: test_bench_targets.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -19,10 +22,12 @@ import msgspec
 import pytest
 from nats.aio.msg import Msg
 
+import kvrelay
 from bench.cli import main
-from bench.consumer import ConsumePlan, Consumer, Track, percentiles
+from bench.consumer import ConsumePlan, Consumer, percentiles
 from bench.report import over_path, summarize
-from bench.run import capped_by, verdict
+from bench.run import capped_by, trial_seconds, verdict
+from bench.track import Track
 from bench.trial import TrialResult
 from bench.workload import (
     CLEARED,
@@ -30,89 +35,32 @@ from bench.workload import (
     STORED,
     Fingerprint,
     WorkloadSpec,
-    build_pool,
-    fingerprint,
-    ts_field,
+    build_pools,
 )
-from kvrelay.codec import Codec
-from kvrelay.wire.schema import Cleared, Removed, Stored
 
 TRIAL_FIELDS = {f.name for f in dataclasses.fields(TrialResult)}
 REPORT_KEYS = {"version", "config", "machine", "targets", "unavailable", "limits", "summary",
-               "search", "ratios", "trials", "errors", "path_lag"}
+               "search", "ratios", "trials", "errors", "path_lag", "measurement", "idle"}
 LIMIT_KEYS = {"zmq_pub_sub", "nats_core_publish", "jetstream_publish_await",
               "jetstream_publish_window"}
 MEASURED = ("batches_per_s", "events_per_s", "lag_p50_ms", "lag_p99_ms", "lag_p999_ms",
-            "lag_max_ms", "relay_cpu_s", "relay_cpu_s_per_m_events", "relay_cpu_percent",
+            "lag_max_ms", "relay_cpu_s", "relay_cpu_us_per_batch", "relay_cpu_s_per_m_events",
+            "relay_cpu_percent",
             "relay_peak_rss_mib", "nats_cpu_s_per_m_events", "feeder_batches_per_s",
             "nats_cpu_percent", "consumer_cpu_percent", "feeder_cpu_percent",
             "machine_busy_percent")
 
 
-# -- workload -------------------------------------------------------------------------------------
-
-
-def test_pooled_batch_is_a_vllm_batch_carrying_the_send_timestamp() -> None:
-    """A pooled batch with a spliced-in ts decodes as vLLM's array batch with that ts."""
-    pool = build_pool(WorkloadSpec(pool_batches=50), publisher=3, dp_rank=1)
-    for i in (0, 17, 49, 50 + 17):
-        raw = msgspec.msgpack.decode(pool.payload(i, ts_field(1_700_000_123.25)))
-        assert raw[0] == 1_700_000_123.25
-        assert raw[2] == 1
-        assert [fingerprint(e) for e in raw[1]] == pool.fingerprints[i % 50]
-        decoded = Codec().decode(pool.payload(i, ts_field(5.5)))
-        assert decoded.ts == 5.5
-        assert all(isinstance(e, Stored | Removed | Cleared) for e in decoded.events)
-
-
-def test_pool_cycle_stores_each_block_once_and_removes_it_at_most_once() -> None:
-    """Each cycle starts empty and ends with a clear, so reference-counting relays pass all."""
-    pool = build_pool(WorkloadSpec(pool_batches=400, blocks_min=1, blocks_max=64,
-                                   clear_probability=0.01, capacity=256), 0, 0)
-    stored: set[Any] = set()
-    removed: set[Any] = set()
-    for i in range(len(pool)):
-        for event in msgspec.msgpack.decode(pool.payload(i, ts_field(0.0)))[1]:
-            if event["type"] == "BlockStored":
-                assert 1 <= len(event["block_hashes"]) <= 64
-                assert len(event["token_ids"]) == 16 * len(event["block_hashes"])
-                assert not stored & set(event["block_hashes"])
-                stored |= set(event["block_hashes"])
-            elif event["type"] == "BlockRemoved":
-                assert set(event["block_hashes"]) <= stored - removed
-                removed |= set(event["block_hashes"])
-            else:
-                stored.clear()
-                removed.clear()
-    assert pool.fingerprints[-1] == [(CLEARED, None)]
-
-
-def test_legacy_array_events_are_fingerprinted_like_map_events() -> None:
-    """The same seed gives the same events whether encoded as maps or legacy arrays."""
-    as_map = build_pool(WorkloadSpec(pool_batches=30, event_form="map"), 0, 0)
-    as_array = build_pool(WorkloadSpec(pool_batches=30, event_form="array"), 0, 0)
-    assert as_map.fingerprints == as_array.fingerprints
-    first = msgspec.msgpack.decode(as_array.payload(0, ts_field(0.0)))[1][0]
-    assert first[0] == "BlockStored"
-
-
-def test_workload_spec_rejects_impossible_mixes() -> None:
-    """Block ranges and probabilities outside their domain are refused with a reason."""
-    with pytest.raises(ValueError, match="blocks"):
-        WorkloadSpec(blocks_min=5, blocks_max=4)
-    with pytest.raises(ValueError, match="remove_probability"):
-        WorkloadSpec(remove_probability=1.5)
-
-
 # -- the consumer's check -------------------------------------------------------------------------
 
 
-def _track(fps: list[list[Fingerprint]], capacity: int = 100) -> tuple[Track, array[float]]:
+def _track(fps: list[list[Fingerprint]], capacity: int = 100,
+           prefix: int = 0) -> tuple[Track, array[float]]:
     ts = memoryview(bytearray(8 * capacity)).cast("d")
     for b in range(capacity):
         ts[b] = 1000.0 + b
     lags: array[float] = array("d")
-    return Track(0, fps, ts, capacity, lags), lags
+    return Track(0, fps, ts, capacity, lags, prefix), lags
 
 
 POOL: list[list[Fingerprint]] = [[(STORED, 1)], [(STORED, 2), (REMOVED, 1)], [(STORED, 3)],
@@ -187,6 +135,26 @@ def test_track_does_not_time_a_batch_the_feeder_has_not_sent() -> None:
     assert all(lag < 1000.0 for lag in lags)
 
 
+def test_track_follows_a_prefix_sent_once_then_the_cycle() -> None:
+    """Batch seqs and content both find their place past the prefix, over cycle wraps; only
+    batches after the warm-up prefix are timed, and a prefix batch seen again is a duplicate."""
+    pool = build_pools(WorkloadSpec(live_blocks=40, pool_batches=2, prefill_blocks=16), 1, 1)[0]
+    assert (pool.prefix, pool.cycle) == (3, 11)
+    seqs = pool.prefix + 3 * pool.cycle + 2
+    for by_seq in (True, False):
+        track, lags = _track(pool.fingerprints, capacity=seqs, prefix=pool.prefix)
+        for seq in range(seqs):
+            at = track.position(seq)
+            for fp in pool.fingerprints[pool.index(seq)]:
+                track.event(fp, now=2000.0, at=at if by_seq else None)
+                at += 1
+        assert (track.batches, track.duplicates, track.corrupt) == (seqs, 0, 0)
+        assert track.matched == sum(pool.events_of(seq) for seq in range(seqs))
+        assert list(lags) == [2000.0 - (1000.0 + b) for b in range(pool.prefix, seqs)]
+    track.event(pool.fingerprints[0][0], now=2000.0, at=track.position(0))
+    assert track.duplicates == 1
+
+
 def _router_message(worker_id: int, event_id: int, data: Any) -> Msg:
     event = {"worker_id": worker_id, "storage_tier": "device", "residency_domain": "worker",
              "event": {"event_id": event_id, "dp_rank": 0, "data": data}}
@@ -201,7 +169,7 @@ def test_dynamo_output_announcing_a_gap_with_cleared_counts_as_a_resync() -> Non
     """A `cleared` where no vLLM clear is due announces a gap; the events after it still match."""
     shm = SharedMemory(create=True, size=8 * 100)
     consumer = Consumer(ConsumePlan("dynamo", "nats://unused", "kv-events", None, {(7, 0): 0},
-                                    [POOL], shm.name, 100))
+                                    [POOL], [0], shm.name, 100))
     try:
         stored = [{"stored": {"parent_hash": None, "start_position": None, "blocks": [
             {"block_hash": h, "tokens_hash": h, "mm_extra_info": None}]}} for h in (1, 2, 3)]
@@ -226,7 +194,8 @@ def test_percentiles_are_nearest_rank_then_max() -> None:
 
 def _trial(**overrides: Any) -> TrialResult:
     values: dict[str, Any] = {name: 0 for name in TRIAL_FIELDS}
-    values.update(target="kvrelay", offered_batches_per_s=1000.0, ok=True, notes=[],
+    values.update(target="kvrelay", relay_build="python", offered_batches_per_s=1000.0, ok=True,
+                  notes=[],
                   feeder_batches_per_s=1000.0, batches_per_s=1000.0, lag_p99_ms=2.0)
     values.update(overrides)
     return TrialResult(**values)
@@ -242,6 +211,19 @@ def test_summary_takes_medians_and_sums_losses() -> None:
     assert rows[0]["lost_events"] == 3
     assert rows[0]["ok"] is False
     assert rows[0]["runs"] == 3
+
+
+def test_summary_sets_cpu_per_batch_against_dynamo_at_the_same_rate() -> None:
+    """Each row's CPU per batch over dynamo's at its rate; none where dynamo did not run."""
+    rows = summarize([_trial(relay_cpu_us_per_batch=60.0),
+                      _trial(target="dynamo", relay_build="ai-dynamo-runtime 1.6.1",
+                             relay_cpu_us_per_batch=120.0),
+                      _trial(offered_batches_per_s=100.0, relay_cpu_us_per_batch=400.0)])
+    by = {(r["target"], r["offered_batches_per_s"]): r for r in rows}
+    assert by["kvrelay", 1000.0]["cpu_per_batch_vs_dynamo"] == 0.5
+    assert by["dynamo", 1000.0]["cpu_per_batch_vs_dynamo"] == 1.0
+    assert by["kvrelay", 100.0]["cpu_per_batch_vs_dynamo"] is None
+    assert by["dynamo", 1000.0]["build"] == "ai-dynamo-runtime 1.6.1"
 
 
 def test_search_step_verdicts() -> None:
@@ -276,22 +258,19 @@ def test_search_names_the_part_that_capped_a_step() -> None:
     assert capped_by(idle).startswith("capped by no part saturated (80% busy)")
 
 
-def test_cli_lists_targets_with_their_availability(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    """--list-targets names every target; kvrelay-dynamo says what it needs when xxhash is gone."""
-    main(["--list-targets"])
-    out = capsys.readouterr().out
-    for name in ("kvrelay", "kvrelay-dynamo", "dynamo", "naive"):
-        assert name in out
-    assert "not available" not in out.split("kvrelay-dynamo", 1)[1].splitlines()[0]
-    monkeypatch.setitem(sys.modules, "xxhash", None)
-    main(["--list-targets"])
-    assert "--format dynamo needs xxhash" in capsys.readouterr().out
+def test_a_low_rate_runs_long_enough_for_its_minimum_of_batches() -> None:
+    """100/s runs 3000 batches (30 s) where 10 s would give 1000; fast rates keep --duration."""
+    assert trial_seconds(100.0, 10.0, 3000) == 30.0
+    assert trial_seconds(10_000.0, 10.0, 3000) == 10.0
+    assert trial_seconds(None, 4.0, 3000) == 4.0
+    assert trial_seconds(100.0, 4.0, 0) == 4.0
 
 
 @pytest.mark.parametrize("args", [["--rates", "0"], ["--rates", "fast"], ["--targets", "x"],
                                   ["--blocks", "9-2"], ["--workers", "0"],
-                                  ["--pub-heartbeat", "-1"]])
+                                  ["--pub-heartbeat", "-1"], ["--idle", "0"],
+                                  ["--idle-window", "-5"], ["--live-blocks", "1"],
+                                  ["--live-blocks", "9000", "--blocks", "2-6"]])
 def test_cli_rejects_bad_arguments(args: list[str]) -> None:
     """Invalid arguments exit with usage status 2 before anything starts."""
     with pytest.raises(SystemExit) as exc:
@@ -333,8 +312,10 @@ def _assert_complete_and_lossless(report: dict[str, Any], targets: list[str]) ->
 def test_bench_kvrelay_and_naive_deliver_every_event(tmp_path: Path) -> None:
     """A 3 s run of kvrelay and naive at 500 batches/s loses nothing and reports every field."""
     report = _bench(tmp_path, "--targets", "kvrelay,naive", "--rates", "500",
-                    "--duration", "3", "--limits-duration", "0.5")
+                    "--duration", "3", "--limits-duration", "0.5", "--idle-window", "0")
     _assert_complete_and_lossless(report, ["kvrelay", "naive"])
+    builds = {t["target"]: t["relay_build"] for t in report["trials"]}
+    assert builds == {"kvrelay": kvrelay.build(), "naive": "python"}
     assert set(report["limits"]["median"]) == LIMIT_KEYS
     assert all(v > 0 for v in report["limits"]["median"].values())
     assert set(report["ratios"]["kvrelay/naive"]["at_offered_rate"]["500"]) >= {
@@ -346,13 +327,29 @@ def test_bench_kvrelay_and_naive_deliver_every_event(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_bench_live_blocks_with_snapshots_on_and_off_deliver_every_event(tmp_path: Path) -> None:
+    """With --live-blocks the pre-fill and the steady store-remove cycle all arrive, snapshots
+    on (kvrelay) and off (kvrelay-nosnap), and the report says how many blocks were live."""
+    report = _bench(tmp_path, "--targets", "kvrelay,kvrelay-nosnap", "--rates", "500",
+                    "--duration", "2", "--min-batches", "0", "--no-limits",
+                    "--live-blocks", "5000", "--idle-window", "0")
+    _assert_complete_and_lossless(report, ["kvrelay", "kvrelay-nosnap"])
+    assert report["config"]["workload"]["live_blocks"] == 5000
+    for trial in report["trials"]:  # the pre-fill's 5000 blocks came first, 64 a batch
+        assert trial["sent_batches"] > 2 * math.ceil(2500 / 64) + 500 * 2 * 0.9
+
+
+@pytest.mark.integration
 @pytest.mark.skipif(importlib.util.find_spec("dynamo") is None,
-                    reason="ai-dynamo-runtime is not installed (extra bench-dynamo)")
+                    reason="ai-dynamo-runtime is not installed (pip install -e '.[bench]')")
 def test_bench_dynamo_delivers_every_event(tmp_path: Path) -> None:
     """Dynamo's own relay, fed the same way, delivers every event in order to the consumer."""
     report = _bench(tmp_path, "--targets", "dynamo", "--rates", "500", "--duration", "3",
-                    "--no-limits")
+                    "--no-limits", "--idle-window", "0")
     _assert_complete_and_lossless(report, ["dynamo"])
+    version = importlib.metadata.version("ai-dynamo-runtime")
+    assert report["trials"][0]["relay_build"] == f"ai-dynamo-runtime {version}"
+    assert report["summary"][0]["cpu_per_batch_vs_dynamo"] == 1.0
 
 
 def _processes_using(marker: str, command: bytes = b"") -> list[int]:
