@@ -77,7 +77,7 @@ def health_ok(port: int) -> Callable[[], bool]:
     return ready
 
 
-INSTALL = "pip install -e '.[bench]'"
+INSTALL = "pip install '.[bench]'"
 """What installs every default target's packages, from a checkout (bench/ is not in the wheel)."""
 
 
@@ -142,7 +142,9 @@ def register(cls: type[Target]) -> type[Target]:
 
 
 def _kvrelay_argv(site: TrialSite, worker: Worker, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kvrelay", "run", "--zmq", worker.zmq,
+    # -P: the kvrelay installed (compiled by a plain install), not the checkout's source, which
+    # the working directory would put first on the path when run from a checkout
+    return [sys.executable, "-P", "-m", "kvrelay", "run", "--zmq", worker.zmq,
             "--dp-ranks", str(site.dp_ranks), "--nats", site.nats_url,
             "--namespace", NAMESPACE, "--component", COMPONENT,
             "--instance-id", str(worker.worker_id), "--system-host", "127.0.0.1",

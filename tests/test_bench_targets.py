@@ -48,7 +48,7 @@ def test_cli_lists_targets_with_their_availability(
     monkeypatch.setitem(sys.modules, "xxhash", None)
     main(["--list-targets"])
     line = capsys.readouterr().out.split("kvrelay-dynamo ", 1)[1].splitlines()[0]
-    assert "xxhash not installed; fix: pip install -e '.[bench]'" in line
+    assert "xxhash not installed; fix: pip install '.[bench]'" in line
 
 
 def _extra(extras: dict[str, list[str]], name: str) -> dict[str, str]:
