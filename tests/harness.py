@@ -260,12 +260,14 @@ async def scrape(port: int, name: str, **labels: str) -> float:
 class RelayProcess:
     """`python -m kvrelay run ...` with its log in a file and its system port known."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        """`env`: variables set for the relay on top of this process's (whose KVRELAY_, DYN_,
+        NATS_SERVER and POD_ variables are left out)."""
         self._system_port: int | None = None
         self.log = log
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("KVRELAY_", "DYN_", "NATS_SERVER", "POD_"))}
-        env["PYTHONUNBUFFERED"] = "1"
+        inherited = {k: v for k, v in os.environ.items()
+                     if not k.startswith(("KVRELAY_", "DYN_", "NATS_SERVER", "POD_"))}
+        env = {**inherited, **(env or {}), "PYTHONUNBUFFERED": "1"}
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kvrelay", "run", "--system-host", "127.0.0.1",

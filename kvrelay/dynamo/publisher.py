@@ -134,7 +134,7 @@ class DynamoPublisher(Output):
         return bool(self._buffer or self._window or self._gathered)
 
     def _side_tasks(self) -> list[Awaitable[None]]:
-        return [self._watch_markers(), self._keep_registered()]
+        return [self._watch(), self._keep_registered()]
 
     # -- discovery and connection --------------------------------------------------------------
 
@@ -326,6 +326,7 @@ class DynamoPublisher(Output):
             return None
         sent = _Sent(payload, ts, len(carried), len(items))
         self._window.append(sent)
+        self._watched.set()
         return sent
 
     async def _publish(self, sent: _Sent) -> None:
@@ -354,21 +355,18 @@ class DynamoPublisher(Output):
 
     # -- confirmation --------------------------------------------------------------------------
 
-    async def _watch_markers(self) -> None:
+    def _awaiting_confirmation(self) -> bool:
+        return bool(self._window) or self._markers.out
+
+    def _check_confirmations(self) -> None:
         """Publish the window again when a marker has not come back within the ack timeout."""
-        period = min(self._settings.ack_timeout / 4, 0.25)
-        while True:
-            await asyncio.sleep(period)
-            now = time.monotonic()
-            if self._retry_at is not None and now >= self._retry_at:
-                self._wake.set()
-            if self._markers.out and now - self._markers.sent_at > self._settings.ack_timeout \
-                    and self._online():
-                self._warn.warning("confirm", "NATS did not confirm %d messages within %.1fs; "
-                                   "publishing them again", len(self._window),
-                                   self._settings.ack_timeout)
-                self._connection_lost()
-                self._schedule_retry()
+        if self._markers.out and \
+                time.monotonic() - self._markers.sent_at > self._settings.ack_timeout:
+            self._warn.warning("confirm", "NATS did not confirm %d messages within %.1fs; "
+                               "publishing them again", len(self._window),
+                               self._settings.ack_timeout)
+            self._connection_lost()
+            self._schedule_retry()
 
     def _confirm(self, mark: _Sent) -> None:
         """A marker came back: the server has passed on everything up to `mark`."""

@@ -107,7 +107,7 @@ class Publisher(Output):
         return bool(self._buffer or self._window)
 
     def _side_tasks(self) -> list[Awaitable[None]]:
-        return [self._watch_acks()]
+        return [self._watch()]
 
     def _connection_lost(self) -> None:
         """Nothing to do now: the window is settled with the stream once NATS is back."""
@@ -250,6 +250,7 @@ class Publisher(Output):
             return None
         self._metrics.events_received.inc(len(decoded.events))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
+        self._watched.set()
         return self._window.add(frame, self.subject(frame.dp_rank), msg_id, payload, decoded.ts,
                                 len(decoded.events), batch if self._window.keeps_batches else None)
 
@@ -373,24 +374,18 @@ class Publisher(Output):
         self._reject(token, pending, ack.error)
         return True
 
-    async def _watch_acks(self) -> None:
+    def _awaiting_confirmation(self) -> bool:
+        return bool(self._window)
+
+    def _check_confirmations(self) -> None:
         """Resend the window when its oldest publish has waited longer than the ack timeout."""
-        period = min(self._settings.ack_timeout / 4, 0.25)
-        while True:
-            await asyncio.sleep(period)
-            if self._retry_at is not None and time.monotonic() >= self._retry_at:
-                self._wake.set()
-            if not self._window or not self._online():
-                continue
-            oldest = self._window.oldest()
-            timeout = self._settings.ack_timeout
-            if oldest is not None and oldest.sent_at \
-                    and time.monotonic() - oldest.sent_at > timeout:
-                self._warn.warning("ack-timeout", "no JetStream ack within %.1fs for %d "
-                                   "publishes; sending them again", self._settings.ack_timeout,
-                                   len(self._window))
-                oldest.sent_at = time.monotonic()
-                self._schedule_retry(0.0)
+        oldest = self._window.oldest()
+        timeout = self._settings.ack_timeout
+        if oldest is not None and oldest.sent_at and time.monotonic() - oldest.sent_at > timeout:
+            self._warn.warning("ack-timeout", "no JetStream ack within %.1fs for %d publishes; "
+                               "sending them again", timeout, len(self._window))
+            oldest.sent_at = time.monotonic()
+            self._schedule_retry(0.0)
 
     def _on_ack(self, subject: bytes, data: bytes) -> None:
         try:

@@ -48,6 +48,7 @@ class Output(ABC):
         self._wake = asyncio.Event()
         self._parked = False  # the publish loop waits for work: a producer may send directly
         self._retry_at: float | None = None
+        self._watched = asyncio.Event()  # set when something awaits confirmation or a retry
         self._backoff = BACKOFF_START
         self._connected_once = False
         self.connected = False
@@ -188,9 +189,37 @@ class Output(ABC):
         if self._retry_at is None:
             self._retry_at = time.monotonic() + delay
         self._wake.set()
+        self._watched.set()
 
     def _succeeded(self) -> None:
         self._backoff = BACKOFF_START
+
+    # -- the watch ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def _awaiting_confirmation(self) -> bool:
+        """Something was sent and is not confirmed yet (the output's window)."""
+
+    @abstractmethod
+    def _check_confirmations(self) -> None:
+        """Called while online every quarter of the ack timeout (at most 0.25 s) as long as
+        something awaits confirmation: act on what waited past the ack timeout."""
+
+    async def _watch(self) -> None:
+        """Wake the loop when a retry is due and have the output check its confirmations.
+        With nothing awaiting confirmation and no retry waiting it waits on `_watched` without a
+        timer, so an idle relay does not wake up at all; an output sets `_watched` when it puts
+        something in its window."""
+        period = min(self._settings.ack_timeout / 4, 0.25)
+        while True:
+            if self._retry_at is None and not self._awaiting_confirmation():
+                self._watched.clear()
+                await self._watched.wait()
+            await asyncio.sleep(period)
+            if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                self._wake.set()
+            if self._online():
+                self._check_confirmations()
 
     # -- the publish loop ----------------------------------------------------------------------
 
