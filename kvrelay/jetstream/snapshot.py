@@ -45,7 +45,7 @@ log = logging.getLogger("kvrelay.snapshot")
 
 _RETRY_MAX: Final = 60.0
 _QUEUE: Final = 1000  # batches stored during a rebuild kept for going live
-_SPACING: Final = 10.0  # an event-triggered snapshot waits 10x the last build's CPU time
+_SPACING: Final = 50.0  # an event-triggered snapshot waits 50x the last build's CPU time
 
 
 @dataclass(eq=False)
