@@ -25,7 +25,8 @@ from kvrelay.config.endpoint import parse_endpoint
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.ingest.source import Source
 from kvrelay.ingest.subscriber import Subscriber
-from kvrelay.ingest.zmtp import GREETING, READY, Connection, Messages
+from kvrelay.ingest.zmtp import Connection, Messages
+from kvrelay.ingest.zmtpwire import GREETING, READY
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import free_port
 

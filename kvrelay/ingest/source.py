@@ -20,7 +20,8 @@ from zmq.utils.monitor import parse_monitor_message
 from kvrelay.config import SourceSpec
 from kvrelay.ingest.sequencer import Sequencer, Sink
 from kvrelay.ingest.subscriber import Subscriber
-from kvrelay.ingest.zmtp import Messages, ping_ttl
+from kvrelay.ingest.zmtp import Messages
+from kvrelay.ingest.zmtpwire import ping_ttl
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import ResumePoint

@@ -10,7 +10,8 @@ import os
 from collections.abc import Callable
 
 from kvrelay.config.endpoint import parse_endpoint
-from kvrelay.ingest.zmtp import Connection, MessageSink, Silent, TooLarge
+from kvrelay.ingest.zmtp import Connection, MessageSink
+from kvrelay.ingest.zmtpwire import Silent, TooLarge
 from kvrelay.ratelimit import RateLimitedLog
 
 log = logging.getLogger("kvrelay.zmtp")
