@@ -139,9 +139,7 @@ class Relay:
                             hold_bytes=max(1024, publish.buffer_bytes // len(specs)),
                             replay_timeout=config.zmq.replay_timeout,
                             replay_cooldown=config.zmq.replay_cooldown,
-                            engine=config.zmq.engine,
-                            # A message the whole buffer could not hold is refused unread.
-                            max_message=publish.buffer_bytes,
+                            engine=config.zmq.engine, max_batch_bytes=config.zmq.max_batch_bytes,
                             heartbeat=config.zmq.heartbeat)
             self._sources.append(source)
             task = asyncio.ensure_future(source.run(self.publisher.resume_point(spec.dp_rank)))

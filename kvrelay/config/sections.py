@@ -64,6 +64,12 @@ class ZmqSettings(Section, frozen=True):
         "seconds to wait for vLLM's replay before falling back to a resync", gt=0)] = 2.0
     replay_cooldown: Annotated[float, setting(
         "seconds after a failed replay before the next is tried on that endpoint", gt=0)] = 5.0
+    max_batch_bytes: Annotated[int, setting(
+        "largest vLLM message (its frames together) read from the PUB or a replay, at most "
+        "--buffer-bytes (unset: 4 MiB, or --buffer-bytes when smaller); a larger one is "
+        "dropped unread, counted (too_large) and announced as a gap. With --zmq-engine libzmq "
+        "it sets ZMQ_MAXMSGSIZE, which bounds each frame and drops the publisher's connection "
+        "instead", ge=1024)] = 4 << 20
 
     def sources(self) -> tuple[SourceSpec, ...]:
         """One SourceSpec per vLLM publisher, with --dp-ranks expanded as vLLM lays ports out."""

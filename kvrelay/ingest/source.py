@@ -53,12 +53,13 @@ class Source:
         replay_timeout: float = 2.0,
         replay_cooldown: float = 5.0,
         engine: Literal["native", "libzmq"] = "native",
-        max_message: int = 64 << 20,
+        max_batch_bytes: int = 4 << 20,
         heartbeat: float = 0.0,
     ) -> None:
+        """`max_batch_bytes`: the largest message read."""
         self.spec = spec
         self._engine = engine
-        self._max_message = max_message  # native: a larger message is refused, counted
+        self._max_batch_bytes = max_batch_bytes
         self._heartbeat = heartbeat  # seconds between PINGs to the publisher; 0: none
         self._ctx = ctx
         self._metrics = metrics
@@ -107,7 +108,7 @@ class Source:
         """ZMTP on this event loop: each read of the socket hands on every message it holds."""
         subscriber = self._subscriber = Subscriber(
             self.spec.endpoint, self.spec.bind, self._topic, self._take, self.name,
-            max_message=self._max_message, heartbeat=self._heartbeat, too_large=self._too_large)
+            max_message=self._max_batch_bytes, heartbeat=self._heartbeat, refused=self._refused)
         reading = asyncio.ensure_future(subscriber.run(
             lambda message: self._warn.warning("retry:" + self.name, "%s", message)))
         try:
@@ -160,9 +161,11 @@ class Source:
         if batch:
             self._take(batch)
 
-    def _too_large(self, size: int) -> None:
-        """A message refused at the socket for its size: a batch lost, counted."""
-        self._metrics.drop("too_large", 1)
+    def _refused(self, size: int) -> None:
+        """A message skipped unread for its size; it goes on in line as `REFUSED`, to be
+        counted as dropped (`too_large`) and announced where batches are decoded."""
+        self._warn.warning("too_large", "dropped a message of %d bytes from %s unread: above "
+                           "--max-batch-bytes (%d)", size, self.name, self._max_batch_bytes)
 
     def _take(self, messages: Messages) -> None:
         """Sequence-check and hand on messages just read (either engine)."""

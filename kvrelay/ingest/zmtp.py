@@ -20,8 +20,12 @@ SUB to subscribe with a SUBSCRIBE command, which libzmq PUBs before 4.3.0 ignore
 nothing. Our own PINGs (`heartbeat`, off by default) go only to a peer that greeted as 3.1 or
 later, since 3.0 has no PING.
 
-A frame, or a message, larger than `max_message` is refused as its header arrives: the connection
-is reset before its body is read, so the read buffer never holds more than that bound and a read.
+A message larger than `max_message` (its frames together) is refused as the header of the frame
+that crosses the bound arrives: that frame and the rest of the message are skipped as their bytes
+come in, never kept, and the message goes on as its first frames with `REFUSED` for the rest
+(vLLM's [topic, seq, payload]: the seq stays in line, the publisher drops the batch unread), so
+the read buffer never holds more than that bound and a read. A command that large resets the
+connection.
 
 While the relay is behind, it reads ahead of what it hands on, as libzmq's I/O thread does: a
 large read (more waited in the kernel) is split into messages at once (PINGs answered there and
@@ -50,6 +54,7 @@ from kvrelay.ingest.zmtpwire import (
     MAX_CONTEXT,
     MORE,
     READY,
+    REFUSED,
     ProtocolError,
     Silent,
     TooLarge,
@@ -75,16 +80,19 @@ READ_AHEAD = 10_000  # messages read ahead at most (libzmq's SUB: RCVHWM), then 
 
 
 class Connection(asyncio.Protocol):
-    """One peer PUB: handshake, subscribe, then hand every whole message to `deliver`."""
+    """One peer PUB: handshake, subscribe, then hand every whole message to `deliver`;
+    `refused(size)` hears of each message skipped for its size."""
 
     def __init__(self, topic: bytes, deliver: MessageSink,
                  attached: Callable[[Connection], None],
                  closed: Callable[[Connection, Exception | None], None], *,
-                 max_message: int, heartbeat: float = 0.0) -> None:
+                 max_message: int, heartbeat: float = 0.0,
+                 refused: Callable[[int], None] | None = None) -> None:
         self._topic = topic
         self._deliver = deliver
         self._attached = attached
         self._closed = closed
+        self._refused = refused
         self._max_message = max_message
         self._heartbeat = heartbeat  # seconds between our PINGs; 0: none
         self._transport: asyncio.Transport | None = None
@@ -92,7 +100,9 @@ class Connection(asyncio.Protocol):
         self._peer_minor = 0  # the peer's ZMTP 3.x minor version, from its greeting
         self.ready = False
         self._parts: list[bytes] = []
-        self._held = 0  # wire bytes of the message in `_parts` so far
+        self._room = max_message  # bytes the message in `_parts` may still take; -1: skipped
+        self._skipped = 0  # bytes of the message being skipped, so far
+        self._skip = 0  # bytes of a skipped frame still to come, discarded as they arrive
         self._rest = bytearray()  # an incomplete frame (or greeting) waiting for more bytes
         self._need = 0  # bytes `_rest` must hold before parsing is worth trying again
         self._error: Exception | None = None
@@ -143,6 +153,12 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reads += 1
+        if self._skip:  # the body of a frame over the bound: never kept
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return
+            data = data[self._skip:]
+            self._skip = 0
         rest = self._rest
         if rest:
             rest += data
@@ -222,8 +238,7 @@ class Connection(asyncio.Protocol):
 
     def _split(self, data: bytes, pos: int, end: int, messages: Messages) -> None:
         parts = self._parts
-        held = self._held
-        room = self._max_message - held
+        room = self._room
         need = 0
         while pos < end:
             flags = data[pos]
@@ -240,8 +255,26 @@ class Connection(asyncio.Protocol):
                 size = data[pos + 1]
                 start = pos + 2
             stop = start + size
-            if stop - pos > room:  # refused before a byte more of it is kept
-                raise TooLarge(held + stop - pos, self._max_message)
+            if flags & COMMAND or not self.ready:
+                if size > self._max_message:
+                    raise TooLarge(size, self._max_message)
+            elif size > room:  # skipped before a byte of it is kept, and its message with it
+                self._skipped += size
+                if flags & MORE:
+                    room = -1
+                else:
+                    messages.append([*parts, REFUSED])
+                    if self._refused is not None:
+                        self._refused(sum(map(len, parts)) + self._skipped)
+                    parts = self._parts = []
+                    room = self._max_message
+                    self._skipped = 0
+                if stop > end:
+                    self._skip = stop - end
+                    pos = end
+                    break
+                pos = stop
+                continue
             if stop > end:
                 need = stop - pos
                 break
@@ -252,15 +285,13 @@ class Connection(asyncio.Protocol):
             else:
                 parts.append(data[start:stop])
                 if flags & MORE:
-                    held += stop - pos
-                    room -= stop - pos
+                    room -= size
                 else:
                     messages.append(parts)
                     parts = self._parts = []
-                    held = 0
                     room = self._max_message
             pos = stop
-        self._held = held
+        self._room = room
         if pos < end:
             self._rest += data[pos:]
             self._need = need

@@ -1,5 +1,6 @@
 """ZMTP 3 as bytes, for the native reader (kvrelay/ingest/zmtp.py): frames, commands, the greeting
-and READY a SUB sends, and the errors that close a connection."""
+and READY a SUB sends, the errors that close a connection, and what stands in for a message
+refused unread."""
 
 from __future__ import annotations
 
@@ -15,15 +16,23 @@ MAX_CONTEXT = 16  # a PING's context is at most 16 bytes; libzmq echoes no more 
 # TTL sent with our own PINGs stays below that.
 MAX_TTL_DECISECONDS = 655
 
+# The last frame of a message refused for its size (--max-batch-bytes), in place of what was
+# skipped unread: the message keeps its place in the stream (its seq is known), and the
+# publisher drops it as `too_large` before any decoding (`kvrelay.publish.common.read_frame`).
+# 0xc1 is the one byte msgpack never uses: nothing reads this as a vLLM batch.
+REFUSED = b"\xc1 refused unread: above --max-batch-bytes"
+
+
 class ProtocolError(Exception):
     """The peer does not speak ZMTP 3 PUB with the NULL mechanism."""
 
 
 class TooLarge(ProtocolError):
-    """The peer announced a frame (or a message) above the bound: refused unread."""
+    """The peer announced a command (or a frame before READY) above the bound: refused
+    unread, the connection reset."""
 
     def __init__(self, size: int, bound: int) -> None:
-        super().__init__(f"refused a message of {size} bytes, over the bound of {bound} bytes")
+        super().__init__(f"refused a frame of {size} bytes, over the bound of {bound} bytes")
         self.size = size
 
 
