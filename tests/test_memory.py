@@ -1,0 +1,118 @@
+"""Bounded memory: a vLLM batch over --max-batch-bytes, live or replayed, on either ZMQ engine,
+and the relay process's resident memory after the largest inputs and a full buffer.
+
+The process tests run the relay as it ships (`python -m kvrelay run`) and read its VmRSS and
+VmHWM from /proc; the rest run relays in this process against a real nats-server and real ZMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from harness import (
+    ANY_PORT,
+    COMP,
+    NS,
+    RelayProcess,
+    eventually,
+    join,
+    metric,
+    new_instance_id,
+    publish,
+    read_stream,
+    resyncs,
+    running_relay,
+    scrape,
+    seqs,
+    subject_of,
+)
+
+from bench.memory import proc_status, shape_payload
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm
+from kvrelay.wire.schema import Resync
+
+pytestmark = pytest.mark.integration
+
+BOUND = 64 << 10  # --max-batch-bytes in the in-process tests
+BIG = shape_payload("stored", 1 << 20)  # a well-formed vLLM batch of 1 MiB: over the bound
+LIMIT = 150_000_000  # bytes of resident memory a relay stays under (the pod's limit: 256 MiB)
+
+
+@pytest.mark.parametrize("with_replay", [False, True], ids=["no-replay", "replay"])
+async def test_a_batch_over_the_bound_is_dropped_unread_and_announced(
+        nc: Any, nats_server: NatsServer, caplog: pytest.LogCaptureFixture,
+        with_replay: bool) -> None:
+    """A vLLM batch above --max-batch-bytes is dropped before it is decoded: counted as
+    too_large, logged with its source, size and the bound, and announced with the next batch as
+    a resync gap for its seq, which no replay is asked for; the batches after it are relayed."""
+    instance = new_instance_id()
+    caplog.set_level(logging.WARNING, "kvrelay.ingest")
+    with SyntheticVllm(ANY_PORT, replay_endpoint=ANY_PORT if with_replay else None) as vllm:
+        replay = [vllm.replay_address] if vllm.replay_address else []
+        async with running(nats_server, instance, vllm, replay=replay) as relay:
+            if with_replay:
+                await eventually(lambda: metric(relay, "kvrelay_replays_total",
+                                                outcome="succeeded") == 1, "start-up replay")
+            await join(vllm, relay)
+            publish(vllm, 2)
+            vllm.publish_payload(BIG)  # seq 2
+            publish(vllm, 2)
+            got = await read_stream(nc, subject_of(instance), 4)
+            assert metric(relay, "kvrelay_batches_dropped_total", reason="too_large") == 1
+            assert metric(relay, "kvrelay_events_dropped_total", reason="too_large") == 0
+            assert metric(relay, "kvrelay_decode_errors_total", kind="msgpack") == 0
+            assert metric(relay, "kvrelay_resyncs_total", reason="gap") == 1
+            assert metric(relay, "kvrelay_replays_total", outcome="requested") == int(
+                with_replay)  # the start-up replay only
+            source = relay._sources[0].name
+    assert seqs(got) == [(0, 0), (0, 1), (0, 3), (0, 4)]
+    assert resyncs(got) == [(3, Resync("gap", 2, 2))]
+    assert (f"dropped a message of {len(BIG) + len(vllm.topic) + 8} bytes from {source} "
+            f"unread: above --max-batch-bytes ({BOUND})") in caplog.text
+
+
+async def test_rss_stays_bounded_after_a_50_mb_batch(
+        nats_server: NatsServer, relay_procs: Callable[[list[str]], RelayProcess]) -> None:
+    """A relay process as it ships, given a 50 MB vLLM batch (4.6 million block hashes): the
+    batch is dropped unread and the process's resident memory, now and at its peak, stays
+    under 150 MB; the batch after it is relayed."""
+    payload = shape_payload("removed", 50_000_000)
+    instance = new_instance_id()
+    with SyntheticVllm(ANY_PORT) as vllm:
+        proc = relay_procs(["--nats", nats_server.url, "--zmq", vllm.address, "--instance-id",
+                            str(instance), "--namespace", NS, "--component", COMP])
+        await proc.healthy()
+        port = proc.system_port
+
+        async def published() -> float:
+            return await scrape(port, "kvrelay_batches_published_total")
+
+        deadline = time.monotonic() + 10
+        while await published() == 0:  # ZMQ's slow joiner
+            assert time.monotonic() < deadline, proc.output()
+            vllm.publish_next()
+            await asyncio.sleep(0.05)
+        before = vllm.seq
+        vllm.publish_payload(payload)
+        vllm.publish_next()
+        deadline = time.monotonic() + 30
+        while await published() < before + 1:
+            assert time.monotonic() < deadline, proc.output()
+            await asyncio.sleep(0.05)
+        assert await scrape(port, "kvrelay_batches_dropped_total", reason="too_large") == 1
+        status = proc_status(proc.proc.pid)
+    assert status["VmRSS"] < LIMIT, status
+    assert status["VmHWM"] < LIMIT, status
+
+
+def running(nats_server: NatsServer, instance: int, vllm: SyntheticVllm,
+            **flags: Any) -> Any:
+    """An in-process relay of `instance` reading `vllm`, bounded at BOUND bytes a batch."""
+    return running_relay(nats=nats_server.url, instance_id=instance, zmq=[vllm.address],
+                         max_batch_bytes=BOUND, **flags)
