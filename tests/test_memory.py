@@ -34,7 +34,7 @@ from harness import (
 
 from bench.memory import proc_status, shape_payload
 from kvrelay.testing.natsserver import NatsServer
-from kvrelay.testing.synthetic import SyntheticVllm
+from kvrelay.testing.synthetic import SyntheticVllm, block_stored
 from kvrelay.wire.schema import Resync
 
 pytestmark = pytest.mark.integration
@@ -75,6 +75,61 @@ async def test_a_batch_over_the_bound_is_dropped_unread_and_announced(
     assert resyncs(got) == [(3, Resync("gap", 2, 2))]
     assert (f"dropped a message of {len(BIG) + len(vllm.topic) + 8} bytes from {source} "
             f"unread: above --max-batch-bytes ({BOUND})") in caplog.text
+
+
+async def test_a_replayed_batch_over_the_bound_is_announced_not_replayed_again(
+        nc: Any, nats_server: NatsServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A gap whose replay holds a batch above the bound: libzmq drops the replay connection at
+    that reply unread, the replay fails at once (not after --replay-timeout) and says why, the
+    gap is announced as a resync, no replay is asked for again, and what follows is relayed."""
+    instance = new_instance_id()
+    big = block_stored(list(range(2000)), None, list(range(32_000)))  # about 100 KB
+    with SyntheticVllm(ANY_PORT, replay_endpoint=ANY_PORT) as vllm:
+        assert vllm.replay_address is not None
+        async with running(nats_server, instance, vllm, replay=[vllm.replay_address],
+                           replay_timeout=5.0) as relay:
+            await eventually(lambda: metric(relay, "kvrelay_replays_total",
+                                            outcome="succeeded") == 1, "start-up replay")
+            await join(vllm, relay)
+            publish(vllm, 2)
+            await read_stream(nc, subject_of(instance), 2, settle=0)
+            vllm.skip(events_per_batch=[[big]])  # seq 2: only in vLLM's replay buffer
+            began = time.monotonic()
+            publish(vllm, 1)  # seq 3: the gap asks for a replay from 2
+            await eventually(lambda: metric(relay, "kvrelay_replays_total", outcome="failed")
+                             == 1, "the replay to fail")
+            assert time.monotonic() - began < 2.0
+            publish(vllm, 2)
+            got = await read_stream(nc, subject_of(instance), 5)
+            assert vllm.replay_requests == 2  # at start-up and for the gap: no loop
+            assert metric(relay, "kvrelay_missed_batches_total") == 1
+    assert seqs(got) == [(0, s) for s in (0, 1, 3, 4, 5)]
+    assert resyncs(got) == [(3, Resync("gap", 2, 2))]
+    assert f"a reply above --max-batch-bytes ({BOUND})" in caplog.text
+
+
+async def test_libzmq_engine_drops_a_batch_over_the_bound_with_the_connection(
+        nc: Any, nats_server: NatsServer) -> None:
+    """With --zmq-engine libzmq the bound is ZMQ_MAXMSGSIZE: libzmq drops the publisher's
+    connection at a message above it, unread, and reconnects; what follows is relayed after a
+    resync gap naming the batch (and any sent while it reconnected)."""
+    instance = new_instance_id()
+    with SyntheticVllm(ANY_PORT) as vllm:
+        async with running(nats_server, instance, vllm, zmq_engine="libzmq") as relay:
+            await join(vllm, relay)
+            publish(vllm, 2)
+            await read_stream(nc, subject_of(instance), 2, settle=0)
+            vllm.publish_payload(BIG)  # seq 2
+            published = 2.0
+            while published == 2:  # batches sent before the reconnection are lost too
+                vllm.publish_next()
+                await asyncio.sleep(0.05)
+                published = metric(relay, "kvrelay_batches_published_total")
+            got = await read_stream(nc, subject_of(instance), 3)
+    first = got[2].batch.seq
+    assert first > 2
+    assert seqs(got)[:3] == [(0, 0), (0, 1), (0, first)]
+    assert resyncs(got)[0] == (first, Resync("gap", 2, first - 1))
 
 
 async def test_rss_stays_bounded_after_a_50_mb_batch(

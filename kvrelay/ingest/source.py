@@ -8,10 +8,11 @@ before it. Payloads stay undecoded here; the codec decodes them at publish time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable
-from typing import Literal, cast
+from typing import Literal
 
 import zmq
 import zmq.asyncio
@@ -37,6 +38,10 @@ class ReplayError(Exception):
     """vLLM's replay socket answered something that is not a replay."""
 
 
+class ReplayCut(ReplayError):
+    """The replay connection closed before the replay ended."""
+
+
 class Source:
     """One vLLM publisher: SUB socket, sequence tracking, replay through its ROUTER."""
 
@@ -56,7 +61,7 @@ class Source:
         max_batch_bytes: int = 4 << 20,
         heartbeat: float = 0.0,
     ) -> None:
-        """`max_batch_bytes`: the largest message read."""
+        """`max_batch_bytes`: the largest message read, live or replayed."""
         self.spec = spec
         self._engine = engine
         self._max_batch_bytes = max_batch_bytes
@@ -196,12 +201,14 @@ class Source:
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.LINGER, 0)
+        # A larger frame makes libzmq drop the connection unread (a gap, once reconnected).
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_batch_bytes)
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
         if self._heartbeat > 0:  # as the native engine: PINGs, a heartbeat to answer, a TTL
             sock.setsockopt(zmq.HEARTBEAT_IVL, round(self._heartbeat * 1000))
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, round(self._heartbeat * 1000))
             sock.setsockopt(zmq.HEARTBEAT_TTL, ping_ttl(self._heartbeat) * 100)
-        self._watcher = asyncio.ensure_future(self._watch(sock.get_monitor_socket()))
+        self._watcher = asyncio.ensure_future(self._watch(sock, sock.get_monitor_socket()))
         delay = 0.1
         try:
             while True:
@@ -227,8 +234,9 @@ class Source:
         log.info("ZMQ SUB %s %s (dp_rank %d)", mode, self.spec.endpoint, self.spec.dp_rank)
         return sock
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """Say when the vLLM publisher comes and goes, and when it cannot be reached."""
+    async def _watch(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        """Say when the vLLM publisher comes and goes, and when it cannot be reached; connect
+        again when libzmq would not."""
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
@@ -238,7 +246,15 @@ class Source:
                     log.info("vLLM publisher attached on %s", self.name)
                 elif kind == zmq.EVENT_DISCONNECTED:
                     self._libzmq_peers = max(0, self._libzmq_peers - 1)
-                    log.warning("vLLM publisher went away from %s", self.name)
+                    log.warning("vLLM publisher went away from %s (or sent a message above "
+                                "--max-batch-bytes: libzmq drops the connection)", self.name)
+                    if not self.spec.bind:
+                        # After a protocol error (a message above ZMQ_MAXMSGSIZE is one)
+                        # libzmq gives the endpoint up for good; after any other loss it would
+                        # connect again itself. A new connection either way.
+                        with contextlib.suppress(zmq.ZMQError):
+                            sock.disconnect(self.spec.endpoint)
+                        sock.connect(self.spec.endpoint)
                 elif kind == zmq.EVENT_CONNECT_RETRIED:
                     self._warn.warning("retry:" + self.name,
                                        "no vLLM publisher at %s yet; retrying", self.name)
@@ -290,6 +306,13 @@ class Source:
         assert self.spec.replay is not None
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A reply above the bound makes libzmq drop the connection unread; the monitor says so
+        # at once, rather than after the timeout.
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_batch_bytes)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         replies: list[tuple[int, bytes]] = []
         try:
             sock.connect(self.spec.replay)
@@ -297,10 +320,14 @@ class Source:
             deadline = time.monotonic() + 10 * self._replay_timeout
             while True:
                 wait = min(self._replay_timeout, deadline - time.monotonic())
-                if wait <= 0:
-                    raise TimeoutError(f"no reply within {self._replay_timeout}s")
-                # pyzmq's stubs give the socket's poll the Poller's return type; it is an int
-                if not await cast("Awaitable[int]", sock.poll(timeout=int(wait * 1000))):
+                ready = dict(await poller.poll(timeout=int(wait * 1000))) if wait > 0 else {}
+                if sock not in ready:
+                    if monitor in ready:
+                        after = f"seq {replies[-1][0]}" if replies else "none"
+                        raise ReplayCut(
+                            f"the connection closed mid-replay (last reply: {after}): a reply "
+                            f"above --max-batch-bytes ({self._max_batch_bytes}), which libzmq "
+                            "drops unread, or vLLM went away")
                     raise TimeoutError(f"no reply within {self._replay_timeout}s")
                 frames = await sock.recv_multipart()
                 # [b"", seq, payload] up to vLLM 0.25, [b"", topic, seq, payload] since 0.26.
@@ -313,4 +340,6 @@ class Source:
                     raise ReplayError(f"replay seq {seq} does not follow {replies[-1][0]}")
                 replies.append((seq, frames[-1]))
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
