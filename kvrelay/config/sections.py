@@ -219,10 +219,11 @@ class PublishSettings(Section, frozen=True):
         "payload encoding of the RelayBatch; dynamo: NVIDIA Dynamo's own KV event plane "
         "(core NATS) instead")] = "msgpack"
     buffer_batches: Annotated[int, setting(
-        "batches buffered while NATS is slow or away; past it the oldest are dropped",
-        ge=1)] = 50_000
+        "batches ingest holds, of every vLLM publisher together: buffered while NATS is slow "
+        "or away, and held while a resume or a replay is under way; past it the oldest are "
+        "dropped", ge=1)] = 50_000
     buffer_bytes: Annotated[int, setting(
-        "payload bytes buffered while NATS is slow or away; past it the oldest are dropped",
+        "payload bytes ingest holds, as --buffer-batches; past it the oldest are dropped",
         ge=1024)] = 64 << 20
     max_in_flight: Annotated[int, setting(
         "publishes awaiting a JetStream ack at once", ge=1)] = 4000

@@ -19,6 +19,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kvrelay.config import SourceSpec
+from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.sequencer import Sequencer, Sink
 from kvrelay.ingest.subscriber import Subscriber
 from kvrelay.ingest.zmtp import Messages
@@ -53,15 +54,15 @@ class Source:
         metrics: Metrics,
         *,
         topic: bytes = b"",
-        hold_limit: int = 50_000,
-        hold_bytes: int = 64 << 20,
+        budget: Budget | None = None,
         replay_timeout: float = 2.0,
         replay_cooldown: float = 5.0,
         engine: Literal["native", "libzmq"] = "native",
         max_batch_bytes: int = 4 << 20,
         heartbeat: float = 0.0,
     ) -> None:
-        """`max_batch_bytes`: the largest message read, live or replayed."""
+        """`budget`: what batches held during a resume or a replay are charged to (shared with
+        the buffer); `max_batch_bytes`: the largest message read, live or replayed."""
         self.spec = spec
         self._engine = engine
         self._max_batch_bytes = max_batch_bytes
@@ -77,8 +78,7 @@ class Source:
         self._subscriber: Subscriber | None = None
         self.sequencer = Sequencer(
             spec.dp_rank, sink, metrics, request_replay=self._start_replay if spec.replay else None,
-            hold_limit=hold_limit, hold_bytes=hold_bytes, replay_cooldown=replay_cooldown,
-            name=self.name)
+            budget=budget, replay_cooldown=replay_cooldown, name=self.name)
         self._watcher: asyncio.Task[None] | None = None
         self._failed: asyncio.Future[None] | None = None  # set while run() reads
         self._tasks: set[asyncio.Task[None]] = set()  # resume and replay
