@@ -227,6 +227,9 @@ class PublishSettings(Section, frozen=True):
         ge=1024)] = 64 << 20
     max_in_flight: Annotated[int, setting(
         "publishes awaiting a JetStream ack at once", ge=1)] = 4000
+    max_in_flight_bytes: Annotated[int, setting(
+        "payload bytes of the publishes awaiting an ack at once (the last one may pass it)",
+        ge=1024)] = 4 << 20
     ack_timeout: Annotated[float, setting(
         "seconds to wait for a JetStream ack before publishing again (dedup drops repeats)",
         gt=0)] = 5.0
