@@ -23,6 +23,7 @@ import zmq.asyncio
 from kvrelay import __version__, build, discovery
 from kvrelay.config import Config
 from kvrelay.discovery import DiscoveryError, InstanceId
+from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.ingest.source import Source
@@ -124,7 +125,10 @@ class Relay:
 
         publish = config.publish
         worker = Worker(config.discovery.namespace, config.discovery.component, instance_id)
-        self.buffer = Buffer(publish.buffer_batches, publish.buffer_bytes, self.metrics)
+        # One bound on everything ingest holds: the buffer and the batches held during a
+        # resume or a replay, of every source.
+        budget = Budget(publish.buffer_batches, publish.buffer_bytes)
+        self.buffer = Buffer(budget, self.metrics)
         specs = config.zmq.sources()
         ranks = [s.dp_rank for s in specs]
         self.publisher = self._output(worker, ranks, self.identity.lease)
@@ -134,14 +138,9 @@ class Relay:
         topic = config.zmq.topic.encode()
         for spec in specs:
             source = Source(spec, self._zmq, self._deliver, self.metrics, topic=topic,
-                            # Held batches share the buffer's bounds across the sources.
-                            hold_limit=max(1, publish.buffer_batches // len(specs)),
-                            hold_bytes=max(1024, publish.buffer_bytes // len(specs)),
-                            replay_timeout=config.zmq.replay_timeout,
+                            budget=budget, replay_timeout=config.zmq.replay_timeout,
                             replay_cooldown=config.zmq.replay_cooldown,
-                            engine=config.zmq.engine,
-                            # A message the whole buffer could not hold is refused unread.
-                            max_message=publish.buffer_bytes,
+                            engine=config.zmq.engine, max_batch_bytes=config.zmq.max_batch_bytes,
                             heartbeat=config.zmq.heartbeat)
             self._sources.append(source)
             task = asyncio.ensure_future(source.run(self.publisher.resume_point(spec.dp_rank)))

@@ -20,6 +20,9 @@ def test_defaults_match_a_vllm_sidecar() -> None:
     assert (config.discovery.namespace, config.discovery.component,
             config.system.system_port) == ("dynamo", "backend", 9090)
     assert (config.publish.buffer_batches, config.publish.buffer_bytes) == (50_000, 64 << 20)
+    assert config.zmq.max_batch_bytes == 4 << 20
+    # Unset, it follows a smaller buffer: a batch the buffer cannot hold is never read.
+    assert Config.load({}, {"KVRELAY_BUFFER_BYTES": str(1 << 20)}).zmq.max_batch_bytes == 1 << 20
 
 
 def test_flag_beats_kvrelay_env_beats_dynamo_env() -> None:
@@ -82,6 +85,9 @@ def test_overlapping_dp_layout_is_warned(caplog: pytest.LogCaptureFixture) -> No
      "--zmq-heartbeat must be 0 \\(off\\) or from 0.1 to 60 seconds \\(got 0.05\\)"),
     ({"zmq_heartbeat": "61"}, "--zmq-heartbeat must be 0 \\(off\\) or from 0.1 to 60"),
     ({"zmq_heartbeat": "-1"}, "--zmq-heartbeat must be 0 \\(off\\) or from 0.1 to 60"),
+    ({"max_batch_bytes": "512"}, "--max-batch-bytes must be at least 1024"),
+    ({"buffer_bytes": str(1 << 20), "max_batch_bytes": str(2 << 20)},
+     "--max-batch-bytes \\(2097152\\) is more than --buffer-bytes \\(1048576\\)"),
 ])
 def test_invalid_values_are_config_errors(flags: dict[str, object], message: str) -> None:
     """Each invalid setting is refused with a message naming the problem."""

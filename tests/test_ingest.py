@@ -12,6 +12,7 @@ import zmq.asyncio
 
 from kvrelay.app import Relay
 from kvrelay.config import Config, SourceSpec
+from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.buffer import Buffer, merge_resyncs
 from kvrelay.ingest.sequencer import Frame, Sequencer
 from kvrelay.ingest.source import Source
@@ -43,7 +44,7 @@ def test_overflow_while_holding_is_announced_as_overflow() -> None:
     """Batches dropped past the hold bound are announced as `overflow` with their range."""
     frames: list[Frame] = []
     metrics = Metrics()
-    sequencer = Sequencer(0, frames.append, metrics, hold_limit=3)
+    sequencer = Sequencer(0, frames.append, metrics, budget=Budget(3, 1 << 20))
     for seq in range(6):
         sequencer.offer(seq, b"x", 0.0)
     sequencer.resume(None)
@@ -51,6 +52,33 @@ def test_overflow_while_holding_is_announced_as_overflow() -> None:
     assert frames[0].resyncs == (Resync("overflow", 0, 2),)
     assert frames[1].resyncs == ()
     assert sample(metrics, "kvrelay_batches_dropped_total", reason="overflow") == 3
+
+
+def test_buffer_and_held_batches_share_one_budget() -> None:
+    """The buffer and every sequencer's held batches count against one bound, in batches and in
+    bytes: past it the oldest batch anywhere goes, whoever adds, counted and announced as
+    `overflow` by its holder; what leaves either is released."""
+    metrics = Metrics()
+    budget = Budget(4, 20)
+    buffer = Buffer(budget, metrics)
+    frames: list[Frame] = []
+    sequencer = Sequencer(1, frames.append, metrics, budget=budget)  # holds until resumed
+    buffer.put(Frame(0, 0, 0, b"a", 1.0, ()))
+    buffer.put(Frame(0, 0, 1, b"b", 2.0, ()))
+    sequencer.offer(0, b"c", 3.0)
+    sequencer.offer(1, b"d", 4.0)
+    assert (budget.batches, budget.nbytes) == (4, 4)
+    sequencer.offer(2, b"e", 5.0)  # one batch too many: the buffer's seq 0 is the oldest
+    buffer.put(Frame(0, 0, 2, b"f", 6.0, ()))  # and then its seq 1
+    assert (len(buffer), sequencer.held) == (1, 3)
+    buffer.put(Frame(0, 0, 3, b"g" * 18, 7.0, ()))  # a batch and 18 bytes: held 0 and 1 go
+    assert (len(buffer), sequencer.held, budget.batches, budget.nbytes) == (2, 1, 3, 20)
+    assert sample(metrics, "kvrelay_batches_dropped_total", reason="overflow") == 4
+    sequencer.resume(None)
+    assert [(f.seq, f.resyncs) for f in frames] == [(2, (Resync("overflow", 0, 1),))]
+    assert [(f.seq, f.resyncs) for f in buffer.pop_upto(10)] == [
+        (2, (Resync("overflow", 0, 1),)), (3, ())]
+    assert (budget.batches, budget.nbytes) == (0, 0)
 
 
 def test_failed_replay_announces_the_gap_and_waits_before_the_next() -> None:
@@ -107,7 +135,7 @@ def test_buffer_hands_owed_resyncs_to_the_ranks_next_frame_once() -> None:
     """What a rank is owed goes with its next frame taken (`pop_upto`), or to a caller that
     claims it; overflows are counted when handed on, and nothing is handed twice."""
     metrics = Metrics()
-    buffer = Buffer(max_batches=3, max_bytes=1 << 20, metrics=metrics)
+    buffer = Buffer(Budget(3, 1 << 20), metrics)
     for seq in range(5):  # seqs 0 and 1 of rank 0 overflow
         buffer.put(Frame(0, 0, seq, b"x", 0.0, ()))
     buffer.lose("rejected", 1, (7,), events=3, carried=(Resync("restart"),))

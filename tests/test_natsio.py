@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from kvrelay.config import Config
+from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.jetstream.publisher import Publisher
 from kvrelay.natsio.link import DirectLink, NatsPyIncompatible, header_block, new_link
@@ -139,7 +140,8 @@ async def test_the_publisher_on_a_changed_nats_py_is_fatal(nats_server: NatsServ
     config = Config.load({"nats": nats_server.url}, {})
     metrics = Metrics()
     publisher = Publisher(Worker("dynamo", "backend", new_instance_id()), config.nats,
-                          config.publish, config.stream, Buffer(10, 1 << 20, metrics), metrics)
+                          config.publish, config.stream, Buffer(Budget(10, 1 << 20), metrics),
+                          metrics)
     publisher._link = DirectLink(new_client=Changed)
     await publisher.connect([0])
     assert publisher.fatal.done()

@@ -37,6 +37,7 @@ from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from kvrelay.app import Relay
 from kvrelay.codec import Codec
 from kvrelay.config import Config
+from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.jetstream.publisher import Publisher
@@ -672,7 +673,8 @@ async def test_stored_batches_reported_in_stream_order_after_lost_acks(
                          {})
     metrics = Metrics()
     publisher = Publisher(Worker("ordered", COMP, new_instance_id()), config.nats,
-                          config.publish, config.stream, Buffer(100, 1 << 20, metrics), metrics,
+                          config.publish, config.stream, Buffer(Budget(100, 1 << 20), metrics),
+                          metrics,
                           lambda b, stream_seq: heard.append((b.seq, stream_seq)))
     await publisher.connect([0])
     factory = WorkloadFactory(seed=2)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from kvrelay.ingest.sequencer import Frame
-from kvrelay.jetstream.window import Window
-from kvrelay.wire.schema import RelayBatch, ResumePoint
+from kvrelay.jetstream.window import SLIM_FROM, Window
+from kvrelay.wire.schema import RelayBatch, Removed, ResumePoint, Stored
 
 SUBJECT = "kv.ns.comp.7.0"
 
@@ -66,3 +68,42 @@ def test_clear_counts_what_was_in_flight() -> None:
     assert window.clear() == (3, 6)
     assert len(window) == 0
     assert window.oldest() is None
+
+
+def test_the_window_counts_its_payload_bytes() -> None:
+    """What is in flight is counted in payload bytes: up with each publish, down as each
+    leaves the window, stored, dropped, found by recovery or cleared."""
+    window = Window()
+    tokens = [window.add(Frame(0, 0, seq, b"p", 0.0, ()), SUBJECT, f"7.0.0.{seq}",
+                         bytes(100 * (seq + 1)), 0.0, 1, None)[0] for seq in range(5)]
+    assert window.nbytes == 1500
+    window.stored(tokens[0], 1)
+    window.stored(tokens[0], 1)  # a second ack of the same batch
+    assert window.nbytes == 1400
+    window.dropped(tokens[1])
+    assert window.nbytes == 1200
+    stored, late = window.found(SUBJECT, [(2, ResumePoint(0, 3))])  # seq 3 stored, 2 late
+    assert ([p.seq for p in stored], [p.seq for p in late], window.nbytes) == ([3], [2], 500)
+    window.clear()
+    assert window.nbytes == 0
+
+
+def test_a_large_batch_waits_for_its_ack_with_its_blocks_only() -> None:
+    """A batch kept for on_stored whose payload reaches SLIM_FROM bytes waits without token ids
+    and extra keys (nothing after the ack reads them, and they are most of its memory), blocks
+    intact; a smaller one is kept as it is."""
+    heard: list[RelayBatch] = []
+    window = Window(lambda b, stream_seq: heard.append(b))
+    stored = Stored([1, 2], None, list(range(32)), 16, medium="GPU",
+                    extra_keys=[["mm", 0], None], lookahead_token_ids=[5])
+    removed = Removed([9], medium="GPU")
+    for seq, size in enumerate((SLIM_FROM - 1, SLIM_FROM)):
+        relay_batch = RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=seq, ts=0.0,
+                                 relay_ts=0.0, events=[stored, removed])
+        token, _ = window.add(Frame(0, 0, seq, b"p", 0.0, ()), SUBJECT, f"7.0.0.{seq}",
+                              bytes(size), 0.0, 2, relay_batch)
+        window.stored(token, seq + 1)
+    assert heard[0].events == [stored, removed]
+    assert heard[1].events == [msgspec.structs.replace(
+        stored, token_ids=[], extra_keys=None, lookahead_token_ids=None), removed]
+    assert heard[1].seq == 1

@@ -26,7 +26,8 @@ from kvrelay.config.endpoint import parse_endpoint
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.ingest.source import Source
 from kvrelay.ingest.subscriber import Subscriber
-from kvrelay.ingest.zmtp import GREETING, READY, Connection, Messages
+from kvrelay.ingest.zmtp import Connection, Messages
+from kvrelay.ingest.zmtpwire import GREETING, READY, REFUSED
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import free_port
 
@@ -72,6 +73,12 @@ class Recorder:
     def get_extra_info(self, name: str) -> Any:
         return None
 
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
 
 async def _connection() -> tuple[Connection, Recorder, Messages]:
     got: Messages = []
@@ -111,8 +118,8 @@ async def test_any_cut_of_the_stream_gives_the_same_messages(messages: Messages,
                       command=True), "a PUSH socket"),
     (GREETING + frame(b"hello"), "a message before READY"),
     (GREETING + frame(b"\x05ERROR\x06denied", command=True), "denied"),
-    (GREETING + PUB_READY + b"\x02" + (MAX_MESSAGE + 1).to_bytes(8, "big"),
-     "refused a message of"),
+    (GREETING + PUB_READY + b"\x06" + (MAX_MESSAGE + 1).to_bytes(8, "big"),
+     "refused a frame of"),
 ])
 async def test_a_peer_that_is_not_a_pub_is_refused(stream: bytes, why: str) -> None:
     """Anything but a ZMTP 3 PUB with the NULL mechanism is closed with the reason, not read."""
@@ -511,42 +518,45 @@ async def test_no_pings_to_a_3_0_peer() -> None:
         assert subscriber.attachments == 1
 
 
-@pytest.mark.parametrize("shape", ["one frame", "many frames"])
-async def test_a_message_over_the_bound_is_refused_counted_and_never_held(
+@pytest.mark.parametrize("shape", ["payload", "endless"])
+async def test_a_message_over_the_bound_is_skipped_unread_in_its_place(
         shape: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A PUB announcing a message above the byte bound (64 KiB here) is reset as the header that
-    crosses it arrives: the drop is counted (`too_large`) and logged, the megabytes it streams
-    are never kept in memory, and the reader connects again."""
+    """A message above the byte bound (64 KiB here) is skipped as its 16 MiB arrive, never
+    kept, over the same connection. vLLM's [topic, seq, payload] with a payload over the bound
+    goes on in its place, seq kept, as REFUSED, logged with its source, size and the bound, and
+    the message after it arrives; a message whose frames never end is skipped to its end."""
     bound = 64 << 10
+    chunk = bytes(60_000)
     streamed: list[int] = []
 
-    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    index: int) -> None:
-        if index > 0:
-            await closed_by_peer(reader)
-            return
-        chunk = bytes(60_000)
-        if shape == "one frame":  # one frame of 100 MiB, its body sent as it goes
-            writer.write(b"\x01\x00" + b"\x02" + (100 << 20).to_bytes(8, "big"))
-            piece = chunk
+    def message(seq: int, payload: bytes) -> bytes:
+        return frame(b"kv", more=True) + frame(seq.to_bytes(8, "big"), more=True) + \
+            frame(payload)
+
+    async def send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   index: int) -> None:
+        writer.write(message(0, b"before") + frame(b"kv", more=True)
+                     + frame((1).to_bytes(8, "big"), more=True))
+        if shape == "payload":  # one frame of 16 MiB, its body sent as it goes
+            writer.write(b"\x02" + (16 << 20).to_bytes(8, "big"))
+            piece = bytes(1 << 16)
         else:  # 60 KB frames, each under the bound, never the last of their message
             piece = b"\x03" + len(chunk).to_bytes(8, "big") + chunk
         total = 0
-        try:
-            while total < 16 << 20:
-                writer.write(piece)
-                await writer.drain()
-                total += len(piece)
-        finally:
-            streamed.append(total)
+        while total < 16 << 20:
+            writer.write(piece)
+            await writer.drain()
+            total += len(piece)
+        writer.write(message(2, b"after"))
+        streamed.append(total)
+        await closed_by_peer(reader)
 
-    metrics = Metrics()
     frames: list[Frame] = []
-    caplog.set_level(logging.WARNING, "kvrelay.zmtp")
-    async with raw_pub(flood) as (port, handshaken):
+    caplog.set_level(logging.WARNING, "kvrelay.ingest")
+    async with raw_pub(send) as (port, handshaken):
         spec = SourceSpec(f"tcp://127.0.0.1:{port}", False, None, 0)
-        source = Source(spec, zmq.asyncio.Context.instance(), frames.append, metrics,
-                        max_message=bound)
+        source = Source(spec, zmq.asyncio.Context.instance(), frames.append, Metrics(),
+                        max_batch_bytes=bound)
         resumed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         resumed.set_result(None)
         tracemalloc.start()
@@ -554,21 +564,64 @@ async def test_a_message_over_the_bound_is_refused_counted_and_never_held(
             baseline = tracemalloc.get_traced_memory()[0]
             reading = asyncio.ensure_future(source.run(resumed))
             try:
-                await until(lambda: len(handshaken) >= 2, "the reader did not connect again")
-                await until(lambda: bool(streamed), "the flood was not cut off")
+                await until(lambda: bool(streamed), "the 16 MiB were not all sent")
+                if shape == "payload":
+                    await until(lambda: len(frames) == 3, "the message after did not arrive")
+                else:
+                    await asyncio.sleep(0.2)
                 peak = tracemalloc.get_traced_memory()[1] - baseline
             finally:
                 reading.cancel()
                 await asyncio.gather(reading, return_exceptions=True)
         finally:
             tracemalloc.stop()
-    assert streamed[0] < 16 << 20  # the reset cut the flood short
     assert peak < 4 << 20
-    assert frames == []
-    assert metrics.registry.get_sample_value(
-        "kvrelay_batches_dropped_total", {"reason": "too_large"}) == 1
-    assert "refused a message of" in caplog.text
-    assert "--buffer-bytes" in caplog.text
+    assert handshaken == [0]  # never reset
+    if shape == "payload":
+        assert [(f.seq, f.payload) for f in frames] == [(0, b"before"), (1, REFUSED),
+                                                         (2, b"after")]
+        assert (f"dropped a message of {2 + 8 + (16 << 20)} bytes from {source.name} unread: "
+                f"above --max-batch-bytes ({bound})") in caplog.text
+    else:
+        assert [(f.seq, f.payload) for f in frames] == [(0, b"before")]
+
+
+@settings(deadline=None, max_examples=150)
+@given(messages=zmtp_messages, bound=st.integers(64, 3000), data=st.data())
+async def test_any_cut_of_the_stream_skips_the_same_messages(messages: Messages, bound: int,
+                                                             data: st.DataObject) -> None:
+    """However TCP cuts the bytes, a message over the bound comes out as the frames that fit
+    before the one crossing it and REFUSED, its size reported; the others whole, in order."""
+    expected: Messages = []
+    sizes: list[int] = []
+    for parts in messages:
+        kept: list[bytes] = []
+        for part in parts:
+            if sum(map(len, kept)) + len(part) > bound:
+                expected.append([*kept, REFUSED])
+                sizes.append(sum(map(len, parts)))
+                break
+            kept.append(part)
+        else:
+            expected.append(parts)
+    stream = pub_stream(messages)
+    cuts = data.draw(chunkings(len(stream)))
+    got: Messages = []
+    refused: list[int] = []
+    connection = Connection(b"kv", got.extend, lambda c: None, lambda c, e: None,
+                            max_message=bound, refused=refused.append)
+    recorder = Recorder()
+    connection.connection_made(recorder)  # type: ignore[arg-type]
+    for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        connection.data_received(stream[start:stop])
+    for _ in range(100):  # a read of 64 KiB or more is handed on over the next turns
+        if len(got) >= len(messages):
+            break
+        await asyncio.sleep(0)
+    assert got == expected
+    assert refused == sizes
+    assert not recorder.aborted
+    connection.connection_lost(None)
 
 
 class HostStalls:

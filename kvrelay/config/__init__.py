@@ -71,6 +71,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 if env.get(var, "") != "":
                     values[s.section][s.field] = s.parse(env[var], var)
                     break
+        buffer_bytes = values["publish"].get("buffer_bytes")
+        if "max_batch_bytes" not in values["zmq"] and buffer_bytes is not None:
+            # Not given: the default, or all of a smaller buffer.
+            values["zmq"]["max_batch_bytes"] = min(buffer_bytes, _MAX_BATCH_BYTES)
         sections: dict[str, Any] = {}
         for name, kind in _SECTIONS:
             try:
@@ -86,6 +90,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         for s in settings():
             s.check(getattr(getattr(self, s.section), s.field))
         self.zmq.sources()  # validates the ZMQ layout
+        if self.zmq.max_batch_bytes > self.publish.buffer_bytes:
+            raise ConfigError(
+                f"--max-batch-bytes ({self.zmq.max_batch_bytes}) is more than --buffer-bytes "
+                f"({self.publish.buffer_bytes}): a batch that large could never be buffered")
         if self.publish.format == "dynamo":
             self._validate_dynamo()
 
@@ -124,6 +132,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         return out
 
 
+_MAX_BATCH_BYTES: int = ZmqSettings().max_batch_bytes
 _SECTIONS: tuple[tuple[str, type[msgspec.Struct]], ...] = tuple(
     (f.name, f.default_factory)
     for f in msgspec.structs.fields(Config))

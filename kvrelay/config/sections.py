@@ -64,6 +64,12 @@ class ZmqSettings(Section, frozen=True):
         "seconds to wait for vLLM's replay before falling back to a resync", gt=0)] = 2.0
     replay_cooldown: Annotated[float, setting(
         "seconds after a failed replay before the next is tried on that endpoint", gt=0)] = 5.0
+    max_batch_bytes: Annotated[int, setting(
+        "largest vLLM message (its frames together) read from the PUB or a replay, at most "
+        "--buffer-bytes (unset: 4 MiB, or --buffer-bytes when smaller); a larger one is "
+        "dropped unread, counted (too_large) and announced as a gap. With --zmq-engine libzmq "
+        "it sets ZMQ_MAXMSGSIZE, which bounds each frame and drops the publisher's connection "
+        "instead", ge=1024)] = 4 << 20
 
     def sources(self) -> tuple[SourceSpec, ...]:
         """One SourceSpec per vLLM publisher, with --dp-ranks expanded as vLLM lays ports out."""
@@ -213,13 +219,17 @@ class PublishSettings(Section, frozen=True):
         "payload encoding of the RelayBatch; dynamo: NVIDIA Dynamo's own KV event plane "
         "(core NATS) instead")] = "msgpack"
     buffer_batches: Annotated[int, setting(
-        "batches buffered while NATS is slow or away; past it the oldest are dropped",
-        ge=1)] = 50_000
+        "batches ingest holds, of every vLLM publisher together: buffered while NATS is slow "
+        "or away, and held while a resume or a replay is under way; past it the oldest are "
+        "dropped", ge=1)] = 50_000
     buffer_bytes: Annotated[int, setting(
-        "payload bytes buffered while NATS is slow or away; past it the oldest are dropped",
+        "payload bytes ingest holds, as --buffer-batches; past it the oldest are dropped",
         ge=1024)] = 64 << 20
     max_in_flight: Annotated[int, setting(
         "publishes awaiting a JetStream ack at once", ge=1)] = 4000
+    max_in_flight_bytes: Annotated[int, setting(
+        "payload bytes of the publishes awaiting an ack at once (the last one may pass it)",
+        ge=1024)] = 4 << 20
     ack_timeout: Annotated[float, setting(
         "seconds to wait for a JetStream ack before publishing again (dedup drops repeats)",
         gt=0)] = 5.0

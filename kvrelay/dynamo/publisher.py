@@ -100,6 +100,7 @@ class DynamoPublisher(Output):
         self.file_kv = Path(config.dynamo_file_kv or default_file_kv())
         self.registrar: Registrar | None = None
         self._window: deque[_Sent] = deque()
+        self._window_bytes = 0
         self._gathered: list[Frame] = []  # taken in this turn, sent together at its end
         self._markers = Markers[_Sent](self._link, self._online, self._confirm)
         self._resend = False
@@ -123,6 +124,10 @@ class DynamoPublisher(Output):
     @property
     def in_flight(self) -> int:
         return len(self._window)
+
+    @property
+    def in_flight_bytes(self) -> int:
+        return self._window_bytes
 
     def readiness(self) -> dict[str, str]:
         if self.registrar is None:
@@ -200,7 +205,7 @@ class DynamoPublisher(Output):
                 if not self._online() or self._resend:
                     break
         published = 0
-        while self._buffer and len(self._window) < self._settings.max_in_flight \
+        while self._buffer and self._window_open() \
                 and not self._resend and self._online():
             for group in self._buffered_groups():
                 entered = self._enter(group)
@@ -327,6 +332,7 @@ class DynamoPublisher(Output):
         sent = _Sent(payload, ts, len(carried), len(items))
         self._window.append(sent)
         self._watched.set()
+        self._window_bytes += len(payload)
         return sent
 
     async def _publish(self, sent: _Sent) -> None:
@@ -376,6 +382,7 @@ class DynamoPublisher(Output):
         batches = events = 0
         while window:
             sent = window.popleft()
+            self._window_bytes -= len(sent.payload)
             batches += sent.batches
             events += sent.events
             metrics.publish_latency.observe(now - sent.sent_at)
@@ -384,7 +391,7 @@ class DynamoPublisher(Output):
                 break
         metrics.batches_published.inc(batches)
         metrics.events_published.inc(events)
-        if self._buffer and len(window) < self._settings.max_in_flight:
+        if self._buffer and self._window_open():
             self._wake.set()
 
     # -- shutdown ------------------------------------------------------------------------------
@@ -396,6 +403,7 @@ class DynamoPublisher(Output):
         events = sum(s.events for s in self._window)
         self._buffer.drain_all()
         self._window.clear()
+        self._window_bytes = 0
         if lost:
             self._metrics.drop("shutdown", lost, events)
         return lost

@@ -1,7 +1,9 @@
 """The bounded buffer between ingest and publish, and the one place losses past ingest go.
 
 ZMQ cannot be paused without vLLM dropping on its side, so the relay keeps reading while NATS is
-slow or away, up to a bound in batches and in bytes. Past the bound the oldest batch goes.
+slow or away, up to a bound in batches and in bytes: the one `Budget` of everything ingest
+holds, shared with the batches the sequencers hold during a resume or a replay. Past the bound
+the oldest batch goes.
 
 Every batch lost after ingest handed it on (overflow here; malformed, too large, refused or out
 of order in a publisher) goes through `lose`: counted as dropped by its reason, and announced
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 
+from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import Resync, ResyncReason
@@ -38,11 +41,10 @@ def merge_resyncs(owed: Iterable[Resync], new: Iterable[Resync]) -> tuple[Resync
 
 
 class Buffer:
-    """FIFO of Frames, drop-oldest past `max_batches` or `max_bytes`."""
+    """FIFO of Frames, charged to `budget`: past its bound the oldest batch held goes."""
 
-    def __init__(self, max_batches: int, max_bytes: int, metrics: Metrics) -> None:
-        self.max_batches = max_batches
-        self.max_bytes = max_bytes
+    def __init__(self, budget: Budget, metrics: Metrics) -> None:
+        self._budget = budget
         self._metrics = metrics
         self._frames: deque[Frame] = deque()
         self._bytes = 0
@@ -51,6 +53,7 @@ class Buffer:
         # Read at scrape time: right while nothing is published, and free on the hot path.
         metrics.buffer_batches.set_function(self.__len__)
         metrics.buffer_bytes.set_function(lambda: self._bytes)
+        budget.join(self)
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -61,11 +64,9 @@ class Buffer:
 
     def put(self, frame: Frame) -> None:
         self._frames.append(frame)
-        self._bytes += len(frame.payload)
-        while len(self._frames) > self.max_batches or (
-            self._bytes > self.max_bytes and len(self._frames) > 1
-        ):
-            self._drop_oldest()
+        size = len(frame.payload)
+        self._bytes += size
+        self._budget.charge(size)
 
     def lose(self, reason: str, dp_rank: int, seqs: Sequence[int], events: int = 0,
              carried: tuple[Resync, ...] = ()) -> None:
@@ -88,7 +89,9 @@ class Buffer:
     def pop(self) -> Frame:
         """The oldest frame, with the resyncs owed to its rank prepended."""
         frame = self._frames.popleft()
-        self._bytes -= len(frame.payload)
+        size = len(frame.payload)
+        self._bytes -= size
+        self._budget.release(1, size)
         if frame.dp_rank not in self._owed:
             return frame
         return frame._replace(resyncs=(*self.claim(frame.dp_rank), *frame.resyncs))
@@ -108,12 +111,20 @@ class Buffer:
         """Everything left, for counting at shutdown."""
         frames = list(self._frames)
         self._frames.clear()
+        self._budget.release(len(frames), self._bytes)
         self._bytes = 0
         return frames
 
-    def _drop_oldest(self) -> None:
+    def oldest(self) -> float | None:
+        """When the oldest frame was read (None: empty); for the budget."""
+        return self._frames[0].recv_ts if self._frames else None
+
+    def drop_oldest(self) -> None:
+        """The budget is over and this frame is the oldest held: dropped as `overflow`."""
         frame = self._frames.popleft()
-        self._bytes -= len(frame.payload)
+        size = len(frame.payload)
+        self._bytes -= size
+        self._budget.release(1, size)
         # What the dropped frame had to announce, then its own loss; a run of drops folds
         # into one `overflow` range, and a restart among them breaks the run as it should.
         self.lose("overflow", frame.dp_rank, (frame.seq,), carried=frame.resyncs)

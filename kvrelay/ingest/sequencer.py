@@ -2,8 +2,9 @@
 
 Pure logic, no I/O: the Source reads sockets and runs replays; the Sequencer decides what each
 batch means (next in line, a gap to replay, a duplicate, a restart), holds live batches while a
-resume or a replay is under way (bounded), and hands every batch on once, in order, with the
-`resync`s a consumer must see before it. Every drop it makes is counted.
+resume or a replay is under way (charged to ingest's one `Budget`, shared with the buffer), and
+hands every batch on once, in order, with the `resync`s a consumer must see before it. Every
+drop it makes is counted.
 
 A seq below the one expected is a restart or a duplicate (`is_restart`). vLLM's publisher
 counts from 0 again when the engine restarts, and the relay, reading all along, sees the new
@@ -25,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
+from kvrelay.ingest.budget import Budget
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import ResumePoint, Resync, ResyncReason
@@ -59,17 +61,18 @@ class Sequencer:
     `resume` says where the stream left off."""
 
     def __init__(self, dp_rank: int, sink: Sink, metrics: Metrics, *,
-                 request_replay: ReplayRequest | None = None, hold_limit: int = 50_000,
-                 hold_bytes: int = 64 << 20, replay_cooldown: float = 5.0,
+                 request_replay: ReplayRequest | None = None, budget: Budget | None = None,
+                 replay_cooldown: float = 5.0,
                  name: str = "", clock: Callable[[], float] = time.monotonic) -> None:
-        """`request_replay` None: there is no replay socket, gaps are announced at once."""
+        """`request_replay` None: there is no replay socket, gaps are announced at once.
+        `budget`: what held batches are charged to (None: one of their own, at the defaults of
+        --buffer-batches and --buffer-bytes)."""
         self.dp_rank = dp_rank
         self.name = name or f"dp_rank {dp_rank}"
         self._sink = sink
         self._metrics = metrics
         self._request_replay = request_replay
-        self._hold_limit = hold_limit
-        self._hold_bytes = hold_bytes
+        self._budget = budget if budget is not None else Budget(50_000, 64 << 20)
         self._replay_cooldown = replay_cooldown
         self._clock = clock
         self._warn = RateLimitedLog(log)
@@ -87,13 +90,14 @@ class Sequencer:
         # reach it, vLLM no longer holds what is missing (or a restarted engine answered), and the
         # gap is announced rather than asked for again.
         self._replay_for: int | None = None
-        # While resuming or replaying, live batches wait here (bounded: oldest dropped; the
-        # highest seq dropped so the hole is announced as `overflow`).
+        # While resuming or replaying, live batches wait here (charged to the budget: past it
+        # the oldest dropped; the highest seq dropped so the hole is announced as `overflow`).
         self._holding = True
         self._held: deque[tuple[int, bytes, float]] = deque()
         self._held_bytes = 0
         self._overflow_upto: int | None = None
         self._cooldown_until = 0.0
+        self._budget.join(self)
 
     @property
     def holding(self) -> bool:
@@ -147,12 +151,20 @@ class Sequencer:
     def _hold(self, seq: int, payload: bytes, now: float) -> None:
         self._held.append((seq, payload, now))
         self._held_bytes += len(payload)
-        while len(self._held) > self._hold_limit or (
-                self._held_bytes > self._hold_bytes and len(self._held) > 1):
-            dropped, dropped_payload, _ = self._held.popleft()
-            self._held_bytes -= len(dropped_payload)
-            self._overflow_upto = max(dropped, self._overflow_upto or dropped)
-            self._metrics.drop("overflow", 1)
+        self._budget.charge(len(payload))
+
+    def oldest(self) -> float | None:
+        """When the oldest batch held was read (None: none held); for the budget."""
+        return self._held[0][2] if self._held else None
+
+    def drop_oldest(self) -> None:
+        """The budget is over and the oldest batch held is the oldest of ingest: dropped, and
+        announced as `overflow` with the next batch handed on."""
+        dropped, dropped_payload, _ = self._held.popleft()
+        self._held_bytes -= len(dropped_payload)
+        self._budget.release(1, len(dropped_payload))
+        self._overflow_upto = max(dropped, self._overflow_upto or dropped)
+        self._metrics.drop("overflow", 1)
 
     def _accept(self, seq: int, payload: bytes, now: float) -> None:
         """Pass a batch on, drop it as a duplicate, or start a replay for what is missing
@@ -246,6 +258,7 @@ class Sequencer:
         """Hand on the live batches held, in the order they came, each checked against the one
         held before it as a live batch is against the one expected (`is_restart`)."""
         held, self._held = self._held, deque()
+        self._budget.release(len(held), self._held_bytes)
         self._held_bytes = 0
         self._holding = False
         previous: int | None = None
@@ -273,6 +286,7 @@ class Sequencer:
         lost = len(self._held)
         if lost:
             self._held.clear()
+            self._budget.release(lost, self._held_bytes)
             self._held_bytes = 0
             self._metrics.drop("shutdown", lost)
         return lost

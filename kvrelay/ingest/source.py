@@ -8,19 +8,22 @@ before it. Payloads stay undecoded here; the codec decodes them at publish time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable
-from typing import Literal, cast
+from typing import Literal
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from kvrelay.config import SourceSpec
+from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.sequencer import Sequencer, Sink
 from kvrelay.ingest.subscriber import Subscriber
-from kvrelay.ingest.zmtp import Messages, ping_ttl
+from kvrelay.ingest.zmtp import Messages
+from kvrelay.ingest.zmtpwire import ping_ttl
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import ResumePoint
@@ -36,6 +39,10 @@ class ReplayError(Exception):
     """vLLM's replay socket answered something that is not a replay."""
 
 
+class ReplayCut(ReplayError):
+    """The replay connection closed before the replay ended."""
+
+
 class Source:
     """One vLLM publisher: SUB socket, sequence tracking, replay through its ROUTER."""
 
@@ -47,17 +54,18 @@ class Source:
         metrics: Metrics,
         *,
         topic: bytes = b"",
-        hold_limit: int = 50_000,
-        hold_bytes: int = 64 << 20,
+        budget: Budget | None = None,
         replay_timeout: float = 2.0,
         replay_cooldown: float = 5.0,
         engine: Literal["native", "libzmq"] = "native",
-        max_message: int = 64 << 20,
+        max_batch_bytes: int = 4 << 20,
         heartbeat: float = 0.0,
     ) -> None:
+        """`budget`: what batches held during a resume or a replay are charged to (shared with
+        the buffer); `max_batch_bytes`: the largest message read, live or replayed."""
         self.spec = spec
         self._engine = engine
-        self._max_message = max_message  # native: a larger message is refused, counted
+        self._max_batch_bytes = max_batch_bytes
         self._heartbeat = heartbeat  # seconds between PINGs to the publisher; 0: none
         self._ctx = ctx
         self._metrics = metrics
@@ -70,8 +78,7 @@ class Source:
         self._subscriber: Subscriber | None = None
         self.sequencer = Sequencer(
             spec.dp_rank, sink, metrics, request_replay=self._start_replay if spec.replay else None,
-            hold_limit=hold_limit, hold_bytes=hold_bytes, replay_cooldown=replay_cooldown,
-            name=self.name)
+            budget=budget, replay_cooldown=replay_cooldown, name=self.name)
         self._watcher: asyncio.Task[None] | None = None
         self._failed: asyncio.Future[None] | None = None  # set while run() reads
         self._tasks: set[asyncio.Task[None]] = set()  # resume and replay
@@ -106,7 +113,7 @@ class Source:
         """ZMTP on this event loop: each read of the socket hands on every message it holds."""
         subscriber = self._subscriber = Subscriber(
             self.spec.endpoint, self.spec.bind, self._topic, self._take, self.name,
-            max_message=self._max_message, heartbeat=self._heartbeat, too_large=self._too_large,
+            max_message=self._max_batch_bytes, heartbeat=self._heartbeat, refused=self._refused,
             went_away=self.sequencer.publisher_lost)
         reading = asyncio.ensure_future(subscriber.run(
             lambda message: self._warn.warning("retry:" + self.name, "%s", message)))
@@ -160,9 +167,11 @@ class Source:
         if batch:
             self._take(batch)
 
-    def _too_large(self, size: int) -> None:
-        """A message refused at the socket for its size: a batch lost, counted."""
-        self._metrics.drop("too_large", 1)
+    def _refused(self, size: int) -> None:
+        """A message skipped unread for its size; it goes on in line as `REFUSED`, to be
+        counted as dropped (`too_large`) and announced where batches are decoded."""
+        self._warn.warning("too_large", "dropped a message of %d bytes from %s unread: above "
+                           "--max-batch-bytes (%d)", size, self.name, self._max_batch_bytes)
 
     def _take(self, messages: Messages) -> None:
         """Sequence-check and hand on messages just read (either engine)."""
@@ -193,12 +202,14 @@ class Source:
         sock = self._ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.RCVHWM, RCVHWM)
         sock.setsockopt(zmq.LINGER, 0)
+        # A larger frame makes libzmq drop the connection unread (a gap, once reconnected).
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_batch_bytes)
         sock.setsockopt(zmq.SUBSCRIBE, self._topic)
         if self._heartbeat > 0:  # as the native engine: PINGs, a heartbeat to answer, a TTL
             sock.setsockopt(zmq.HEARTBEAT_IVL, round(self._heartbeat * 1000))
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, round(self._heartbeat * 1000))
             sock.setsockopt(zmq.HEARTBEAT_TTL, ping_ttl(self._heartbeat) * 100)
-        self._watcher = asyncio.ensure_future(self._watch(sock.get_monitor_socket()))
+        self._watcher = asyncio.ensure_future(self._watch(sock, sock.get_monitor_socket()))
         delay = 0.1
         try:
             while True:
@@ -224,8 +235,9 @@ class Source:
         log.info("ZMQ SUB %s %s (dp_rank %d)", mode, self.spec.endpoint, self.spec.dp_rank)
         return sock
 
-    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        """Say when the vLLM publisher comes and goes, and when it cannot be reached."""
+    async def _watch(self, sock: zmq.asyncio.Socket, monitor: zmq.asyncio.Socket) -> None:
+        """Say when the vLLM publisher comes and goes, and when it cannot be reached; connect
+        again when libzmq would not."""
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
@@ -238,7 +250,15 @@ class Source:
                     # Messages of that connection still queued may come after this: then the
                     # next one read takes the hint, and seqs go by `is_restart` alone.
                     self.sequencer.publisher_lost()
-                    log.warning("vLLM publisher went away from %s", self.name)
+                    log.warning("vLLM publisher went away from %s (or sent a message above "
+                                "--max-batch-bytes: libzmq drops the connection)", self.name)
+                    if not self.spec.bind:
+                        # After a protocol error (a message above ZMQ_MAXMSGSIZE is one)
+                        # libzmq gives the endpoint up for good; after any other loss it would
+                        # connect again itself. A new connection either way.
+                        with contextlib.suppress(zmq.ZMQError):
+                            sock.disconnect(self.spec.endpoint)
+                        sock.connect(self.spec.endpoint)
                 elif kind == zmq.EVENT_CONNECT_RETRIED:
                     self._warn.warning("retry:" + self.name,
                                        "no vLLM publisher at %s yet; retrying", self.name)
@@ -290,6 +310,13 @@ class Source:
         assert self.spec.replay is not None
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # A reply above the bound makes libzmq drop the connection unread; the monitor says so
+        # at once, rather than after the timeout.
+        sock.setsockopt(zmq.MAXMSGSIZE, self._max_batch_bytes)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        poller = zmq.asyncio.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         replies: list[tuple[int, bytes]] = []
         try:
             sock.connect(self.spec.replay)
@@ -297,10 +324,14 @@ class Source:
             deadline = time.monotonic() + 10 * self._replay_timeout
             while True:
                 wait = min(self._replay_timeout, deadline - time.monotonic())
-                if wait <= 0:
-                    raise TimeoutError(f"no reply within {self._replay_timeout}s")
-                # pyzmq's stubs give the socket's poll the Poller's return type; it is an int
-                if not await cast("Awaitable[int]", sock.poll(timeout=int(wait * 1000))):
+                ready = dict(await poller.poll(timeout=int(wait * 1000))) if wait > 0 else {}
+                if sock not in ready:
+                    if monitor in ready:
+                        after = f"seq {replies[-1][0]}" if replies else "none"
+                        raise ReplayCut(
+                            f"the connection closed mid-replay (last reply: {after}): a reply "
+                            f"above --max-batch-bytes ({self._max_batch_bytes}), which libzmq "
+                            "drops unread, or vLLM went away")
                     raise TimeoutError(f"no reply within {self._replay_timeout}s")
                 frames = await sock.recv_multipart()
                 # [b"", seq, payload] up to vLLM 0.25, [b"", topic, seq, payload] since 0.26.
@@ -313,4 +344,6 @@ class Source:
                     raise ReplayError(f"replay seq {seq} does not follow {replies[-1][0]}")
                 replies.append((seq, frames[-1]))
         finally:
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)

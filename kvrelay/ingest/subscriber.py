@@ -10,8 +10,8 @@ import os
 from collections.abc import Callable
 
 from kvrelay.config.endpoint import parse_endpoint
-from kvrelay.ingest.zmtp import Connection, MessageSink, Silent, TooLarge
-from kvrelay.ratelimit import RateLimitedLog
+from kvrelay.ingest.zmtp import Connection, MessageSink
+from kvrelay.ingest.zmtpwire import ProtocolError
 
 log = logging.getLogger("kvrelay.zmtp")
 
@@ -19,15 +19,15 @@ log = logging.getLogger("kvrelay.zmtp")
 class Subscriber:
     """Every PUB at one endpoint: connect and reconnect to it, or accept those that connect.
 
-    `max_message` bounds a message (its frames on the wire); a PUB announcing a larger one is
-    reset and `too_large(size)` hears of it. `heartbeat` > 0: PING each 3.1 PUB that often and
-    drop it when nothing comes back within that time. `went_away()` hears of each PUB that had
-    attached and is gone, after the last of its messages was handed on.
+    `max_message` bounds a message (its frames together); a larger one is skipped unread and
+    `refused(size)` hears of it. `heartbeat` > 0: PING each 3.1 PUB that often and drop it when
+    nothing comes back within that time. `went_away()` hears of each PUB that had attached and
+    is gone, after the last of its messages was handed on.
     """
 
     def __init__(self, endpoint: str, bind: bool, topic: bytes, deliver: MessageSink,
                  name: str, *, max_message: int, heartbeat: float = 0.0,
-                 too_large: Callable[[int], None] | None = None,
+                 refused: Callable[[int], None] | None = None,
                  went_away: Callable[[], None] | None = None) -> None:
         self.address = parse_endpoint(endpoint, bind)
         self.endpoint = endpoint
@@ -37,9 +37,8 @@ class Subscriber:
         self._name = name
         self._max_message = max_message
         self._heartbeat = heartbeat
-        self._too_large = too_large
+        self._refused = refused
         self._went_away = went_away
-        self._warn = RateLimitedLog(log)
         self.peers = 0
         self.attachments = 0  # handshakes completed, ever: 1 + reconnections, when connecting
         self.listening = False
@@ -53,7 +52,8 @@ class Subscriber:
 
     def _connection(self) -> Connection:
         connection = Connection(self._topic, self._deliver, self._on_attached, self._on_closed,
-                                max_message=self._max_message, heartbeat=self._heartbeat)
+                                max_message=self._max_message, heartbeat=self._heartbeat,
+                                refused=self._refused)
         self._connections.add(connection)
         return connection
 
@@ -68,14 +68,8 @@ class Subscriber:
             self.peers = max(0, self.peers - 1)
             if self._went_away is not None:
                 self._went_away()
-        if isinstance(exc, TooLarge):
-            if self._too_large is not None:
-                self._too_large(exc.size)
-            self._warn.warning("too_large", "%s: %s (--buffer-bytes); connection reset",
-                               self._name, exc)
-        elif connection.ready:
             log.warning("vLLM publisher went away from %s%s", self._name,
-                        f" ({exc})" if isinstance(exc, Silent) else "")
+                        f" ({exc})" if isinstance(exc, ProtocolError) else "")
         elif exc is not None:
             log.warning("%s: %s", self._name, exc)
         self._lost.set()

@@ -20,8 +20,12 @@ SUB to subscribe with a SUBSCRIBE command, which libzmq PUBs before 4.3.0 ignore
 nothing. Our own PINGs (`heartbeat`, off by default) go only to a peer that greeted as 3.1 or
 later, since 3.0 has no PING.
 
-A frame, or a message, larger than `max_message` is refused as its header arrives: the connection
-is reset before its body is read, so the read buffer never holds more than that bound and a read.
+A message larger than `max_message` (its frames together) is refused as the header of the frame
+that crosses the bound arrives: that frame and the rest of the message are skipped as their bytes
+come in, never kept, and the message goes on as its first frames with `REFUSED` for the rest
+(vLLM's [topic, seq, payload]: the seq stays in line, the publisher drops the batch unread), so
+the read buffer never holds more than that bound and a read. A command that large resets the
+connection.
 
 While the relay is behind, it reads ahead of what it hands on, as libzmq's I/O thread does: a
 large read (more waited in the kernel) is split into messages at once (PINGs answered there and
@@ -36,99 +40,59 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import cast
 
+from kvrelay.ingest.zmtpwire import (
+    COMMAND,
+    GREETING,
+    GREETING_SIZE,
+    LONG,
+    MAX_CONTEXT,
+    MORE,
+    READY,
+    REFUSED,
+    ProtocolError,
+    Silent,
+    TooLarge,
+    command,
+    frame,
+    ping_ttl,
+    properties,
+)
+
 log = logging.getLogger("kvrelay.zmtp")
 
 Messages = list[list[bytes]]  # whole ZMQ messages, each a list of frames
 MessageSink = Callable[[Messages], None]
 
-_MORE, _LONG, _COMMAND = 1, 2, 4
-_GREETING_SIZE = 64
-# Signature, version 3.0, mechanism NULL, as-server 0, filler.
-GREETING = (b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00")
-            + b"\x00" + bytes(31))
 HANDSHAKE_TIMEOUT = 5.0
-MAX_CONTEXT = 16  # a PING's context is at most 16 bytes; libzmq echoes no more either
 # A timer may run before the loop has read what arrived while it was busy (uvloop runs timers
 # before polling sockets): silence is confirmed once more after this long before it counts.
 CONFIRM = 0.01
-# libzmq keeps a PING's TTL in milliseconds in 16 bits: above 65.5 s it wraps around, so the
-# TTL sent with our own PINGs stays below that.
-MAX_TTL_DECISECONDS = 655
 LARGE_READ = 1 << 14  # a read this large means more is waiting in the kernel: read ahead
 DRAIN_SLICE = 64  # messages handed on at a time while reading ahead
 DRAIN_TURN = 0.05  # seconds of handing on per turn of the event loop before reading again
 READ_AHEAD = 10_000  # messages read ahead at most (libzmq's SUB: RCVHWM), then reading pauses
 
 
-class ProtocolError(Exception):
-    """The peer does not speak ZMTP 3 PUB with the NULL mechanism."""
-
-
-class TooLarge(ProtocolError):
-    """The peer announced a frame (or a message) above the bound: refused unread."""
-
-    def __init__(self, size: int, bound: int) -> None:
-        super().__init__(f"refused a message of {size} bytes, over the bound of {bound} bytes")
-        self.size = size
-
-
-class Silent(ProtocolError):
-    """Nothing arrived from the peer within the time a heartbeat allowed."""
-
-
-def ping_ttl(heartbeat: float) -> int:
-    """The TTL our PINGs carry, in deciseconds: three heartbeats, capped where libzmq reads it
-    right."""
-    return min(MAX_TTL_DECISECONDS, math.ceil(heartbeat * 30))
-
-
-def _frame(body: bytes, flags: int = 0) -> bytes:
-    """One frame: flags, then a 1-byte size or (long) an 8-byte one, then the body."""
-    if len(body) < 256:
-        return bytes([flags, len(body)]) + body
-    return bytes([flags | _LONG]) + len(body).to_bytes(8, "big") + body
-
-
-def _command(name: bytes, body: bytes) -> bytes:
-    return _frame(bytes([len(name)]) + name + body, _COMMAND)
-
-
-def _properties(body: bytes) -> dict[bytes, bytes]:
-    props: dict[bytes, bytes] = {}
-    pos = 0
-    while pos < len(body):
-        size = body[pos]
-        name = body[pos + 1:pos + 1 + size]
-        pos += 1 + size
-        if pos + 4 > len(body):
-            raise ProtocolError("truncated READY properties")
-        value_size = int.from_bytes(body[pos:pos + 4], "big")
-        props[name.lower()] = body[pos + 4:pos + 4 + value_size]
-        pos += 4 + value_size
-    return props
-
-
-READY = _command(b"READY", b"\x0bSocket-Type" + (3).to_bytes(4, "big") + b"SUB")
-
-
 class Connection(asyncio.Protocol):
-    """One peer PUB: handshake, subscribe, then hand every whole message to `deliver`."""
+    """One peer PUB: handshake, subscribe, then hand every whole message to `deliver`;
+    `refused(size)` hears of each message skipped for its size."""
 
     def __init__(self, topic: bytes, deliver: MessageSink,
                  attached: Callable[[Connection], None],
                  closed: Callable[[Connection, Exception | None], None], *,
-                 max_message: int, heartbeat: float = 0.0) -> None:
+                 max_message: int, heartbeat: float = 0.0,
+                 refused: Callable[[int], None] | None = None) -> None:
         self._topic = topic
         self._deliver = deliver
         self._attached = attached
         self._closed = closed
+        self._refused = refused
         self._max_message = max_message
         self._heartbeat = heartbeat  # seconds between our PINGs; 0: none
         self._transport: asyncio.Transport | None = None
@@ -136,7 +100,9 @@ class Connection(asyncio.Protocol):
         self._peer_minor = 0  # the peer's ZMTP 3.x minor version, from its greeting
         self.ready = False
         self._parts: list[bytes] = []
-        self._held = 0  # wire bytes of the message in `_parts` so far
+        self._room = max_message  # bytes the message in `_parts` may still take; -1: skipped
+        self._skipped = 0  # bytes of the message being skipped, so far
+        self._skip = 0  # bytes of a skipped frame still to come, discarded as they arrive
         self._rest = bytearray()  # an incomplete frame (or greeting) waiting for more bytes
         self._need = 0  # bytes `_rest` must hold before parsing is worth trying again
         self._error: Exception | None = None
@@ -187,6 +153,12 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reads += 1
+        if self._skip:  # the body of a frame over the bound: never kept
+            if len(data) <= self._skip:
+                self._skip -= len(data)
+                return
+            data = data[self._skip:]
+            self._skip = 0
         rest = self._rest
         if rest:
             rest += data
@@ -266,12 +238,11 @@ class Connection(asyncio.Protocol):
 
     def _split(self, data: bytes, pos: int, end: int, messages: Messages) -> None:
         parts = self._parts
-        held = self._held
-        room = self._max_message - held
+        room = self._room
         need = 0
         while pos < end:
             flags = data[pos]
-            if flags & _LONG:
+            if flags & LONG:
                 if end - pos < 9:
                     need = 9
                     break
@@ -284,27 +255,43 @@ class Connection(asyncio.Protocol):
                 size = data[pos + 1]
                 start = pos + 2
             stop = start + size
-            if stop - pos > room:  # refused before a byte more of it is kept
-                raise TooLarge(held + stop - pos, self._max_message)
+            if flags & COMMAND or not self.ready:
+                if size > self._max_message:
+                    raise TooLarge(size, self._max_message)
+            elif size > room:  # skipped before a byte of it is kept, and its message with it
+                self._skipped += size
+                if flags & MORE:
+                    room = -1
+                else:
+                    messages.append([*parts, REFUSED])
+                    if self._refused is not None:
+                        self._refused(sum(map(len, parts)) + self._skipped)
+                    parts = self._parts = []
+                    room = self._max_message
+                    self._skipped = 0
+                if stop > end:
+                    self._skip = stop - end
+                    pos = end
+                    break
+                pos = stop
+                continue
             if stop > end:
                 need = stop - pos
                 break
-            if flags & _COMMAND:
+            if flags & COMMAND:
                 self._on_command(data[start:stop], stop < end)
             elif not self.ready:
                 raise ProtocolError("a message before READY")
             else:
                 parts.append(data[start:stop])
-                if flags & _MORE:
-                    held += stop - pos
-                    room -= stop - pos
+                if flags & MORE:
+                    room -= size
                 else:
                     messages.append(parts)
                     parts = self._parts = []
-                    held = 0
                     room = self._max_message
             pos = stop
-        self._held = held
+        self._room = room
         if pos < end:
             self._rest += data[pos:]
             self._need = need
@@ -313,11 +300,11 @@ class Connection(asyncio.Protocol):
         """Consume the peer's greeting; the offset of its first frame, -1 while incomplete."""
         if self._greeted:
             return 0
-        if len(data) < _GREETING_SIZE:
+        if len(data) < GREETING_SIZE:
             if data[:1] not in (b"", b"\xff"):
                 raise ProtocolError("the peer is not a ZMTP 3 socket")
             self._rest += data
-            self._need = _GREETING_SIZE
+            self._need = GREETING_SIZE
             return -1
         if data[0] != 0xFF or data[9] & 1 != 1:
             raise ProtocolError("the peer is not a ZMTP 3 socket")
@@ -331,7 +318,7 @@ class Connection(asyncio.Protocol):
         self._greeted = True
         assert self._transport is not None
         self._transport.write(READY)
-        return _GREETING_SIZE
+        return GREETING_SIZE
 
     def _on_command(self, body: bytes, followed: bool) -> None:
         """One command; `followed`: more bytes came in the same read after it."""
@@ -341,7 +328,7 @@ class Connection(asyncio.Protocol):
         if name == b"PING" and self.ready:
             self._on_ping(rest, followed)
         elif name == b"READY" and not self.ready:
-            kind = _properties(rest).get(b"socket-type", b"")
+            kind = properties(rest).get(b"socket-type", b"")
             if kind not in (b"PUB", b"XPUB"):
                 raise ProtocolError(f"the peer is a {kind.decode(errors='replace')} socket, "
                                     "not a PUB")
@@ -349,7 +336,7 @@ class Connection(asyncio.Protocol):
             if self._timer is not None:
                 self._timer.cancel()
             assert self._transport is not None
-            self._transport.write(_frame(b"\x01" + self._topic))  # ZMTP 3.0's subscribe message
+            self._transport.write(frame(b"\x01" + self._topic))  # ZMTP 3.0's subscribe message
             if self._heartbeat > 0 and self._peer_minor >= 1:
                 self._pinger = asyncio.get_running_loop().call_later(self._heartbeat, self._ping)
             self._attached(self)
@@ -364,7 +351,7 @@ class Connection(asyncio.Protocol):
         if len(body) < 2:
             raise ProtocolError("a PING without its TTL")
         assert self._transport is not None
-        self._transport.write(_command(b"PONG", body[2:2 + MAX_CONTEXT]))
+        self._transport.write(command(b"PONG", body[2:2 + MAX_CONTEXT]))
         ttl = int.from_bytes(body[:2], "big") / 10
         if self._ttl_watch is not None:
             self._ttl_watch.cancel()  # this PING is traffic: the previous TTL is met
@@ -380,7 +367,7 @@ class Connection(asyncio.Protocol):
         """Our heartbeat: a PING; nothing at all back within a heartbeat means a dead peer."""
         assert self._transport is not None
         loop = asyncio.get_running_loop()
-        self._transport.write(_command(b"PING", ping_ttl(self._heartbeat).to_bytes(2, "big")))
+        self._transport.write(command(b"PING", ping_ttl(self._heartbeat).to_bytes(2, "big")))
         if self._pong_watch is None:
             self._pong_watch = loop.call_later(
                 self._heartbeat, self._expire, self._reads,

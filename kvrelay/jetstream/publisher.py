@@ -96,6 +96,10 @@ class Publisher(Output):
     def in_flight(self) -> int:
         return len(self._window)
 
+    @property
+    def in_flight_bytes(self) -> int:
+        return self._window.nbytes
+
     def readiness(self) -> dict[str, str]:
         return {"stream": "ok" if self.stream_ready.is_set() else (
             f"stream {self._stream.name} not verified yet")}
@@ -182,7 +186,7 @@ class Publisher(Output):
             self._schedule_retry()
             return
         sent = 0
-        while self._buffer and len(self._window) < self._settings.max_in_flight:
+        while self._buffer and self._window_open():
             if self._link.writable():
                 entry = self._enter(self._buffer.pop())
                 if entry is not None:
@@ -416,7 +420,7 @@ class Publisher(Output):
         self._window.stored(token, ack.seq)
         self._succeeded()
         self._published(pending, ack.duplicate)
-        if self._buffer and len(self._window) < self._settings.max_in_flight:
+        if self._buffer and self._window_open():
             self._wake.set()
 
     def _published(self, pending: Pending, duplicate: bool) -> None:

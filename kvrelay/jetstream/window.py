@@ -13,10 +13,24 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 
+from msgspec.structs import replace
+
 from kvrelay.ingest.sequencer import Frame
-from kvrelay.wire.schema import RelayBatch, ResumePoint
+from kvrelay.wire.schema import RelayBatch, ResumePoint, Stored
 
 OnStored = Callable[[RelayBatch, int], None]
+SLIM_FROM = 16 << 10  # payload bytes from which a batch kept for on_stored is slimmed
+
+
+def blocks_only(batch: RelayBatch) -> RelayBatch:
+    """`batch` as it waits for its ack for `on_stored`: its blocks without their token ids and
+    extra keys, which nothing after the ack reads and which in memory take ten times or more
+    the bytes of the whole payload."""
+    if not any(type(event) is Stored for event in batch.events):
+        return batch
+    return replace(batch, events=[
+        replace(event, token_ids=[], extra_keys=None, lookahead_token_ids=None)
+        if type(event) is Stored else event for event in batch.events])
 
 
 class Pending:
@@ -51,6 +65,7 @@ class Window:
         self._settled_at: dict[str, int] = {}
         self._on_stored = on_stored
         self._next_token = 0
+        self.nbytes = 0  # payload bytes in flight
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -94,8 +109,12 @@ class Window:
             events: int, batch: RelayBatch | None) -> tuple[int, Pending]:
         token = self._next_token
         self._next_token += 1
-        pending = Pending(frame, subject, msg_id, payload, ts, events, token, batch)
+        # A small batch is kept as it is: copying it would cost more than it weighs.
+        kept = blocks_only(batch) if batch is not None and len(payload) >= SLIM_FROM \
+            else batch
+        pending = Pending(frame, subject, msg_id, payload, ts, events, token, kept)
         self._entries[token] = pending
+        self.nbytes += len(payload)
         self._unsettled.setdefault(subject, deque()).append(pending)
         return token, pending
 
@@ -105,6 +124,7 @@ class Window:
         pending = self._entries.pop(token, None)
         if pending is None:
             return None
+        self.nbytes -= len(pending.payload)
         if stream_seq > self.acked_at(pending.subject):
             self._acked_at[pending.subject] = stream_seq
         self._mark_stored(pending, stream_seq)
@@ -114,6 +134,7 @@ class Window:
         """The batch leaves the window unstored (refused, too large, out of order)."""
         pending = self._entries.pop(token, None)
         if pending is not None:
+            self.nbytes -= len(pending.payload)
             self._settle_in_order(pending.subject)
         return pending
 
@@ -135,6 +156,7 @@ class Window:
             token = waiting.get(newest)
             pending = self._entries.pop(token, None) if token is not None else None
             if pending is not None:
+                self.nbytes -= len(pending.payload)
                 self._mark_stored(pending, stream_seq)
                 stored.append(pending)
         self._acked_at[subject] = last
@@ -142,6 +164,7 @@ class Window:
         if newest is not None:
             for key, token in waiting.items():
                 if key < newest and (pending := self._entries.pop(token, None)) is not None:
+                    self.nbytes -= len(pending.payload)
                     late.append(pending)
             self._settle_in_order(subject)
         return stored, late
@@ -150,6 +173,7 @@ class Window:
         """Empty the window (shutdown); returns the batches and events it held."""
         batches, events = len(self._entries), sum(p.events for p in self._entries.values())
         self._entries.clear()
+        self.nbytes = 0
         for subject in self._unsettled:
             self._settle_in_order(subject)
         return batches, events

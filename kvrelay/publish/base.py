@@ -79,6 +79,11 @@ class Output(ABC):
     def in_flight(self) -> int:
         """Messages published and not yet confirmed."""
 
+    @property
+    @abstractmethod
+    def in_flight_bytes(self) -> int:
+        """Payload bytes of the messages published and not yet confirmed."""
+
     @abstractmethod
     def readiness(self) -> dict[str, str]:
         """What this output adds to /health: each part and "ok", or what is wrong."""
@@ -251,9 +256,15 @@ class Output(ABC):
         return self._parked and self._retry_at is None and self._online() \
             and self._can_publish()
 
+    def _window_open(self) -> bool:
+        """Room in the window for one more message (`--max-in-flight`, and
+        `--max-in-flight-bytes`, which one message alone may pass)."""
+        return self.in_flight < self._settings.max_in_flight \
+            and self.in_flight_bytes < self._settings.max_in_flight_bytes
+
     def _room(self) -> bool:
         """Room in the window and in the link for one more message."""
-        return self.in_flight < self._settings.max_in_flight and self._link.writable()
+        return self._window_open() and self._link.writable()
 
     # -- shutdown ------------------------------------------------------------------------------
 

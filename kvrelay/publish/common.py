@@ -15,6 +15,7 @@ from kvrelay.codec import DecodedBatch, InputBatch, MalformedPayload
 from kvrelay.config import NatsSettings
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
+from kvrelay.ingest.zmtpwire import REFUSED
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 
@@ -84,11 +85,15 @@ Decoded = TypeVar("Decoded", DecodedBatch, InputBatch)
 def read_frame(decode: Callable[[bytes], Decoded], frame: Frame, buffer: Buffer,
                metrics: Metrics, warn: RateLimitedLog) -> Decoded | None:
     """A frame's vLLM batch, decoded (`Codec.decode` or `decode_input`) for either publisher;
-    None if it is malformed (dropped through `drop_malformed`)."""
+    None if it is malformed (dropped through `drop_malformed`) or was refused unread for its
+    size (`REFUSED`, which no decoder takes: dropped as `too_large`, announced as a gap)."""
     try:
         decoded = decode(frame.payload)
     except MalformedPayload as exc:
-        drop_malformed(frame, exc, buffer, metrics, warn)
+        if frame.payload == REFUSED:  # checked only here: nothing on the way of a good batch
+            buffer.lose("too_large", frame.dp_rank, (frame.seq,), carried=frame.resyncs)
+        else:
+            drop_malformed(frame, exc, buffer, metrics, warn)
         return None
     if decoded.dp_rank is not None and decoded.dp_rank != frame.dp_rank:
         warn.warning("rank", "batch says data_parallel_rank %d but arrived on the endpoint of "

@@ -17,6 +17,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from fault.accounting import Tally, offered_keys, read_subject, tally
 from kvrelay.config import Config
+from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.jetstream.publisher import Publisher
@@ -41,7 +42,7 @@ async def publisher(fresh_nats: NatsServer) -> AsyncIterator[Publisher]:
     metrics = Metrics()
     worker = Worker(NS, COMP, new_instance_id())
     publisher = Publisher(worker, config.nats, config.publish, config.stream,
-                          Buffer(100, 1 << 20, metrics), metrics)
+                          Buffer(Budget(100, 1 << 20), metrics), metrics)
     await publisher.connect([0])
     assert await publisher.resume_point(0) is None
     try:
