@@ -46,7 +46,12 @@ from kvrelay.router.index import KvIndex, WorkerKey, decode_snapshot, encode_sna
 from kvrelay.router.restore import snapshot_key
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import NatsServer
-from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory, encode_batch
+from kvrelay.testing.synthetic import (
+    SyntheticVllm,
+    WorkloadFactory,
+    all_blocks_cleared,
+    encode_batch,
+)
 from kvrelay.wire.names import Worker
 from kvrelay.wire.schema import RelayBatch, Stored, WorkerSnapshot
 
@@ -402,6 +407,20 @@ async def test_snapshot_above_max_payload_is_counted(tmp_path: Path) -> None:
                                                 reason="too_large") >= 1, "too_large counted")
                 assert metric(relay, "kvrelay_snapshots_written_total") == 0
                 assert metric(relay, "kvrelay_batches_published_total") == 200
+                # More blocks than a snapshot that did not fit: counted, not built again.
+                built = metric(relay, "kvrelay_snapshot_build_cpu_seconds_total")
+                failed = metric(relay, "kvrelay_snapshot_failures_total", reason="too_large")
+                publish(vllm, 200)
+                await eventually(lambda: metric(relay, "kvrelay_snapshot_failures_total",
+                                                reason="too_large") > failed, "counted again")
+                assert metric(relay, "kvrelay_snapshot_build_cpu_seconds_total") == built
+                # Fewer blocks (vLLM reset its cache, 150 times: the event count): built again,
+                # and written.
+                for _ in range(150):
+                    vllm.publish([all_blocks_cleared()])
+                await eventually(lambda: metric(relay, "kvrelay_snapshots_written_total") >= 1,
+                                 "a snapshot that fits is written")
+                assert metric(relay, "kvrelay_snapshot_build_cpu_seconds_total") > built
     finally:
         server.stop()
 

@@ -62,6 +62,7 @@ class _Rank:
     written_seq: int = -1  # the stream sequence of the last snapshot written
     written_at: float = 0.0
     events: int = 0  # applied since the last snapshot
+    too_large_at: int = 0  # blocks held when a snapshot came out above max_payload (0: none)
 
 
 class Snapshotter:
@@ -325,6 +326,12 @@ class Snapshotter:
         assert self._kv is not None
         assert self._nc is not None
         events = rank.events
+        blocks = rank.index.block_count(rank.worker)
+        if rank.too_large_at and blocks >= rank.too_large_at:
+            # No fewer blocks than a snapshot that did not fit: not built again for nothing.
+            rank.events = max(0, rank.events - events)
+            self._too_large(rank, None)
+            return
         try:
             seq, data = await self._built(rank)
         except (OSError, forked.ChildFailed) as exc:
@@ -334,11 +341,10 @@ class Snapshotter:
         rank.events = max(0, rank.events - events)  # written or not: next on the cadence
         label = str(rank.dp_rank)
         if len(data) > self._nc.max_payload:
-            self._metrics.snapshot_failures.labels("too_large").inc()
-            self._warn.warning("too-large", "snapshot of %s is %d bytes, above the server's "
-                               "max_payload %d: not written (raise max_payload)", rank.subject,
-                               len(data), self._nc.max_payload)
+            rank.too_large_at = blocks
+            self._too_large(rank, len(data))
             return
+        rank.too_large_at = 0
         try:
             await self._kv.put(rank.key, data)
         except (nats.errors.Error, TimeoutError) as exc:
@@ -353,6 +359,17 @@ class Snapshotter:
         metrics.snapshot_stream_seq.labels(label).set(seq)
         metrics.snapshot_bytes.labels(label).set(len(data))
         metrics.snapshot_age.labels(label).set_function(lambda: time.time() - rank.written_at)
+
+
+    def _too_large(self, rank: _Rank, size: int | None) -> None:
+        """A snapshot above the server's max_payload (`size` None: not built again, the worker
+        holds at least as many blocks as when one last did not fit): counted and logged."""
+        assert self._nc is not None
+        self._metrics.snapshot_failures.labels("too_large").inc()
+        what = f"is {size} bytes" if size is not None else "would be again"
+        self._warn.warning("too-large", "snapshot of %s %s, above the server's max_payload %d: "
+                           "not written (raise max_payload)", rank.subject, what,
+                           self._nc.max_payload)
 
 
 def _why(exc: BaseException) -> str:

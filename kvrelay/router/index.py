@@ -345,6 +345,11 @@ class KvIndex:
         state = self._workers.get(worker)
         return dict(state.tiers.get(tier, {})) if state is not None else {}
 
+    def block_count(self, worker: WorkerKey) -> int:
+        """How many blocks the worker holds, all tiers together."""
+        state = self._workers.get(worker)
+        return sum(map(len, state.tiers.values())) if state is not None else 0
+
     def tiers(self, worker: WorkerKey) -> list[Tier]:
         state = self._workers.get(worker)
         return sorted(t for t, b in state.tiers.items() if b) if state is not None else []
