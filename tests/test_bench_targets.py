@@ -204,7 +204,8 @@ def _idle_report(tmp_path: Path, *args: str) -> dict[str, Any]:
 
 @pytest.mark.integration
 def test_bench_idle_only_reads_the_idle_relays_cpu(tmp_path: Path) -> None:
-    """--idle measures a real relay left idle: some CPU, far below a core, per hour; no trials."""
+    """--idle measures a real relay left idle: far below a core, per hour; no trials. (Over
+    1.5 s an idle relay may not run at all: it wakes for NATS pings every 5 s.)"""
     report = _idle_report(tmp_path, "--targets", "kvrelay", "--idle", "1.5")
     assert report["errors"] == []
     assert (report["trials"], report["summary"], report["limits"]["runs"]) == ([], [], [])
@@ -213,7 +214,7 @@ def test_bench_idle_only_reads_the_idle_relays_cpu(tmp_path: Path) -> None:
     assert row["target"] == "kvrelay"
     assert row["build"] == kvrelay.build()
     assert run["window_s"] >= 1.5
-    assert 0 < run["relay_cpu_s"] < 0.5 * run["window_s"]
+    assert 0 <= run["relay_cpu_s"] < 0.5 * run["window_s"]
     assert run["relay_cpu_s_per_hour"] == pytest.approx(
         run["relay_cpu_s"] / run["window_s"] * 3600)
 
