@@ -10,19 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+from test_compiled import compiled_names
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def compiled_names() -> list[str]:
-    with (ROOT / "pyproject.toml").open("rb") as f:
-        names: list[str] = tomllib.load(f)["tool"]["kvrelay"]["compiled"]
-    return names
 
 
 def build_wheel(out: Path, **env: str) -> Path:

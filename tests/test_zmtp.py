@@ -80,6 +80,18 @@ class Recorder:
         pass
 
 
+async def fed(connection: Connection, stream: bytes, cuts: list[int], got: Messages,
+              want: int) -> None:
+    """`stream` handed to the connection in reads cut at `cuts`, then turns of the loop until
+    `want` messages came out (a read of 64 KiB or more is handed on over the next turns)."""
+    for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        connection.data_received(stream[start:stop])
+    for _ in range(100):
+        if len(got) >= want:
+            break
+        await asyncio.sleep(0)
+
+
 async def _connection() -> tuple[Connection, Recorder, Messages]:
     got: Messages = []
     connection = Connection(b"kv", got.extend, lambda c: None, lambda c, e: None,
@@ -97,12 +109,7 @@ async def test_any_cut_of_the_stream_gives_the_same_messages(messages: Messages,
     stream = pub_stream(messages)
     cuts = data.draw(chunkings(len(stream)))
     connection, recorder, got = await _connection()
-    for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
-        connection.data_received(stream[start:stop])
-    for _ in range(100):  # a read of 64 KiB or more is handed on over the next turns
-        if len(got) >= len(messages):
-            break
-        await asyncio.sleep(0)
+    await fed(connection, stream, cuts, got, len(messages))
     assert got == messages
     assert not recorder.aborted
     # The SUB answered the greeting with READY, then subscribed to its topic (ZMTP 3.0 form).
@@ -612,12 +619,7 @@ async def test_any_cut_of_the_stream_skips_the_same_messages(messages: Messages,
                             max_message=bound, refused=refused.append)
     recorder = Recorder()
     connection.connection_made(recorder)  # type: ignore[arg-type]
-    for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
-        connection.data_received(stream[start:stop])
-    for _ in range(100):  # a read of 64 KiB or more is handed on over the next turns
-        if len(got) >= len(messages):
-            break
-        await asyncio.sleep(0)
+    await fed(connection, stream, cuts, got, len(expected))
     assert got == expected
     assert refused == sizes
     assert not recorder.aborted
