@@ -325,11 +325,10 @@ class Snapshotter:
     async def _write(self, rank: _Rank) -> None:
         assert self._kv is not None
         assert self._nc is not None
-        events = rank.events
+        rank.events = 0  # tried, written or not: the next one on the cadence
         blocks = rank.index.block_count(rank.worker)
         if rank.too_large_at and blocks >= rank.too_large_at:
             # No fewer blocks than a snapshot that did not fit: not built again for nothing.
-            rank.events = max(0, rank.events - events)
             self._too_large(rank, None)
             return
         try:
@@ -338,7 +337,6 @@ class Snapshotter:
             self._metrics.snapshot_failures.labels("build").inc()
             self._warn.warning("build", "cannot build snapshot %s: %s", rank.key, _why(exc))
             return
-        rank.events = max(0, rank.events - events)  # written or not: next on the cadence
         label = str(rank.dp_rank)
         if len(data) > self._nc.max_payload:
             rank.too_large_at = blocks
@@ -359,7 +357,6 @@ class Snapshotter:
         metrics.snapshot_stream_seq.labels(label).set(seq)
         metrics.snapshot_bytes.labels(label).set(len(data))
         metrics.snapshot_age.labels(label).set_function(lambda: time.time() - rank.written_at)
-
 
     def _too_large(self, rank: _Rank, size: int | None) -> None:
         """A snapshot above the server's max_payload (`size` None: not built again, the worker
