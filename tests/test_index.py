@@ -99,8 +99,10 @@ def batch(worker: WorkerKey, seq: int, *events: RelayEvent, epoch: int = 0) -> R
 
 
 def stored(*hashes: BlockHash, parent: BlockHash | None = None, medium: str | None = "GPU",
-           group: int | None = 0) -> Stored:
-    return Stored(list(hashes), parent, [0] * len(hashes), 1, medium=medium, group_idx=group)
+           group: int | None = 0, keyed: bool = True) -> Stored:
+    """Blocks of one token each; `keyed=False`: no token ids, so no token keys."""
+    return Stored(list(hashes), parent, [0] * len(hashes) if keyed else [], 1, medium=medium,
+                  group_idx=group)
 
 
 def removed(*hashes: BlockHash, medium: str | None = "GPU", group: int | None = 0) -> Removed:
@@ -396,9 +398,11 @@ def test_status_keeps_last_timestamps() -> None:
 
 def test_snapshot_is_canonical_chains() -> None:
     """Blocks are written as chains (one hash per block, parents implied), in an order that
-    does not depend on the order they were stored in."""
-    stores: list[Any] = [stored(1, 2, 3), stored(4, 5, parent=2), stored(9, parent=99),
-                         stored(b"\x01" * 32, parent=3), stored(6, parent=2)]
+    does not depend on the order they were stored in (without token keys, which do)."""
+    stores: list[Any] = [stored(1, 2, 3, keyed=False), stored(4, 5, parent=2, keyed=False),
+                         stored(9, parent=99, keyed=False),
+                         stored(b"\x01" * 32, parent=3, keyed=False),
+                         stored(6, parent=2, keyed=False)]
     encodings = set()
     for seed in range(5):
         order = stores[:]

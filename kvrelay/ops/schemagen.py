@@ -25,6 +25,7 @@ from kvrelay.dynamo.translate import EventStream, Translator
 from kvrelay.dynamo.wire import decode_message
 from kvrelay.testing.synthetic import all_blocks_cleared, block_removed, block_stored
 from kvrelay.wire.schema import RelayBatch, Stored, relay_batch_json_schema
+from kvrelay.wire.tokenkey import TOKEN_KEY_VERSION, block_keys, root_key
 
 ROOT: Final = Path(__file__).resolve().parents[2] / "schemas"
 INSTANCE_ID: Final = 7
@@ -163,10 +164,36 @@ def dynamo_vectors(input_file: bytes) -> bytes:
     return ("[\n" + ",\n".join(json.dumps(row, sort_keys=True) for row in rows) + "\n]\n").encode()
 
 
+# Token-key cases: (what it shows, token_ids, block_size, lora_name, cache_salt, extra_keys).
+TOKEN_KEY_CASES: Final[list[tuple[str, list[int], int, str | None, str | None, Any]]] = [
+    ("two blocks of tokens 1..32", list(range(1, 33)), 16, None, None, None),
+    ("a partial last block has no key", list(range(1, 41)), 16, None, None, None),
+    ("the same tokens under a LoRA adapter", list(range(1, 33)), 16, "my-lora", None, None),
+    ("a cache salt (first block only)", list(range(1, 33)), 16, None, "tenant-a", None),
+    ("adapter and salt", list(range(1, 33)), 16, "my-lora", "tenant-a", None),
+    ("multimodal extra keys on the second block", list(range(1, 33)), 16, None, None,
+     [None, [["mm-hash", 0]]]),
+    ("the largest token id, block size 32", [2**32 - 1] * 32 + [0] * 32, 32, None, None, None),
+]
+
+
+def token_key_vectors() -> bytes:
+    """schemas/token-keys.json: token keys (kvrelay/wire/tokenkey.py) of a few
+    requests, for implementations in other languages to test against."""
+    rows = [{"what": what, "version": TOKEN_KEY_VERSION, "token_ids": tokens,
+             "block_size": size, "lora_name": lora, "cache_salt": salt, "extra_keys": extras,
+             "root": root_key(lora),
+             "keys": block_keys(tokens, size, lora_name=lora, cache_salt=salt,
+                                extra_keys=extras)}
+            for what, tokens, size, lora, salt, extras in TOKEN_KEY_CASES]
+    return ("[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n").encode()
+
+
 def render(root: Path = ROOT) -> dict[Path, bytes]:
     """Every generated file under `root` (schemas/) with its content."""
     inputs = root / "vectors" / "input"
-    files = {root / "relaybatch.schema.json": _text(relay_batch_json_schema())}
+    files = {root / "relaybatch.schema.json": _text(relay_batch_json_schema()),
+             root / "token-keys.json": token_key_vectors()}
     input_files = {path.stem: path.read_bytes() for path in inputs.glob("*.msgpack")}
     for name, batches in HANDMADE.items():
         input_files[name] = files[inputs / f"{name}.msgpack"] = encode_frames(batches)

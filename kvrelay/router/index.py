@@ -1,13 +1,22 @@
 """An in-memory KV index: which blocks each worker (instance_id, dp_rank) holds, from RelayBatches.
 
-Pure (no I/O): the consumer, the commands and a snapshot writer share it. `overlap()` answers a
-KV router's question: for a request's block hashes, how many leading ones each worker holds.
+Pure (no I/O): the consumer, the commands and a snapshot writer share it. It answers a KV
+router's question, for a request, how many leading blocks each worker holds:
+`overlap_tokens()` from the request's token ids, `overlap()` from vLLM block hashes.
+
+Token keys. Each stored block also gets a token key (kvrelay/wire/tokenkey.py): a hash of its
+token ids chained from its parent's key and seeded by its LoRA adapter and extra keys, so a
+router computes the same keys from a request's tokens without knowing how the engine hashes. A
+block whose parent the worker does not hold keyed (evicted, or lost in a gap) gets none, as
+vLLM would not reach it either; so does one whose token ids do not fill its blocks. Both are
+counted (`unkeyed_blocks`).
 
 Layout. Blocks are held per tier, (medium, group_idx): vLLM reports the GPU cache, offloaded
 tiers and, for hybrid models, one block pool per KV cache group, and one hash may live in
-several. Per tier a dict maps each hash to a bitmask of the worker slots holding it (`overlap`:
-one lookup and one `&` per block, however many workers); per worker and tier a dict maps each
-held hash to its parent (for snapshots, and to clear a worker in time of its own blocks).
+several. Per tier a dict maps each hash, and another each token key, to a bitmask of the worker
+slots holding it (a query: one lookup and one `&` per block, however many workers); per worker
+and tier a dict maps each held hash to its parent (for snapshots, and to clear a worker in time
+of its own blocks) and another to its token key.
 
 Losses. A block claimed but evicted sends requests to a worker that recomputes them; a block
 missed only costs a hit. So a `resync`, a gap found here, an epoch going back, or a vLLM event
@@ -25,15 +34,25 @@ messages at or below its stream sequence are skipped (`Outcome.COVERED`).
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
-from typing import Final, NamedTuple
+from typing import Any, Final
 
-import msgspec
 from msgspec import UNSET
 
+from kvrelay.router.chains import Blocks, Keys, decode_snapshot, encode_snapshot, tier_snapshots
+from kvrelay.router.worker import (
+    DEFAULT_TIER,
+    VLLM_TAGS,
+    Gap,
+    Outcome,
+    Tier,
+    Worker,
+    WorkerKey,
+    WorkerStatus,
+    announced,
+    tier_of,
+)
 from kvrelay.wire.schema import (
     BlockHash,
     Cleared,
@@ -42,99 +61,23 @@ from kvrelay.wire.schema import (
     Removed,
     Resync,
     Stored,
-    TierSnapshot,
     Unknown,
     WorkerSnapshot,
 )
+from kvrelay.wire.tokenkey import (
+    ExtraKeys,
+    iter_keys,
+    lora_label,
+    own_extras,
+    request_extras,
+    root_key,
+    token_bytes,
+)
 
-WorkerKey = tuple[int, int]
-"""(instance_id, dp_rank)"""
-Tier = tuple[str, int]
-"""(medium, group_idx); events without them are GPU, group 0."""
-DEFAULT_TIER: Final[Tier] = ("GPU", 0)
-VLLM_TAGS: Final = frozenset({"BlockStored", "BlockRemoved", "AllBlocksCleared"})
 _MISSING: Final = object()
 
-
-class Outcome(enum.Enum):
-    APPLIED = "applied"
-    DUPLICATE = "duplicate"  # (epoch, seq) at or before the last one applied: skipped
-    COVERED = "covered"  # at or below a restored snapshot's stream sequence: skipped
-
-
-class Gap(NamedTuple):
-    """Batches of a worker missing on the consumer's side: the relay did not announce them."""
-
-    worker: WorkerKey
-    previous: tuple[int, int]  # (epoch, seq) last applied
-    current: tuple[int, int]  # (epoch, seq) of the batch that showed the gap
-
-    @property
-    def epoch_back(self) -> bool:
-        return self.current[0] < self.previous[0]
-
-    @property
-    def missed(self) -> tuple[int, int] | None:
-        """Seq range missed in the current epoch; None when the epoch went back."""
-        if self.epoch_back:
-            return None
-        start = self.previous[1] + 1 if self.current[0] == self.previous[0] else 0
-        return start, self.current[1] - 1
-
-    def describe(self) -> str:
-        instance, rank = self.worker
-        what = (f"seq {self.missed[0]}..{self.missed[1]} of epoch {self.current[0]} missing"
-                if self.missed is not None else "epoch went back")
-        return (f"worker {instance} rank {rank}: {what} (last epoch {self.previous[0]} seq "
-                f"{self.previous[1]}, now epoch {self.current[0]} seq {self.current[1]})")
-
-
-class WorkerStatus(NamedTuple):
-    """A read-only view of one worker's state and counters."""
-
-    worker: WorkerKey
-    epoch: int | None
-    seq: int | None
-    exact: bool
-    blocks: int  # over every tier
-    batches: int
-    events: int
-    resyncs: dict[str, int]  # by reason, as the relay announced them
-    gaps: int  # found on this side
-    duplicates: int
-    unknown_events: int
-    unreadable_events: int  # unknown events under a vLLM tag: treated as a loss
-    unmatched_removes: int  # removes of blocks the index did not hold
-    last_ts: float  # of the last batch applied: vLLM's clock and the relay's
-    last_relay_ts: float
-
-
-@dataclass(slots=True, eq=False)
-class _Worker:
-    key: WorkerKey
-    slot: int
-    bit: int
-    tiers: dict[Tier, dict[BlockHash, BlockHash | None]] = field(default_factory=dict)
-    epoch: int | None = None
-    seq: int | None = None
-    covered: int = 0  # stream sequence a restored snapshot is complete up to
-    exact: bool = False
-    batches: int = 0
-    events: int = 0
-    resyncs: dict[str, int] = field(default_factory=dict)
-    gaps: int = 0
-    duplicates: int = 0
-    unknown_events: int = 0
-    unreadable_events: int = 0
-    unmatched_removes: int = 0
-    last_ts: float = 0.0
-    last_relay_ts: float = 0.0
-
-
-def tier_of(event: Stored | Removed) -> Tier:
-    group = event.group_idx
-    return (event.medium or "GPU", group if type(group) is int else 0)
-
+__all__ = ["DEFAULT_TIER", "Gap", "KvIndex", "Outcome", "Tier", "WorkerKey", "WorkerStatus",
+           "decode_snapshot", "encode_snapshot", "tier_of"]
 
 class KvIndex:
     """Blocks per worker and tier, built by `apply`ing RelayBatches in stream order."""
@@ -143,10 +86,12 @@ class KvIndex:
         """`queries=False`: an index that only keeps blocks (a relay's own, for snapshots) and
         answers no `overlap` or `distinct_blocks`; it skips the per-block holder masks those
         need, which halves the memory each event touches."""
-        self._workers: dict[WorkerKey, _Worker] = {}
+        self._workers: dict[WorkerKey, Worker] = {}
         self._slots: list[WorkerKey | None] = []
         self._queries = queries
         self._holders: dict[Tier, dict[BlockHash, int]] = {}
+        self._key_holders: dict[Tier, dict[int, int]] = {}
+        self._block_sizes: dict[Tier, set[int]] = {}
         self.stream_seq = 0
         """The highest JetStream sequence passed to `apply` (0: none)."""
 
@@ -170,12 +115,12 @@ class KvIndex:
             if seq <= worker.seq:
                 worker.duplicates += 1
                 return Outcome.DUPLICATE, None
-            if seq > worker.seq + 1 and not _announced(batch.events, worker.seq + 1, seq - 1):
+            if seq > worker.seq + 1 and not announced(batch.events, worker.seq + 1, seq - 1):
                 gap = Gap(worker.key, (worker.epoch, worker.seq), (epoch, seq))
         elif epoch > worker.epoch:  # the engine restarted: its cache starts empty
             self._clear(worker)
             worker.exact = seq == 0
-            if seq > 0 and not _announced(batch.events, 0, seq - 1):
+            if seq > 0 and not announced(batch.events, 0, seq - 1):
                 gap = Gap(worker.key, (worker.epoch, worker.seq), (epoch, seq))
         else:
             gap = Gap(worker.key, (worker.epoch, worker.seq), (epoch, seq))
@@ -197,7 +142,7 @@ class KvIndex:
         worker.last_ts, worker.last_relay_ts = batch.ts, batch.relay_ts
         return Outcome.APPLIED, gap
 
-    def _event(self, worker: _Worker, event: RelayEvent) -> None:
+    def _event(self, worker: Worker, event: RelayEvent) -> None:
         if isinstance(event, Stored):
             self._store(worker, event)
         elif isinstance(event, Removed):
@@ -216,16 +161,25 @@ class KvIndex:
                 self._clear(worker)
                 worker.exact = False
 
-    def _store(self, worker: _Worker, event: Stored) -> None:
+    def _store(self, worker: Worker, event: Stored) -> None:
         tier = tier_of(event)
         blocks = worker.tiers.get(tier)
         if blocks is None:
             blocks = worker.tiers[tier] = {}
+        keys = worker.keys.get(tier)
+        if keys is None:
+            keys = worker.keys[tier] = {}
+        new_keys = self._token_keys(worker, keys, event)
         if not self._queries:
             parent = event.parent_block_hash
             for block in event.block_hashes:
                 blocks[block] = parent
                 parent = block
+            if new_keys is not None:
+                _sized(worker, tier, event.block_size)
+                for block, key in zip(event.block_hashes, new_keys, strict=True):
+                    if block not in keys:
+                        keys[block] = key
             return
         holders = self._holders.setdefault(tier, {})
         bit = worker.bit
@@ -237,20 +191,52 @@ class KvIndex:
                 holders[block] = bit if others is None else others | bit
             blocks[block] = parent
             parent = block
+        if new_keys is not None:
+            key_holders = self._key_holders.setdefault(tier, {})
+            _sized(worker, tier, event.block_size)
+            self._block_sizes.setdefault(tier, set()).add(event.block_size)
+            for block, key in zip(event.block_hashes, new_keys, strict=True):
+                if block not in keys:
+                    keys[block] = key
+                    others = key_holders.get(key)
+                    key_holders[key] = bit if others is None else others | bit
 
-    def _remove(self, worker: _Worker, event: Removed) -> None:
+    def _token_keys(self, worker: Worker, keys: Keys, event: Stored) -> list[int] | None:
+        """The token keys of the event's blocks; None (counted) when they cannot be had."""
+        lora = lora_label(event.lora_name, event.lora_id)
+        parent = event.parent_block_hash
+        seed = root_key(lora) if parent is None else keys.get(parent)
+        count, size, tokens = len(event.block_hashes), event.block_size, event.token_ids
+        if seed is None or size <= 0 or len(tokens) != count * size:
+            worker.unkeyed_blocks += count
+            return None
+        extras: list[ExtraKeys] | None = None
+        if type(event.extra_keys) is list:
+            extras = [own_extras(entry, lora) for entry in event.extra_keys]
+        try:
+            data = token_bytes(tokens)
+        except (OverflowError, TypeError):  # a token id that is not a uint32
+            worker.unkeyed_blocks += count
+            return None
+        return list(iter_keys(data, size, seed, extras))
+
+    def _remove(self, worker: Worker, event: Removed) -> None:
         tier = tier_of(event)
         blocks = worker.tiers.get(tier)
         if not blocks:
             worker.unmatched_removes += len(event.block_hashes)
             return
+        keys = worker.keys.get(tier)
         if not self._queries:
             pop = blocks.pop
             for block in event.block_hashes:
                 if pop(block, _MISSING) is _MISSING:
                     worker.unmatched_removes += 1
+                elif keys:
+                    keys.pop(block, None)
             return
         holders = self._holders[tier]
+        key_holders = self._key_holders.get(tier)
         bit = worker.bit
         for block in event.block_hashes:
             if blocks.pop(block, _MISSING) is _MISSING:
@@ -261,10 +247,14 @@ class KvIndex:
                 holders[block] = mask
             else:
                 del holders[block]
+            if keys and key_holders is not None:
+                key = keys.pop(block, None)
+                if key is not None:
+                    _unhold(key_holders, key, bit)
 
-    def _clear(self, worker: _Worker) -> None:
+    def _clear(self, worker: Worker) -> None:
         if not self._queries:
-            worker.tiers = {}
+            worker.tiers, worker.keys, worker.sizes = {}, {}, {}
             return
         bit = worker.bit
         for tier, blocks in worker.tiers.items():
@@ -275,16 +265,21 @@ class KvIndex:
                     holders[block] = mask
                 else:
                     del holders[block]
-        worker.tiers = {}
+        for tier, keys in worker.keys.items():
+            key_holders = self._key_holders.get(tier)
+            if key_holders is not None:
+                for key in keys.values():
+                    _unhold(key_holders, key, bit)
+        worker.tiers, worker.keys, worker.sizes = {}, {}, {}
 
-    def _add(self, key: WorkerKey) -> _Worker:
+    def _add(self, key: WorkerKey) -> Worker:
         try:
             slot = self._slots.index(None)
             self._slots[slot] = key
         except ValueError:
             slot = len(self._slots)
             self._slots.append(key)
-        worker = self._workers[key] = _Worker(key, slot, 1 << slot)
+        worker = self._workers[key] = Worker(key, slot, 1 << slot)
         return worker
 
     def remove_worker(self, worker: WorkerKey) -> bool:
@@ -300,33 +295,66 @@ class KvIndex:
 
     def overlap(self, block_hashes: Sequence[BlockHash], tier: Tier = DEFAULT_TIER
                 ) -> dict[WorkerKey, int]:
-        """For a request's block hashes, how many leading ones each worker holds (workers
+        """For a request's vLLM block hashes, how many leading ones each worker holds (workers
         holding none are left out)."""
         self._answers()
-        holders = self._holders.get(tier)
-        if not holders or not block_hashes:
-            return {}
-        alive = holders.get(block_hashes[0], 0)
         scores: dict[WorkerKey, int] = {}
+        holders = self._holders.get(tier)
+        if holders:
+            self._walk(iter(block_hashes), holders, scores)
+        return scores
+
+    def overlap_tokens(self, token_ids: Sequence[int], *, lora_name: str | None = None,
+                       cache_salt: str | None = None,
+                       extra_keys: Sequence[ExtraKeys] | None = None,
+                       tier: Tier = DEFAULT_TIER) -> dict[WorkerKey, int]:
+        """For a request's token ids, how many leading blocks each worker holds that vLLM
+        would reuse (workers holding none are left out).
+
+        Only whole blocks count, and not the one holding the prompt's last token, which vLLM
+        always computes: at most `(len(token_ids) - 1) // block_size` blocks. `lora_name`: the
+        request's adapter; `cache_salt`: its salt; `extra_keys`: each block's multimodal keys,
+        as vLLM computes them (kvrelay/wire/tokenkey.py). Workers are scored at each block
+        size their events used (one, in a uniform fleet)."""
+        self._answers()
+        scores: dict[WorkerKey, int] = {}
+        holders = self._key_holders.get(tier)
+        if not holders:
+            return scores
+        root = root_key(lora_name)
+        for size in sorted(self._block_sizes.get(tier, ())):
+            usable = (len(token_ids) - 1) // size
+            if usable <= 0:
+                continue
+            extras = request_extras(usable, cache_salt=cache_salt, extra_keys=extra_keys)
+            keys = iter_keys(token_bytes(token_ids[:usable * size]), size, root, extras)
+            self._walk(keys, holders, scores)
+        return scores
+
+    def _walk(self, keys: Iterator[Any], holders: dict[Any, int],
+              scores: dict[WorkerKey, int]) -> None:
+        """Score each worker by how many leading `keys` it holds, keeping a higher score."""
+        first = next(keys, None)
+        alive = holders.get(first, 0) if first is not None else 0
         depth = 1
         get = holders.get
-        for block in islice(block_hashes, 1, None):
+        for key in keys:
             if not alive:
-                return scores
-            held = alive & get(block, 0)
+                return
+            held = alive & get(key, 0)
             if held != alive:
                 self._score(alive ^ held, depth, scores)
                 alive = held
             depth += 1
         self._score(alive, depth, scores)
-        return scores
 
     def _score(self, mask: int, depth: int, scores: dict[WorkerKey, int]) -> None:
         while mask:
             low = mask & -mask
             key = self._slots[low.bit_length() - 1]
             assert key is not None
-            scores[key] = depth
+            if scores.get(key, 0) < depth:
+                scores[key] = depth
             mask ^= low
 
     def workers(self) -> list[WorkerKey]:
@@ -337,13 +365,18 @@ class KvIndex:
         return WorkerStatus(
             w.key, w.epoch, w.seq, w.exact, sum(len(b) for b in w.tiers.values()), w.batches,
             w.events, dict(w.resyncs), w.gaps, w.duplicates, w.unknown_events,
-            w.unreadable_events, w.unmatched_removes, w.last_ts, w.last_relay_ts)
+            w.unreadable_events, w.unmatched_removes, w.last_ts, w.last_relay_ts,
+            w.unkeyed_blocks)
 
-    def blocks(self, worker: WorkerKey, tier: Tier = DEFAULT_TIER
-               ) -> dict[BlockHash, BlockHash | None]:
+    def blocks(self, worker: WorkerKey, tier: Tier = DEFAULT_TIER) -> Blocks:
         """A copy of the worker's blocks in `tier`, each with its parent hash."""
         state = self._workers.get(worker)
         return dict(state.tiers.get(tier, {})) if state is not None else {}
+
+    def keys(self, worker: WorkerKey, tier: Tier = DEFAULT_TIER) -> Keys:
+        """A copy of the worker's blocks in `tier` that have a token key, each with it."""
+        state = self._workers.get(worker)
+        return dict(state.keys.get(tier, {})) if state is not None else {}
 
     def block_count(self, worker: WorkerKey) -> int:
         """How many blocks the worker holds, all tiers together."""
@@ -369,7 +402,7 @@ class KvIndex:
     def snapshot(self, worker: WorkerKey) -> WorkerSnapshot:
         """The worker's state, complete up to the stream sequence it records."""
         w = self._workers[worker]
-        return _snapshot(w, max(self.stream_seq, w.covered), w.tiers)
+        return _snapshot(w, max(self.stream_seq, w.covered), w.tiers, w.keys, w.sizes)
 
     def snapshot_later(self, worker: WorkerKey) -> Callable[[], WorkerSnapshot]:
         """The worker's state now, copied, and a function building its snapshot from the copy:
@@ -378,119 +411,76 @@ class KvIndex:
         w = self._workers[worker]
         stream_seq = max(self.stream_seq, w.covered)
         tiers = {tier: dict(blocks) for tier, blocks in w.tiers.items()}
-        frozen = _Worker(w.key, w.slot, w.bit, epoch=w.epoch, seq=w.seq, exact=w.exact)
-        return lambda: _snapshot(frozen, stream_seq, tiers)
+        keys = {tier: dict(held) for tier, held in w.keys.items()}
+        sizes = {tier: set(held) for tier, held in w.sizes.items()}
+        frozen = Worker(w.key, w.slot, w.bit, epoch=w.epoch, seq=w.seq, exact=w.exact)
+        return lambda: _snapshot(frozen, stream_seq, tiers, keys, sizes)
 
     def restore(self, snapshot: WorkerSnapshot) -> None:
         """Replace a worker's state with a snapshot's; later messages it covers are skipped."""
-        chains = [(tier.medium, tier.group_idx, chain) for tier in snapshot.tiers
-                  for chain in tier.chains]
-        if any(len(c) < 2 or any(h is None for h in islice(c, 1, None)) for *_, c in chains):
-            raise ValueError("malformed snapshot: a chain without blocks or a None block")
+        for tier in snapshot.tiers:
+            chains = tier.chains
+            if any(len(c) < 2 or any(h is None for h in islice(c, 1, None)) for c in chains):
+                raise ValueError("malformed snapshot: a chain without blocks or a None block")
+            if tier.keys and (len(tier.keys) != len(chains) or any(
+                    len(k) != len(c) - 1 for k, c in zip(tier.keys, chains, strict=True))):
+                raise ValueError("malformed snapshot: keys do not match the chains")
         key = (snapshot.instance_id, snapshot.dp_rank)
         worker = self._workers.get(key) or self._add(key)
         self._clear(worker)
-        for medium, group, chain in chains:
-            blocks = worker.tiers.setdefault((medium, group), {})
-            holders = self._holders.setdefault((medium, group), {}) if self._queries else None
-            parent = chain[0]
-            for block in islice(chain, 1, None):
-                assert block is not None
-                if holders is not None and block not in blocks:
-                    others = holders.get(block)
-                    holders[block] = worker.bit if others is None else others | worker.bit
-                blocks[block] = parent
-                parent = block
+        bit = worker.bit
+        for tier in snapshot.tiers:
+            where = (tier.medium, tier.group_idx)
+            blocks = worker.tiers.setdefault(where, {})
+            keys = worker.keys.setdefault(where, {})
+            holders = self._holders.setdefault(where, {}) if self._queries else None
+            key_holders = self._key_holders.setdefault(where, {}) if self._queries else None
+            if tier.keys:
+                worker.sizes.setdefault(where, set()).update(tier.block_sizes)
+                if self._queries:
+                    self._block_sizes.setdefault(where, set()).update(tier.block_sizes)
+            for i, chain in enumerate(tier.chains):
+                chain_keys = tier.keys[i] if tier.keys else None
+                parent = chain[0]
+                for j, block in enumerate(islice(chain, 1, None)):
+                    assert block is not None
+                    if holders is not None and block not in blocks:
+                        others = holders.get(block)
+                        holders[block] = bit if others is None else others | bit
+                    blocks[block] = parent
+                    parent = block
+                    token_key = chain_keys[j] if chain_keys is not None else None
+                    if token_key is not None and block not in keys:
+                        keys[block] = token_key
+                        if key_holders is not None:
+                            others = key_holders.get(token_key)
+                            key_holders[token_key] = bit if others is None else others | bit
         worker.epoch, worker.seq = snapshot.epoch, snapshot.seq
         worker.exact = snapshot.exact
         worker.covered = snapshot.stream_seq
 
 
-def _snapshot(w: _Worker, stream_seq: int, tiers: dict[Tier, dict[BlockHash, BlockHash | None]]
-              ) -> WorkerSnapshot:
+def _snapshot(w: Worker, stream_seq: int, tiers: dict[Tier, Blocks], keys: dict[Tier, Keys],
+              sizes: dict[Tier, set[int]]) -> WorkerSnapshot:
     return WorkerSnapshot(
         instance_id=w.key[0], dp_rank=w.key[1], epoch=w.epoch, seq=w.seq,
-        stream_seq=stream_seq, exact=w.exact,
-        tiers=[TierSnapshot(tier[0], tier[1], _chains(blocks))
-               for tier, blocks in sorted(tiers.items()) if blocks])
+        stream_seq=stream_seq, exact=w.exact, tiers=tier_snapshots(tiers, keys, sizes))
 
 
-def _announced(events: Iterable[RelayEvent], first: int, last: int) -> bool:
-    """Whether the batch's resync ranges together cover seqs first..last."""
-    ranges = sorted((e.missed_from, e.missed_to) for e in events if isinstance(e, Resync)
-                    and e.missed_from is not UNSET and e.missed_to is not UNSET)
-    for start, end in ranges:
-        if start > first:
-            return False
-        first = max(first, end + 1)
-        if first > last:
-            return True
-    return False
+def _sized(worker: Worker, tier: Tier, size: int) -> None:
+    sizes = worker.sizes.get(tier)
+    if sizes is None:
+        worker.sizes[tier] = {size}
+    elif size not in sizes:
+        sizes.add(size)
 
 
-def _hash_order(block: BlockHash) -> tuple[int, BlockHash]:
-    return (1, block) if isinstance(block, bytes) else (0, block)
-
-
-def _sorted(blocks: Iterable[BlockHash]) -> list[BlockHash]:
-    """Hashes in canonical order: integers by value, then bytes by value."""
-    try:
-        return sorted(blocks)  # one kind (the usual case): no key to build per hash
-    except TypeError:
-        return sorted(blocks, key=_hash_order)
-
-
-def _before(a: BlockHash, b: BlockHash) -> bool:
-    if type(a) is type(b):
-        return a < b  # type: ignore[operator]
-    return isinstance(b, bytes)
-
-
-def _chains(blocks: dict[BlockHash, BlockHash | None]) -> list[list[BlockHash | None]]:
-    """Canonical chains of a tier: each block continues its parent's chain when it is the
-    parent's smallest held child; chains in the order of their first block; parent cycles
-    (only from inconsistent input) are cut at their smallest block. One pass over the blocks
-    and a sort of the chains' starts only."""
-    successor: dict[BlockHash, BlockHash] = {}
-    for block, parent in blocks.items():
-        if parent is not None and parent != block and parent in blocks:
-            held = successor.get(parent)
-            if held is None or _before(block, held):
-                successor[parent] = block
-    continuing = set(successor.values())
-    emitted: set[BlockHash] = set()
-    chains: list[list[BlockHash | None]] = []
-
-    def emit(start: BlockHash) -> None:
-        chain: list[BlockHash | None] = [blocks[start]]
-        block: BlockHash | None = start
-        while block is not None and block not in emitted:
-            emitted.add(block)
-            chain.append(block)
-            block = successor.get(block)
-        chains.append(chain)
-
-    for block in _sorted([b for b in blocks if b not in continuing]):
-        emit(block)
-    if len(emitted) < len(blocks):  # what is left lies on cycles
-        for block in _sorted([b for b in blocks if b not in emitted]):
-            if block not in emitted:
-                emit(block)
-    return chains
-
-
-_SNAPSHOT_ENCODER: Final = msgspec.msgpack.Encoder()
-_SNAPSHOT_DECODER: Final = msgspec.msgpack.Decoder(WorkerSnapshot)
-
-
-def encode_snapshot(snapshot: WorkerSnapshot) -> bytes:
-    """Msgpack of a worker snapshot; the same state gives the same bytes."""
-    return _SNAPSHOT_ENCODER.encode(snapshot)
-
-
-def decode_snapshot(data: bytes) -> WorkerSnapshot:
-    """A worker snapshot from `encode_snapshot`; ValueError if the bytes are not one."""
-    try:
-        return _SNAPSHOT_DECODER.decode(data)
-    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
-        raise ValueError(f"not a worker snapshot: {exc}") from None
+def _unhold(key_holders: dict[int, int], key: int, bit: int) -> None:
+    """Take a worker's bit off a key (and the key off when no worker is left). Not a toggle: a
+    worker holding one key under two vLLM hashes loses it with the first removal, which costs
+    at most a cache hit, never claims a block it does not hold."""
+    mask = key_holders.get(key, 0) & ~bit
+    if mask:
+        key_holders[key] = mask
+    else:
+        key_holders.pop(key, None)

@@ -192,6 +192,13 @@ class TierSnapshot(Struct, array_like=True, gc=False):
     medium: str
     group_idx: int
     chains: list[list[BlockHash | None]]
+    keys: list[list[int | None]] = []
+    """Token keys (kvrelay/wire/tokenkey.py) of each chain's blocks, `keys[i][j]` that of
+    `chains[i][j + 1]`, None where a block has none; empty when no block has one (or the
+    snapshot was written before keys existed)."""
+    block_sizes: list[int] = []
+    """The block sizes (in tokens) of the keyed blocks, ascending: a router computes a
+    request's keys in each."""
 
 
 class WorkerSnapshot(Struct, kw_only=True, gc=False):

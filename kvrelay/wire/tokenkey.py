@@ -1,0 +1,114 @@
+"""Token keys: a block's identity computed from its token ids, the same in every process.
+
+vLLM's block hashes depend on the engine's own settings (the hash algorithm, PYTHONHASHSEED, the
+hash of the empty parent), so a router cannot compute them for a request. A token key can be
+computed by anyone holding the token ids, and two blocks get the same key exactly when vLLM's
+prefix cache would reuse one for the other: the same tokens, after the same prefix, under the
+same LoRA adapter and with the same extra keys (cache salt, multimodal inputs).
+
+Token key, version 1, with XXH3-64 (xxhash) and unsigned 64-bit integers:
+
+    tokens = the block's `block_size` token ids, each as uint32 little-endian
+    seed   = the parent block's token key; for a request's first block (no parent), the root:
+             0 without a LoRA adapter, XXH3-64(utf-8 of the adapter's name, seed=0) with one
+    extra  = the block's extra keys as vLLM reports them (`extra_keys[i]` of BlockStored), less
+             the adapter's name where vLLM puts it first; when any remain:
+             seed = XXH3-64(msgpack of the list of them, seed=seed)
+    key    = XXH3-64(tokens, seed=seed)
+
+An adapter reported by id only (`lora_id` without `lora_name`, vLLM before 0.14) is named by its
+decimal id. vLLM puts a request's cache salt in the extra keys of its first block only, after
+the adapter and multimodal keys, so `block_keys(..., cache_salt=...)` adds it there.
+schemas/token-keys.json holds golden vectors for implementations in other languages.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+from collections.abc import Iterator, Sequence
+from typing import Any, Final
+
+import msgspec
+import xxhash
+
+TOKEN_KEY_VERSION: Final = 1
+NO_LORA_ROOT: Final = 0
+
+_xxh3: Final = xxhash.xxh3_64_intdigest
+_encode: Final = msgspec.msgpack.Encoder().encode
+_BIG_ENDIAN: Final = sys.byteorder == "big"
+
+ExtraKeys = Sequence[Any] | None
+"""One block's extra keys: vLLM's `extra_keys` entry for it (None: none)."""
+
+
+def lora_label(lora_name: str | None, lora_id: int | None = None) -> str | None:
+    """The adapter a block was computed under: its name, or its decimal id when vLLM sent only
+    the id; None for the base model (lora_id 0 or None)."""
+    if lora_name is not None:
+        return lora_name
+    return str(lora_id) if lora_id else None
+
+
+def root_key(lora: str | None = None) -> int:
+    """The seed of a request's first block: 0 for the base model, else the adapter's hash."""
+    return NO_LORA_ROOT if lora is None else _xxh3(lora.encode(), seed=0)
+
+
+def own_extras(entry: Any, lora: str | None) -> list[Any] | None:
+    """A block's extra keys less the adapter name vLLM puts first (the root holds it already);
+    None when nothing is left or the entry is not a list."""
+    if not isinstance(entry, (list, tuple)) or not entry:
+        return None
+    items = list(entry)
+    if lora is not None and items[0] == lora:
+        del items[0]
+    return items or None
+
+
+def token_bytes(token_ids: Sequence[int]) -> bytes:
+    """Token ids as uint32 little-endian; OverflowError for an id outside 0..2**32-1."""
+    packed = array("I", token_ids)
+    if _BIG_ENDIAN:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def iter_keys(tokens: bytes, block_size: int, seed: int,
+              extras: Sequence[ExtraKeys] | None = None) -> Iterator[int]:
+    """Token keys of the whole blocks in `tokens` (from `token_bytes`), chained from `seed`
+    (the parent's key, or `root_key`); `extras[i]`: block i's own extra keys (`own_extras`)."""
+    step = 4 * block_size
+    view = memoryview(tokens)
+    for i, start in enumerate(range(0, len(tokens) - step + 1, step)):
+        extra = extras[i] if extras is not None and i < len(extras) else None
+        if extra:
+            seed = _xxh3(_encode(list(extra)), seed=seed)
+        seed = _xxh3(view[start:start + step], seed=seed)
+        yield seed
+
+
+def request_extras(blocks: int, *, cache_salt: str | None = None,
+                   extra_keys: Sequence[ExtraKeys] | None = None) -> list[ExtraKeys]:
+    """Each of a request's first `blocks` blocks' own extra keys: `extra_keys` (multimodal
+    inputs, as vLLM computes them), and `cache_salt` after them in the first block's."""
+    extras: list[ExtraKeys] = [None] * blocks
+    for i, entry in enumerate(extra_keys[:blocks] if extra_keys is not None else ()):
+        extras[i] = list(entry) if entry else None
+    if cache_salt is not None and blocks:
+        extras[0] = [*(extras[0] or ()), cache_salt]
+    return extras
+
+
+def block_keys(token_ids: Sequence[int], block_size: int, *, lora_name: str | None = None,
+               cache_salt: str | None = None,
+               extra_keys: Sequence[ExtraKeys] | None = None) -> list[int]:
+    """Token keys of every whole block of a request's tokens (a partial last block has none),
+    under its adapter, cache salt and multimodal keys (see `request_extras`)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, not {block_size}")
+    blocks = len(token_ids) // block_size
+    extras = request_extras(blocks, cache_salt=cache_salt, extra_keys=extra_keys)
+    return list(iter_keys(token_bytes(token_ids[:blocks * block_size]), block_size,
+                          root_key(lora_name), extras))
