@@ -91,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--window", type=float, default=10.0,
                        help="seconds of relay timestamps events/s is averaged over")
     _add_watch_flags(stats, stats=True)
+
+    from kvrelay.ops import score
+
+    score.add_parser(commands, os.environ.get(env_var("nats"), "nats://127.0.0.1:4222"),
+                     os.environ.get(env_var("stream"), "KV_EVENTS"))
     return parser
 
 
@@ -135,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         sys.exit(tail(args.nats, args.stream, args.subject, from_start=args.from_start,
                       count=args.count))
+    elif args.command == "score":
+        _setup_logging("error")
+        from kvrelay.ops.score import run as score
+
+        sys.exit(score(args))
     elif args.command in ("tail", "stats"):
         _setup_logging("error")
         from kvrelay.ops.stats import run as watch

@@ -1,0 +1,142 @@
+"""`kvrelay score`: for a request's token ids, how many leading cached blocks each worker holds.
+
+    kvrelay score --nats URL --namespace NS --component C --tokens 1,2,3 [--json]
+
+Catches up on the component's stream the way a router does (the workers' snapshots first when
+the relay writes them, then the stream after them), then scores every worker with
+`KvIndex.overlap_tokens`: whole blocks only, and never the block holding the last token, which
+vLLM always computes. `--json` prints one object, `{"<instance_id>.<dp_rank>": blocks}`, with
+every worker the stream names (0 for those holding none of the prefix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import uvloop
+
+from kvrelay.router.consumer import KvConsumer, StreamNotFound
+from kvrelay.wire.names import NAME_RULE, SNAPSHOT_BUCKET
+
+
+def add_parser(commands: Any, nats_default: str, stream_default: str) -> None:
+    """The `score` subcommand's options, on the CLI's subparsers."""
+    score = commands.add_parser(
+        "score", help="each worker's leading cached blocks for a request's token ids",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    score.add_argument("--nats", default=nats_default,
+                       help="NATS server URL(s), comma-separated (default: %(default)s)")
+    score.add_argument("--stream", default=stream_default, help="JetStream stream")
+    score.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"),
+                       help="the workers' namespace (default: %(default)s)")
+    score.add_argument("--component", default=os.environ.get("DYN_COMPONENT", "backend"),
+                       help="the workers' component (default: %(default)s)")
+    tokens = score.add_mutually_exclusive_group(required=True)
+    tokens.add_argument("--tokens", help="the request's token ids, comma-separated")
+    tokens.add_argument("--tokens-file", type=Path, metavar="FILE",
+                        help="a file of token ids: a JSON array, or ids separated by commas "
+                             "or white space ('-': standard input)")
+    score.add_argument("--lora-name", default=None, help="the request's LoRA adapter")
+    score.add_argument("--cache-salt", default=None, help="the request's cache salt")
+    score.add_argument("--snapshot-bucket", default=SNAPSHOT_BUCKET,
+                       help="KV bucket of the relays' snapshots (default: %(default)s)")
+    score.add_argument("--json", action="store_true", help="print one JSON object")
+    score.add_argument("--connect-wait", type=float, default=5.0, metavar="SECONDS",
+                       help="give up when NATS cannot be reached within this (default: 5)")
+
+
+def parse_tokens(text: str) -> list[int]:
+    """Token ids from a JSON array or a list separated by commas or white space; ValueError
+    naming the first one that is not an id."""
+    text = text.strip()
+    items: list[Any] = (json.loads(text) if text.startswith("[")
+                        else [t for t in re.split(r"[\s,]+", text) if t])
+    tokens = []
+    for item in items:
+        try:
+            value = int(item) if not isinstance(item, bool) else -1
+        except (TypeError, ValueError):
+            raise ValueError(f"not a token id: {item!r}") from None
+        if not 0 <= value < 2**32:
+            raise ValueError(f"not a token id: {item!r} (ids are 0 .. 2**32-1)")
+        tokens.append(value)
+    if not tokens:
+        raise ValueError("no token ids given")
+    return tokens
+
+
+async def score_async(url: str, namespace: str, component: str, tokens: Sequence[int], *,
+                      lora_name: str | None = None, cache_salt: str | None = None,
+                      stream: str = "KV_EVENTS", snapshot_bucket: str = SNAPSHOT_BUCKET,
+                      connect_options: Mapping[str, Any] | None = None,
+                      connect_wait: float = 5.0, as_json: bool = False,
+                      out: TextIO = sys.stdout) -> int:
+    """Catch up, score, print; returns the exit code (1: NATS or the stream is missing)."""
+    consumer = KvConsumer(url, namespace, component, stream=stream, bootstrap="snapshot",
+                          snapshot_bucket=snapshot_bucket, wait_for_stream=False,
+                          connect_options=connect_options)
+    async with consumer:
+        deadline = time.monotonic() + connect_wait
+        while not consumer.connected:
+            if time.monotonic() > deadline or not consumer.running:
+                print(f"kvrelay score: cannot reach NATS at {_shown(url)}", file=sys.stderr)
+                return 1
+            await asyncio.sleep(0.05)
+        try:
+            await consumer.ready()
+        except StreamNotFound as exc:
+            print(f"kvrelay score: {exc} on {_shown(url)}", file=sys.stderr)
+            return 1
+        index = consumer.index
+        held = index.overlap_tokens(tokens, lora_name=lora_name, cache_salt=cache_salt)
+        scores = {worker: held.get(worker, 0) for worker in index.workers()}
+    ranked = sorted(scores.items(), key=lambda item: (-item[1], item[0]))
+    if as_json:
+        print(json.dumps({f"{i}.{r}": blocks for (i, r), blocks in ranked}), file=out)
+    else:
+        print(f"{len(tokens)} tokens, {len(scores)} workers on {consumer.subject}", file=out)
+        for (instance, rank), blocks in ranked:
+            print(f"{instance}.{rank}\t{blocks}", file=out)
+    return 0
+
+
+def _shown(url: str) -> str:
+    """The URL without the credentials it may carry."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+def run(args: argparse.Namespace, connect_options: Mapping[str, Any] | None = None) -> int:
+    """The command: read the tokens, check the names, score on a uvloop runner."""
+    try:
+        if args.tokens is not None:
+            tokens = parse_tokens(args.tokens)
+        else:
+            path: Path = args.tokens_file
+            text = sys.stdin.read() if str(path) == "-" else path.read_text()
+            tokens = parse_tokens(text)
+    except (OSError, ValueError) as exc:
+        print(f"kvrelay score: error: {exc}", file=sys.stderr)
+        return 2
+    for name in ("namespace", "component"):
+        if not NAME_RULE.match(getattr(args, name)):
+            print(f"kvrelay score: error: --{name} {getattr(args, name)!r} must match "
+                  f"{NAME_RULE.pattern}", file=sys.stderr)
+            return 2
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        try:
+            return runner.run(score_async(
+                args.nats, args.namespace, args.component, tokens, lora_name=args.lora_name,
+                cache_salt=args.cache_salt, stream=args.stream,
+                snapshot_bucket=args.snapshot_bucket, connect_options=connect_options,
+                connect_wait=args.connect_wait, as_json=args.json))
+        except KeyboardInterrupt:
+            return 130
