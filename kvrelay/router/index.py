@@ -66,12 +66,14 @@ from kvrelay.wire.schema import (
 )
 from kvrelay.wire.tokenkey import (
     ExtraKeys,
+    extra_seed,
     iter_keys,
     lora_label,
     own_extras,
     request_extras,
     root_key,
     token_bytes,
+    xxh3,
 )
 
 _MISSING: Final = object()
@@ -309,7 +311,8 @@ class KvIndex:
                        extra_keys: Sequence[ExtraKeys] | None = None,
                        tier: Tier = DEFAULT_TIER) -> dict[WorkerKey, int]:
         """For a request's token ids, how many leading blocks each worker holds that vLLM
-        would reuse (workers holding none are left out).
+        would reuse (workers holding none are left out); OverflowError for an id that is not
+        a uint32.
 
         Only whole blocks count, and not the one holding the prompt's last token, which vLLM
         always computes: at most `(len(token_ids) - 1) // block_size` blocks. `lora_name`: the
@@ -318,6 +321,7 @@ class KvIndex:
         size their events used (one, in a uniform fleet)."""
         self._answers()
         scores: dict[WorkerKey, int] = {}
+        data = token_bytes(token_ids)  # checks every id, whatever the block size
         holders = self._key_holders.get(tier)
         if not holders:
             return scores
@@ -326,10 +330,35 @@ class KvIndex:
             usable = (len(token_ids) - 1) // size
             if usable <= 0:
                 continue
-            extras = request_extras(usable, cache_salt=cache_salt, extra_keys=extra_keys)
-            keys = iter_keys(token_bytes(token_ids[:usable * size]), size, root, extras)
-            self._walk(keys, holders, scores)
+            extras = (request_extras(usable, cache_salt=cache_salt, extra_keys=extra_keys)
+                      if cache_salt is not None or extra_keys else None)
+            self._walk_tokens(data, 4 * size, usable, root, extras, holders, scores)
         return scores
+
+    def _walk_tokens(self, data: bytes, step: int, usable: int, seed: int,
+                     extras: list[ExtraKeys] | None, holders: dict[int, int],
+                     scores: dict[WorkerKey, int]) -> None:
+        """`_walk` over the keys of `data`'s first `usable` blocks, each hashed only when the
+        walk gets there (the steps of tokenkey.iter_keys, inline: this is a router's hot
+        path)."""
+        get = holders.get
+        alive = -1  # every worker, until the first block
+        depth = 0
+        for i in range(usable):
+            if extras is not None:
+                extra = extras[i]
+                if extra:
+                    seed = extra_seed(extra, seed)
+            start = i * step
+            seed = xxh3(data[start:start + step], seed)
+            held = get(seed, 0) if depth == 0 else alive & get(seed, 0)
+            if held != alive and depth:
+                self._score(alive ^ held, depth, scores)
+            if not held:
+                return
+            alive = held
+            depth += 1
+        self._score(alive, depth, scores)
 
     def _walk(self, keys: Iterator[Any], holders: dict[Any, int],
               scores: dict[WorkerKey, int]) -> None:
