@@ -92,6 +92,7 @@ class KvIndex:
         self._slots: list[WorkerKey | None] = []
         self._queries = queries
         self._holders: dict[Tier, dict[BlockHash, int]] = {}
+        self._by_hash = False  # whether _holders is kept: from the first query by hashes on
         self._key_holders: dict[Tier, dict[int, int]] = {}
         self._block_sizes: dict[Tier, set[int]] = {}
         self.stream_seq = 0
@@ -172,36 +173,37 @@ class KvIndex:
         if keys is None:
             keys = worker.keys[tier] = {}
         new_keys = self._token_keys(worker, keys, event)
-        if not self._queries:
-            parent = event.parent_block_hash
+        parent = event.parent_block_hash
+        if self._by_hash:
+            holders = self._holders.setdefault(tier, {})
+            bit = worker.bit
+            for block in event.block_hashes:
+                if block not in blocks:
+                    others = holders.get(block)
+                    # A block only this worker holds shares the worker's own bit object.
+                    holders[block] = bit if others is None else others | bit
+                blocks[block] = parent
+                parent = block
+        else:
             for block in event.block_hashes:
                 blocks[block] = parent
                 parent = block
-            if new_keys is not None:
-                _sized(worker, tier, event.block_size)
-                for block, key in zip(event.block_hashes, new_keys, strict=True):
-                    if block not in keys:
-                        keys[block] = key
+        if new_keys is None:
             return
-        holders = self._holders.setdefault(tier, {})
-        bit = worker.bit
-        parent = event.parent_block_hash
-        for block in event.block_hashes:
-            if block not in blocks:
-                others = holders.get(block)
-                # A block only this worker holds shares the worker's own bit object.
-                holders[block] = bit if others is None else others | bit
-            blocks[block] = parent
-            parent = block
-        if new_keys is not None:
-            key_holders = self._key_holders.setdefault(tier, {})
-            _sized(worker, tier, event.block_size)
-            self._block_sizes.setdefault(tier, set()).add(event.block_size)
+        _sized(worker, tier, event.block_size)
+        if not self._queries:
             for block, key in zip(event.block_hashes, new_keys, strict=True):
                 if block not in keys:
                     keys[block] = key
-                    others = key_holders.get(key)
-                    key_holders[key] = bit if others is None else others | bit
+            return
+        key_holders = self._key_holders.setdefault(tier, {})
+        self._block_sizes.setdefault(tier, set()).add(event.block_size)
+        bit = worker.bit
+        for block, key in zip(event.block_hashes, new_keys, strict=True):
+            if block not in keys:
+                keys[block] = key
+                others = key_holders.get(key)
+                key_holders[key] = bit if others is None else others | bit
 
     def _token_keys(self, worker: Worker, keys: Keys, event: Stored) -> list[int] | None:
         """The token keys of the event's blocks; None (counted) when they cannot be had."""
@@ -229,49 +231,41 @@ class KvIndex:
             worker.unmatched_removes += len(event.block_hashes)
             return
         keys = worker.keys.get(tier)
-        if not self._queries:
-            pop = blocks.pop
-            for block in event.block_hashes:
-                if pop(block, _MISSING) is _MISSING:
-                    worker.unmatched_removes += 1
-                elif keys:
-                    keys.pop(block, None)
-            return
-        holders = self._holders[tier]
-        key_holders = self._key_holders.get(tier)
+        holders = self._holders.get(tier) if self._by_hash else None
+        key_holders = self._key_holders.get(tier) if self._queries else None
         bit = worker.bit
         for block in event.block_hashes:
             if blocks.pop(block, _MISSING) is _MISSING:
                 worker.unmatched_removes += 1
                 continue
-            mask = holders[block] ^ bit
-            if mask:
-                holders[block] = mask
-            else:
-                del holders[block]
-            if keys and key_holders is not None:
-                key = keys.pop(block, None)
-                if key is not None:
-                    _unhold(key_holders, key, bit)
-
-    def _clear(self, worker: Worker) -> None:
-        if not self._queries:
-            worker.tiers, worker.keys, worker.sizes = {}, {}, {}
-            return
-        bit = worker.bit
-        for tier, blocks in worker.tiers.items():
-            holders = self._holders[tier]
-            for block in blocks:
+            if holders is not None:
                 mask = holders[block] ^ bit
                 if mask:
                     holders[block] = mask
                 else:
                     del holders[block]
-        for tier, keys in worker.keys.items():
-            key_holders = self._key_holders.get(tier)
-            if key_holders is not None:
-                for key in keys.values():
+            if keys:
+                key = keys.pop(block, None)
+                if key is not None and key_holders is not None:
                     _unhold(key_holders, key, bit)
+
+    def _clear(self, worker: Worker) -> None:
+        if self._queries:
+            bit = worker.bit
+            if self._by_hash:
+                for tier, blocks in worker.tiers.items():
+                    holders = self._holders[tier]
+                    for block in blocks:
+                        mask = holders[block] ^ bit
+                        if mask:
+                            holders[block] = mask
+                        else:
+                            del holders[block]
+            for tier, keys in worker.keys.items():
+                key_holders = self._key_holders.get(tier)
+                if key_holders is not None:
+                    for key in keys.values():
+                        _unhold(key_holders, key, bit)
         worker.tiers, worker.keys, worker.sizes = {}, {}, {}
 
     def _add(self, key: WorkerKey) -> Worker:
@@ -301,10 +295,25 @@ class KvIndex:
         holding none are left out)."""
         self._answers()
         scores: dict[WorkerKey, int] = {}
-        holders = self._holders.get(tier)
+        holders = self._hash_holders().get(tier)
         if holders:
             self._walk(iter(block_hashes), holders, scores)
         return scores
+
+    def _hash_holders(self) -> dict[Tier, dict[BlockHash, int]]:
+        """Each tier's hashes with the mask of the workers holding them, built at the first
+        query by hashes and kept from then on (a router scoring by tokens never pays for
+        them)."""
+        if not self._by_hash:
+            self._by_hash = True
+            for worker in self._workers.values():
+                bit = worker.bit
+                for tier, blocks in worker.tiers.items():
+                    holders = self._holders.setdefault(tier, {})
+                    for block in blocks:
+                        others = holders.get(block)
+                        holders[block] = bit if others is None else others | bit
+        return self._holders
 
     def overlap_tokens(self, token_ids: Sequence[int], *, lora_name: str | None = None,
                        cache_salt: str | None = None,
@@ -419,7 +428,7 @@ class KvIndex:
     def distinct_blocks(self, tier: Tier = DEFAULT_TIER) -> int:
         """Distinct hashes held by any worker in `tier`."""
         self._answers()
-        return len(self._holders.get(tier, ()))
+        return len(self._hash_holders().get(tier, ()))
 
     def _answers(self) -> None:
         if not self._queries:
@@ -462,7 +471,7 @@ class KvIndex:
             where = (tier.medium, tier.group_idx)
             blocks = worker.tiers.setdefault(where, {})
             keys = worker.keys.setdefault(where, {})
-            holders = self._holders.setdefault(where, {}) if self._queries else None
+            holders = self._holders.setdefault(where, {}) if self._by_hash else None
             key_holders = self._key_holders.setdefault(where, {}) if self._queries else None
             if tier.keys:
                 worker.sizes.setdefault(where, set()).update(tier.block_sizes)
