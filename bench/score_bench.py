@@ -3,6 +3,9 @@ scoring service's throughput on one core.
 
     python -m bench.score_bench [--workers 100] [--blocks 20000] [--tokens 8192] [--http]
 
+On the installed build (compiled where `pip install` compiled it), from a checkout:
+`PYTHONPATH=<a directory holding only a link to bench/> python -P -m bench.score_bench`.
+
 Each worker stores `blocks` blocks of `block-size` tokens as requests of `tokens` tokens, in
 events of `event-blocks` blocks (vLLM's chunked prefill), the first `shared` of every request a
 system prompt common to all workers. Queries are requests of `tokens` tokens plus one: a third
@@ -111,8 +114,8 @@ def serve(args: argparse.Namespace) -> None:
     uvloop.run(main())
 
 
-async def load(port: int, bodies: list[bytes], connections: int, duration: float
-               ) -> tuple[int, list[float]]:
+async def load(port: int, bodies: list[bytes], connections: int, duration: float,
+               content_type: bytes = b"application/json") -> tuple[int, list[float]]:
     """Keep-alive connections each sending one request at a time for `duration` seconds."""
     latencies: list[float] = []
     stop_at = time.monotonic() + duration
@@ -124,8 +127,8 @@ async def load(port: int, bodies: list[bytes], connections: int, duration: float
             body = bodies[i % len(bodies)]
             i += connections
             started = time.perf_counter()
-            writer.write(b"POST /score HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
-                         + body)
+            writer.write(b"POST /score HTTP/1.1\r\nContent-Type: %s\r\nContent-Length: %d"
+                         b"\r\n\r\n" % (content_type, len(body)) + body)
             head = await reader.readuntil(b"\r\n\r\n")
             length = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
             await reader.readexactly(length)
@@ -137,7 +140,8 @@ async def load(port: int, bodies: list[bytes], connections: int, duration: float
 
 
 def http_bench(args: argparse.Namespace, asked: list[list[int]]) -> None:
-    command = [sys.executable, "-m", "bench.score_bench", "--serve",
+    safe = ["-P"] if sys.flags.safe_path else []  # the installed kvrelay, not the checkout's
+    command = [sys.executable, *safe, "-m", "bench.score_bench", "--serve",
                *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                  if k not in ("http", "serve") and v is not None)]
     cores = sorted(os.sched_getaffinity(0))
@@ -148,16 +152,21 @@ def http_bench(args: argparse.Namespace, asked: list[list[int]]) -> None:
         port = int(server.stdout.readline())
         if len(cores) > 1:
             os.sched_setaffinity(0, set(cores[1:]))
-        bodies = [msgspec.json.encode({"token_ids": q}) for q in asked]
-        asyncio.run(load(port, bodies, args.connections, 2.0))  # warm up
-        count, latencies = asyncio.run(load(port, bodies, args.connections, args.duration))
+        for name, content_type, encode in (("JSON", b"application/json", msgspec.json.encode),
+                                           ("msgpack", b"application/msgpack",
+                                            msgspec.msgpack.encode)):
+            bodies = [encode({"token_ids": q}) for q in asked]
+            asyncio.run(load(port, bodies, args.connections, 2.0, content_type))  # warm up
+            count, latencies = asyncio.run(load(port, bodies, args.connections, args.duration,
+                                                content_type))
+            print(f"HTTP scorer on one core, {name} ({args.connections} keep-alive "
+                  f"connections, {args.tokens + 1}-token requests): "
+                  f"{count / args.duration:,.0f} requests/s, "
+                  f"p50 {statistics.median(latencies) * 1e3:.2f} ms, "
+                  f"p99 {percentile(latencies, 0.99) * 1e3:.2f} ms")
     finally:
         server.kill()
         server.wait()
-    print(f"HTTP scorer on one core ({args.connections} keep-alive connections, "
-          f"{args.tokens + 1}-token requests): {count / args.duration:,.0f} requests/s, "
-          f"p50 {statistics.median(latencies) * 1e3:.2f} ms, "
-          f"p99 {percentile(latencies, 0.99) * 1e3:.2f} ms")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -119,7 +119,8 @@ async def test_service_scores_live_and_reports_readiness(
 
 async def test_http_layer_handles_split_pipelined_and_bad_requests() -> None:
     """Requests split across packets and pipelined on one connection are each answered in
-    order; an oversized body gets 413 and a missing length 400, both closing the connection."""
+    order; a msgpack body is answered in msgpack, with a worker that joined meanwhile; an
+    oversized body gets 413 and a chunked one 400, both closing the connection."""
     index = KvIndex()
     index.apply(stored_batch(1, 0, TOKENS, None, [11, 12, 13]))
     service = ScoringService(index, lambda: True, CollectorRegistry(), "127.0.0.1", 0,
@@ -142,6 +143,15 @@ async def test_http_layer_handles_split_pipelined_and_bad_requests() -> None:
             answers.append((head.split(b" ")[1], await reader.readexactly(length)))
         assert answers == [(b"200", b'{"1.0":3}'), (b"200", b'{"1.0":3}'),
                            (b"200", b'{"status":"live"}')]
+        index.apply(stored_batch(2, 0, TOKENS[:4], None, [21]))  # a worker joins
+        packed = msgspec.msgpack.encode({"token_ids": [*TOKENS, 0], "cache_salt": None})
+        writer.write(b"POST /score HTTP/1.1\r\nContent-Type: application/msgpack\r\n"
+                     b"Content-Length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b"Content-Type: application/msgpack" in head
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        assert msgspec.msgpack.decode(await reader.readexactly(length)) == {"1.0": 3, "2.0": 1}
         writer.write(b"POST /score HTTP/1.1\r\nContent-Length: 5000\r\n\r\n")
         await writer.drain()
         head = await reader.readuntil(b"\r\n\r\n")

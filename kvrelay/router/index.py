@@ -93,6 +93,8 @@ class KvIndex:
         self._queries = queries
         self._holders: dict[Tier, dict[BlockHash, int]] = {}
         self._by_hash = False  # whether _holders is kept: from the first query by hashes on
+        self.membership = 0
+        """Grows whenever a worker is added or removed (a cache of `workers()` checks it)."""
         self._key_holders: dict[Tier, dict[int, int]] = {}
         self._block_sizes: dict[Tier, set[int]] = {}
         self.stream_seq = 0
@@ -269,6 +271,7 @@ class KvIndex:
         worker.tiers, worker.keys, worker.sizes = {}, {}, {}
 
     def _add(self, key: WorkerKey) -> Worker:
+        self.membership += 1
         try:
             slot = self._slots.index(None)
             self._slots[slot] = key
@@ -285,6 +288,7 @@ class KvIndex:
             return False
         self._clear(state)
         self._slots[state.slot] = None
+        self.membership += 1
         return True
 
     # -- queries -------------------------------------------------------------------------------

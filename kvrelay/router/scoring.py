@@ -4,6 +4,9 @@
              ->  {"<instance_id>.<dp_rank>": leading blocks held, ...}   (every known worker)
     GET  /live, /health (200 once caught up with the stream), /metrics
 
+A request with `Content-Type: application/msgpack` carries the same map in msgpack and is
+answered in msgpack: reading thousands of token ids costs a tenth of what JSON does.
+
 HTTP/1.1 with keep-alive on asyncio's protocol layer, sharing the loop of the KvConsumer that
 keeps the index live, so an answer always reflects every batch applied before it. Replicas
 scale out by each following the stream. A malformed request is answered 400 (413 when larger
@@ -16,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from itertools import repeat
 from typing import Final, cast
 
 import msgspec
@@ -44,7 +48,10 @@ class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _decode_request: Final = msgspec.json.Decoder(ScoreRequest).decode
+_decode_msgpack_request: Final = msgspec.msgpack.Decoder(ScoreRequest).decode
 _encode: Final = msgspec.json.Encoder().encode
+_encode_msgpack: Final = msgspec.msgpack.Encoder().encode
+MSGPACK: Final = "application/msgpack"
 
 
 class ScorerMetrics:
@@ -85,6 +92,7 @@ class ScoringService:
         self.max_body = max_body
         self._host, self._port = host, port
         self._server: asyncio.Server | None = None
+        self._labels: tuple[int, list[tuple[int, int]], list[str]] = (-1, [], [])
 
     @property
     def port(self) -> int:
@@ -103,12 +111,13 @@ class ScoringService:
             self._server.close()
             await self._server.wait_closed()
 
-    def respond(self, method: bytes, path: bytes, body: bytes) -> tuple[int, str, bytes]:
-        """(status, content type, body) for one request."""
+    def respond(self, method: bytes, path: bytes, body: bytes, msgpack: bool = False
+                ) -> tuple[int, str, bytes]:
+        """(status, content type, body) for one request; `msgpack`: its body is msgpack."""
         if path == b"/score":
             if method != b"POST":
                 return 405, "text/plain", b"POST a JSON body to /score\n"
-            return self.score(body)
+            return self.score(body, msgpack)
         if method not in (b"GET", b"HEAD"):
             return 405, "text/plain", b"method not allowed\n"
         if path == b"/live":
@@ -121,19 +130,32 @@ class ScoringService:
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         return 404, "text/plain", b"not found\n"
 
-    def score(self, body: bytes) -> tuple[int, str, bytes]:
+    def score(self, body: bytes, msgpack: bool = False) -> tuple[int, str, bytes]:
         started = time.perf_counter()
         try:
-            request = _decode_request(body)
+            request = (_decode_msgpack_request if msgpack else _decode_request)(body)
             held = self.index.overlap_tokens(request.token_ids, lora_name=request.lora_name,
                                              cache_salt=request.cache_salt)
         except (msgspec.DecodeError, OverflowError) as exc:
             self.metrics.requests.labels("bad_request").inc()
             return 400, "application/json", _encode({"error": str(exc)})
-        answer = _encode({f"{i}.{r}": held.get((i, r), 0) for i, r in self.index.workers()})
+        workers, labels = self._worker_labels()
+        answer = dict(zip(labels, map(held.get, workers, repeat(0)), strict=True))
         self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.requests.labels("ok").inc()
-        return 200, "application/json", answer
+        if msgpack:
+            return 200, MSGPACK, _encode_msgpack(answer)
+        return 200, "application/json", _encode(answer)
+
+    def _worker_labels(self) -> tuple[list[tuple[int, int]], list[str]]:
+        """The index's workers and their `<instance_id>.<dp_rank>`, made again only when a
+        worker came or went."""
+        membership, workers, labels = self._labels
+        if membership != self.index.membership:
+            workers = self.index.workers()
+            labels = [f"{i}.{r}" for i, r in workers]
+            self._labels = (self.index.membership, workers, labels)
+        return workers, labels
 
 
 class _Http(asyncio.Protocol):
@@ -165,7 +187,7 @@ class _Http(asyncio.Protocol):
             self._reply(400, "text/plain", b"bad request line\n", close=True)
             return False
         method, target, version = parts
-        length, close = 0, version == b"HTTP/1.0"
+        length, close, msgpack = 0, version == b"HTTP/1.0", False
         for line in head[1:]:
             name, _, value = line.partition(b":")
             name = name.strip().lower()
@@ -174,6 +196,8 @@ class _Http(asyncio.Protocol):
                     length = int(value)
                 except ValueError:
                     length = -1
+            elif name == b"content-type":
+                msgpack = value.strip().lower().startswith(MSGPACK.encode())
             elif name == b"connection":
                 close = value.strip().lower() == b"close"
             elif name == b"transfer-encoding":
@@ -189,7 +213,7 @@ class _Http(asyncio.Protocol):
         body = bytes(self._buffer[end + 4:end + 4 + length])
         del self._buffer[:end + 4 + length]
         path = target.split(b"?", 1)[0]
-        status, ctype, payload = self._service.respond(method, path, body)
+        status, ctype, payload = self._service.respond(method, path, body, msgpack)
         self._reply(status, ctype, b"" if method == b"HEAD" else payload, close=close,
                     length=len(payload))
         return not close
