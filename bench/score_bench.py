@@ -34,6 +34,7 @@ import msgspec
 from bench.procstat import cpu_seconds
 from kvrelay.router.index import KvIndex
 from kvrelay.wire.schema import BlockHash, RelayBatch, Stored
+from kvrelay.wire.tokenkey import token_bytes
 
 
 def rss_bytes() -> int:
@@ -169,10 +170,13 @@ def http_bench(args: argparse.Namespace, asked: list[list[int]]) -> None:
         port = int(server.stdout.readline())
         if len(cores) > 1:
             os.sched_setaffinity(0, set(cores[1:]))
-        for name, content_type, encode in (("JSON", b"application/json", msgspec.json.encode),
-                                           ("msgpack", b"application/msgpack",
-                                            msgspec.msgpack.encode)):
-            bodies = [encode({"token_ids": q}) for q in asked]
+        variants = (("JSON", b"application/json", msgspec.json.encode, False),
+                    ("msgpack", b"application/msgpack", msgspec.msgpack.encode, False),
+                    ("msgpack, packed ids", b"application/msgpack", msgspec.msgpack.encode,
+                     True))
+        for name, content_type, encode, packed in variants:
+            bodies = [encode({"token_bytes": token_bytes(q)} if packed
+                             else {"token_ids": q}) for q in asked]
             asyncio.run(load(port, bodies, args.connections, 2.0, content_type))  # warm up
             cpu = cpu_seconds(server.pid)
             count, latencies = asyncio.run(load(port, bodies, args.connections, args.duration,

@@ -23,8 +23,8 @@ def test_score_bench_reports_latency_memory_and_http() -> None:
     assert re.search(r"memory allocated by the index: \d+ bytes per held", out)
     for kind in ("held request", "system prompt only", "no prefix"):
         assert re.search(rf"overlap_tokens, {kind}: p50 [\d.]+ ms, p99 [\d.]+ ms", out)
-    for name in ("JSON", "msgpack"):
-        found = re.search(rf"HTTP scorer on one core, {name} .*: ([\d,]+) requests/s", out)
+    for name in ("JSON", "msgpack", "msgpack, packed ids"):
+        found = re.search(rf"HTTP scorer on one core, {name} \(.*: ([\d,]+) requests/s", out)
         assert found, out
         assert int(found.group(1).replace(",", "")) > 0
-        assert re.search(rf"{name} .* server CPU [\d,]+ us per request", out)
+        assert re.search(rf"{name} \(.* server CPU [\d,]+ us per request", out)
