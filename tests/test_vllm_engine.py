@@ -82,6 +82,7 @@ def engine(vllm_python: Path, nats_server: NatsServer,
              "--namespace", NS, "--component", COMP], folder / "relay.log")
         try:
             asyncio.run(relay.healthy(within=30))
+            print(f"vLLM ready {startup:.0f} s after it started; relay healthy")
             yield Engine(vllm, relay, nats_server.url, startup)
         finally:
             relay.stop()
