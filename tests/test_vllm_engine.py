@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import nats.js.errors
 import pytest
-from harness import RelayProcess, http_get, nats_client, run_cli, scrape
+from harness import RelayProcess, http_get, nats_client, read_stream, run_cli, scrape
 from vllm_engine import (
     BLOCK_SIZE,
     LORA_NAME,
@@ -37,6 +37,7 @@ from vllm_engine import (
 from kvrelay.router.consumer import KvConsumer
 from kvrelay.router.index import KvIndex, WorkerKey
 from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.wire.schema import Stored
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm_engine,
               pytest.mark.timeout(3600)]  # a first run installs vLLM (several minutes)
@@ -214,6 +215,39 @@ async def test_lora_is_its_own_prefix(engine: Engine) -> None:
             assert hit == blocks * BLOCK_SIZE, f"vLLM itself, adapter {lora!r}"
             assert by_index == by_cli == blocks, f"router, adapter {lora!r}: {by_index}, {by_cli}"
             await caught_up(engine, consumer, nc)
+
+
+async def test_salted_adapter_blocks_on_the_wire(engine: Engine) -> None:
+    """A salted LoRA request's blocks reach JetStream as vLLM 0.32 describes them (the adapter
+    name in every block's extra keys, the salt after it in the first block's only), and score
+    only for that adapter and salt together."""
+    tokens = prompt(random.Random(31), 100)
+    keys = {"lora_name": LORA_NAME, "cache_salt": "salt-c"}
+    async with nats_client(engine.nats_url) as nc, KvConsumer(
+            engine.nats_url, NS, COMP, instance_id=INSTANCE) as consumer:
+        await asyncio.wait_for(consumer.ready(), 30)
+        await caught_up(engine, consumer, nc)
+        reply = await asyncio.to_thread(engine.vllm.complete, tokens, model=LORA_NAME,
+                                        cache_salt="salt-c")
+        assert cached_tokens(reply) == 0
+        await caught_up(engine, consumer, nc)
+        got = await read_stream(nc, f"kv.{NS}.{COMP}.{INSTANCE}.0", 1, settle=0.5)
+        stored = [e for r in got for e in r.batch.events
+                  if isinstance(e, Stored) and e.token_ids == tokens[:96]]
+        assert len(stored) == 1, stored
+        event = stored[0]
+        assert (event.parent_block_hash, event.block_size, event.lora_name) == (
+            None, BLOCK_SIZE, LORA_NAME)
+        assert len(event.block_hashes) * BLOCK_SIZE == len(event.token_ids)
+        assert event.extra_keys == [[LORA_NAME, "salt-c"], [LORA_NAME], [LORA_NAME]]
+        full = (len(tokens) - 1) // BLOCK_SIZE
+        assert index_blocks(consumer.index, tokens, **keys) == full
+        assert cli_blocks(engine, tokens, **keys) == full
+        assert index_blocks(consumer.index, tokens, lora_name=LORA_NAME) == 0
+        assert index_blocks(consumer.index, tokens, cache_salt="salt-c") == 0
+        reply = await asyncio.to_thread(engine.vllm.complete, tokens, model=LORA_NAME,
+                                        cache_salt="salt-c")
+        assert cached_tokens(reply) == full * BLOCK_SIZE
 
 
 async def test_relay_stays_healthy(engine: Engine) -> None:
