@@ -71,8 +71,10 @@ def _check_installable(venv: Path) -> None:
     except subprocess.TimeoutExpired:
         raise Unavailable(f"the package index did not answer for {name} in 120 s") from None
     if found.returncode != 0 or version not in found.stdout:
+        said = [line for line in (found.stdout + found.stderr).splitlines()
+                if line.strip() and not line.startswith("WARNING: Location")]
         raise Unavailable(f"the package index has no {VLLM} (pip index versions {name}: "
-                          f"{(found.stdout + found.stderr).strip()[-300:]})")
+                          f"{said[-1][:200] if said else found.returncode})")
 
 
 def _run(cmd: Sequence[str], log: Path) -> None:
