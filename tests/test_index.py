@@ -139,6 +139,25 @@ def test_index_equals_model(script: list[RelayBatch], chains: list[list[BlockHas
             assert index.overlap(chain, tier) == model.overlap(chain, tier)
 
 
+@settings(max_examples=200, deadline=None)
+@given(index_scripts(), st.integers(0, 40), st.lists(index_chains, min_size=1, max_size=5))
+def test_hash_masks_built_midway_stay_true(script: list[RelayBatch], split: int,
+                                           chains: list[list[BlockHash]]) -> None:
+    """The per-hash masks `overlap` needs are built at its first call and then kept through
+    every later store, remove, clear and resync: scores equal the model's at the end."""
+    index, model = KvIndex(), Model()
+    for i, b in enumerate(script):
+        if i == split:
+            index.overlap(chains[0])  # builds the masks from what is held so far
+        index.apply(b)
+        model.apply(b)
+    for chain in chains:
+        for tier in INDEX_TIERS:
+            assert index.overlap(chain, tier) == model.overlap(chain, tier)
+            assert index.distinct_blocks(tier) == len(
+                set().union(*(model.held(w, tier) for w in INDEX_WORKERS)))
+
+
 @settings(max_examples=300, deadline=None)
 @given(index_scripts())
 def test_blocks_only_index_keeps_the_same_blocks(script: list[RelayBatch]) -> None:

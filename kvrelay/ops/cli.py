@@ -145,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from kvrelay.ops.score import run as score
 
         sys.exit(score(args))
+    elif args.command == "index":
+        _setup_logging("info")
+        from kvrelay.ops.score import run_index
+
+        sys.exit(run_index(args))
     elif args.command in ("tail", "stats"):
         _setup_logging("error")
         from kvrelay.ops.stats import run as watch

@@ -1,6 +1,8 @@
-"""`kvrelay score`: for a request's token ids, how many leading cached blocks each worker holds.
+"""`kvrelay score`: for a request's token ids, how many leading cached blocks each worker holds;
+`kvrelay index --http PORT`: the same as a service, over an index kept live from the stream.
 
     kvrelay score --nats URL --namespace NS --component C --tokens 1,2,3 [--json]
+    kvrelay index --nats URL --namespace NS --component C --http 8080
 
 Catches up on the component's stream the way a router does (the workers' snapshots first when
 the relay writes them, then the stream after them), then scores every worker with
@@ -16,6 +18,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -23,23 +26,39 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import uvloop
+from prometheus_client import CollectorRegistry
 
 from kvrelay.router.consumer import KvConsumer, StreamNotFound
+from kvrelay.router.scoring import ScoringService
 from kvrelay.wire.names import NAME_RULE, SNAPSHOT_BUCKET
 
 
+def _add_stream_arguments(parser: argparse.ArgumentParser, nats_default: str,
+                          stream_default: str) -> None:
+    parser.add_argument("--nats", default=nats_default,
+                        help="NATS server URL(s), comma-separated (default: %(default)s)")
+    parser.add_argument("--stream", default=stream_default, help="JetStream stream")
+    parser.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"),
+                        help="the workers' namespace (default: %(default)s)")
+    parser.add_argument("--component", default=os.environ.get("DYN_COMPONENT", "backend"),
+                        help="the workers' component (default: %(default)s)")
+    parser.add_argument("--snapshot-bucket", default=SNAPSHOT_BUCKET,
+                        help="KV bucket of the relays' snapshots (default: %(default)s)")
+
+
 def add_parser(commands: Any, nats_default: str, stream_default: str) -> None:
-    """The `score` subcommand's options, on the CLI's subparsers."""
+    """The `score` and `index` subcommands' options, on the CLI's subparsers."""
+    index = commands.add_parser(
+        "index", help="a scoring service: POST /score over an index kept live from the stream",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_stream_arguments(index, nats_default, stream_default)
+    index.add_argument("--http", type=int, required=True, metavar="PORT",
+                       help="port of the service (0: any free one, logged)")
+    index.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     score = commands.add_parser(
         "score", help="each worker's leading cached blocks for a request's token ids",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    score.add_argument("--nats", default=nats_default,
-                       help="NATS server URL(s), comma-separated (default: %(default)s)")
-    score.add_argument("--stream", default=stream_default, help="JetStream stream")
-    score.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"),
-                       help="the workers' namespace (default: %(default)s)")
-    score.add_argument("--component", default=os.environ.get("DYN_COMPONENT", "backend"),
-                       help="the workers' component (default: %(default)s)")
+    _add_stream_arguments(score, nats_default, stream_default)
     tokens = score.add_mutually_exclusive_group(required=True)
     tokens.add_argument("--tokens", help="the request's token ids, comma-separated")
     tokens.add_argument("--tokens-file", type=Path, metavar="FILE",
@@ -47,8 +66,6 @@ def add_parser(commands: Any, nats_default: str, stream_default: str) -> None:
                              "or white space ('-': standard input)")
     score.add_argument("--lora-name", default=None, help="the request's LoRA adapter")
     score.add_argument("--cache-salt", default=None, help="the request's cache salt")
-    score.add_argument("--snapshot-bucket", default=SNAPSHOT_BUCKET,
-                       help="KV bucket of the relays' snapshots (default: %(default)s)")
     score.add_argument("--json", action="store_true", help="print one JSON object")
     score.add_argument("--connect-wait", type=float, default=5.0, metavar="SECONDS",
                        help="give up when NATS cannot be reached within this (default: 5)")
@@ -112,6 +129,58 @@ async def score_async(url: str, namespace: str, component: str, tokens: Sequence
 def _shown(url: str) -> str:
     """The URL without the credentials it may carry."""
     return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+async def serve_index(url: str, namespace: str, component: str, *, port: int,
+                      host: str = "0.0.0.0", stream: str = "KV_EVENTS",
+                      snapshot_bucket: str = SNAPSHOT_BUCKET,
+                      connect_options: Mapping[str, Any] | None = None) -> int:
+    """Follow the stream and serve scores until SIGTERM or SIGINT."""
+    registry = CollectorRegistry()
+    consumer = KvConsumer(url, namespace, component, stream=stream, bootstrap="snapshot",
+                          snapshot_bucket=snapshot_bucket, registry=registry,
+                          connect_options=connect_options)
+    service = ScoringService(consumer.index, lambda: consumer.is_ready and consumer.connected,
+                             registry, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+    except OSError as exc:
+        print(f"kvrelay index: cannot serve on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        async with consumer:
+            stopped = asyncio.ensure_future(stop.wait())
+            caught_up = asyncio.ensure_future(consumer.ready())
+            await asyncio.wait({stopped, caught_up}, return_when=asyncio.FIRST_COMPLETED)
+            if caught_up.done() and caught_up.exception() is None:
+                print(f"kvrelay index: caught up with {consumer.subject} "
+                      f"({len(consumer.index.workers())} workers)", file=sys.stderr, flush=True)
+            elif caught_up.done():
+                print(f"kvrelay index: {caught_up.exception()}", file=sys.stderr)
+                return 1
+            caught_up.cancel()
+            await stopped
+    finally:
+        await service.stop()
+    return 0
+
+
+def run_index(args: argparse.Namespace, connect_options: Mapping[str, Any] | None = None) -> int:
+    """The `index` command on a uvloop runner."""
+    for name in ("namespace", "component"):
+        if not NAME_RULE.match(getattr(args, name)):
+            print(f"kvrelay index: error: --{name} {getattr(args, name)!r} must match "
+                  f"{NAME_RULE.pattern}", file=sys.stderr)
+            return 2
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve_index(
+            args.nats, args.namespace, args.component, port=args.http, host=args.host,
+            stream=args.stream, snapshot_bucket=args.snapshot_bucket,
+            connect_options=connect_options))
 
 
 def run(args: argparse.Namespace, connect_options: Mapping[str, Any] | None = None) -> int:

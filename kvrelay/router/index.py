@@ -66,12 +66,14 @@ from kvrelay.wire.schema import (
 )
 from kvrelay.wire.tokenkey import (
     ExtraKeys,
+    extra_seed,
     iter_keys,
     lora_label,
     own_extras,
     request_extras,
     root_key,
     token_bytes,
+    xxh3,
 )
 
 _MISSING: Final = object()
@@ -90,6 +92,9 @@ class KvIndex:
         self._slots: list[WorkerKey | None] = []
         self._queries = queries
         self._holders: dict[Tier, dict[BlockHash, int]] = {}
+        self._by_hash = False  # whether _holders is kept: from the first query by hashes on
+        self.membership = 0
+        """Grows whenever a worker is added or removed (a cache of `workers()` checks it)."""
         self._key_holders: dict[Tier, dict[int, int]] = {}
         self._block_sizes: dict[Tier, set[int]] = {}
         self.stream_seq = 0
@@ -170,36 +175,37 @@ class KvIndex:
         if keys is None:
             keys = worker.keys[tier] = {}
         new_keys = self._token_keys(worker, keys, event)
-        if not self._queries:
-            parent = event.parent_block_hash
+        parent = event.parent_block_hash
+        if self._by_hash:
+            holders = self._holders.setdefault(tier, {})
+            bit = worker.bit
+            for block in event.block_hashes:
+                if block not in blocks:
+                    others = holders.get(block)
+                    # A block only this worker holds shares the worker's own bit object.
+                    holders[block] = bit if others is None else others | bit
+                blocks[block] = parent
+                parent = block
+        else:
             for block in event.block_hashes:
                 blocks[block] = parent
                 parent = block
-            if new_keys is not None:
-                _sized(worker, tier, event.block_size)
-                for block, key in zip(event.block_hashes, new_keys, strict=True):
-                    if block not in keys:
-                        keys[block] = key
+        if new_keys is None:
             return
-        holders = self._holders.setdefault(tier, {})
-        bit = worker.bit
-        parent = event.parent_block_hash
-        for block in event.block_hashes:
-            if block not in blocks:
-                others = holders.get(block)
-                # A block only this worker holds shares the worker's own bit object.
-                holders[block] = bit if others is None else others | bit
-            blocks[block] = parent
-            parent = block
-        if new_keys is not None:
-            key_holders = self._key_holders.setdefault(tier, {})
-            _sized(worker, tier, event.block_size)
-            self._block_sizes.setdefault(tier, set()).add(event.block_size)
+        _sized(worker, tier, event.block_size)
+        if not self._queries:
             for block, key in zip(event.block_hashes, new_keys, strict=True):
                 if block not in keys:
                     keys[block] = key
-                    others = key_holders.get(key)
-                    key_holders[key] = bit if others is None else others | bit
+            return
+        key_holders = self._key_holders.setdefault(tier, {})
+        self._block_sizes.setdefault(tier, set()).add(event.block_size)
+        bit = worker.bit
+        for block, key in zip(event.block_hashes, new_keys, strict=True):
+            if block not in keys:
+                keys[block] = key
+                others = key_holders.get(key)
+                key_holders[key] = bit if others is None else others | bit
 
     def _token_keys(self, worker: Worker, keys: Keys, event: Stored) -> list[int] | None:
         """The token keys of the event's blocks; None (counted) when they cannot be had."""
@@ -227,52 +233,45 @@ class KvIndex:
             worker.unmatched_removes += len(event.block_hashes)
             return
         keys = worker.keys.get(tier)
-        if not self._queries:
-            pop = blocks.pop
-            for block in event.block_hashes:
-                if pop(block, _MISSING) is _MISSING:
-                    worker.unmatched_removes += 1
-                elif keys:
-                    keys.pop(block, None)
-            return
-        holders = self._holders[tier]
-        key_holders = self._key_holders.get(tier)
+        holders = self._holders.get(tier) if self._by_hash else None
+        key_holders = self._key_holders.get(tier) if self._queries else None
         bit = worker.bit
         for block in event.block_hashes:
             if blocks.pop(block, _MISSING) is _MISSING:
                 worker.unmatched_removes += 1
                 continue
-            mask = holders[block] ^ bit
-            if mask:
-                holders[block] = mask
-            else:
-                del holders[block]
-            if keys and key_holders is not None:
-                key = keys.pop(block, None)
-                if key is not None:
-                    _unhold(key_holders, key, bit)
-
-    def _clear(self, worker: Worker) -> None:
-        if not self._queries:
-            worker.tiers, worker.keys, worker.sizes = {}, {}, {}
-            return
-        bit = worker.bit
-        for tier, blocks in worker.tiers.items():
-            holders = self._holders[tier]
-            for block in blocks:
+            if holders is not None:
                 mask = holders[block] ^ bit
                 if mask:
                     holders[block] = mask
                 else:
                     del holders[block]
-        for tier, keys in worker.keys.items():
-            key_holders = self._key_holders.get(tier)
-            if key_holders is not None:
-                for key in keys.values():
+            if keys:
+                key = keys.pop(block, None)
+                if key is not None and key_holders is not None:
                     _unhold(key_holders, key, bit)
+
+    def _clear(self, worker: Worker) -> None:
+        if self._queries:
+            bit = worker.bit
+            if self._by_hash:
+                for tier, blocks in worker.tiers.items():
+                    holders = self._holders[tier]
+                    for block in blocks:
+                        mask = holders[block] ^ bit
+                        if mask:
+                            holders[block] = mask
+                        else:
+                            del holders[block]
+            for tier, keys in worker.keys.items():
+                key_holders = self._key_holders.get(tier)
+                if key_holders is not None:
+                    for key in keys.values():
+                        _unhold(key_holders, key, bit)
         worker.tiers, worker.keys, worker.sizes = {}, {}, {}
 
     def _add(self, key: WorkerKey) -> Worker:
+        self.membership += 1
         try:
             slot = self._slots.index(None)
             self._slots[slot] = key
@@ -289,6 +288,7 @@ class KvIndex:
             return False
         self._clear(state)
         self._slots[state.slot] = None
+        self.membership += 1
         return True
 
     # -- queries -------------------------------------------------------------------------------
@@ -299,17 +299,33 @@ class KvIndex:
         holding none are left out)."""
         self._answers()
         scores: dict[WorkerKey, int] = {}
-        holders = self._holders.get(tier)
+        holders = self._hash_holders().get(tier)
         if holders:
             self._walk(iter(block_hashes), holders, scores)
         return scores
+
+    def _hash_holders(self) -> dict[Tier, dict[BlockHash, int]]:
+        """Each tier's hashes with the mask of the workers holding them, built at the first
+        query by hashes and kept from then on (a router scoring by tokens never pays for
+        them)."""
+        if not self._by_hash:
+            self._by_hash = True
+            for worker in self._workers.values():
+                bit = worker.bit
+                for tier, blocks in worker.tiers.items():
+                    holders = self._holders.setdefault(tier, {})
+                    for block in blocks:
+                        others = holders.get(block)
+                        holders[block] = bit if others is None else others | bit
+        return self._holders
 
     def overlap_tokens(self, token_ids: Sequence[int], *, lora_name: str | None = None,
                        cache_salt: str | None = None,
                        extra_keys: Sequence[ExtraKeys] | None = None,
                        tier: Tier = DEFAULT_TIER) -> dict[WorkerKey, int]:
         """For a request's token ids, how many leading blocks each worker holds that vLLM
-        would reuse (workers holding none are left out).
+        would reuse (workers holding none are left out); OverflowError for an id that is not
+        a uint32.
 
         Only whole blocks count, and not the one holding the prompt's last token, which vLLM
         always computes: at most `(len(token_ids) - 1) // block_size` blocks. `lora_name`: the
@@ -318,6 +334,7 @@ class KvIndex:
         size their events used (one, in a uniform fleet)."""
         self._answers()
         scores: dict[WorkerKey, int] = {}
+        data = token_bytes(token_ids)  # checks every id, whatever the block size
         holders = self._key_holders.get(tier)
         if not holders:
             return scores
@@ -326,10 +343,35 @@ class KvIndex:
             usable = (len(token_ids) - 1) // size
             if usable <= 0:
                 continue
-            extras = request_extras(usable, cache_salt=cache_salt, extra_keys=extra_keys)
-            keys = iter_keys(token_bytes(token_ids[:usable * size]), size, root, extras)
-            self._walk(keys, holders, scores)
+            extras = (request_extras(usable, cache_salt=cache_salt, extra_keys=extra_keys)
+                      if cache_salt is not None or extra_keys else None)
+            self._walk_tokens(data, 4 * size, usable, root, extras, holders, scores)
         return scores
+
+    def _walk_tokens(self, data: bytes, step: int, usable: int, seed: int,
+                     extras: list[ExtraKeys] | None, holders: dict[int, int],
+                     scores: dict[WorkerKey, int]) -> None:
+        """`_walk` over the keys of `data`'s first `usable` blocks, each hashed only when the
+        walk gets there (the steps of tokenkey.iter_keys, inline: this is a router's hot
+        path)."""
+        get = holders.get
+        alive = -1  # every worker, until the first block
+        depth = 0
+        for i in range(usable):
+            if extras is not None:
+                extra = extras[i]
+                if extra:
+                    seed = extra_seed(extra, seed)
+            start = i * step
+            seed = xxh3(data[start:start + step], seed)
+            held = get(seed, 0) if depth == 0 else alive & get(seed, 0)
+            if held != alive and depth:
+                self._score(alive ^ held, depth, scores)
+            if not held:
+                return
+            alive = held
+            depth += 1
+        self._score(alive, depth, scores)
 
     def _walk(self, keys: Iterator[Any], holders: dict[Any, int],
               scores: dict[WorkerKey, int]) -> None:
@@ -390,7 +432,7 @@ class KvIndex:
     def distinct_blocks(self, tier: Tier = DEFAULT_TIER) -> int:
         """Distinct hashes held by any worker in `tier`."""
         self._answers()
-        return len(self._holders.get(tier, ()))
+        return len(self._hash_holders().get(tier, ()))
 
     def _answers(self) -> None:
         if not self._queries:
@@ -433,7 +475,7 @@ class KvIndex:
             where = (tier.medium, tier.group_idx)
             blocks = worker.tiers.setdefault(where, {})
             keys = worker.keys.setdefault(where, {})
-            holders = self._holders.setdefault(where, {}) if self._queries else None
+            holders = self._holders.setdefault(where, {}) if self._by_hash else None
             key_holders = self._key_holders.setdefault(where, {}) if self._queries else None
             if tier.keys:
                 worker.sizes.setdefault(where, set()).update(tier.block_sizes)

@@ -36,6 +36,8 @@ TOKEN_KEY_VERSION: Final = 1
 NO_LORA_ROOT: Final = 0
 
 _xxh3: Final = xxhash.xxh3_64_intdigest
+xxh3: Final = xxhash.xxh3_64_intdigest
+"""XXH3-64 of a buffer with a seed, as an unsigned integer."""
 _encode: Final = msgspec.msgpack.Encoder().encode
 _BIG_ENDIAN: Final = sys.byteorder == "big"
 
@@ -75,17 +77,22 @@ def token_bytes(token_ids: Sequence[int]) -> bytes:
     return packed.tobytes()
 
 
+def extra_seed(extra: Sequence[Any], seed: int) -> int:
+    """The seed of a block with its own extra keys (non-empty), from the parent's key."""
+    return _xxh3(_encode(list(extra)), seed=seed)
+
+
 def iter_keys(tokens: bytes, block_size: int, seed: int,
               extras: Sequence[ExtraKeys] | None = None) -> Iterator[int]:
     """Token keys of the whole blocks in `tokens` (from `token_bytes`), chained from `seed`
-    (the parent's key, or `root_key`); `extras[i]`: block i's own extra keys (`own_extras`)."""
+    (the parent's key, or `root_key`); `extras[i]`: block i's own extra keys (`own_extras`).
+    KvIndex.overlap_tokens runs the same steps inline."""
     step = 4 * block_size
-    view = memoryview(tokens)
     for i, start in enumerate(range(0, len(tokens) - step + 1, step)):
         extra = extras[i] if extras is not None and i < len(extras) else None
         if extra:
-            seed = _xxh3(_encode(list(extra)), seed=seed)
-        seed = _xxh3(view[start:start + step], seed=seed)
+            seed = extra_seed(extra, seed)
+        seed = xxh3(tokens[start:start + step], seed)
         yield seed
 
 
