@@ -10,16 +10,23 @@ Python pass (.ci/run leaves the `vllm_engine` marker out of the compiled pass).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import httpx
 import nats.js.errors
 import pytest
-from harness import RelayProcess, http_get, nats_client, read_stream, run_cli, scrape
+from harness import REPO, RelayProcess, http_get, nats_client, read_stream, run_cli, scrape
+from prometheus_client.parser import text_string_to_metric_families
 from vllm_engine import (
     BLOCK_SIZE,
     LORA_NAME,
@@ -53,7 +60,36 @@ class Engine(NamedTuple):
     vllm: VllmServer
     relay: RelayProcess
     nats_url: str
+    scorer_port: int  # `kvrelay index --http`, the scoring service
     startup_seconds: float
+
+
+@contextlib.contextmanager
+def scoring_service(nats_url: str, log: Path) -> Iterator[int]:
+    """`kvrelay index --http 0` following this test's component; yields its port once /health
+    says it caught up; always stopped after."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvrelay", "index", "--nats", nats_url, "--namespace", NS,
+             "--component", COMP, "--http", "0", "--host", "127.0.0.1"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**{k: v for k, v in os.environ.items()
+                    if not k.startswith(("KVRELAY_", "DYN_", "NATS_SERVER"))},
+                 "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log.read_text()
+            found = re.search(r"scoring service on http://[^:/]+:(\d+)", log.read_text())
+            with contextlib.suppress(httpx.HTTPError):
+                if found and httpx.get(f"http://127.0.0.1:{found[1]}/health").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, f"scoring service not ready:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield int(found[1])
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +120,8 @@ def engine(vllm_python: Path, nats_server: NatsServer,
         try:
             asyncio.run(relay.healthy(within=30))
             print(f"vLLM ready {startup:.0f} s after it started; relay healthy")
-            yield Engine(vllm, relay, nats_server.url, startup)
+            with scoring_service(nats_server.url, folder / "scorer.log") as scorer:
+                yield Engine(vllm, relay, nats_server.url, scorer, startup)
         finally:
             relay.stop()
 
@@ -94,13 +131,26 @@ def prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(3, 250) for _ in range(n)]
 
 
+async def served_sequence(port: int) -> float:
+    """The stream sequence the scoring service applied last (its /metrics; it keeps HTTP
+    connections open, so read with a real client, not harness.scrape)."""
+    async with httpx.AsyncClient() as client:
+        body = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == "kvrelay_consumer_stream_sequence":
+                return float(sample.value)
+    return 0.0
+
+
 async def caught_up(engine: Engine, consumer: KvConsumer, nc: Any, within: float = 60) -> None:
-    """Wait until the relay published every batch vLLM sent and the consumer applied them, and
-    nothing moved for a second (vLLM's publisher thread sends a step's events after it)."""
+    """Wait until the relay published every batch vLLM sent, the consumer and the scoring
+    service applied them, and nothing moved for a second (vLLM's publisher thread sends a
+    step's events after the step)."""
     js = nc.jetstream()
     subject = f"kv.{NS}.{COMP}.{INSTANCE}.0"
     deadline = time.monotonic() + within
-    last: tuple[float, float, int, int] | None = None
+    last: tuple[float, float, int, int, float] | None = None
     since = time.monotonic()
     while True:
         port = engine.relay.system_port
@@ -110,8 +160,10 @@ async def caught_up(engine: Engine, consumer: KvConsumer, nc: Any, within: float
             stream_seq = int((await js.get_last_msg(STREAM, subject)).seq or 0)
         except nats.js.errors.NotFoundError:  # no message on the subject yet
             stream_seq = 0
-        state = (received, published, stream_seq, consumer.stream_seq)
-        settled = received == published and consumer.stream_seq >= stream_seq
+        served = await served_sequence(engine.scorer_port)
+        state = (received, published, stream_seq, consumer.stream_seq, served)
+        settled = (received == published and consumer.stream_seq >= stream_seq
+                   and served >= stream_seq)
         if not settled or state != last:
             last, since = state, time.monotonic()
         elif time.monotonic() - since >= 1.0:
@@ -137,9 +189,20 @@ def cli_blocks(engine: Engine, tokens: Sequence[int], *, lora_name: str | None =
     return scores.get(f"{INSTANCE}.0", 0)
 
 
+def service_blocks(engine: Engine, tokens: Sequence[int], *, lora_name: str | None = None,
+                   cache_salt: str | None = None) -> int:
+    """This worker's leading blocks for `tokens` by the scoring service's POST /score."""
+    body = {"token_ids": list(tokens), "lora_name": lora_name, "cache_salt": cache_salt}
+    response = httpx.post(f"http://127.0.0.1:{engine.scorer_port}/score", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    scores: dict[str, int] = response.json()
+    return scores.get(f"{INSTANCE}.0", 0)
+
+
 async def test_scores_match_vllm_prefix_cache_hits(engine: Engine) -> None:
     """For prompts sharing prefixes of 0 to 3 blocks, the router's score computed before each
-    request (in-process and by `kvrelay score`) equals the blocks vLLM's cache gave it."""
+    request (in-process, by `kvrelay score` and by the scoring service) equals the blocks
+    vLLM's cache gave it."""
     rng = random.Random(17)
     base = prompt(rng, 100)
     steps = [  # (what, token ids, leading blocks vLLM can reuse)
@@ -159,10 +222,11 @@ async def test_scores_match_vllm_prefix_cache_hits(engine: Engine) -> None:
         for what, tokens, blocks in steps:
             by_index = index_blocks(consumer.index, tokens)
             by_cli = cli_blocks(engine, tokens)
+            by_service = service_blocks(engine, tokens)
             hit = cached_tokens(await asyncio.to_thread(engine.vllm.complete, tokens))
-            seen.append((what, len(tokens), by_index, by_cli, hit))
+            seen.append((what, len(tokens), by_index, by_cli, by_service, hit))
             assert hit == blocks * BLOCK_SIZE, f"vLLM itself: {seen}"
-            assert by_index == by_cli == hit // BLOCK_SIZE, f"{what}: {seen}"
+            assert by_index == by_cli == by_service == hit // BLOCK_SIZE, f"{what}: {seen}"
             await caught_up(engine, consumer, nc)
 
 
@@ -185,10 +249,12 @@ async def test_cache_salt_is_its_own_prefix(engine: Engine) -> None:
         for salt, blocks in steps:
             by_index = index_blocks(consumer.index, tokens, cache_salt=salt)
             by_cli = cli_blocks(engine, tokens, cache_salt=salt)
+            by_service = service_blocks(engine, tokens, cache_salt=salt)
             extra = {} if salt is None else {"cache_salt": salt}
             hit = cached_tokens(await asyncio.to_thread(engine.vllm.complete, tokens, **extra))
             assert hit == blocks * BLOCK_SIZE, f"vLLM itself, salt {salt!r}"
-            assert by_index == by_cli == blocks, f"router, salt {salt!r}: {by_index}, {by_cli}"
+            assert by_index == by_cli == by_service == blocks, (
+                f"router, salt {salt!r}: {by_index}, {by_cli}, {by_service}")
             await caught_up(engine, consumer, nc)
 
 
@@ -210,10 +276,12 @@ async def test_lora_is_its_own_prefix(engine: Engine) -> None:
         for lora, blocks in steps:
             by_index = index_blocks(consumer.index, tokens, lora_name=lora)
             by_cli = cli_blocks(engine, tokens, lora_name=lora)
+            by_service = service_blocks(engine, tokens, lora_name=lora)
             extra = {} if lora is None else {"model": lora}
             hit = cached_tokens(await asyncio.to_thread(engine.vllm.complete, tokens, **extra))
             assert hit == blocks * BLOCK_SIZE, f"vLLM itself, adapter {lora!r}"
-            assert by_index == by_cli == blocks, f"router, adapter {lora!r}: {by_index}, {by_cli}"
+            assert by_index == by_cli == by_service == blocks, (
+                f"router, adapter {lora!r}: {by_index}, {by_cli}, {by_service}")
             await caught_up(engine, consumer, nc)
 
 
@@ -243,6 +311,7 @@ async def test_salted_adapter_blocks_on_the_wire(engine: Engine) -> None:
         full = (len(tokens) - 1) // BLOCK_SIZE
         assert index_blocks(consumer.index, tokens, **keys) == full
         assert cli_blocks(engine, tokens, **keys) == full
+        assert service_blocks(engine, tokens, **keys) == full
         assert index_blocks(consumer.index, tokens, lora_name=LORA_NAME) == 0
         assert index_blocks(consumer.index, tokens, cache_salt="salt-c") == 0
         reply = await asyncio.to_thread(engine.vllm.complete, tokens, model=LORA_NAME,
