@@ -319,6 +319,38 @@ async def test_salted_adapter_blocks_on_the_wire(engine: Engine) -> None:
         assert cached_tokens(reply) == full * BLOCK_SIZE
 
 
+async def test_reannounced_hits_keep_the_scores(engine: Engine) -> None:
+    """A request asking vLLM to report its cache hits (`kv_cache_report_mode: full`) makes it
+    store the hit blocks again, from block 0 with no parent; the router's scores stay equal
+    to vLLM's hits."""
+    rng = random.Random(37)
+    tokens = prompt(rng, 100)
+    longer = tokens + prompt(rng, 40)
+    subject = f"kv.{NS}.{COMP}.{INSTANCE}.0"
+    full_report = {"vllm_xargs": {"kv_cache_report_mode": "full"}}
+    steps = [  # (token ids, request options, blocks vLLM reuses)
+        (tokens, {}, 0),
+        (longer, full_report, 3),
+        (longer, {}, (len(longer) - 1) // BLOCK_SIZE),
+        (tokens, full_report, 3),
+    ]
+    async with nats_client(engine.nats_url) as nc, KvConsumer(
+            engine.nats_url, NS, COMP, instance_id=INSTANCE) as consumer:
+        await asyncio.wait_for(consumer.ready(), 30)
+        await caught_up(engine, consumer, nc)
+        for i, (request, options, blocks) in enumerate(steps):
+            by_index = index_blocks(consumer.index, request)
+            by_service = service_blocks(engine, request)
+            hit = cached_tokens(await asyncio.to_thread(engine.vllm.complete, request, **options))
+            assert hit == blocks * BLOCK_SIZE, f"vLLM itself, step {i}"
+            assert by_index == by_service == blocks, f"router, step {i}: {by_index}, {by_service}"
+            await caught_up(engine, consumer, nc)
+        got = await read_stream(nc, subject, 1, settle=0.5)
+        again = [e for r in got for e in r.batch.events if isinstance(e, Stored)
+                 and e.parent_block_hash is None and e.token_ids[:96] == tokens[:96]]
+        assert len(again) == 3, again  # stored once, then re-announced by both full reports
+
+
 async def test_relay_stays_healthy(engine: Engine) -> None:
     """After the engine's traffic the relay is healthy and read every batch without error."""
     status, body = await http_get(engine.relay.system_port, "/health")
