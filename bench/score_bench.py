@@ -31,8 +31,10 @@ from collections.abc import Sequence
 
 import msgspec
 
+from bench.procstat import cpu_seconds
 from kvrelay.router.index import KvIndex
 from kvrelay.wire.schema import BlockHash, RelayBatch, Stored
+from kvrelay.wire.tokenkey import token_bytes
 
 
 def rss_bytes() -> int:
@@ -71,6 +73,22 @@ def build(args: argparse.Namespace) -> tuple[KvIndex, list[array[int]], int]:
             held += count
     gc.collect()
     return index, requests, rss_bytes() - before
+
+
+def traced_bytes_per_block(args: argparse.Namespace) -> float:
+    """Bytes the index itself allocates per held (worker, block), by tracemalloc, on a tenth
+    of the fleet (at least 2 workers): RSS growth also counts the allocator's fragmentation
+    from what building the fleet threw away."""
+    import tracemalloc
+
+    small = argparse.Namespace(**{**vars(args), "workers": max(2, args.workers // 10)})
+    tracemalloc.start()
+    index, requests, _ = build(small)
+    del requests
+    gc.collect()
+    used = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return used / max(1, sum(index.block_count(w) for w in index.workers()))
 
 
 def queries(args: argparse.Namespace, requests: list[array[int]]) -> list[list[int]]:
@@ -143,7 +161,7 @@ def http_bench(args: argparse.Namespace, asked: list[list[int]]) -> None:
     safe = ["-P"] if sys.flags.safe_path else []  # the installed kvrelay, not the checkout's
     command = [sys.executable, *safe, "-m", "bench.score_bench", "--serve",
                *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k not in ("http", "serve") and v is not None)]
+                 if k not in ("http", "serve", "traced") and v is not None)]
     cores = sorted(os.sched_getaffinity(0))
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
                               preexec_fn=lambda: os.sched_setaffinity(0, {cores[0]}))
@@ -152,18 +170,25 @@ def http_bench(args: argparse.Namespace, asked: list[list[int]]) -> None:
         port = int(server.stdout.readline())
         if len(cores) > 1:
             os.sched_setaffinity(0, set(cores[1:]))
-        for name, content_type, encode in (("JSON", b"application/json", msgspec.json.encode),
-                                           ("msgpack", b"application/msgpack",
-                                            msgspec.msgpack.encode)):
-            bodies = [encode({"token_ids": q}) for q in asked]
+        variants = (("JSON", b"application/json", msgspec.json.encode, False),
+                    ("msgpack", b"application/msgpack", msgspec.msgpack.encode, False),
+                    ("msgpack, packed ids", b"application/msgpack", msgspec.msgpack.encode,
+                     True))
+        for name, content_type, encode, packed in variants:
+            bodies = [encode({"token_bytes": token_bytes(q)} if packed
+                             else {"token_ids": q}) for q in asked]
             asyncio.run(load(port, bodies, args.connections, 2.0, content_type))  # warm up
+            cpu = cpu_seconds(server.pid)
             count, latencies = asyncio.run(load(port, bodies, args.connections, args.duration,
                                                 content_type))
+            per_request = (cpu_seconds(server.pid) - cpu) / max(count, 1)
             print(f"HTTP scorer on one core, {name} ({args.connections} keep-alive "
                   f"connections, {args.tokens + 1}-token requests): "
                   f"{count / args.duration:,.0f} requests/s, "
                   f"p50 {statistics.median(latencies) * 1e3:.2f} ms, "
-                  f"p99 {percentile(latencies, 0.99) * 1e3:.2f} ms")
+                  f"p99 {percentile(latencies, 0.99) * 1e3:.2f} ms; server CPU "
+                  f"{per_request * 1e6:,.0f} us per request, so "
+                  f"{1 / max(per_request, 1e-9):,.0f} requests/s per core")
     finally:
         server.kill()
         server.wait()
@@ -181,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--http", action="store_true", help="also load the HTTP service")
+    parser.add_argument("--traced", action="store_true",
+                        help="also count the index's own allocations with tracemalloc")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -201,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                       "worker_blocks": pairs, "tokens": args.tokens}))
     print(f"memory: {grown / 2**20:,.0f} MiB RSS growth, {grown / max(pairs, 1):.0f} bytes per "
           "held (worker, block)")
+    if args.traced:
+        print(f"memory allocated by the index: {traced_bytes_per_block(args):.0f} bytes per "
+              "held (worker, block) (tracemalloc, a tenth of the workers)")
     for kind, name in ((0, "held request"), (1, "system prompt only"), (2, "no prefix")):
         values = latencies[kind]
         print(f"overlap_tokens, {name}: p50 {statistics.median(values) * 1e3:.3f} ms, "

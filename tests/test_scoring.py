@@ -5,7 +5,9 @@ requests."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
+import struct
 import subprocess
 import sys
 import time
@@ -103,13 +105,18 @@ async def test_service_scores_live_and_reports_readiness(
             assert answer.json() == {"1.0": 3, "2.0": 3}
         finally:
             await nc.close()
-        for bad in (b"{", b'{"token_ids": "x"}', b'{"token_ids": [-1]}', b'{"tokens": []}'):
+        packed = base64.b64encode(struct.pack(f"<{len(TOKENS) + 1}I", *TOKENS, 0)).decode()
+        answer = await http.post("/score", json={"token_bytes": packed})
+        assert answer.json() == {"1.0": 3, "2.0": 3}
+        for bad in (b"{", b'{"token_ids": "x"}', b'{"token_ids": [-1]}', b'{"tokens": []}',
+                    b"{}", b'{"token_ids": [1], "token_bytes": ""}',
+                    b'{"token_bytes": "AQID"}'):
             answer = await http.post("/score", content=bad)
             assert answer.status_code == 400, bad
             assert "error" in answer.json()
         assert (await http.get("/score")).status_code == 405
         metrics = (await http.get("/metrics")).text
-    assert 'kvrelay_scorer_requests_total{outcome="bad_request"} 4.0' in metrics
+    assert 'kvrelay_scorer_requests_total{outcome="bad_request"} 7.0' in metrics
     assert "kvrelay_scorer_score_seconds_count" in metrics
     assert "kvrelay_scorer_workers 2.0" in metrics
     assert "kvrelay_scorer_index_blocks 6.0" in metrics
@@ -119,7 +126,7 @@ async def test_service_scores_live_and_reports_readiness(
 
 async def test_http_layer_handles_split_pipelined_and_bad_requests() -> None:
     """Requests split across packets and pipelined on one connection are each answered in
-    order; a msgpack body is answered in msgpack, with a worker that joined meanwhile; an
+    order; a msgpack body (packed ids) is answered in msgpack, with a worker that joined; an
     oversized body gets 413 and a chunked one 400, both closing the connection."""
     index = KvIndex()
     index.apply(stored_batch(1, 0, TOKENS, None, [11, 12, 13]))
@@ -144,7 +151,8 @@ async def test_http_layer_handles_split_pipelined_and_bad_requests() -> None:
         assert answers == [(b"200", b'{"1.0":3}'), (b"200", b'{"1.0":3}'),
                            (b"200", b'{"status":"live"}')]
         index.apply(stored_batch(2, 0, TOKENS[:4], None, [21]))  # a worker joins
-        packed = msgspec.msgpack.encode({"token_ids": [*TOKENS, 0], "cache_salt": None})
+        packed = msgspec.msgpack.encode({"token_bytes": struct.pack("<13I", *TOKENS, 0),
+                                         "cache_salt": None})
         writer.write(b"POST /score HTTP/1.1\r\nContent-Type: application/msgpack\r\n"
                      b"Content-Length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed)
         await writer.drain()

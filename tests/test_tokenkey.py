@@ -132,6 +132,20 @@ def test_overlap_tokens_counts_leading_reusable_blocks() -> None:
     assert index.overlap_tokens([]) == {}
 
 
+def test_packed_token_ids_score_the_same() -> None:
+    """Token ids packed as uint32 little-endian score exactly as the list of them; a length
+    that is not a multiple of 4 is refused."""
+    index, engine = KvIndex(), Engine(A)
+    prompt = list(range(100, 112))
+    index.apply(engine.store(prompt))
+    for tokens in ([*prompt, 1], prompt, prompt[:5], [7, *prompt], []):
+        packed = struct.pack(f"<{len(tokens)}I", *tokens)
+        assert index.overlap_tokens(packed) == index.overlap_tokens(tokens)
+    assert index.overlap_tokens(struct.pack("<13I", *prompt, 1)) == {A: 3}
+    with pytest.raises(ValueError, match="4 bytes"):
+        index.overlap_tokens(b"\x01\x02\x03")
+
+
 def test_overlap_tokens_separates_adapters_and_salts() -> None:
     """Blocks stored under a LoRA adapter or a cache salt match only requests with the same."""
     index, engine = KvIndex(), Engine(A)

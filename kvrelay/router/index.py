@@ -319,13 +319,14 @@ class KvIndex:
                         holders[block] = bit if others is None else others | bit
         return self._holders
 
-    def overlap_tokens(self, token_ids: Sequence[int], *, lora_name: str | None = None,
+    def overlap_tokens(self, token_ids: Sequence[int] | bytes, *, lora_name: str | None = None,
                        cache_salt: str | None = None,
                        extra_keys: Sequence[ExtraKeys] | None = None,
                        tier: Tier = DEFAULT_TIER) -> dict[WorkerKey, int]:
         """For a request's token ids, how many leading blocks each worker holds that vLLM
         would reuse (workers holding none are left out); OverflowError for an id that is not
-        a uint32.
+        a uint32. `token_ids` may also be bytes: the ids packed as uint32 little-endian
+        (`tokenkey.token_bytes`), which spares making an int object per token.
 
         Only whole blocks count, and not the one holding the prompt's last token, which vLLM
         always computes: at most `(len(token_ids) - 1) // block_size` blocks. `lora_name`: the
@@ -334,13 +335,18 @@ class KvIndex:
         size their events used (one, in a uniform fleet)."""
         self._answers()
         scores: dict[WorkerKey, int] = {}
-        data = token_bytes(token_ids)  # checks every id, whatever the block size
+        if isinstance(token_ids, bytes):
+            if len(token_ids) % 4:
+                raise ValueError("packed token ids take 4 bytes each")
+            data, count = token_ids, len(token_ids) // 4
+        else:
+            data, count = token_bytes(token_ids), len(token_ids)  # checks every id
         holders = self._key_holders.get(tier)
         if not holders:
             return scores
         root = root_key(lora_name)
         for size in sorted(self._block_sizes.get(tier, ())):
-            usable = (len(token_ids) - 1) // size
+            usable = (count - 1) // size
             if usable <= 0:
                 continue
             extras = (request_extras(usable, cache_salt=cache_salt, extra_keys=extra_keys)

@@ -5,7 +5,9 @@
     GET  /live, /health (200 once caught up with the stream), /metrics
 
 A request with `Content-Type: application/msgpack` carries the same map in msgpack and is
-answered in msgpack: reading thousands of token ids costs a tenth of what JSON does.
+answered in msgpack. Instead of `token_ids`, `token_bytes` may carry the ids packed as uint32
+little-endian (msgpack bin, base64 in JSON): the service then makes no object per token, which
+is most of the cost of a long request.
 
 HTTP/1.1 with keep-alive on asyncio's protocol layer, sharing the loop of the KvConsumer that
 keeps the index live, so an answer always reflects every batch applied before it. Replicas
@@ -42,7 +44,8 @@ _REASONS: Final = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method
 
 
 class ScoreRequest(msgspec.Struct, forbid_unknown_fields=True):
-    token_ids: list[int]  # overlap_tokens refuses ids outside uint32 (OverflowError)
+    token_ids: list[int] | None = None  # overlap_tokens refuses ids outside uint32
+    token_bytes: bytes | None = None  # or the ids packed as uint32 little-endian
     lora_name: str | None = None
     cache_salt: str | None = None
 
@@ -134,9 +137,13 @@ class ScoringService:
         started = time.perf_counter()
         try:
             request = (_decode_msgpack_request if msgpack else _decode_request)(body)
-            held = self.index.overlap_tokens(request.token_ids, lora_name=request.lora_name,
+            tokens = request.token_ids if request.token_ids is not None else request.token_bytes
+            if tokens is None or (request.token_ids is not None
+                                  and request.token_bytes is not None):
+                raise ValueError("give either token_ids or token_bytes")
+            held = self.index.overlap_tokens(tokens, lora_name=request.lora_name,
                                              cache_salt=request.cache_salt)
-        except (msgspec.DecodeError, OverflowError) as exc:
+        except (msgspec.DecodeError, OverflowError, ValueError) as exc:
             self.metrics.requests.labels("bad_request").inc()
             return 400, "application/json", _encode({"error": str(exc)})
         workers, labels = self._worker_labels()
