@@ -78,15 +78,16 @@ def scoring_service(nats_url: str, log: Path) -> Iterator[int]:
                  "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 30
-        while True:
+        port = 0
+        while port == 0:
             assert proc.poll() is None, log.read_text()
             found = re.search(r"scoring service on http://[^:/]+:(\d+)", log.read_text())
             with contextlib.suppress(httpx.HTTPError):
                 if found and httpx.get(f"http://127.0.0.1:{found[1]}/health").status_code == 200:
-                    break
+                    port = int(found[1])
             assert time.monotonic() < deadline, f"scoring service not ready:\n{log.read_text()}"
             time.sleep(0.1)
-        yield int(found[1])
+        yield port
     finally:
         proc.kill()
         proc.wait()
