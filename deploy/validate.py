@@ -449,7 +449,7 @@ def relay_problems(objects: Sequence[Obj]) -> list[str]:
                 if any(a.startswith("--kv-events-config") for a in vllm.get("args", [])):
                     problems += vllm_problems(f"{name_of(workload)} container {vllm['name']}",
                                               vllm["args"], config)
-                elif "dynamo.vllm" in vllm.get("command", []) + vllm.get("args", []):
+                elif "dynamo.vllm" in [*vllm.get("command", []), *vllm.get("args", [])]:
                     problems += dynamo_worker_problems(
                         f"{name_of(workload)} container {vllm['name']}", vllm, config)
     return problems
@@ -462,6 +462,12 @@ def token_problems(where: str, workload: Obj, spec: Obj, relay: Obj, config: Con
     if workload.get("kind") == OPERATOR_KIND:
         return []  # the operator's pods: its worker calls the API itself
     problems = []
+    if config.discovery.backend == "kubernetes" and not any(
+            is_dynamo_worker(c) for c in all_containers(spec)):
+        problems.append(f"{where}: DYN_DISCOVERY_BACKEND=kubernetes, but no container of the "
+                        "pod is a Dynamo worker: plain vLLM registers no DynamoWorkerMetadata, "
+                        "so the relay would wait --discovery-timeout and exit (leave the backend "
+                        "unset for the pod-name hash)")
     directory = config.discovery.kube_serviceaccount_dir.rstrip("/")
     if config.discovery.backend == "kubernetes" and not mounts_token(relay, spec, directory):
         problems.append(f"{where}: DYN_DISCOVERY_BACKEND=kubernetes, but no service account "
@@ -473,6 +479,13 @@ def token_problems(where: str, workload: Obj, spec: Obj, relay: Obj, config: Con
             problems.append(f"{name_of(workload)} container {container['name']}: holds a "
                             "service account token it does not use")
     return problems
+
+
+def is_dynamo_worker(container: Obj) -> bool:
+    """A container running one of Dynamo's workers (python -m dynamo.vllm, dynamo.sglang, ...),
+    which register themselves in Dynamo's discovery."""
+    return any(str(part).startswith("dynamo.")
+               for part in [*container.get("command", []), *container.get("args", [])])
 
 
 def network_policy_problems(where: str, objects: Sequence[Obj], workload: Obj, template: Obj,
