@@ -371,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{image_size(buildah)}", flush=True)
         exercise(buildah, workdir)
     except ImageError as exc:
-        print(f"FAIL {exc}\n(full log: {buildah.log})")
+        kept = f"\n(full log: {buildah.log})" if args.workdir else ""
+        print(f"FAIL {exc}{kept}")
         return 1
     finally:
         if args.workdir is None:
