@@ -1,15 +1,22 @@
 """Render kvrelay's Kubernetes overlays and check every object they produce, offline.
 
-Three kinds of check, each of which a broken manifest fails:
+Four kinds of check, each of which a broken manifest fails:
 - schema: Kubernetes' own OpenAPI schemas (kubernetes-validate, strict: an unknown field is an
-  error) for the oldest and newest supported Kubernetes; the ServiceMonitor against
-  prometheus-operator's CRD (its generated models, cloudcoil-models-prometheus-operator), where
-  an unknown field is an error too;
-- references: what selectors, named ports, service accounts, roles, ConfigMaps, Secrets and
-  volume mounts point at exists;
+  error) for the oldest and newest supported Kubernetes; ServiceMonitor, PodMonitor and
+  PrometheusRule against prometheus-operator's CRDs (its generated models,
+  cloudcoil-models-prometheus-operator), where an unknown field is an error too; the pods a
+  DynamoGraphDeployment's services make (extraPodSpec, with the main container the operator
+  adds) against Kubernetes' Pod schema;
+- references: what selectors, ports, service accounts, roles, ConfigMaps, Secrets and volume
+  mounts point at exists; no two containers of a pod claim one port; a Service reaches a native
+  sidecar's port by number (Kubernetes before 1.32 resolves names on regular containers only);
+  no container holds a service account token it does not use;
 - the relay's settings: each variable a relay container gets is one the relay reads, the values
-  pass the relay's own validation, the probes reach its system port in time, and vLLM's
-  --kv-events-config publishes where the relay reads.
+  pass the relay's own validation, the probes reach its system port in time, vLLM's
+  --kv-events-config (or Dynamo's DYN_VLLM_KV_EVENT_PORT) publishes where the relay reads, and a
+  ZMQ port the relay binds admits only vLLM pods (NetworkPolicy);
+- monitoring: the PrometheusRule passes `promtool check rules` and the unit tests in
+  deploy/prometheus/ (`promtool test rules`), and names only metrics the relay exports.
 
     python deploy/validate.py [OVERLAY_DIR ...]    (default: every overlay)
 """
@@ -24,17 +31,21 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import yaml
-from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+from cloudcoil.models.prometheus_operator.v1 import PodMonitor, PrometheusRule, ServiceMonitor
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import Dashboard
 from pydantic import ValidationError
 
 from kvrelay.config import Config, ConfigError, settings
 from kvrelay.ops.cli import build_parser
+from kvrelay.system.metrics import Metrics
 
 DEPLOY = Path(__file__).resolve().parent
 OVERLAYS = DEPLOY / "kubernetes" / "overlays"
@@ -52,6 +63,21 @@ DOWNWARD_SAMPLES = {"metadata.name": "vllm-worker-5d8c9f7b6-x2x7q",
                     "metadata.namespace": "kvrelay",
                     "metadata.uid": "3f1e6d2a-8c4b-4e7f-9a51-2b6c0d9e8f10"}
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "Job"})
+OPERATOR_KIND = "DynamoGraphDeployment"  # its pods are made by Dynamo's operator
+# What Dynamo's operator adds to a worker's main container: the system port, named "system".
+DYNAMO_MAIN_CONTAINER = "main"
+DYNAMO_SYSTEM_PORT = 9090
+DYNAMO_KV_EVENT_PORT = "20080"  # Dynamo's vLLM worker publishes on tcp://*:<DYN_VLLM_KV_EVENT_PORT>
+PROMETHEUS_MODELS: dict[str, Any] = {"ServiceMonitor": ServiceMonitor, "PodMonitor": PodMonitor,
+                                     "PrometheusRule": PrometheusRule}
+RULE_TESTS = DEPLOY / "prometheus" / "tests.yaml"
+DASHBOARD = DEPLOY / "grafana" / "kvrelay.json"
+DASHBOARD_SCRIPT = DEPLOY / "grafana" / "dashboard.py"
+# What Grafana puts in a query before Prometheus sees it, for parsing the dashboard's queries.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$namespace": ".*",
+                     "$pod": ".*"}
+RULES_FILE = "kvrelay-rules.yaml"  # the name RULE_TESTS loads the PrometheusRule's groups as
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_GRACE_SECONDS = 30
 
 Obj = dict[str, Any]
@@ -99,8 +125,13 @@ def namespace_of(obj: Obj) -> str:
 
 def schema_problems(obj: Obj, versions: Sequence[str]) -> list[str]:
     """What the object's schema refuses, in each Kubernetes version."""
-    if obj.get("apiVersion") == "monitoring.coreos.com/v1" and obj.get("kind") == "ServiceMonitor":
-        return servicemonitor_problems(obj)
+    if obj.get("apiVersion") == "monitoring.coreos.com/v1" and obj.get("kind") in PROMETHEUS_MODELS:
+        return operator_model_problems(obj)
+    if obj.get("kind") == OPERATOR_KIND:
+        return [p for _, template in dynamo_pod_templates(obj)
+                for p in schema_problems({"apiVersion": "v1", "kind": "Pod",
+                                          "metadata": {"name": "pod"}, "spec": template["spec"]},
+                                         versions)]
     problems = []
     for version in versions:
         try:
@@ -114,16 +145,17 @@ def schema_problems(obj: Obj, versions: Sequence[str]) -> list[str]:
     return problems
 
 
-def servicemonitor_problems(obj: Obj) -> list[str]:
+def operator_model_problems(obj: Obj) -> list[str]:
     """The CRD's constraints, and any field it does not define (the models drop those)."""
+    kind = str(obj["kind"])
     try:
-        model = ServiceMonitor.model_validate(obj)
+        model = PROMETHEUS_MODELS[kind].model_validate(obj)
     except ValidationError as exc:
-        return [f"{name_of(obj)}: ServiceMonitor schema: "
+        return [f"{name_of(obj)}: {kind} schema: "
                 f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}"
                 for error in exc.errors()]
     kept = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
-    return [f"{name_of(obj)}: ServiceMonitor schema: {path}: unknown field"
+    return [f"{name_of(obj)}: {kind} schema: {path}: unknown field"
             for path in dropped_fields(obj, kept, "")]
 
 
@@ -148,6 +180,43 @@ def pod_templates(objects: Sequence[Obj]) -> Iterator[tuple[Obj, Obj]]:
     for obj in objects:
         if obj.get("kind") in WORKLOAD_KINDS:
             yield obj, obj["spec"]["template"]
+        elif obj.get("kind") == OPERATOR_KIND:
+            yield from dynamo_pod_templates(obj)
+
+
+def dynamo_pod_templates(graph: Obj) -> Iterator[tuple[Obj, Obj]]:
+    """The pod template Dynamo's operator makes of each service of a DynamoGraphDeployment
+    (v1alpha1): extraPodSpec, its mainContainer named "main" with the system port and the
+    service's envs, and extraPodMetadata's labels. The workload is named graph/service."""
+    for service_name, service in graph.get("spec", {}).get("services", {}).items():
+        extra = dict(service.get("extraPodSpec", {}))
+        main = dict(extra.pop("mainContainer", {}))
+        main["name"] = DYNAMO_MAIN_CONTAINER
+        main["ports"] = [*main.get("ports", []), {"name": "system", "protocol": "TCP",
+                                                  "containerPort": DYNAMO_SYSTEM_PORT}]
+        main["env"] = [*service.get("envs", []), *main.get("env", []),
+                       {"name": "DYN_SYSTEM_PORT", "value": str(DYNAMO_SYSTEM_PORT)}]
+        workload = {"kind": OPERATOR_KIND, "metadata": {
+            "name": f"{graph['metadata']['name']}/{service_name}",
+            "namespace": namespace_of(graph)}}
+        spec = {**extra, "containers": [main, *extra.get("containers", [])]}
+        labels = service.get("extraPodMetadata", {}).get("labels", {})
+        yield workload, {"metadata": {"labels": labels}, "spec": spec}
+
+
+def token_volumes(pod_spec: Obj) -> set[str]:
+    """Names of the pod's volumes that carry a service account token."""
+    return {v["name"] for v in pod_spec.get("volumes", [])
+            if any("serviceAccountToken" in source
+                   for source in v.get("projected", {}).get("sources", []))}
+
+
+def mounts_token(container: Obj, pod_spec: Obj, directory: str) -> bool:
+    """Whether the container has a service account token in `directory`."""
+    if pod_spec.get("automountServiceAccountToken", True) is not False:
+        return True
+    return any(m["name"] in token_volumes(pod_spec) and m["mountPath"].rstrip("/") == directory
+               for m in container.get("volumeMounts", []))
 
 
 def all_containers(pod_spec: Obj) -> list[Obj]:
@@ -183,6 +252,12 @@ def reference_problems(objects: Sequence[Obj]) -> list[str]:
 
     for workload, template in pod_templates(objects):
         ns, spec, where = namespace_of(workload), template["spec"], name_of(workload)
+        problems += port_clashes(where, spec)
+        if workload.get("kind") in WORKLOAD_KINDS and spec.get(
+                "automountServiceAccountToken", True) is not False:
+            problems.append(f"{where}: every container gets the service account token "
+                            "(automountServiceAccountToken is not false); project it into the "
+                            "container that calls the Kubernetes API only")
         account = spec.get("serviceAccountName", "default")
         if account != "default":
             missing("ServiceAccount", ns, account, False, where)
@@ -232,6 +307,31 @@ def reference_problems(objects: Sequence[Obj]) -> list[str]:
                            for c in all_containers(template["spec"])):
                     problems.append(f"{name_of(service)}: targetPort {target!r} is no "
                                     f"container port of the pods it selects")
+                elif isinstance(target, str) and not any(
+                        port_problem("", c, target) is None
+                        for c in template["spec"].get("containers", [])):
+                    problems.append(f"{name_of(service)}: targetPort {target!r} names a port "
+                                    "of a native-sidecar init container only: Kubernetes "
+                                    f"before 1.32 leaves it out of the EndpointSlices (nothing "
+                                    "to scrape on 1.29-1.31); give its number")
+
+    for monitor in (o for o in objects if o.get("kind") == "PodMonitor"):
+        ns = namespace_of(monitor)
+        wanted = monitor["spec"].get("selector", {}).get("matchLabels", {})
+        pods = [t for w, t in pod_templates(objects) if namespace_of(w) == ns
+                and wanted.items() <= t.get("metadata", {}).get("labels", {}).items()]
+        if not pods:
+            problems.append(f"{name_of(monitor)}: selector {wanted} matches no pod template")
+        for endpoint in monitor["spec"].get("podMetricsEndpoints", []):
+            target = endpoint.get("portNumber", endpoint.get("port"))
+            for template in pods:
+                relays = [c for c in all_containers(template["spec"])
+                          if c["name"] == RELAY_CONTAINER]
+                if not any(port_problem("", c, target) is None
+                           for c in relays or all_containers(template["spec"])):
+                    problems.append(f"{name_of(monitor)}: endpoint port {target!r} is no "
+                                    f"port of the {RELAY_CONTAINER} container of the pods it "
+                                    "selects")
 
     for monitor in (o for o in objects if o.get("kind") == "ServiceMonitor"):
         ns = namespace_of(monitor)
@@ -254,6 +354,23 @@ def reference_problems(objects: Sequence[Obj]) -> list[str]:
             if subject["kind"] == "ServiceAccount":
                 missing("ServiceAccount", subject.get("namespace", ""), subject["name"], False,
                         name_of(binding))
+    return problems
+
+
+def port_clashes(where: str, pod_spec: Obj) -> list[str]:
+    """Two containers of one pod share its network: no port number or name twice."""
+    problems, numbers, names = [], dict[tuple[Any, str], str](), dict[str, str]()
+    for container in all_containers(pod_spec):
+        for port in container.get("ports", []):
+            key = (port.get("containerPort"), port.get("protocol", "TCP"))
+            for taken, label in ((numbers, key), (names, port.get("name"))):
+                if label is None:
+                    continue
+                other = taken.setdefault(label, container["name"])  # type: ignore[arg-type]
+                if other != container["name"]:
+                    shown = key[0] if label == key else repr(label)
+                    problems.append(f"{where}: containers {other} and {container['name']} both "
+                                    f"declare port {shown}")
     return problems
 
 
@@ -321,6 +438,8 @@ def relay_problems(objects: Sequence[Obj]) -> list[str]:
                 continue
             sidecar = relay in spec.get("initContainers", [])
             problems += probe_problems(where, relay, config, sidecar=sidecar)
+            problems += token_problems(where, workload, spec, relay, config)
+            problems += network_policy_problems(where, objects, workload, template, config)
             grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
             if grace <= config.publish.drain_timeout + CLOSE_SECONDS:
                 problems.append(f"{where}: terminationGracePeriodSeconds {grace} leaves no time "
@@ -330,6 +449,92 @@ def relay_problems(objects: Sequence[Obj]) -> list[str]:
                 if any(a.startswith("--kv-events-config") for a in vllm.get("args", [])):
                     problems += vllm_problems(f"{name_of(workload)} container {vllm['name']}",
                                               vllm["args"], config)
+                elif "dynamo.vllm" in [*vllm.get("command", []), *vllm.get("args", [])]:
+                    problems += dynamo_worker_problems(
+                        f"{name_of(workload)} container {vllm['name']}", vllm, config)
+    return problems
+
+
+def token_problems(where: str, workload: Obj, spec: Obj, relay: Obj, config: Config
+                   ) -> list[str]:
+    """The relay holds a token exactly when it calls the Kubernetes API (Kubernetes
+    discovery); no other container of a workload holds one."""
+    if workload.get("kind") == OPERATOR_KIND:
+        return []  # the operator's pods: its worker calls the API itself
+    problems = []
+    if config.discovery.backend == "kubernetes" and not any(
+            is_dynamo_worker(c) for c in all_containers(spec)):
+        problems.append(f"{where}: DYN_DISCOVERY_BACKEND=kubernetes, but no container of the "
+                        "pod is a Dynamo worker: plain vLLM registers no DynamoWorkerMetadata, "
+                        "so the relay would wait --discovery-timeout and exit (leave the backend "
+                        "unset for the pod-name hash)")
+    directory = config.discovery.kube_serviceaccount_dir.rstrip("/")
+    if config.discovery.backend == "kubernetes" and not mounts_token(relay, spec, directory):
+        problems.append(f"{where}: DYN_DISCOVERY_BACKEND=kubernetes, but no service account "
+                        f"token is mounted at {directory}")
+    for container in all_containers(spec):
+        holds = {m["mountPath"] for m in container.get("volumeMounts", [])
+                 if m["name"] in token_volumes(spec)}
+        if holds and (container is not relay or config.discovery.backend != "kubernetes"):
+            problems.append(f"{name_of(workload)} container {container['name']}: holds a "
+                            "service account token it does not use")
+    return problems
+
+
+def is_dynamo_worker(container: Obj) -> bool:
+    """A container running one of Dynamo's workers (python -m dynamo.vllm, dynamo.sglang, ...),
+    which register themselves in Dynamo's discovery."""
+    return any(str(part).startswith("dynamo.")
+               for part in [*container.get("command", []), *container.get("args", [])])
+
+
+def network_policy_problems(where: str, objects: Sequence[Obj], workload: Obj, template: Obj,
+                            config: Config) -> list[str]:
+    """A ZMQ port the relay binds takes events from whoever connects (vLLM's publisher has no
+    authentication): a NetworkPolicy must select the pod and admit that port from chosen pods
+    only."""
+    labels = template.get("metadata", {}).get("labels", {})
+    policies = [o for o in objects if o.get("kind") == "NetworkPolicy"
+                and namespace_of(o) == namespace_of(workload)
+                and "Ingress" in o["spec"].get("policyTypes", ["Ingress"])
+                and o["spec"].get("podSelector", {}).get("matchLabels", {}).items()
+                <= labels.items()]
+    problems = []
+    for source in (s for s in config.zmq.sources() if s.bind):
+        port = int(endpoint_port(source.endpoint)) if endpoint_port(
+            source.endpoint).isdigit() else None
+        if port is None:
+            continue
+        if not policies:
+            problems.append(f"{where}: binds ZMQ port {port} with no NetworkPolicy: anyone who "
+                            "reaches the pod can publish events as this worker")
+            continue
+        for policy in policies:
+            for rule in policy["spec"].get("ingress", []):
+                ports = [p.get("port") for p in rule.get("ports", [])]
+                if ports and port not in ports:
+                    continue
+                peers = rule.get("from", [])
+                if not peers or any("podSelector" not in peer or not peer["podSelector"]
+                                    for peer in peers):
+                    problems.append(f"{where}: {name_of(policy)} admits every source to ZMQ "
+                                    f"port {port}; admit the vLLM pods only (a podSelector)")
+    return problems
+
+
+def dynamo_worker_problems(where: str, worker: Obj, config: Config) -> list[str]:
+    """Dynamo's vLLM worker sets vLLM's --kv-events-config itself: tcp://*:<port> with
+    DYN_VLLM_KV_EVENT_PORT (default 20080), no replay socket, no topic."""
+    env = {e["name"]: e.get("value") for e in worker.get("env", [])}
+    port = env.get("DYN_VLLM_KV_EVENT_PORT") or DYNAMO_KV_EVENT_PORT
+    first = config.zmq.sources()[0]
+    problems = []
+    if first.bind or endpoint_port(first.endpoint) != port:
+        problems.append(f"{where}: Dynamo's worker publishes on tcp://*:{port}, the relay "
+                        f"{'binds' if first.bind else 'reads'} {first.endpoint}")
+    if first.replay is not None:
+        problems.append(f"{where}: Dynamo's worker opens no replay socket; the relay asks "
+                        f"{first.replay}")
     return problems
 
 
@@ -412,13 +617,108 @@ def vllm_problems(where: str, args: Sequence[str], config: Config) -> list[str]:
     return problems
 
 
+# -- monitoring: alerts and dashboard ------------------------------------------------------------
+
+
+def exported_metrics() -> frozenset[str]:
+    """Every series name the relay's /metrics can show."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count",
+                                                                 "_created"),
+                "gauge": ("",), "info": ("_info",)}
+    names: set[str] = set()
+    for family in Metrics().registry.collect():
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+    return frozenset(names)
+
+
+def unknown_metrics(where: str, expr: str) -> list[str]:
+    known = exported_metrics()
+    return [f"{where}: {name} is not a metric the relay exports"
+            for name in sorted(set(re.findall(r"\bkvrelay_[a-z0-9_]+\b", expr)) - known)]
+
+
+def run_promtool(*args: str) -> str | None:
+    """promtool's complaint, or None when it is content."""
+    binary = shutil.which("promtool")
+    if binary is None:
+        return "promtool not found (Debian package prometheus)"
+    result = subprocess.run([binary, *args], capture_output=True, text=True, timeout=120,
+                            check=False)
+    if result.returncode == 0:
+        return None
+    return " ".join((result.stdout + result.stderr).split())
+
+
+def rule_problems(objects: Sequence[Obj]) -> list[str]:
+    """Each PrometheusRule's groups pass `promtool check rules` and the unit tests, and name
+    only the relay's metrics."""
+    problems = []
+    for rule in (o for o in objects if o.get("kind") == "PrometheusRule"):
+        groups = rule.get("spec", {})
+        for group in groups.get("groups", []):
+            for entry in group.get("rules", []):
+                problems += unknown_metrics(f"{name_of(rule)} {entry.get('alert')}",
+                                            str(entry.get("expr", "")))
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / RULES_FILE).write_text(yaml.safe_dump(groups))
+            shutil.copy(RULE_TESTS, Path(tmp) / RULE_TESTS.name)
+            if said := run_promtool("check", "rules", str(Path(tmp) / RULES_FILE)):
+                problems.append(f"{name_of(rule)}: promtool check rules: {said}")
+            elif said := run_promtool("test", "rules", str(Path(tmp) / RULE_TESTS.name)):
+                problems.append(f"{name_of(rule)}: promtool test rules: {said}")
+    return problems
+
+
+def dashboard_problems(board: Obj) -> list[str]:
+    """The dashboard against Grafana's dashboard model (grafana-foundation-sdk: a field the
+    model does not define is an error), its queries parsed by promtool and their metrics."""
+    problems = [f"dashboard: {path}: not a field of Grafana's dashboard model"
+                for path in dropped_fields(board, json.loads(json.dumps(
+                    Dashboard.from_json(board), cls=JSONEncoder)), "")]
+    panels = board.get("panels", [])
+    ids = [p.get("id") for p in panels]
+    if len(set(ids)) != len(ids):
+        problems.append(f"dashboard: panel ids repeat: {ids}")
+    rules: list[Obj] = []
+    for panel in panels:
+        where = f"dashboard panel {panel.get('title')!r}"
+        targets = panel.get("targets", [])
+        if panel.get("type") != "row" and not targets:
+            problems.append(f"{where}: no query")
+        if len({t.get("refId") for t in targets}) != len(targets):
+            problems.append(f"{where}: queries share a refId")
+        for target in targets:
+            expr = str(target.get("expr", ""))
+            problems += unknown_metrics(where, expr)
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            rules.append({"record": f"dashboard:query:{len(rules)}", "expr": expr})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "queries.yaml"
+        path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+        if said := run_promtool("check", "rules", str(path)):
+            problems.append(f"dashboard: a query does not parse: {said}")
+    return problems
+
+
+def monitoring_problems() -> list[str]:
+    """The dashboard file: valid, and what deploy/grafana/dashboard.py builds."""
+    problems = dashboard_problems(json.loads(DASHBOARD.read_text()))
+    drift = subprocess.run([sys.executable, str(DASHBOARD_SCRIPT), "--check"],
+                           capture_output=True, text=True, timeout=120, check=False)
+    if drift.returncode != 0:
+        problems.append(f"dashboard: {(drift.stdout + drift.stderr).strip()}")
+    return problems
+
+
 # -- command line ------------------------------------------------------------------------------
 
 
 def check(objects: Sequence[Obj], versions: Sequence[str]) -> list[str]:
     """Every problem of a rendered overlay; empty when it is sound."""
     problems = [p for obj in objects for p in schema_problems(obj, versions)]
-    return problems + reference_problems(objects) + relay_problems(objects)
+    return (problems + reference_problems(objects) + relay_problems(objects)
+            + rule_problems(objects))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -439,6 +739,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not problems:
             print(f"ok   {overlay}: {len(objects)} objects valid for Kubernetes "
                   f"{' and '.join(versions)}, references and relay settings sound")
+        failed = failed or bool(problems)
+    if not args.overlays:
+        problems = monitoring_problems()
+        for problem in problems:
+            print(f"FAIL {DASHBOARD}: {problem}")
+        if not problems:
+            print(f"ok   {DASHBOARD}: Grafana's dashboard model, queries parse, metrics exist")
         failed = failed or bool(problems)
     return 1 if failed else 0
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 import nats.js.errors
 import pytest
 from dockerfile_parse import DockerfileParser
@@ -28,7 +29,7 @@ from dockerfile_parse import DockerfileParser
 from deploy import validate
 from kvrelay.config import Config
 from kvrelay.jetstream.stream import ensure_stream
-from kvrelay.testing.natsserver import NatsServer, free_port
+from kvrelay.testing.natsserver import NatsCluster, NatsServer, free_port
 from kvrelay.wire.names import STREAM_SUBJECTS
 
 pytestmark = pytest.mark.deploy
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.deploy
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 STREAM_FILE = DEPLOY / "nats" / "stream.json"
+PRODUCTION_STREAM_FILE = DEPLOY / "nats" / "stream-production.json"
 DOCKERFILE = DEPLOY / "Dockerfile"
 UNIT = DEPLOY / "systemd" / "kvrelay.service"
 UNIT_ENV = DEPLOY / "systemd" / "kvrelay.env"
@@ -145,6 +147,43 @@ async def test_relay_accepts_a_stream_made_from_the_file(fresh_nats: NatsServer)
         assert await stored_config(nc, config.stream.name) == created
 
 
+def test_production_stream_differs_only_in_replicas_and_size() -> None:
+    """stream-production.json is stream.json with 3 replicas and room for more, nothing else."""
+    base = json.loads(STREAM_FILE.read_text())
+    production = json.loads(PRODUCTION_STREAM_FILE.read_text())
+    assert production["num_replicas"] == 3
+    assert production["max_bytes"] > base["max_bytes"]
+    changed = {k for k in base.keys() | production.keys() if base.get(k) != production.get(k)}
+    assert changed == {"num_replicas", "max_bytes"}
+
+
+@pytest.mark.integration
+async def test_production_stream_runs_on_a_three_node_cluster(tmp_path: Path) -> None:
+    """A 3-node JetStream cluster stores the production stream with 3 replicas, and the relay
+    takes that stream as it is."""
+    with NatsCluster(tmp_path) as cluster:
+        nc = await nats.connect(servers=cluster.urls.split(","), connect_timeout=2,
+                                max_reconnect_attempts=5)
+        try:
+            deadline = time.monotonic() + 60
+            answer: dict[str, Any] = {"error": "not asked yet"}
+            while "error" in answer:  # JetStream elects its meta leader first
+                assert time.monotonic() < deadline, answer
+                with contextlib.suppress(nats.errors.TimeoutError):
+                    answer = await create_from_file(nc, PRODUCTION_STREAM_FILE.read_bytes())
+                if "error" in answer:
+                    await asyncio.sleep(0.5)
+            assert answer["config"]["num_replicas"] == 3
+            info = await nc.jetstream().stream_info("KV_EVENTS")
+            assert info.cluster is not None
+            assert len(info.cluster.replicas or []) == 2  # the leader and two followers
+            config = Config.load({"nats": cluster.urls}, {})
+            said = await ensure_stream(nc.jetstream(), config.stream, ["kv.dynamo.backend.1.0"])
+            assert said.startswith(f"using JetStream stream {config.stream.name}"), said
+        finally:
+            await nc.close()
+
+
 # -- container image ---------------------------------------------------------------------------
 
 
@@ -185,11 +224,56 @@ def final_stage() -> list[tuple[str, str]]:
     return steps[last_from:]
 
 
+def test_image_bases_are_pinned_by_version() -> None:
+    """The bases are pinned to one Python 3.11 release on one Debian: the build on the full
+    image (its C compiler compiles the hot path), the runtime on the slim one."""
+    parser = DockerfileParser(fileobj=io.BytesIO(DOCKERFILE.read_bytes()))
+    build, runtime = parser.parent_images
+    assert re.fullmatch(r"python:3\.11\.\d+-bookworm", build), build
+    assert runtime == build.replace("-bookworm", "-slim-bookworm")
+
+
+def test_runtime_image_gets_no_pip() -> None:
+    """The runtime venv is made without pip and the base's pip and setuptools are removed."""
+    steps = instructions()
+    build_run = " ".join(v for op, v in steps[:steps.index(final_stage()[0])] if op == "RUN")
+    assert "-m venv --without-pip /opt/kvrelay" in build_run
+    assert "--python /opt/kvrelay/bin/python install" in build_run
+    removed = " ".join(v for op, v in final_stage() if op == "RUN")
+    for package in ("pip", "setuptools", "wheel"):
+        assert f"/usr/local/lib/python3.11/site-packages/{package}" in removed
+
+
+def test_compiled_check_reads_the_installed_package() -> None:
+    """The image's compiled-build check runs with -P, so the source tree in the working
+    directory cannot shadow the installed package."""
+    (check,) = [v for op, v in instructions() if op == "RUN" and "kvrelay.build()" in v]
+    assert re.search(r"/opt/kvrelay/bin/python -P -c .import kvrelay", check), check
+
+
+def test_ci_builds_and_runs_the_image() -> None:
+    """CI installs buildah and debootstrap and runs deploy/image.py, which fails on a broken
+    image (a skipped image check would let one through)."""
+    ci = (REPO / ".ci" / "run").read_text()
+    for package in ("buildah", "debootstrap", "prometheus"):
+        assert f"missing+=({package})" in ci, package
+    assert "\npython deploy/image.py\n" in ci
+    assert ci.index("missing+=(buildah)") < ci.index("python deploy/image.py")
+
+
+def test_image_check_reads_the_command_status_not_buildahs() -> None:
+    """A command's exit status inside the image is read from its output, whatever buildah's
+    own exit status (buildah fails its clean-up on a read-only root)."""
+    from deploy import image
+
+    done = subprocess.run(image.wrapped("(exit 3)"), capture_output=True, text=True, check=False)
+    assert image.status_of(done.stdout + "\npanic: runtime error\n") == 3
+    assert image.status_of("no mark") is None
+
+
 def test_image_runs_the_relay_as_a_numeric_non_root_user() -> None:
     """The image runs `kvrelay run` as a numeric non-root user, with port and health check."""
     parser = DockerfileParser(fileobj=io.BytesIO(DOCKERFILE.read_bytes()))
-    # built on the full image (its C compiler compiles the hot path), run on the slim one
-    assert parser.parent_images == ["python:3.11", "python:3.11-slim"]
     stage = final_stage()
     ops = dict(stage)
     user = [value for op, value in stage if op == "USER"][-1]
@@ -370,6 +454,30 @@ def test_systemd_unit_stops_after_the_drain() -> None:
     assert unit["Service.DynamicUser"] == ["yes"]
     assert unit["Service.EnvironmentFile"] == ["/etc/kvrelay/kvrelay.env"]
     assert unit["Service.ExecStart"][0].endswith("kvrelay run")
+
+
+def test_systemd_unit_stops_after_vllm() -> None:
+    """The unit starts before vLLM's and so stops after it (systemd stops in reverse order),
+    and starting vLLM's unit starts the relay: vLLM's last events are still read and drained."""
+    unit = unit_settings(UNIT.read_text())
+    assert "vllm.service" in unit["Unit.Before"][0].split()
+    assert "vllm.service" not in " ".join(unit.get("Unit.After", [])).split()
+    assert "vllm.service" in unit["Install.WantedBy"][0].split()
+    assert "vllm.service" in UNIT.read_text().split("[Unit]")[0]  # the name is documented
+
+
+@needs_systemd
+def test_systemd_unit_verifies_beside_vllm(tmp_path: Path) -> None:
+    """systemd-analyze verify finds nothing in the unit loaded beside a vllm.service."""
+    (tmp_path / "vllm.service").write_text(
+        "[Unit]\nDescription=vLLM\n[Service]\nExecStart=/bin/sleep infinity\n")
+    kvrelay = Path(sys.executable).parent / "kvrelay"
+    (tmp_path / "kvrelay.service").write_text(
+        UNIT.read_text().replace("/opt/kvrelay/bin/kvrelay", str(kvrelay)))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "kvrelay.service"),
+                             str(tmp_path / "vllm.service")], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
 def test_systemd_environment_file_holds_real_settings() -> None:

@@ -33,7 +33,8 @@ from kvrelay.wire.relaybatch import decode_relay_batch
 pytestmark = pytest.mark.deploy
 
 REPO = Path(__file__).resolve().parent.parent
-OVERLAYS = ("sidecar", "standalone")
+OVERLAYS = ("sidecar", "standalone")  # the overlays whose pods are plain workloads
+DYNAMO = "dynamo-operator"  # pods made by Dynamo's operator from a DynamoGraphDeployment
 STREAM_FILE = REPO / "deploy" / "nats" / "stream.json"
 Obj = dict[str, Any]
 
@@ -41,7 +42,7 @@ Obj = dict[str, Any]
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[Obj]]:
     """Each overlay rendered once by kustomize."""
-    return {name: validate.render(validate.OVERLAYS / name) for name in OVERLAYS}
+    return {name: validate.render(validate.OVERLAYS / name) for name in (*OVERLAYS, DYNAMO)}
 
 
 def kind(objects: list[Obj], wanted: str) -> list[Obj]:
@@ -63,6 +64,23 @@ def container(objects: list[Obj], name: str) -> Obj:
     return found
 
 
+def worker_template(objects: list[Obj]) -> Obj:
+    """The pod template Dynamo's operator makes of the graph's worker service."""
+    (graph,) = kind(objects, "DynamoGraphDeployment")
+    (template,) = [t for w, t in validate.dynamo_pod_templates(graph)
+                   if w["metadata"]["name"].endswith("/VllmDecodeWorker")]
+    return template
+
+
+def graph_relay(objects: list[Obj]) -> Obj:
+    """The relay sidecar as written in the graph's extraPodSpec (edits reach the graph)."""
+    (graph,) = kind(objects, "DynamoGraphDeployment")
+    extra = graph["spec"]["services"]["VllmDecodeWorker"]["extraPodSpec"]
+    (found,) = [c for c in extra["initContainers"] if c["name"] == "kvrelay"]
+    result: Obj = found
+    return result
+
+
 def env_entry(c: Obj, name: str) -> Obj:
     found: list[Obj] = [e for e in c["env"] if e["name"] == name]
     assert len(found) == 1, f"{name}: {len(found)} entries"
@@ -81,12 +99,15 @@ def millicores(quantity: str) -> float:
 # -- the shipped overlays ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", [*OVERLAYS, DYNAMO])
 def test_overlay_passes_every_check(rendered: dict[str, list[Obj]], overlay: str) -> None:
-    """Each overlay passes schemas (oldest and newest Kubernetes), references, relay settings."""
+    """Each overlay passes schemas (oldest and newest Kubernetes), references, relay settings,
+    and its alerts pass promtool's checks and unit tests."""
     objects = rendered[overlay]
-    assert {o["kind"] for o in objects} >= {"ServiceAccount", "ConfigMap", "Service",
-                                           "ServiceMonitor", "Deployment"}
+    expected = ({"DynamoGraphDeployment", "PodMonitor", "PrometheusRule"} if overlay == DYNAMO
+                else {"ServiceAccount", "ConfigMap", "Service", "ServiceMonitor", "Deployment",
+                      "PrometheusRule"})
+    assert {o["kind"] for o in objects} >= expected
     assert validate.check(objects, validate.kubernetes_versions()) == []
 
 
@@ -97,15 +118,39 @@ def test_native_sidecar_needs_kubernetes_1_29(rendered: dict[str, list[Obj]]) ->
 
 
 def test_sidecar_is_native_with_downward_identity(rendered: dict[str, list[Obj]]) -> None:
-    """The relay is a native sidecar with downward-API identity and Kubernetes discovery."""
+    """Beside plain vLLM the relay is a native sidecar named by its pod (the pod-name hash):
+    no discovery backend that waits for Dynamo's resources, no token in any container."""
     spec = pod_spec(rendered["sidecar"])
     (relay,) = [c for c in spec["initContainers"] if c["name"] == "kvrelay"]
     assert relay["restartPolicy"] == "Always"
     assert [c["name"] for c in spec["containers"]] == ["vllm"]
-    for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace"),
-                       ("POD_UID", "metadata.uid")):
+    for name, path in (("POD_NAME", "metadata.name"), ("POD_NAMESPACE", "metadata.namespace")):
         assert env_entry(relay, name)["valueFrom"]["fieldRef"]["fieldPath"] == path
+    assert "DYN_DISCOVERY_BACKEND" not in {e["name"] for e in relay["env"]}
+    assert spec["automountServiceAccountToken"] is False
+    assert not validate.token_volumes(spec)
+
+
+def test_dynamo_operator_sidecar_avoids_the_worker_ports(rendered: dict[str, list[Obj]]
+                                                         ) -> None:
+    """In operator-managed pods the relay keeps off the worker's 9090 "system" port, reads
+    Dynamo's KV event port, and finds its instance through Kubernetes discovery."""
+    template = worker_template(rendered[DYNAMO])
+    spec = template["spec"]
+    (main,) = spec["containers"]
+    (relay,) = spec["initContainers"]
+    relay_ports = {(p["name"], p["containerPort"]) for p in relay["ports"]}
+    main_ports = {(p["name"], p["containerPort"]) for p in main["ports"]}
+    assert ("system", 9090) in main_ports
+    assert not {n for n, _ in relay_ports} & {n for n, _ in main_ports}
+    assert not {n for _, n in relay_ports} & {n for _, n in main_ports}
+    assert env_entry(relay, "KVRELAY_SYSTEM_PORT")["value"] == "9190"
     assert env_entry(relay, "DYN_DISCOVERY_BACKEND")["value"] == "kubernetes"
+    assert env_entry(relay, "KVRELAY_ZMQ")["value"] == "tcp://127.0.0.1:20080"
+    (monitor,) = kind(rendered[DYNAMO], "PodMonitor")
+    assert monitor["spec"]["podMetricsEndpoints"][0]["portNumber"] == 9190
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= template["metadata"][
+        "labels"].items()
 
 
 def test_standalone_without_readiness_probe_fails(rendered: dict[str, list[Obj]]) -> None:
@@ -117,21 +162,32 @@ def test_standalone_without_readiness_probe_fails(rendered: dict[str, list[Obj]]
 
 
 def test_discovery_role_is_least_privilege(rendered: dict[str, list[Obj]]) -> None:
-    """Only get and watch on DynamoWorkerMetadata are granted; standalone gets no API access."""
-    sidecar, standalone = rendered["sidecar"], rendered["standalone"]
-    (role,) = kind(sidecar, "Role")
+    """Only get and watch on DynamoWorkerMetadata are granted, and only beside Dynamo's
+    workers; the plain sidecar and standalone get no API access."""
+    sidecar, standalone, dynamo = rendered["sidecar"], rendered["standalone"], rendered[DYNAMO]
+    (role,) = kind(dynamo, "Role")
     assert role["rules"] == [{"apiGroups": ["nvidia.com"], "resources": ["dynamoworkermetadatas"],
                               "verbs": ["get", "watch"]}]
-    (binding,) = kind(sidecar, "RoleBinding")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kvrelay",
-                                    "namespace": role["metadata"]["namespace"]}]
-    assert pod_spec(sidecar)["serviceAccountName"] == "kvrelay"
-    for objects in (sidecar, standalone):
+    for objects in (sidecar, standalone, dynamo):
         assert not kind(objects, "ClusterRole")
         assert not kind(objects, "ClusterRoleBinding")
-    assert not kind(standalone, "Role")
-    assert not kind(standalone, "RoleBinding")
-    assert pod_spec(standalone)["automountServiceAccountToken"] is False
+    for objects in (sidecar, standalone):
+        assert not kind(objects, "Role")
+        assert not kind(objects, "RoleBinding")
+        assert pod_spec(objects)["automountServiceAccountToken"] is False
+
+
+def test_standalone_zmq_port_admits_only_vllm(rendered: dict[str, list[Obj]]) -> None:
+    """The standalone relay binds its ZMQ port; a NetworkPolicy admits only vLLM pods to it."""
+    objects = rendered["standalone"]
+    (policy,) = kind(objects, "NetworkPolicy")
+    labels = workload(objects)["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    zmq_rules = [r for r in policy["spec"]["ingress"]
+                 if 5557 in {p["port"] for p in r.get("ports", [])}]
+    assert zmq_rules == [{"from": [{"podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "vllm"}}}], "ports": [{"port": 5557, "protocol": "TCP"}]}]
+    assert env_entry(container(objects, "kvrelay"), "KVRELAY_ZMQ_BIND")["value"] == "tcp://*:5557"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -190,6 +246,14 @@ def _set_env(objects: list[Obj], name: str, value: str) -> None:
         {"name": name, "value": value}]
 
 
+def _token_in(objects: list[Obj], name: str) -> None:
+    """A projected service account token volume, mounted in container `name`."""
+    pod_spec(objects)["volumes"].append({"name": "token", "projected": {"sources": [
+        {"serviceAccountToken": {"path": "token"}}]}})
+    container(objects, name).setdefault("volumeMounts", []).append(
+        {"name": "token", "mountPath": validate.SERVICE_ACCOUNT_DIR})
+
+
 BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
     ("misspelled-field",
      lambda o: _relay(o)["securityContext"].update(readOnlyRootFileSystem=True),
@@ -221,7 +285,7 @@ BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
      lambda o: _relay(o)["envFrom"][0]["configMapRef"].update(name="kvrelay-settings"),
      "ConfigMap 'kvrelay-settings' is not defined"),
     ("missing-service-account",
-     lambda o: kind(o, "RoleBinding")[0]["subjects"][0].update(name="worker"),
+     lambda o: pod_spec(o).update(serviceAccountName="worker"),
      "ServiceAccount 'worker' is not defined"),
     ("missing-volume",
      lambda o: _relay(o)["volumeMounts"][0].update(name="nats-secrets"),
@@ -268,6 +332,39 @@ BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
     ("vllm-events-off",
      lambda o: _vllm_config(o, enable_kv_cache_events=False),
      "KV events are off"),
+    ("service-named-sidecar-port",
+     lambda o: kind(o, "Service")[0]["spec"]["ports"][0].update(targetPort="system"),
+     "targetPort 'system' names a port of a native-sidecar init container only"),
+    ("token-in-every-container",
+     lambda o: pod_spec(o).pop("automountServiceAccountToken"),
+     "every container gets the service account token"),
+    ("kubernetes-discovery-beside-plain-vllm",
+     lambda o: _set_env(o, "DYN_DISCOVERY_BACKEND", "kubernetes"),
+     "DYN_DISCOVERY_BACKEND=kubernetes, but no container of the pod is a Dynamo worker"),
+    ("kubernetes-discovery-without-token",
+     lambda o: _set_env(o, "DYN_DISCOVERY_BACKEND", "kubernetes"),
+     "DYN_DISCOVERY_BACKEND=kubernetes, but no service account token is mounted"),
+    ("token-where-unused",
+     lambda o: _token_in(o, "vllm"),
+     "container vllm: holds a service account token it does not use"),
+    ("port-clash",
+     lambda o: _relay(o)["ports"].append({"name": "http", "containerPort": 8000}),
+     "containers kvrelay and vllm both declare port 8000"),
+    ("alert-unknown-metric",
+     lambda o: kind(o, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][0].update(
+         expr="kvrelay_is_ready == 0"),
+     "kvrelay_is_ready is not a metric the relay exports"),
+    ("alert-does-not-parse",
+     lambda o: kind(o, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][0].update(
+         expr="max by (pod) kvrelay_ready) == 0"),
+     "promtool check rules"),
+    ("alert-fails-its-unit-test",
+     lambda o: kind(o, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][0].update(
+         {"for": "10m"}),
+     "promtool test rules"),
+    ("prometheusrule-unknown-field",
+     lambda o: kind(o, "PrometheusRule")[0]["spec"]["groups"][0].update(evaluation="1m"),
+     "spec.groups[0].evaluation: unknown field"),
 ]
 
 
@@ -277,6 +374,80 @@ def test_broken_manifest_fails(rendered: dict[str, list[Obj]],
                                breakage: Callable[[list[Obj]], None], expected: str) -> None:
     """Each kind of mistake in the sidecar overlay is reported, saying what is wrong."""
     objects = copy.deepcopy(rendered["sidecar"])
+    breakage(objects)
+    problems = validate.check(objects, [validate.MIN_KUBERNETES])
+    assert any(expected in p for p in problems), problems
+
+
+def _standalone_policy(objects: list[Obj]) -> Obj:
+    policy: Obj = kind(objects, "NetworkPolicy")[0]
+    return policy
+
+
+STANDALONE_BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
+    ("no-network-policy",
+     lambda o: o.remove(_standalone_policy(o)),
+     "binds ZMQ port 5557 with no NetworkPolicy"),
+    ("zmq-open-to-all",
+     lambda o: _standalone_policy(o)["spec"]["ingress"][0].pop("from"),
+     "admits every source to ZMQ port 5557"),
+    ("zmq-open-to-a-namespace",
+     lambda o: _standalone_policy(o)["spec"]["ingress"][0].update(
+         {"from": [{"namespaceSelector": {}}]}),
+     "admits every source to ZMQ port 5557"),
+]
+
+
+@pytest.mark.parametrize(("breakage", "expected"), [(b[1], b[2]) for b in STANDALONE_BREAKAGES],
+                         ids=[b[0] for b in STANDALONE_BREAKAGES])
+def test_broken_standalone_fails(rendered: dict[str, list[Obj]],
+                                 breakage: Callable[[list[Obj]], None], expected: str) -> None:
+    """A ZMQ port the standalone relay binds must be closed to all but vLLM pods."""
+    objects = copy.deepcopy(rendered["standalone"])
+    breakage(objects)
+    problems = validate.check(objects, [validate.MIN_KUBERNETES])
+    assert any(expected in p for p in problems), problems
+
+
+def _graph_env(objects: list[Obj], name: str, value: str) -> None:
+    relay = graph_relay(objects)
+    relay["env"] = [e for e in relay["env"] if e["name"] != name] + [
+        {"name": name, "value": value}]
+
+
+DYNAMO_BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
+    ("relay-on-the-system-port",
+     lambda o: graph_relay(o)["ports"][0].update(containerPort=9090),
+     "containers kvrelay and main both declare port 9090"),
+    ("relay-port-named-system",
+     lambda o: graph_relay(o)["ports"][0].update(name="system"),
+     "containers kvrelay and main both declare port 'system'"),
+    ("relay-reads-vllm-default-port",
+     lambda o: _graph_env(o, "KVRELAY_ZMQ", "tcp://127.0.0.1:5557"),
+     "Dynamo's worker publishes on tcp://*:20080, the relay reads tcp://127.0.0.1:5557"),
+    ("relay-asks-for-replay",
+     lambda o: _graph_env(o, "KVRELAY_REPLAY", "tcp://127.0.0.1:5558"),
+     "Dynamo's worker opens no replay socket"),
+    ("relay-unknown-field",
+     lambda o: graph_relay(o).update(restartPolicyy="Always"),
+     "'restartPolicyy' was unexpected"),
+    ("podmonitor-wrong-port",
+     lambda o: kind(o, "PodMonitor")[0]["spec"]["podMetricsEndpoints"][0].update(
+         portNumber=9090),
+     "PodMonitor/kvrelay: endpoint port 9090 is no port of the kvrelay container"),
+    ("podmonitor-selector",
+     lambda o: kind(o, "PodMonitor")[0]["spec"]["selector"].update(
+         matchLabels={"app": "nothing"}),
+     "PodMonitor/kvrelay: selector {'app': 'nothing'} matches no pod template"),
+]
+
+
+@pytest.mark.parametrize(("breakage", "expected"), [(b[1], b[2]) for b in DYNAMO_BREAKAGES],
+                         ids=[b[0] for b in DYNAMO_BREAKAGES])
+def test_broken_dynamo_graph_fails(rendered: dict[str, list[Obj]],
+                                   breakage: Callable[[list[Obj]], None], expected: str) -> None:
+    """Each kind of mistake in the operator-managed example is reported."""
+    objects = copy.deepcopy(rendered[DYNAMO])
     breakage(objects)
     problems = validate.check(objects, [validate.MIN_KUBERNETES])
     assert any(expected in p for p in problems), problems
@@ -308,11 +479,12 @@ def test_validator_command_fails_on_a_broken_file(overlay_copy: Path) -> None:
 def test_validator_command_reports_render_errors(overlay_copy: Path) -> None:
     """An overlay kustomize cannot render fails validation with kustomize's error."""
     kustomization = overlay_copy / "kustomization.yaml"
-    kustomization.write_text(kustomization.read_text().replace("role.yaml", "roles.yaml"))
+    kustomization.write_text(kustomization.read_text().replace("vllm-worker.yaml",
+                                                               "vllm-workers.yaml"))
     result = run_validator(overlay_copy)
     assert result.returncode == 1
     assert "kustomize failed" in result.stdout
-    assert "roles.yaml" in result.stdout
+    assert "vllm-workers.yaml" in result.stdout
 
 
 # -- the sidecar's settings drive a real relay -------------------------------------------------
@@ -363,9 +535,7 @@ class Rehearsal:
         env["KVRELAY_REPLAY"] = remap_port(env["KVRELAY_REPLAY"], replay)
         env["KVRELAY_SYSTEM_PORT"] = str(system)
         env["NATS_SERVER"] = nats_url
-        # No Kubernetes API here: the relay falls back to the pod-name hash, the ID Dynamo's
-        # Kubernetes discovery gives the worker.
-        env.pop("DYN_DISCOVERY_BACKEND")
+        # Used as they are: the plain-vLLM sidecar needs no Kubernetes API (the pod-name hash).
         self.env = env
         self.system_port = system
         self.grace = float(spec["terminationGracePeriodSeconds"])

@@ -1,0 +1,1 @@
+"""The Grafana dashboard of kvrelay and the script that builds it."""
