@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 from typing import Annotated, Literal, NamedTuple
 
 import msgspec
@@ -162,6 +163,24 @@ class NatsSettings(Section, frozen=True):
     def __post_init__(self) -> None:
         if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
             raise ValueError("--nats-tls-cert and --nats-tls-key go together")
+        for url in self.servers.split(","):
+            if url.strip() and not _nats_url(url.strip()):
+                shown = re.sub(r"//[^@/]*@", "//***@", url.strip())
+                raise ValueError(f"--nats {shown!r} is not a NATS URL: give "
+                                 "nats://HOST[:PORT] (or tls://, ws://, wss://)")
+        if not self.servers.replace(",", "").strip():
+            raise ValueError("--nats names no server")
+
+
+def _nats_url(url: str) -> bool:
+    """Whether nats-py can connect to `url`: a scheme it speaks, a host, a valid port."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        port = parsed.port
+    except ValueError:
+        return False
+    return (parsed.scheme in ("nats", "tls", "ws", "wss") and bool(parsed.hostname)
+            and (port is None or 0 < port < 65536))
 
 
 class DiscoverySettings(Section, frozen=True):
