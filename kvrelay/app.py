@@ -32,6 +32,7 @@ from kvrelay.jetstream.snapshot import Snapshotter
 from kvrelay.publish.base import Output
 from kvrelay.system.health import SystemServer
 from kvrelay.system.metrics import Metrics
+from kvrelay.system.summary import Summary
 from kvrelay.wire.names import Worker
 
 log = logging.getLogger("kvrelay")
@@ -54,6 +55,7 @@ class Relay:
                  install_signal_handlers: bool = False) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.summary = Summary(self.metrics)
         self.exit_code = EXIT_OK
         self.identity: InstanceId | None = None
         self.discovery: discovery.Source | None = None
@@ -134,6 +136,8 @@ class Relay:
         self.publisher = self._output(worker, ranks, self.identity.lease)
         self._spawn(self.publisher.connect(ranks))
         self._spawn(self.publisher.run())
+        if config.system.summary_interval > 0:
+            self._spawn(self._summaries(config.system.summary_interval))
         self._zmq = zmq.asyncio.Context()
         topic = config.zmq.topic.encode()
         for spec in specs:
@@ -168,6 +172,11 @@ class Relay:
         if self.snapshotter is not None:
             self.snapshotter.start(publisher.stream_ready)
         return publisher
+
+    async def _summaries(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            log.info("%s", self.summary.line())
 
     def _deliver(self, frame: Frame) -> None:
         assert self.publisher is not None
@@ -251,6 +260,8 @@ class Relay:
             await self.system.stop()
         if self._zmq is not None:
             self._zmq.destroy(linger=0)
+        if self.started.is_set():
+            log.info("%s", self.summary.line(final=True))
         log.info("stopped")
 
     async def _unless_forced(self, work: Coroutine[Any, Any, T]) -> T | None:

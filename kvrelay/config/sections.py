@@ -326,3 +326,10 @@ class SystemSettings(Section, frozen=True):
         env=("DYN_SYSTEM_PORT",), ge=0, le=65535, rule="must be a port (0 to 65535)")] = 9090
     log_level: Annotated[Literal["debug", "info", "warning", "error"], setting(
         "log level")] = "info"
+    log_format: Annotated[Literal["text", "json"], setting(
+        "log format: text, or json (one object per line: ts, level, logger, message, and "
+        "exception when there is one)")] = "text"
+    summary_interval: Annotated[float, setting(
+        "seconds between the summary lines logged at INFO (batches, events, drops, resyncs, "
+        "lag p99, buffer); one more at exit (0: only that one)", ge=0,
+        rule="must be 0 (only at exit) or positive")] = 60.0

@@ -56,6 +56,13 @@ def is_restart(seq: int, expected: int) -> bool:
     return seq == 0 or seq < expected // 2
 
 
+def _missed(resync: Resync) -> str:
+    """The range a resync says is missing, for logs."""
+    if isinstance(resync.missed_from, int) and isinstance(resync.missed_to, int):
+        return f", seqs {resync.missed_from}..{resync.missed_to} missed"
+    return ""
+
+
 class Sequencer:
     """One publisher's (epoch, seq) bookkeeping. Starts holding: nothing is handed on before
     `resume` says where the stream left off."""
@@ -216,6 +223,8 @@ class Sequencer:
             resyncs.append(Resync(self._announce))
         for resync in resyncs:
             self._metrics.resyncs.labels(resync.reason).inc()
+            self._warn.info("resync:" + resync.reason, "announcing resync (%s%s) on %s before "
+                            "seq %d", resync.reason, _missed(resync), self.name, seq)
         if self._overflow_upto is not None and seq > self._overflow_upto:
             self._overflow_upto = None
         self._announce = None

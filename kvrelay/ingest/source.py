@@ -293,6 +293,8 @@ class Source:
     async def _replay(self, start: int) -> None:
         """Ask vLLM for every batch from `start`; the sequencer merges them with those held."""
         self._metrics.replays.labels("requested").inc()
+        log.debug("asking vLLM's replay socket %s for the batches from seq %d (%s)",
+                  self.spec.replay, start, self.name)
         try:
             replies = await self._request_replay(start)
         except Exception as exc:  # timeout, garbage, or a socket error: all fall back to resync
@@ -301,9 +303,12 @@ class Source:
                         start, self.spec.replay, exc or "timed out")
             self.sequencer.replay_failed(start, time.time())
             return
+        self._received.inc(len(replies))  # read from vLLM as live batches are
         # vLLM holds a bounded history; it may no longer have `start`.
         partial = bool(replies) and replies[0][0] > start
         self._metrics.replays.labels("partial" if partial else "succeeded").inc()
+        log.info("vLLM replayed %d batches from seq %d on %s%s", len(replies), start,
+                 self.name, " (it no longer held the first)" if partial else "")
         self.sequencer.replayed(start, replies, time.time())
 
     async def _request_replay(self, start: int) -> list[tuple[int, bytes]]:

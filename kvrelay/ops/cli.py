@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -113,13 +112,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         config = _load_config(args)
-        _setup_logging(config.system.log_level)
+        _setup_logging(config.system.log_level, config.system.log_format)
         from kvrelay.app import run
 
         sys.exit(run(config))
     elif args.command == "discover":
         config = _load_config(args)
-        _setup_logging(config.system.log_level)
+        _setup_logging(config.system.log_level, config.system.log_format)
         from kvrelay.ops.doctor import discover
 
         sys.exit(discover(config, os.environ))
@@ -168,9 +167,7 @@ def _load_config(args: argparse.Namespace) -> Config:
         sys.exit(EXIT_USAGE)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from kvrelay.ops.logs import setup_logging
+
+    setup_logging(level, fmt)

@@ -108,7 +108,8 @@ class Metrics:
         self.publish_latency = HistogramTally(_LATENCY_BUCKETS)
         self.lag = HistogramTally(_LATENCY_BUCKETS)
         r.register(_TallyCollector([
-            ("kvrelay_batches_received", "vLLM batches read from ZMQ", self.batches_received),
+            ("kvrelay_batches_received", "vLLM batches read from ZMQ, live or replayed",
+             self.batches_received),
             ("kvrelay_events_received", "KV events decoded from vLLM batches",
              self.events_received),
             ("kvrelay_batches_published", "Batches acknowledged by JetStream",
