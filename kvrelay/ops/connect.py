@@ -53,31 +53,40 @@ def connection_options(args: argparse.Namespace | NatsSettings,
     return {**nats_options(config), "name": "kvrelay-ops"}
 
 
-class LastError:
-    """Keeps the last error nats-py reports (`record` is its `error_cb`) instead of logging
-    tracebacks."""
+class Errors:
+    """The errors nats-py reports (`record` is its `error_cb`), kept instead of logged with
+    their tracebacks. A server refusing the credentials may close the socket before its
+    `-ERR` is read, so one attempt says "refused" and the next "connection reset": every
+    error is kept, and a refusal among them wins."""
 
     def __init__(self) -> None:
-        self.error: BaseException | None = None
+        self.seen: list[BaseException] = []
 
     async def record(self, exc: Exception) -> None:
-        self.error = exc
+        self.seen = [*self.seen[-15:], exc]
+
+    @property
+    def last(self) -> BaseException | None:
+        return self.seen[-1] if self.seen else None
 
 
-def refused(config: NatsSettings, error: BaseException | None, command: str) -> str | None:
+def refused(config: NatsSettings, errors: Errors, command: str) -> str | None:
     """What to fix when NATS refused `command`'s credentials or TLS settings, else None."""
-    if error is None:
-        return None
     from kvrelay.publish.common import refusal  # the relay's own judgement; heavy to import
 
-    return refusal(error, config, who=f"kvrelay {command}")
+    for error in reversed(errors.seen):
+        reason = refusal(error, config, who=f"kvrelay {command}")
+        if reason is not None:
+            return reason
+    return None
 
 
-def connection_failure(config: NatsSettings, error: BaseException | None, command: str) -> str:
+def connection_failure(config: NatsSettings, errors: Errors, command: str) -> str:
     """One line saying why `command` could not connect: refused (and what to check), or not
     reached (and the last error, if any)."""
-    reason = refused(config, error, command)
+    reason = refused(config, errors, command)
     if reason is not None:
         return f"kvrelay {command}: {reason}"
+    error = errors.last
     detail = f" ({error})" if error is not None and str(error) else ""
     return f"kvrelay {command}: cannot reach NATS at {config.redacted_servers()}{detail}"

@@ -20,7 +20,7 @@ from typing import Final, TextIO
 import uvloop
 
 from kvrelay.config import NatsSettings
-from kvrelay.ops.connect import LastError, connection_failure, connection_options, refused
+from kvrelay.ops.connect import Errors, connection_failure, connection_options, refused
 from kvrelay.router.consumer import Delivery, KvConsumer, StreamNotFound
 from kvrelay.router.index import KvIndex, WorkerKey
 
@@ -117,7 +117,7 @@ async def watch(nats_config: NatsSettings | str, stream: str, subject: str, *,
     config = (NatsSettings(servers=nats_config) if isinstance(nats_config, str)
               else nats_config)
     command = "tail" if mode == "index" else "stats"
-    errors = LastError()
+    errors = Errors()
     view = StatsView(window)
     consumer = KvConsumer(config.servers, subject=subject, stream=stream,
                           wait_for_stream=False, deliveries=1024 if mode == "stats" else 0,
@@ -128,8 +128,8 @@ async def watch(nats_config: NatsSettings | str, stream: str, subject: str, *,
                     else None)
         try:
             if not await _connected(consumer, connect_wait, config, errors, command):
-                print(connection_failure(config, errors.error, command), file=sys.stderr)
-                return 2 if refused(config, errors.error, command) else 1
+                print(connection_failure(config, errors, command), file=sys.stderr)
+                return 2 if refused(config, errors, command) else 1
             return await _frames(consumer, view, mode, config.redacted_servers(), interval,
                                  once, duration, out)
         finally:
@@ -145,13 +145,13 @@ async def _observe(consumer: KvConsumer, view: StatsView) -> None:
 
 
 async def _connected(consumer: KvConsumer, within: float, config: NatsSettings,
-                     errors: LastError, command: str) -> bool:
+                     errors: Errors, command: str) -> bool:
     """Wait for the connection; False when `within` passes first or NATS refused us (nats-py
     would go on trying: a refusal does not change by itself)."""
     deadline = time.monotonic() + within
     while not consumer.connected:
         if time.monotonic() > deadline or not consumer.running \
-                or refused(config, errors.error, command):
+                or refused(config, errors, command):
             return False
         await asyncio.sleep(0.05)
     return True

@@ -15,7 +15,7 @@ from nats.js.api import DeliverPolicy
 
 from kvrelay.codec import Codec
 from kvrelay.config import NatsSettings
-from kvrelay.ops.connect import LastError, connection_failure, connection_options, refused
+from kvrelay.ops.connect import Errors, connection_failure, connection_options, refused
 from kvrelay.wire.relaybatch import decode_relay_batch
 from kvrelay.wire.schema import RelayBatch, Resync, Stored, Unknown
 
@@ -56,15 +56,16 @@ async def tail_async(nats_config: NatsSettings | str, stream: str, subject: str,
     no such stream, 2: NATS refused the credentials or the TLS settings)."""
     config = (NatsSettings(servers=nats_config) if isinstance(nats_config, str)
               else nats_config)
-    errors = LastError()
+    errors = Errors()
     options = {**connection_options(config), "connect_timeout": 3, "max_reconnect_attempts": 3,
                "reconnect_time_wait": 0.5, "error_cb": errors.record}
     try:
         nc = await nats.connect(**options)
     except (nats.errors.Error, OSError, TimeoutError) as exc:
-        error = errors.error or exc
-        print(connection_failure(config, error, "tail"), file=sys.stderr)
-        return 2 if refused(config, error, "tail") else 1
+        if not errors.seen:
+            await errors.record(exc)
+        print(connection_failure(config, errors, "tail"), file=sys.stderr)
+        return 2 if refused(config, errors, "tail") else 1
     seen = 0
     codec = Codec("json")
     try:
