@@ -126,7 +126,8 @@ class Relay:
         self.metrics.instance.labels(str(instance_id), self.identity.source).set(1)
 
         publish = config.publish
-        worker = Worker(config.discovery.namespace, config.discovery.component, instance_id)
+        worker = Worker(config.discovery.namespace, config.discovery.component, instance_id,
+                        config.stream.subject_prefix)
         # One bound on everything ingest holds: the buffer and the batches held during a
         # resume or a replay, of every source.
         budget = Budget(publish.buffer_batches, publish.buffer_bytes)

@@ -14,7 +14,7 @@ import msgspec
 
 from kvrelay.config.endpoint import parse_endpoint
 from kvrelay.config.settings import ConfigError, setting
-from kvrelay.wire.names import BUCKET_RULE, NAME_RULE, SNAPSHOT_BUCKET
+from kvrelay.wire.names import BUCKET_RULE, NAME_RULE, PREFIX_RULE, SNAPSHOT_BUCKET, SUBJECT_PREFIX
 
 log = logging.getLogger("kvrelay.config")
 
@@ -263,7 +263,14 @@ class StreamSettings(Section, frozen=True):
         "JetStream stream, created if absent, verified if present", flag="stream",
         pattern=r"^[^ .*>]+$", rule="must be a valid JetStream stream name (no spaces, "
         "'.', '*' or '>')")] = "KV_EVENTS"
-    stream_replicas: Annotated[int, setting("replicas when creating the stream", ge=1)] = 1
+    subject_prefix: Annotated[str, setting(
+        "first token(s) of every subject, <prefix>.<namespace>.<component>.<instance>.<rank>; "
+        "a stream the relay creates takes <prefix>.>", pattern=PREFIX_RULE.pattern,
+        rule="must be subject tokens (letters, digits, '-', '_') joined by '.', no "
+        "wildcards")] = SUBJECT_PREFIX
+    stream_replicas: Annotated[int, setting(
+        "replicas when creating the stream (3 for production on a 3-node cluster)",
+        ge=1)] = 1
     stream_max_age: Annotated[float, setting(
         "max age of stream messages in seconds when creating the stream", gt=0)] = 86400.0
     stream_max_bytes: Annotated[int, setting(

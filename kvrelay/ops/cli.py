@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from kvrelay import __version__, build
 from kvrelay.config import Config, ConfigError, NatsSettings, env_var, settings
 from kvrelay.ops.connect import add_connection_arguments, connection_settings
+from kvrelay.wire.names import SUBJECT_PREFIX, stream_subjects
 
 EXIT_USAGE = 2
 
@@ -94,8 +95,11 @@ def _add_stream_flags(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
     parser.add_argument("--stream", default=os.environ.get(env_var("stream"), "KV_EVENTS"),
                         help="JetStream stream")
+    parser.add_argument("--subject-prefix",
+                        default=os.environ.get(env_var("subject_prefix"), SUBJECT_PREFIX),
+                        help="the relays' --subject-prefix")
     parser.add_argument("--subject", default=None,
-                        help="subject filter [default: all of the relays', <prefix>.>]")
+                        help="subject filter [default: every relay's, <subject-prefix>.>]")
 
 
 def _add_watch_flags(parser: argparse.ArgumentParser, *, stats: bool) -> None:
@@ -136,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command in ("tail", "stats"):
         _setup_logging("warning" if args.command == "tail" and not args.index else "error")
         nats_config = _load_nats(args)
-        subject = args.subject or "kv.>"
+        subject = args.subject or stream_subjects(args.subject_prefix)
         if args.command == "tail" and not args.index:
             from kvrelay.ops.tail import tail
 
