@@ -101,7 +101,7 @@ class Relay:
 
         system = config.system
         self.system = SystemServer(system.system_host, system.system_port, self.metrics,
-                                   self.readiness)
+                                   self.readiness, self.health_details)
         try:
             await self.system.start()
         except OSError as exc:
@@ -299,6 +299,13 @@ class Relay:
         if self._draining:
             parts["relay"] = "draining"
         return parts
+
+    def health_details(self) -> dict[str, object]:
+        """/health's word on vLLM (not part of readiness: a relay waits for vLLM ready):
+        per endpoint, attached now, attached before and gone, or never attached."""
+        return {"vllm": {
+            s.name: "attached" if s.peers else "went away" if s.ever_attached
+            else "never attached" for s in self._sources}}
 
     def source_states(self) -> list[dict[str, object]]:
         return [{"endpoint": s.spec.endpoint, "dp_rank": s.spec.dp_rank, "epoch": s.epoch,

@@ -56,8 +56,10 @@ class Buffer:
         self._owed: dict[int, tuple[Resync, ...]] = {}
         self._log = RateLimitedLog(log)
         # Read at scrape time: right while nothing is published, and free on the hot path.
-        metrics.buffer_batches.set_function(self.__len__)
-        metrics.buffer_bytes.set_function(lambda: self._bytes)
+        # Everything ingest holds: the buffer and the batches held while the stream's resume
+        # point (NATS away at start) or a replay is awaited.
+        metrics.buffer_batches.set_function(lambda: budget.batches)
+        metrics.buffer_bytes.set_function(lambda: budget.nbytes)
         budget.join(self)
 
     def __len__(self) -> int:

@@ -255,7 +255,8 @@ class Publisher(Output):
         except MalformedPayload as exc:
             drop_malformed(frame, exc, self._buffer, self._metrics, self._warn)
             return None
-        self._metrics.events_received.inc(len(decoded.events))
+        if not frame.counted:  # a held batch's were counted when it was held
+            self._metrics.events_received.inc(len(decoded.events))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
         self._watched.set()
         return self._window.add(frame, self.subject(frame.dp_rank), msg_id, payload, decoded.ts,
