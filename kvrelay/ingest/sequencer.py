@@ -196,6 +196,7 @@ class Sequencer:
             self.epoch += 1
             self.expected = 0
             self._announce = "restart"
+            self._gap_counted_at = None  # a seq of the last epoch: a gap now is a new one
         missing_from = 0 if self.expected is None else self.expected
         if seq > missing_from:
             if (self._announce is None and self.expected is not None
