@@ -98,8 +98,8 @@ def _add_stream_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subject-prefix",
                         default=os.environ.get(env_var("subject_prefix"), SUBJECT_PREFIX),
                         help="the relays' --subject-prefix")
-    parser.add_argument("--subject", default=None,
-                        help="subject filter [default: every relay's, <subject-prefix>.>]")
+    parser.add_argument("--subject", default=argparse.SUPPRESS,
+                        help="subject filter (default: every relay's, <subject-prefix>.>)")
 
 
 def _add_watch_flags(parser: argparse.ArgumentParser, *, stats: bool) -> None:
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command in ("tail", "stats"):
         _setup_logging("warning" if args.command == "tail" and not args.index else "error")
         nats_config = _load_nats(args)
-        subject = args.subject or stream_subjects(args.subject_prefix)
+        subject = getattr(args, "subject", None) or stream_subjects(args.subject_prefix)
         if args.command == "tail" and not args.index:
             from kvrelay.ops.tail import tail
 
