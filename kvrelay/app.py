@@ -32,6 +32,7 @@ from kvrelay.jetstream.snapshot import Snapshotter
 from kvrelay.publish.base import Output
 from kvrelay.system.health import SystemServer
 from kvrelay.system.metrics import Metrics
+from kvrelay.system.summary import Summary
 from kvrelay.wire.names import Worker
 
 log = logging.getLogger("kvrelay")
@@ -54,6 +55,7 @@ class Relay:
                  install_signal_handlers: bool = False) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.summary = Summary(self.metrics)
         self.exit_code = EXIT_OK
         self.identity: InstanceId | None = None
         self.discovery: discovery.Source | None = None
@@ -99,7 +101,7 @@ class Relay:
 
         system = config.system
         self.system = SystemServer(system.system_host, system.system_port, self.metrics,
-                                   self.readiness)
+                                   self.readiness, self.health_details)
         try:
             await self.system.start()
         except OSError as exc:
@@ -124,7 +126,8 @@ class Relay:
         self.metrics.instance.labels(str(instance_id), self.identity.source).set(1)
 
         publish = config.publish
-        worker = Worker(config.discovery.namespace, config.discovery.component, instance_id)
+        worker = Worker(config.discovery.namespace, config.discovery.component, instance_id,
+                        config.stream.subject_prefix)
         # One bound on everything ingest holds: the buffer and the batches held during a
         # resume or a replay, of every source.
         budget = Budget(publish.buffer_batches, publish.buffer_bytes)
@@ -134,6 +137,8 @@ class Relay:
         self.publisher = self._output(worker, ranks, self.identity.lease)
         self._spawn(self.publisher.connect(ranks))
         self._spawn(self.publisher.run())
+        if config.system.summary_interval > 0:
+            self._spawn(self._summaries(config.system.summary_interval))
         self._zmq = zmq.asyncio.Context()
         topic = config.zmq.topic.encode()
         for spec in specs:
@@ -168,6 +173,11 @@ class Relay:
         if self.snapshotter is not None:
             self.snapshotter.start(publisher.stream_ready)
         return publisher
+
+    async def _summaries(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            log.info("%s", self.summary.line())
 
     def _deliver(self, frame: Frame) -> None:
         assert self.publisher is not None
@@ -251,6 +261,8 @@ class Relay:
             await self.system.stop()
         if self._zmq is not None:
             self._zmq.destroy(linger=0)
+        if self.started.is_set():
+            log.info("%s", self.summary.line(final=True))
         log.info("stopped")
 
     async def _unless_forced(self, work: Coroutine[Any, Any, T]) -> T | None:
@@ -287,6 +299,13 @@ class Relay:
         if self._draining:
             parts["relay"] = "draining"
         return parts
+
+    def health_details(self) -> dict[str, object]:
+        """/health's word on vLLM (not part of readiness: a relay waits for vLLM ready):
+        per endpoint, attached now, attached before and gone, or never attached."""
+        return {"vllm": {
+            s.name: "attached" if s.peers else "went away" if s.ever_attached
+            else "never attached" for s in self._sources}}
 
     def source_states(self) -> list[dict[str, object]]:
         return [{"endpoint": s.spec.endpoint, "dp_rank": s.spec.dp_rank, "epoch": s.epoch,

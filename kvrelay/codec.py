@@ -177,6 +177,25 @@ class Codec:
             raise MalformedPayload("unencodable", repr(exc)) from None
 
 
+_PEEK: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(
+    list[msgspec.Raw] | dict[str, msgspec.Raw])
+_PEEK_EVENTS = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def count_events(payload: bytes) -> int:
+    """How many events a vLLM batch holds, without decoding them (0 when it is not a batch),
+    for batches held before they can be decoded and published."""
+    try:
+        outer = _PEEK.decode(payload)
+        if isinstance(outer, list):
+            events = outer[1] if len(outer) >= 2 else None
+        else:
+            events = outer.get("events")
+        return 0 if events is None else len(_PEEK_EVENTS.decode(events))
+    except _NOT_MSGPACK:
+        return 0
+
+
 def _hex_bytes(node: Any) -> Any:
     if isinstance(node, bytes):
         return node.hex()

@@ -16,6 +16,12 @@ class RateLimitedLog:
         self._suppressed: dict[str, int] = {}
 
     def warning(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.WARNING, key, msg, *args)
+
+    def info(self, key: str, msg: str, *args: object) -> None:
+        self.log(logging.INFO, key, msg, *args)
+
+    def log(self, level: int, key: str, msg: str, *args: object) -> None:
         now = time.monotonic()
         if now - self._last.get(key, -self._interval) < self._interval:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
@@ -24,4 +30,4 @@ class RateLimitedLog:
         self._last[key] = now
         if suppressed:
             msg += f" ({suppressed} more since the last report)"
-        self._logger.warning(msg, *args)
+        self._logger.log(level, msg, *args)

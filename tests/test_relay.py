@@ -805,7 +805,8 @@ async def test_system_port_live_health_metrics(nc: Any, nats_server: NatsServer)
             status, body = await http_get(port, "/health")
             assert status == 200
             assert msgspec.json.decode(body) == {
-                "status": "ready", "parts": {"nats": "ok", "stream": "ok", "zmq": "ok"}}
+                "status": "ready", "parts": {"nats": "ok", "stream": "ok", "zmq": "ok"},
+                "vllm": {f"{vllm.address} (dp_rank 0)": "attached"}}
             await eventually(lambda: metric(relay, "kvrelay_batches_published_total") == 3,
                              "3 acks")
             status, body = await http_get(port, "/metrics")

@@ -33,7 +33,7 @@ from kvrelay.config.settings import ConfigError, Setting, env_var, section_setti
 __all__ = [
     "Config", "ConfigError", "DiscoverySettings", "DynamoSettings", "NatsSettings",
     "PublishSettings", "Setting", "SnapshotSettings", "SourceSpec", "StreamSettings",
-    "SystemSettings", "ZmqSettings", "env_var", "offset_endpoint", "settings",
+    "SystemSettings", "ZmqSettings", "env_var", "load_nats", "offset_endpoint", "settings",
 ]
 
 SECRETS = (("nats", "nats_password"), ("nats", "nats_token"))
@@ -63,14 +63,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
         values: dict[str, dict[str, Any]] = {name: {} for name in cls.__struct_fields__}
         for s in settings():
-            given = flags.get(s.key)
-            if given is not None and given != [] and given != ():
-                values[s.section][s.field] = s.parse(given, s.flag)
-                continue
-            for var in s.env_vars:
-                if env.get(var, "") != "":
-                    values[s.section][s.field] = s.parse(env[var], var)
-                    break
+            _take(s, flags, env, values[s.section])
         buffer_bytes = values["publish"].get("buffer_bytes")
         if "max_batch_bytes" not in values["zmq"] and buffer_bytes is not None:
             # Not given: the default, or all of a smaller buffer.
@@ -138,6 +131,37 @@ _SECTIONS: tuple[tuple[str, type[msgspec.Struct]], ...] = tuple(
     for f in msgspec.structs.fields(Config))
 _SETTINGS: tuple[Setting, ...] = tuple(
     s for name, kind in _SECTIONS for s in section_settings(name, kind))
+
+
+def _take(s: Setting, flags: Mapping[str, Any], env: Mapping[str, str],
+          into: dict[str, Any]) -> None:
+    """Put the value `s` is given (flag first, then its environment variables) in `into`."""
+    given = flags.get(s.key)
+    if given is not None and given != [] and given != ():
+        into[s.field] = s.parse(given, s.flag)
+        return
+    for var in s.env_vars:
+        if env.get(var, "") != "":
+            into[s.field] = s.parse(env[var], var)
+            return
+
+
+def load_nats(flags: Mapping[str, Any], env: Mapping[str, str]) -> NatsSettings:
+    """The NATS section alone, from flags and environment as `Config.load` reads them, for
+    commands that only connect to NATS (`tail`, `stats`): the rest of the environment, a
+    worker's DYN_* variables among it, is not theirs to validate."""
+    values: dict[str, Any] = {}
+    for s in settings():
+        if s.section == "nats":
+            _take(s, flags, env, values)
+    try:
+        section = NatsSettings(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    for s in settings():
+        if s.section == "nats":
+            s.check(getattr(section, s.field))
+    return section
 
 
 def settings() -> tuple[Setting, ...]:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 import re
+import urllib.parse
 from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 
 from kvrelay.config.endpoint import parse_endpoint
 from kvrelay.config.settings import ConfigError, setting
-from kvrelay.wire.names import BUCKET_RULE, NAME_RULE, SNAPSHOT_BUCKET
+from kvrelay.wire.names import BUCKET_RULE, NAME_RULE, PREFIX_RULE, SNAPSHOT_BUCKET, SUBJECT_PREFIX
 
 log = logging.getLogger("kvrelay.config")
 
@@ -162,6 +163,24 @@ class NatsSettings(Section, frozen=True):
     def __post_init__(self) -> None:
         if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
             raise ValueError("--nats-tls-cert and --nats-tls-key go together")
+        for url in self.servers.split(","):
+            if url.strip() and not _nats_url(url.strip()):
+                shown = re.sub(r"//[^@/]*@", "//***@", url.strip())
+                raise ValueError(f"--nats {shown!r} is not a NATS URL: give "
+                                 "nats://HOST[:PORT] (or tls://, ws://, wss://)")
+        if not self.servers.replace(",", "").strip():
+            raise ValueError("--nats names no server")
+
+
+def _nats_url(url: str) -> bool:
+    """Whether nats-py can connect to `url`: a scheme it speaks, a host, a valid port."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        port = parsed.port
+    except ValueError:
+        return False
+    return (parsed.scheme in ("nats", "tls", "ws", "wss") and bool(parsed.hostname)
+            and (port is None or 0 < port < 65536))
 
 
 class DiscoverySettings(Section, frozen=True):
@@ -244,7 +263,14 @@ class StreamSettings(Section, frozen=True):
         "JetStream stream, created if absent, verified if present", flag="stream",
         pattern=r"^[^ .*>]+$", rule="must be a valid JetStream stream name (no spaces, "
         "'.', '*' or '>')")] = "KV_EVENTS"
-    stream_replicas: Annotated[int, setting("replicas when creating the stream", ge=1)] = 1
+    subject_prefix: Annotated[str, setting(
+        "first token(s) of every subject, <prefix>.<namespace>.<component>.<instance>.<rank>; "
+        "a stream the relay creates takes <prefix>.>", pattern=PREFIX_RULE.pattern,
+        rule="must be subject tokens (letters, digits, '-', '_') joined by '.', no "
+        "wildcards")] = SUBJECT_PREFIX
+    stream_replicas: Annotated[int, setting(
+        "replicas when creating the stream (3 for production on a 3-node cluster)",
+        ge=1)] = 1
     stream_max_age: Annotated[float, setting(
         "max age of stream messages in seconds when creating the stream", gt=0)] = 86400.0
     stream_max_bytes: Annotated[int, setting(
@@ -307,3 +333,10 @@ class SystemSettings(Section, frozen=True):
         env=("DYN_SYSTEM_PORT",), ge=0, le=65535, rule="must be a port (0 to 65535)")] = 9090
     log_level: Annotated[Literal["debug", "info", "warning", "error"], setting(
         "log level")] = "info"
+    log_format: Annotated[Literal["text", "json"], setting(
+        "log format: text, or json (one object per line: ts, level, logger, message, and "
+        "exception when there is one)")] = "text"
+    summary_interval: Annotated[float, setting(
+        "seconds between the summary lines logged at INFO (batches, events, drops, resyncs, "
+        "lag p99, buffer); one more at exit (0: only that one)", ge=0,
+        rule="must be 0 (only at exit) or positive")] = 60.0

@@ -309,7 +309,8 @@ class DynamoPublisher(Output):
             decoded = read_frame(self._codec.decode_input, frame, buffer, metrics, self._warn)
             if decoded is None:
                 continue
-            received += len(decoded.events)
+            if not frame.counted:  # a held batch's were counted when it was held
+                received += len(decoded.events)
             translated = self._translator.translate(frame.resyncs, decoded.events)
             if translated:
                 items += translated

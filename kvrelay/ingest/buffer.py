@@ -14,13 +14,17 @@ own stream in-band, on the batch after the hole.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
 
 from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.sequencer import Frame
+from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import Resync, ResyncReason
+
+log = logging.getLogger("kvrelay.buffer")
 
 
 def merge_resyncs(owed: Iterable[Resync], new: Iterable[Resync]) -> tuple[Resync, ...]:
@@ -50,9 +54,12 @@ class Buffer:
         self._bytes = 0
         # dp_rank -> resyncs owed to consumers, announced with the next frame of that rank.
         self._owed: dict[int, tuple[Resync, ...]] = {}
+        self._log = RateLimitedLog(log)
         # Read at scrape time: right while nothing is published, and free on the hot path.
-        metrics.buffer_batches.set_function(self.__len__)
-        metrics.buffer_bytes.set_function(lambda: self._bytes)
+        # Everything ingest holds: the buffer and the batches held while the stream's resume
+        # point (NATS away at start) or a replay is awaited.
+        metrics.buffer_batches.set_function(lambda: budget.batches)
+        metrics.buffer_bytes.set_function(lambda: budget.nbytes)
         budget.join(self)
 
     def __len__(self) -> int:
@@ -105,6 +112,9 @@ class Buffer:
         owed = self._owed.pop(dp_rank, ())
         for resync in owed:
             self._metrics.resyncs.labels(resync.reason).inc()
+            self._log.info("resync:" + resync.reason, "announcing resync (%s, seqs %s..%s "
+                           "lost after ingest) on dp_rank %d", resync.reason,
+                           resync.missed_from, resync.missed_to, dp_rank)
         return owed
 
     def drain_all(self) -> list[Frame]:

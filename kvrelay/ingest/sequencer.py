@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
+from kvrelay.codec import count_events
 from kvrelay.ingest.budget import Budget
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
@@ -43,6 +44,7 @@ class Frame(NamedTuple):
     payload: bytes
     recv_ts: float
     resyncs: tuple[Resync, ...]
+    counted: bool = False  # its events are in events_received already (it was held)
 
 
 Sink = Callable[[Frame], None]
@@ -54,6 +56,13 @@ def is_restart(seq: int, expected: int) -> bool:
     again, and is seen within moments) rather than repeating one just passed: seq 0, or a seq
     far below, under half of `expected`."""
     return seq == 0 or seq < expected // 2
+
+
+def _missed(resync: Resync) -> str:
+    """The range a resync says is missing, for logs."""
+    if isinstance(resync.missed_from, int) and isinstance(resync.missed_to, int):
+        return f", seqs {resync.missed_from}..{resync.missed_to} missed"
+    return ""
 
 
 class Sequencer:
@@ -93,7 +102,8 @@ class Sequencer:
         # While resuming or replaying, live batches wait here (charged to the budget: past it
         # the oldest dropped; the highest seq dropped so the hole is announced as `overflow`).
         self._holding = True
-        self._held: deque[tuple[int, bytes, float]] = deque()
+        # (seq, payload, read at, events in it): counted as received when held.
+        self._held: deque[tuple[int, bytes, float, int]] = deque()
         self._held_bytes = 0
         self._overflow_upto: int | None = None
         self._cooldown_until = 0.0
@@ -148,8 +158,13 @@ class Sequencer:
         self._metrics.decode_errors.labels(kind).inc()
         self._warn.warning(kind, "dropped a malformed message from %s: %s", self.name, detail)
 
-    def _hold(self, seq: int, payload: bytes, now: float) -> None:
-        self._held.append((seq, payload, now))
+    def _hold(self, seq: int, payload: bytes, now: float, events: int | None = None) -> None:
+        """Keep a batch until the resume or the replay is done; its events count as received
+        now (`events` None), so they show while NATS is away at start."""
+        if events is None:
+            events = count_events(payload)
+            self._metrics.events_received.inc(events)
+        self._held.append((seq, payload, now, events))
         self._held_bytes += len(payload)
         self._budget.charge(len(payload))
 
@@ -160,13 +175,13 @@ class Sequencer:
     def drop_oldest(self) -> None:
         """The budget is over and the oldest batch held is the oldest of ingest: dropped, and
         announced as `overflow` with the next batch handed on."""
-        dropped, dropped_payload, _ = self._held.popleft()
+        dropped, dropped_payload, _, events = self._held.popleft()
         self._held_bytes -= len(dropped_payload)
         self._budget.release(1, len(dropped_payload))
         self._overflow_upto = max(dropped, self._overflow_upto or dropped)
-        self._metrics.drop("overflow", 1)
+        self._metrics.drop("overflow", 1, events)
 
-    def _accept(self, seq: int, payload: bytes, now: float) -> None:
+    def _accept(self, seq: int, payload: bytes, now: float, held: int | None = None) -> None:
         """Pass a batch on, drop it as a duplicate, or start a replay for what is missing
         before it."""
         expected = self.expected
@@ -181,6 +196,7 @@ class Sequencer:
             self.epoch += 1
             self.expected = 0
             self._announce = "restart"
+            self._gap_counted_at = None  # a seq of the last epoch: a gap now is a new one
         missing_from = 0 if self.expected is None else self.expected
         if seq > missing_from:
             if (self._announce is None and self.expected is not None
@@ -192,10 +208,10 @@ class Sequencer:
                     and self._clock() >= self._cooldown_until):
                 self._holding = True
                 self._replay_for = seq
-                self._hold(seq, payload, now)
+                self._hold(seq, payload, now, held)
                 self._request_replay(missing_from)
                 return
-        self._emit(seq, payload, now)
+        self._emit(seq, payload, now, held is not None)
 
     def _duplicate(self, seq: int, expected: int) -> None:
         """A batch repeating a seq already passed (not a restart): dropped, counted, logged."""
@@ -203,7 +219,7 @@ class Sequencer:
         self._warn.warning("duplicate", "dropped a batch from %s repeating seq %d (expected "
                            "%d): a duplicate, not a restart", self.name, seq, expected)
 
-    def _emit(self, seq: int, payload: bytes, now: float) -> None:
+    def _emit(self, seq: int, payload: bytes, now: float, counted: bool = False) -> None:
         resyncs: list[Resync] = []
         start = 0 if self.expected is None else self.expected
         if seq > start:
@@ -216,12 +232,14 @@ class Sequencer:
             resyncs.append(Resync(self._announce))
         for resync in resyncs:
             self._metrics.resyncs.labels(resync.reason).inc()
+            self._warn.info("resync:" + resync.reason, "announcing resync (%s%s) on %s before "
+                            "seq %d", resync.reason, _missed(resync), self.name, seq)
         if self._overflow_upto is not None and seq > self._overflow_upto:
             self._overflow_upto = None
         self._announce = None
         self._emitted = True
         self.expected = seq + 1
-        self._sink(Frame(self.dp_rank, self.epoch, seq, payload, now, tuple(resyncs)))
+        self._sink(Frame(self.dp_rank, self.epoch, seq, payload, now, tuple(resyncs), counted))
 
     # -- resume and replay ---------------------------------------------------------------------
 
@@ -262,7 +280,7 @@ class Sequencer:
         self._held_bytes = 0
         self._holding = False
         previous: int | None = None
-        for seq, payload, recv_ts in held:
+        for seq, payload, recv_ts, events in held:
             if previous is not None and seq <= previous:
                 if not is_restart(seq, previous + 1):
                     self._duplicate(seq, previous + 1)
@@ -274,9 +292,9 @@ class Sequencer:
                 self._fresh = False  # read in line with what the replay delivered
                 continue  # the replay delivered it already
             if self._holding:
-                self._hold(seq, payload, recv_ts)
+                self._hold(seq, payload, recv_ts, events)
             else:
-                self._accept(seq, payload, recv_ts)
+                self._accept(seq, payload, recv_ts, events)
         if not self._holding:
             self._replay_for = None
 
@@ -285,8 +303,9 @@ class Sequencer:
         as dropped at shutdown."""
         lost = len(self._held)
         if lost:
+            events = sum(held[3] for held in self._held)
             self._held.clear()
             self._budget.release(lost, self._held_bytes)
             self._held_bytes = 0
-            self._metrics.drop("shutdown", lost)
+            self._metrics.drop("shutdown", lost, events)
         return lost

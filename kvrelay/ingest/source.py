@@ -75,6 +75,7 @@ class Source:
         self._received = metrics.batches_received.labels(str(spec.dp_rank))
         self._libzmq_subscribed = False
         self._libzmq_peers = 0
+        self._libzmq_attachments = 0
         self._subscriber: Subscriber | None = None
         self.sequencer = Sequencer(
             spec.dp_rank, sink, metrics, request_replay=self._start_replay if spec.replay else None,
@@ -82,6 +83,9 @@ class Source:
         self._watcher: asyncio.Task[None] | None = None
         self._failed: asyncio.Future[None] | None = None  # set while run() reads
         self._tasks: set[asyncio.Task[None]] = set()  # resume and replay
+        rank = str(spec.dp_rank)
+        metrics.vllm_attached.labels(rank).set_function(lambda: 1 if self.ever_attached else 0)
+        metrics.vllm_publishers.labels(rank).set_function(lambda: self.peers)
 
     @property
     def name(self) -> str:
@@ -98,6 +102,13 @@ class Source:
     def peers(self) -> int:
         """vLLM publishers attached right now."""
         return self._subscriber.peers if self._subscriber is not None else self._libzmq_peers
+
+    @property
+    def ever_attached(self) -> bool:
+        """Whether a vLLM publisher has attached since the relay started."""
+        if self._subscriber is not None:
+            return self._subscriber.attachments > 0
+        return self._libzmq_attachments > 0
 
     async def run(self, resume: Awaitable[ResumePoint | None]) -> None:
         """Read until cancelled; batches wait until `resume` says where the stream left off."""
@@ -244,6 +255,7 @@ class Source:
                 kind = event["event"]
                 if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                     self._libzmq_peers += 1
+                    self._libzmq_attachments += 1
                     log.info("vLLM publisher attached on %s", self.name)
                 elif kind == zmq.EVENT_DISCONNECTED:
                     self._libzmq_peers = max(0, self._libzmq_peers - 1)
@@ -293,6 +305,8 @@ class Source:
     async def _replay(self, start: int) -> None:
         """Ask vLLM for every batch from `start`; the sequencer merges them with those held."""
         self._metrics.replays.labels("requested").inc()
+        log.debug("asking vLLM's replay socket %s for the batches from seq %d (%s)",
+                  self.spec.replay, start, self.name)
         try:
             replies = await self._request_replay(start)
         except Exception as exc:  # timeout, garbage, or a socket error: all fall back to resync
@@ -301,9 +315,12 @@ class Source:
                         start, self.spec.replay, exc or "timed out")
             self.sequencer.replay_failed(start, time.time())
             return
+        self._received.inc(len(replies))  # read from vLLM as live batches are
         # vLLM holds a bounded history; it may no longer have `start`.
         partial = bool(replies) and replies[0][0] > start
         self._metrics.replays.labels("partial" if partial else "succeeded").inc()
+        log.info("vLLM replayed %d batches from seq %d on %s%s", len(replies), start,
+                 self.name, " (it no longer held the first)" if partial else "")
         self.sequencer.replayed(start, replies, time.time())
 
     async def _request_replay(self, start: int) -> list[tuple[int, bytes]]:

@@ -42,6 +42,7 @@ class Subscriber:
         self.peers = 0
         self.attachments = 0  # handshakes completed, ever: 1 + reconnections, when connecting
         self.listening = False
+        self._stopping = False  # the relay is closing the connections itself
         self._connections: set[Connection] = set()
         self._lost: asyncio.Event = asyncio.Event()
 
@@ -68,8 +69,11 @@ class Subscriber:
             self.peers = max(0, self.peers - 1)
             if self._went_away is not None:
                 self._went_away()
-            log.warning("vLLM publisher went away from %s%s", self._name,
-                        f" ({exc})" if isinstance(exc, ProtocolError) else "")
+            if self._stopping:  # the relay closed it: nothing went away
+                log.debug("closed the connection of the vLLM publisher on %s", self._name)
+            else:
+                log.warning("vLLM publisher went away from %s%s", self._name,
+                            f" ({exc})" if isinstance(exc, ProtocolError) else "")
         elif exc is not None:
             log.warning("%s: %s", self._name, exc)
         self._lost.set()
@@ -84,6 +88,7 @@ class Subscriber:
             else:
                 await self._connect_forever(retry)
         finally:
+            self._stopping = True
             for connection in list(self._connections):
                 connection.close()
 

@@ -38,6 +38,7 @@ from kvrelay.jetstream.stream import (
     last_published,
     last_stored,
     stored_from,
+    stream_refusal,
 )
 from kvrelay.jetstream.window import Pending, Window
 from kvrelay.publish.base import Output
@@ -85,6 +86,7 @@ class Publisher(Output):
         self._window = Window(on_stored)
         metrics.in_flight.set_function(self._window.__len__)  # read at scrape time
         self.stream_ready = asyncio.Event()
+        self._stream_problem = ""  # why the stream could not be created or verified yet
 
     def subject(self, dp_rank: int) -> str:
         subject = self._subjects.get(dp_rank)
@@ -102,7 +104,7 @@ class Publisher(Output):
 
     def readiness(self) -> dict[str, str]:
         return {"stream": "ok" if self.stream_ready.is_set() else (
-            f"stream {self._stream.name} not verified yet")}
+            self._stream_problem or f"stream {self._stream.name} not verified yet")}
 
     def _can_publish(self) -> bool:
         return self.stream_ready.is_set()
@@ -154,7 +156,8 @@ class Publisher(Output):
                               | nats.errors.NoRespondersError):
                     self.last_error = "JetStream is not enabled or not available on this server"
                 else:
-                    self.last_error = f"stream {self._stream.name} not usable: {exc!r}"
+                    self.last_error = stream_refusal(self._stream, exc)
+                self._stream_problem = self.last_error
                 self._warn.warning("stream", "%s; retrying", self.last_error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -252,7 +255,8 @@ class Publisher(Output):
         except MalformedPayload as exc:
             drop_malformed(frame, exc, self._buffer, self._metrics, self._warn)
             return None
-        self._metrics.events_received.inc(len(decoded.events))
+        if not frame.counted:  # a held batch's were counted when it was held
+            self._metrics.events_received.inc(len(decoded.events))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
         self._watched.set()
         return self._window.add(frame, self.subject(frame.dp_rank), msg_id, payload, decoded.ts,

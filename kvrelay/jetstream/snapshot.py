@@ -76,7 +76,7 @@ class Snapshotter:
         self._metrics = metrics
         self._warn = RateLimitedLog(log)
         self._ranks = {
-            rank: _Rank(rank, worker.subject(rank), snapshot_key(*worker, rank),
+            rank: _Rank(rank, worker.subject(rank), snapshot_key(*worker[:3], rank),
                         (worker.instance_id, rank), deque(maxlen=_QUEUE))
             for rank in dp_ranks}
         self._due = asyncio.Event()

@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 from kvrelay.config import StreamSettings
-from kvrelay.wire.names import STREAM_SUBJECTS, subject_matches
+from kvrelay.wire.names import stream_subjects, subject_matches
 from kvrelay.wire.relaybatch import decode_resume_point
 from kvrelay.wire.schema import ResumePoint
 
@@ -27,22 +27,41 @@ class StreamMismatch(Exception):
 async def ensure_stream(js: JetStreamContext, config: StreamSettings,
                         subjects: list[str]) -> str:
     """Create the stream, or check an existing one covers `subjects`; says which it did."""
+    ours = stream_subjects(config.subject_prefix)
     try:
         info = await js.stream_info(config.name)
     except nats.js.errors.NotFoundError:
         await js.add_stream(StreamConfig(
-            name=config.name, subjects=[STREAM_SUBJECTS], storage=StorageType.FILE,
+            name=config.name, subjects=[ours], storage=StorageType.FILE,
             num_replicas=config.stream_replicas, max_age=config.stream_max_age,
             max_bytes=config.stream_max_bytes, duplicate_window=config.stream_duplicate_window,
         ))
-        return f"created JetStream stream {config.name} (subjects {STREAM_SUBJECTS})"
+        return (f"created JetStream stream {config.name} (subjects {ours}, "
+                f"{config.stream_replicas} replicas)")
     patterns = info.config.subjects or []
     missing = [s for s in subjects if not any(subject_matches(p, s) for p in patterns)]
     if missing:
         raise StreamMismatch(
             f"stream {config.name} has subjects {patterns}, which do not cover "
-            f"{', '.join(missing)}; add {STREAM_SUBJECTS} to it or choose another --stream")
+            f"{', '.join(missing)}; add {ours} to it or choose another --stream")
     return f"using JetStream stream {config.name} (subjects {patterns})"
+
+
+SUBJECTS_OVERLAP = 10065  # JetStream: another stream already takes some of these subjects
+
+
+def stream_refusal(config: StreamSettings, exc: BaseException) -> str:
+    """Why the stream could not be created or verified, in JetStream's own words (its
+    description and err_code) when it answered, with what to do about an overlap."""
+    if not isinstance(exc, nats.js.errors.APIError):
+        return f"stream {config.name} not usable: {exc!r}"
+    reason = (f"JetStream refused stream {config.name} (subjects "
+              f"{stream_subjects(config.subject_prefix)}): {exc.description or type(exc).__name__}"
+              f" (err_code {exc.err_code}, code {exc.code})")
+    if exc.err_code == SUBJECTS_OVERLAP:
+        reason += ("; another stream already takes these subjects: give its name with "
+                   "--stream, or choose another --subject-prefix (kvrelay check names it)")
+    return reason
 
 
 class Stored(NamedTuple):

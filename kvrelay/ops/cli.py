@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
 from kvrelay import __version__, build
-from kvrelay.config import Config, ConfigError, env_var, settings
+from kvrelay.config import Config, ConfigError, NatsSettings, env_var, settings
+from kvrelay.ops.connect import add_connection_arguments, connection_settings
+from kvrelay.wire.names import SUBJECT_PREFIX, stream_subjects
 
 EXIT_USAGE = 2
 
@@ -67,14 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     tail = commands.add_parser(
         "tail", help="print RelayBatches from JetStream as they arrive",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tail.add_argument("--nats", default=os.environ.get(env_var("nats"), "nats://127.0.0.1:4222"),
-                      help="NATS server URL(s), comma-separated")
-    tail.add_argument("--stream", default=os.environ.get(env_var("stream"), "KV_EVENTS"),
-                      help="JetStream stream")
-    tail.add_argument("--subject", default="kv.>", help="subject filter")
+    _add_stream_flags(tail)
     tail.add_argument("--from-start", action="store_true",
                       help="from the stream's first message instead of new ones")
     tail.add_argument("--count", type=int, default=0, help="stop after N batches (0: never)")
+    tail.add_argument("--json", action="store_true",
+                      help="one JSON object per batch and line (the RelayBatch with its "
+                           "subject and stream_seq; bytes as lowercase hex), for jq")
     tail.add_argument("--index", action="store_true",
                       help="instead of batches, each worker's blocks as a router's index holds "
                            "them, refreshed every --interval seconds (reads the whole stream)")
@@ -83,20 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     stats = commands.add_parser(
         "stats", help="per-worker events/s, lag, last (epoch, seq), resyncs and gaps",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    stats.add_argument("--nats", default=os.environ.get(env_var("nats"), "nats://127.0.0.1:4222"),
-                       help="NATS server URL(s), comma-separated")
-    stats.add_argument("--stream", default=os.environ.get(env_var("stream"), "KV_EVENTS"),
-                       help="JetStream stream")
-    stats.add_argument("--subject", default="kv.>", help="subject filter")
+    _add_stream_flags(stats)
     stats.add_argument("--window", type=float, default=10.0,
                        help="seconds of relay timestamps events/s is averaged over")
     _add_watch_flags(stats, stats=True)
 
     from kvrelay.ops import score
 
-    score.add_parser(commands, os.environ.get(env_var("nats"), "nats://127.0.0.1:4222"),
-                     os.environ.get(env_var("stream"), "KV_EVENTS"))
+    score.add_parser(commands, os.environ.get(env_var("stream"), "KV_EVENTS"))
     return parser
+
+
+def _add_stream_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the batches are: `run`'s NATS connection flags, the stream and the subjects."""
+    add_connection_arguments(parser)
+    parser.add_argument("--stream", default=os.environ.get(env_var("stream"), "KV_EVENTS"),
+                        help="JetStream stream")
+    parser.add_argument("--subject-prefix",
+                        default=os.environ.get(env_var("subject_prefix"), SUBJECT_PREFIX),
+                        help="the relays' --subject-prefix")
+    parser.add_argument("--subject", default=argparse.SUPPRESS,
+                        help="subject filter (default: every relay's, <subject-prefix>.>)")
 
 
 def _add_watch_flags(parser: argparse.ArgumentParser, *, stats: bool) -> None:
@@ -113,13 +120,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         config = _load_config(args)
-        _setup_logging(config.system.log_level)
+        _setup_logging(config.system.log_level, config.system.log_format)
         from kvrelay.app import run
 
         sys.exit(run(config))
     elif args.command == "discover":
         config = _load_config(args)
-        _setup_logging(config.system.log_level)
+        _setup_logging(config.system.log_level, config.system.log_format)
         from kvrelay.ops.doctor import discover
 
         sys.exit(discover(config, os.environ))
@@ -134,12 +141,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         from kvrelay.ops.demo import demo
 
         sys.exit(demo(batches=args.batches, fmt=args.format))
-    elif args.command == "tail" and not args.index:
-        _setup_logging("warning")
-        from kvrelay.ops.tail import tail
-
-        sys.exit(tail(args.nats, args.stream, args.subject, from_start=args.from_start,
-                      count=args.count))
     elif args.command == "score":
         _setup_logging("error")
         from kvrelay.ops.score import run as score
@@ -151,13 +152,28 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         sys.exit(run_index(args))
     elif args.command in ("tail", "stats"):
-        _setup_logging("error")
+        _setup_logging("warning" if args.command == "tail" and not args.index else "error")
+        nats_config = _load_nats(args)
+        subject = getattr(args, "subject", None) or stream_subjects(args.subject_prefix)
+        if args.command == "tail" and not args.index:
+            from kvrelay.ops.tail import tail
+
+            sys.exit(tail(nats_config, args.stream, subject, from_start=args.from_start,
+                          count=args.count, as_json=args.json))
         from kvrelay.ops.stats import run as watch
 
-        sys.exit(watch(args.nats, args.stream, args.subject,
+        sys.exit(watch(nats_config, args.stream, subject,
                        mode="index" if args.command == "tail" else "stats",
                        interval=args.interval, once=args.once, duration=args.duration,
                        window=getattr(args, "window", 10.0)))
+
+
+def _load_nats(args: argparse.Namespace) -> NatsSettings:
+    try:
+        return connection_settings(args)
+    except ConfigError as exc:
+        print(f"kvrelay: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 def _load_config(args: argparse.Namespace) -> Config:
@@ -169,9 +185,7 @@ def _load_config(args: argparse.Namespace) -> Config:
         sys.exit(EXIT_USAGE)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from kvrelay.ops.logs import setup_logging
+
+    setup_logging(level, fmt)

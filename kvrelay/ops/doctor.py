@@ -28,7 +28,7 @@ from nats.aio.client import Client
 from kvrelay.config import Config, SourceSpec
 from kvrelay.discovery import DiscoveryError, InstanceId, select_source
 from kvrelay.natsio.options import nats_options
-from kvrelay.wire.names import STREAM_SUBJECTS, Worker, subject_matches
+from kvrelay.wire.names import Worker, stream_subjects, subject_matches
 
 EXIT_OK, EXIT_FAILED = 0, 1
 NATS_PORT = 4222
@@ -121,6 +121,7 @@ async def check_jetstream(config: Config, subjects: list[str], within: float) ->
 async def _check_stream(js: nats.js.JetStreamContext, account: nats.js.api.AccountInfo,
                         config: Config, subjects: list[str]) -> Finding:
     what = f"stream {config.stream.name}"
+    ours = stream_subjects(config.stream.subject_prefix)
     try:
         info = await js.stream_info(config.stream.name)
     except nats.js.errors.NotFoundError:
@@ -130,13 +131,13 @@ async def _check_stream(js: nats.js.JetStreamContext, account: nats.js.api.Accou
                 f"absent, and the account is at its limit of {limit} streams: JetStream will "
                 "refuse to create it; raise the limit or use an existing --stream"))
         for other in await js.streams_info():
-            clash = [p for p in other.config.subjects or [] if _overlap(p, STREAM_SUBJECTS)]
+            clash = [p for p in other.config.subjects or [] if _overlap(p, ours)]
             if clash:
                 return Finding("FAIL", what, (
                     f"absent, and stream {other.config.name} already takes {clash}, which "
-                    f"overlaps {STREAM_SUBJECTS}: JetStream will refuse to create it; use "
+                    f"overlaps {ours}: JetStream will refuse to create it; use "
                     f"--stream {other.config.name} if it covers the relay's subjects"))
-        return Finding("ok", what, f"absent; the relay will create it ({STREAM_SUBJECTS})")
+        return Finding("ok", what, f"absent; the relay will create it ({ours})")
     except (nats.errors.Error, TimeoutError) as exc:
         return Finding("FAIL", what, f"stream info failed: {exc!r}")
     patterns = info.config.subjects or []
@@ -144,7 +145,7 @@ async def _check_stream(js: nats.js.JetStreamContext, account: nats.js.api.Accou
     if missing:
         return Finding("FAIL", what, (
             f"exists with subjects {patterns}, which do not cover {', '.join(missing)}; add "
-            f"{STREAM_SUBJECTS} to it or choose another --stream"))
+            f"{ours} to it or choose another --stream"))
     return Finding("ok", what, f"exists and covers {', '.join(subjects)}")
 
 
@@ -277,7 +278,8 @@ async def run_checks(config: Config, env: Mapping[str, str], within: float) -> l
     specs = config.zmq.sources()
     if any(f.level == "ok" for f in findings):
         instance = identity.value if identity is not None else 0
-        worker = Worker(config.discovery.namespace, config.discovery.component, instance)
+        worker = Worker(config.discovery.namespace, config.discovery.component, instance,
+                        config.stream.subject_prefix)
         subjects = [worker.subject(s.dp_rank) for s in specs]
         findings += await check_jetstream(config, subjects, within)
     else:

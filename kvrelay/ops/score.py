@@ -21,23 +21,34 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import uvloop
 from prometheus_client import CollectorRegistry
 
+from kvrelay.config import ConfigError, NatsSettings
+from kvrelay.ops.connect import (
+    Errors,
+    add_connection_arguments,
+    connection_failure,
+    connection_options,
+    connection_settings,
+    refused,
+)
 from kvrelay.router.consumer import KvConsumer, StreamNotFound
 from kvrelay.router.scoring import ScoringService
-from kvrelay.wire.names import NAME_RULE, SNAPSHOT_BUCKET
+from kvrelay.wire.names import NAME_RULE, SNAPSHOT_BUCKET, SUBJECT_PREFIX
 
 
-def _add_stream_arguments(parser: argparse.ArgumentParser, nats_default: str,
-                          stream_default: str) -> None:
-    parser.add_argument("--nats", default=nats_default,
-                        help="NATS server URL(s), comma-separated (default: %(default)s)")
+def _add_stream_arguments(parser: argparse.ArgumentParser, stream_default: str) -> None:
+    """`run`'s NATS connection flags, the stream, the subjects and the workers' names."""
+    add_connection_arguments(parser)
     parser.add_argument("--stream", default=stream_default, help="JetStream stream")
+    parser.add_argument("--subject-prefix",
+                        default=os.environ.get("KVRELAY_SUBJECT_PREFIX", SUBJECT_PREFIX),
+                        help="the relays' --subject-prefix (default: %(default)s)")
     parser.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", "dynamo"),
                         help="the workers' namespace (default: %(default)s)")
     parser.add_argument("--component", default=os.environ.get("DYN_COMPONENT", "backend"),
@@ -46,19 +57,19 @@ def _add_stream_arguments(parser: argparse.ArgumentParser, nats_default: str,
                         help="KV bucket of the relays' snapshots (default: %(default)s)")
 
 
-def add_parser(commands: Any, nats_default: str, stream_default: str) -> None:
+def add_parser(commands: Any, stream_default: str) -> None:
     """The `score` and `index` subcommands' options, on the CLI's subparsers."""
     index = commands.add_parser(
         "index", help="a scoring service: POST /score over an index kept live from the stream",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_stream_arguments(index, nats_default, stream_default)
+    _add_stream_arguments(index, stream_default)
     index.add_argument("--http", type=int, required=True, metavar="PORT",
                        help="port of the service (0: any free one, logged)")
     index.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     score = commands.add_parser(
         "score", help="each worker's leading cached blocks for a request's token ids",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_stream_arguments(score, nats_default, stream_default)
+    _add_stream_arguments(score, stream_default)
     tokens = score.add_mutually_exclusive_group(required=True)
     tokens.add_argument("--tokens", help="the request's token ids, comma-separated")
     tokens.add_argument("--tokens-file", type=Path, metavar="FILE",
@@ -91,27 +102,32 @@ def parse_tokens(text: str) -> list[int]:
     return tokens
 
 
-async def score_async(url: str, namespace: str, component: str, tokens: Sequence[int], *,
-                      lora_name: str | None = None, cache_salt: str | None = None,
-                      stream: str = "KV_EVENTS", snapshot_bucket: str = SNAPSHOT_BUCKET,
-                      connect_options: Mapping[str, Any] | None = None,
-                      connect_wait: float = 5.0, as_json: bool = False,
-                      out: TextIO = sys.stdout) -> int:
-    """Catch up, score, print; returns the exit code (1: NATS or the stream is missing)."""
-    consumer = KvConsumer(url, namespace, component, stream=stream, bootstrap="snapshot",
-                          snapshot_bucket=snapshot_bucket, wait_for_stream=False,
-                          connect_options=connect_options)
+async def score_async(nats: NatsSettings | str, namespace: str, component: str,
+                      tokens: Sequence[int], *, lora_name: str | None = None,
+                      cache_salt: str | None = None, stream: str = "KV_EVENTS",
+                      subject_prefix: str = SUBJECT_PREFIX,
+                      snapshot_bucket: str = SNAPSHOT_BUCKET, connect_wait: float = 5.0,
+                      as_json: bool = False, out: TextIO = sys.stdout) -> int:
+    """Catch up, score, print; returns the exit code (1: NATS or the stream is missing, 2:
+    NATS refused the credentials or the TLS settings)."""
+    config = NatsSettings(servers=nats) if isinstance(nats, str) else nats
+    errors = Errors()
+    consumer = KvConsumer(config.servers, namespace, component, stream=stream,
+                          bootstrap="snapshot", snapshot_bucket=snapshot_bucket,
+                          wait_for_stream=False, subject_prefix=subject_prefix,
+                          connect_options={**connection_options(config),
+                                           "error_cb": errors.record})
     async with consumer:
         deadline = time.monotonic() + connect_wait
         while not consumer.connected:
             if time.monotonic() > deadline or not consumer.running:
-                print(f"kvrelay score: cannot reach NATS at {_shown(url)}", file=sys.stderr)
-                return 1
+                print(connection_failure(config, errors, "score"), file=sys.stderr)
+                return 2 if refused(config, errors, "score") else 1
             await asyncio.sleep(0.05)
         try:
             await consumer.ready()
         except StreamNotFound as exc:
-            print(f"kvrelay score: {exc} on {_shown(url)}", file=sys.stderr)
+            print(f"kvrelay score: {exc} on {config.redacted_servers()}", file=sys.stderr)
             return 1
         index = consumer.index
         held = index.overlap_tokens(tokens, lora_name=lora_name, cache_salt=cache_salt)
@@ -126,20 +142,17 @@ async def score_async(url: str, namespace: str, component: str, tokens: Sequence
     return 0
 
 
-def _shown(url: str) -> str:
-    """The URL without the credentials it may carry."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
-
-
-async def serve_index(url: str, namespace: str, component: str, *, port: int,
+async def serve_index(nats: NatsSettings, namespace: str, component: str, *, port: int,
                       host: str = "0.0.0.0", stream: str = "KV_EVENTS",
-                      snapshot_bucket: str = SNAPSHOT_BUCKET,
-                      connect_options: Mapping[str, Any] | None = None) -> int:
-    """Follow the stream and serve scores until SIGTERM or SIGINT."""
+                      subject_prefix: str = SUBJECT_PREFIX,
+                      snapshot_bucket: str = SNAPSHOT_BUCKET) -> int:
+    """Follow the stream and serve scores until SIGTERM or SIGINT; NATS away at start is
+    waited for (the service says so on /health), as the relay does."""
     registry = CollectorRegistry()
-    consumer = KvConsumer(url, namespace, component, stream=stream, bootstrap="snapshot",
-                          snapshot_bucket=snapshot_bucket, registry=registry,
-                          connect_options=connect_options)
+    consumer = KvConsumer(nats.servers, namespace, component, stream=stream,
+                          bootstrap="snapshot", snapshot_bucket=snapshot_bucket,
+                          registry=registry, subject_prefix=subject_prefix,
+                          connect_options=connection_options(nats))
     service = ScoringService(consumer.index, lambda: consumer.is_ready and consumer.connected,
                              registry, host, port)
     stop = asyncio.Event()
@@ -169,21 +182,34 @@ async def serve_index(url: str, namespace: str, component: str, *, port: int,
     return 0
 
 
-def run_index(args: argparse.Namespace, connect_options: Mapping[str, Any] | None = None) -> int:
-    """The `index` command on a uvloop runner."""
+def _checked(args: argparse.Namespace, command: str) -> NatsSettings | None:
+    """The NATS settings of the flags and variables, with the names checked; None (after
+    saying why) when any is wrong."""
     for name in ("namespace", "component"):
         if not NAME_RULE.match(getattr(args, name)):
-            print(f"kvrelay index: error: --{name} {getattr(args, name)!r} must match "
+            print(f"kvrelay {command}: error: --{name} {getattr(args, name)!r} must match "
                   f"{NAME_RULE.pattern}", file=sys.stderr)
-            return 2
+            return None
+    try:
+        return connection_settings(args)
+    except ConfigError as exc:
+        print(f"kvrelay {command}: error: {exc}", file=sys.stderr)
+        return None
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """The `index` command on a uvloop runner."""
+    nats = _checked(args, "index")
+    if nats is None:
+        return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve_index(
-            args.nats, args.namespace, args.component, port=args.http, host=args.host,
-            stream=args.stream, snapshot_bucket=args.snapshot_bucket,
-            connect_options=connect_options))
+            nats, args.namespace, args.component, port=args.http, host=args.host,
+            stream=args.stream, subject_prefix=args.subject_prefix,
+            snapshot_bucket=args.snapshot_bucket))
 
 
-def run(args: argparse.Namespace, connect_options: Mapping[str, Any] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     """The command: read the tokens, check the names, score on a uvloop runner."""
     try:
         if args.tokens is not None:
@@ -195,17 +221,15 @@ def run(args: argparse.Namespace, connect_options: Mapping[str, Any] | None = No
     except (OSError, ValueError) as exc:
         print(f"kvrelay score: error: {exc}", file=sys.stderr)
         return 2
-    for name in ("namespace", "component"):
-        if not NAME_RULE.match(getattr(args, name)):
-            print(f"kvrelay score: error: --{name} {getattr(args, name)!r} must match "
-                  f"{NAME_RULE.pattern}", file=sys.stderr)
-            return 2
+    nats = _checked(args, "score")
+    if nats is None:
+        return 2
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
             return runner.run(score_async(
-                args.nats, args.namespace, args.component, tokens, lora_name=args.lora_name,
+                nats, args.namespace, args.component, tokens, lora_name=args.lora_name,
                 cache_salt=args.cache_salt, stream=args.stream,
-                snapshot_bucket=args.snapshot_bucket, connect_options=connect_options,
+                subject_prefix=args.subject_prefix, snapshot_bucket=args.snapshot_bucket,
                 connect_wait=args.connect_wait, as_json=args.json))
         except KeyboardInterrupt:
             return 130

@@ -19,6 +19,8 @@ from typing import Final, TextIO
 
 import uvloop
 
+from kvrelay.config import NatsSettings
+from kvrelay.ops.connect import Errors, connection_failure, connection_options, refused
 from kvrelay.router.consumer import Delivery, KvConsumer, StreamNotFound
 from kvrelay.router.index import KvIndex, WorkerKey
 
@@ -105,23 +107,31 @@ def _footer(consumer: KvConsumer) -> str:
             f"nats {'connected' if consumer.connected else 'disconnected'}")
 
 
-async def watch(url: str, stream: str, subject: str, *, mode: str = "stats",
-                interval: float = 2.0, once: bool = False, duration: float | None = None,
-                window: float = 10.0, connect_wait: float = 5.0, out: TextIO = sys.stdout
-                ) -> int:
+async def watch(nats_config: NatsSettings | str, stream: str, subject: str, *,
+                mode: str = "stats", interval: float = 2.0, once: bool = False,
+                duration: float | None = None, window: float = 10.0, connect_wait: float = 5.0,
+                out: TextIO = sys.stdout) -> int:
     """Follow `subject` and print `mode` ("stats" or "index") frames; returns an exit code
-    (1 when NATS cannot be reached within `connect_wait` seconds or the stream is missing)."""
+    (1 when NATS cannot be reached within `connect_wait` seconds or the stream is missing, 2
+    when NATS refuses the credentials or the TLS settings)."""
+    config = (NatsSettings(servers=nats_config) if isinstance(nats_config, str)
+              else nats_config)
+    command = "tail" if mode == "index" else "stats"
+    errors = Errors()
     view = StatsView(window)
-    consumer = KvConsumer(url, subject=subject, stream=stream, wait_for_stream=False,
-                          deliveries=1024 if mode == "stats" else 0)
+    consumer = KvConsumer(config.servers, subject=subject, stream=stream,
+                          wait_for_stream=False, deliveries=1024 if mode == "stats" else 0,
+                          connect_options={**connection_options(config),
+                                           "error_cb": errors.record})
     async with consumer:
         observer = (asyncio.ensure_future(_observe(consumer, view)) if mode == "stats"
                     else None)
         try:
-            if not await _connected(consumer, connect_wait):
-                print(f"kvrelay {mode}: cannot reach NATS at {url}", file=sys.stderr)
-                return 1
-            return await _frames(consumer, view, mode, url, interval, once, duration, out)
+            if not await _connected(consumer, connect_wait, config, errors, command):
+                print(connection_failure(config, errors, command), file=sys.stderr)
+                return 2 if refused(config, errors, command) else 1
+            return await _frames(consumer, view, mode, config.redacted_servers(), interval,
+                                 once, duration, out)
         finally:
             if observer is not None:
                 observer.cancel()
@@ -134,10 +144,14 @@ async def _observe(consumer: KvConsumer, view: StatsView) -> None:
         view.observe(delivery)
 
 
-async def _connected(consumer: KvConsumer, within: float) -> bool:
+async def _connected(consumer: KvConsumer, within: float, config: NatsSettings,
+                     errors: Errors, command: str) -> bool:
+    """Wait for the connection; False when `within` passes first or NATS refused us (nats-py
+    would go on trying: a refusal does not change by itself)."""
     deadline = time.monotonic() + within
     while not consumer.connected:
-        if time.monotonic() > deadline or not consumer.running:
+        if time.monotonic() > deadline or not consumer.running \
+                or refused(config, errors, command):
             return False
         await asyncio.sleep(0.05)
     return True
@@ -169,12 +183,12 @@ async def _frames(consumer: KvConsumer, view: StatsView, mode: str, url: str, in
             print(file=out)
 
 
-def run(url: str, stream: str, subject: str, *, mode: str, interval: float, once: bool,
-        duration: float | None, window: float = 10.0) -> int:
+def run(nats_config: NatsSettings, stream: str, subject: str, *, mode: str, interval: float,
+        once: bool, duration: float | None, window: float = 10.0) -> int:
     """Entry point of the commands: a uvloop runner; Ctrl-C ends quietly."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
-            return runner.run(watch(url, stream, subject, mode=mode, interval=interval,
+            return runner.run(watch(nats_config, stream, subject, mode=mode, interval=interval,
                                     once=once, duration=duration, window=window))
         except KeyboardInterrupt:
             return 0

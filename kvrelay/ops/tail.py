@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 from typing import Any, TextIO
 
@@ -14,6 +13,9 @@ import nats.js.errors
 import uvloop
 from nats.js.api import DeliverPolicy
 
+from kvrelay.codec import Codec
+from kvrelay.config import NatsSettings
+from kvrelay.ops.connect import Errors, connection_failure, connection_options, refused
 from kvrelay.wire.relaybatch import decode_relay_batch
 from kvrelay.wire.schema import RelayBatch, Resync, Stored, Unknown
 
@@ -47,30 +49,37 @@ def _short(detail: dict[str, Any]) -> str:
     return "(" + ", ".join(f"{k}={fmt(v)}" for k, v in detail.items()) + ")"
 
 
-async def tail_async(url: str, stream: str, subject: str, *, from_start: bool, count: int,
+async def tail_async(nats_config: NatsSettings | str, stream: str, subject: str, *,
+                     from_start: bool, count: int, as_json: bool = False,
                      out: TextIO = sys.stdout) -> int:
-    """Follow `subject` with an ordered consumer; returns an exit code."""
+    """Follow `subject` with an ordered consumer; returns an exit code (1: NATS not reached or
+    no such stream, 2: NATS refused the credentials or the TLS settings)."""
+    config = (NatsSettings(servers=nats_config) if isinstance(nats_config, str)
+              else nats_config)
+    errors = Errors()
+    options = {**connection_options(config), "connect_timeout": 3, "max_reconnect_attempts": 3,
+               "reconnect_time_wait": 0.5, "error_cb": errors.record}
     try:
-        nc = await nats.connect([u.strip() for u in url.split(",")], connect_timeout=3,
-                                max_reconnect_attempts=3, reconnect_time_wait=0.5,
-                                allow_reconnect=True)
-    except (nats.errors.NoServersError, OSError, TimeoutError) as exc:
-        print(f"kvrelay tail: cannot reach NATS at {_shown(url)}: {exc!r}", file=sys.stderr)
-        return 1
+        nc = await nats.connect(**options)
+    except (nats.errors.Error, OSError, TimeoutError) as exc:
+        if not errors.seen:
+            await errors.record(exc)
+        print(connection_failure(config, errors, "tail"), file=sys.stderr)
+        return 2 if refused(config, errors, "tail") else 1
     seen = 0
+    codec = Codec("json")
     try:
         policy = DeliverPolicy.ALL if from_start else DeliverPolicy.NEW
         try:
             sub = await nc.jetstream().subscribe(subject, stream=stream, ordered_consumer=True,
                                                  deliver_policy=policy)
         except nats.js.errors.NotFoundError:
-            print(f"kvrelay tail: no stream {stream} on {_shown(url)}", file=sys.stderr)
+            print(f"kvrelay tail: no stream {stream} on {config.redacted_servers()}",
+                  file=sys.stderr)
             return 1
         async for msg in sub.messages:
-            try:
-                line = describe(decode_relay_batch(msg.data), msg.subject)
-            except (msgspec.DecodeError, ValueError) as exc:
-                line = f"{msg.subject} undecodable ({exc})"
+            line = (as_json_line(codec, msg.subject, msg.metadata.sequence.stream, msg.data)
+                    if as_json else _text_line(msg.subject, msg.data))
             print(line, file=out, flush=True)
             seen += 1
             if count and seen >= count:
@@ -80,15 +89,29 @@ async def tail_async(url: str, stream: str, subject: str, *, from_start: bool, c
     return 0
 
 
-def _shown(url: str) -> str:
-    """The URL without the credentials it may carry."""
-    return re.sub(r"//[^@/]*@", "//***@", url)
+def _text_line(subject: str, data: bytes) -> str:
+    try:
+        return describe(decode_relay_batch(data), subject)
+    except (msgspec.DecodeError, ValueError) as exc:
+        return f"{subject} undecodable ({exc})"
 
 
-def tail(url: str, stream: str, subject: str, *, from_start: bool, count: int) -> int:
+def as_json_line(codec: Codec, subject: str, stream_seq: int, data: bytes) -> str:
+    """`tail --json`: one JSON object per batch, the RelayBatch's fields (bytes as lowercase
+    hex, as `--format json`) with its `subject` and `stream_seq`; `error` when undecodable."""
+    head: dict[str, Any] = {"subject": subject, "stream_seq": stream_seq}
+    try:
+        batch = msgspec.json.decode(codec.encode(decode_relay_batch(data)))
+    except (msgspec.DecodeError, ValueError) as exc:
+        return msgspec.json.encode({**head, "error": f"undecodable ({exc})"}).decode()
+    return msgspec.json.encode({**head, **batch}).decode()
+
+
+def tail(nats_config: NatsSettings, stream: str, subject: str, *, from_start: bool, count: int,
+         as_json: bool = False) -> int:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
-            return runner.run(tail_async(url, stream, subject, from_start=from_start,
-                                         count=count))
+            return runner.run(tail_async(nats_config, stream, subject, from_start=from_start,
+                                         count=count, as_json=as_json))
         except KeyboardInterrupt:
             return 0

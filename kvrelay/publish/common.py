@@ -29,8 +29,8 @@ _AUTH_FLAGS = (("nats_user", "--nats-user"), ("nats_password", "--nats-password"
                ("nats_creds", "--nats-creds"))
 
 
-def refusal(exc: BaseException, config: NatsSettings) -> str | None:
-    """What the operator must fix when `exc` says NATS refused the relay's settings, else None.
+def refusal(exc: BaseException, config: NatsSettings, who: str = "the relay") -> str | None:
+    """What the operator must fix when `exc` says NATS refused `who`'s settings, else None.
 
     An unreachable server is retried forever; a server that answers "not with these
     credentials" or a TLS handshake that cannot succeed will answer the same way next time.
@@ -42,9 +42,9 @@ def refusal(exc: BaseException, config: NatsSettings) -> str | None:
         if "@" in config.servers:
             given.append("the user in the --nats URL")
         advice = (f"check {', '.join(given)}" if given else
-                  "the relay sent none: set --nats-user and --nats-password, --nats-token, "
+                  f"{who} sent none: set --nats-user and --nats-password, --nats-token, "
                   "--nats-nkey-seed or --nats-creds")
-        return f"NATS refused the relay's credentials ({exc}); {advice}"
+        return f"NATS refused {who}'s credentials ({exc}); {advice}"
     if isinstance(exc, ssl.SSLError):
         return (f"TLS with NATS failed ({exc}); check --nats-tls-ca, --nats-tls-cert and "
                 "--nats-tls-key")

@@ -36,7 +36,13 @@ from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.router.index import Gap, KvIndex, Outcome
 from kvrelay.router.metrics import ConsumerMetrics
 from kvrelay.router.restore import restore_snapshots
-from kvrelay.wire.names import BUCKET_RULE, NAME_RULE, SNAPSHOT_BUCKET, worker_subjects
+from kvrelay.wire.names import (
+    BUCKET_RULE,
+    NAME_RULE,
+    SNAPSHOT_BUCKET,
+    SUBJECT_PREFIX,
+    worker_subjects,
+)
 from kvrelay.wire.relaybatch import decode_relay_batch
 from kvrelay.wire.schema import RelayBatch, Resync, Unknown
 
@@ -91,6 +97,7 @@ class KvConsumer:
         client: Client | None = None,
         idle_heartbeat: float = 1.0,
         wait_for_stream: bool = True,
+        subject_prefix: str = SUBJECT_PREFIX,
     ) -> None:
         """`servers`: URL(s), comma-separated or a list; `subject` overrides the subject built
         from namespace, component (and instance_id); `start_sequence`: first stream sequence to
@@ -101,7 +108,7 @@ class KvConsumer:
         `connect_options` go to nats.connect; `client`: an existing connection (not closed
         here); `idle_heartbeat`: seconds between the server's heartbeats, an ordered consumer
         is recreated after two missed ones; `wait_for_stream`: False makes a missing stream an
-        error of `ready()` instead of a wait."""
+        error of `ready()` instead of a wait; `subject_prefix`: the relays' --subject-prefix."""
         for name, value in (("namespace", namespace), ("component", component)):
             if subject is None and not NAME_RULE.match(value):
                 raise ValueError(f"{name} {value!r} must match {NAME_RULE.pattern}")
@@ -119,7 +126,9 @@ class KvConsumer:
                              f"{BUCKET_RULE.pattern}")
         if idle_heartbeat <= 0:
             raise ValueError("idle_heartbeat must be positive")
-        self.subject = subject or worker_subjects(namespace, component, instance_id)
+        self.subject = subject or worker_subjects(namespace, component, instance_id,
+                                                  subject_prefix)
+        self.subject_prefix = subject_prefix
         self._workers = (namespace, component, instance_id)
         self.bootstrap = bootstrap
         self.snapshot_bucket = snapshot_bucket
@@ -315,7 +324,8 @@ class KvConsumer:
                 start = await restore_snapshots(
                     js, self.index, stream=self.stream, bucket=self.snapshot_bucket,
                     namespace=namespace, component=component, instance_id=instance_id,
-                    count=lambda outcome: self.metrics.snapshots.labels(outcome).inc())
+                    count=lambda outcome: self.metrics.snapshots.labels(outcome).inc(),
+                    subject_prefix=self.subject_prefix)
                 break
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
                     nats.js.errors.ServiceUnavailableError) as exc:

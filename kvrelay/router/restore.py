@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamInfo
 
 from kvrelay.router.index import KvIndex, WorkerKey, decode_snapshot
-from kvrelay.wire.names import worker_subjects
+from kvrelay.wire.names import SUBJECT_PREFIX, worker_subjects
 from kvrelay.wire.schema import WorkerSnapshot
 
 log = logging.getLogger("kvrelay.restore")
@@ -101,12 +101,13 @@ def emptied(snapshot: WorkerSnapshot) -> WorkerSnapshot:
 
 async def restore_snapshots(js: JetStreamContext, index: KvIndex, *, stream: str, bucket: str,
                             namespace: str, component: str, instance_id: int | None,
-                            count: Callable[[str], None]) -> int | None:
+                            count: Callable[[str], None],
+                            subject_prefix: str = SUBJECT_PREFIX) -> int | None:
     """Restore the component's usable snapshots into `index`; returns the stream sequence to
     read from (the lowest that a restored worker or a worker without a snapshot needs), None
     for the stream's start. `count(outcome)` hears of each snapshot's fate."""
-    subjects = worker_subjects(namespace, component, instance_id)
-    keys = subjects.removeprefix("kv.")
+    subjects = worker_subjects(namespace, component, instance_id, subject_prefix)
+    keys = subjects.removeprefix(f"{subject_prefix}.")
     found = await read_snapshots(js, bucket, keys)
     if not found:
         log.info("no snapshots of %s in bucket %s: reading the stream from its start", keys,
@@ -124,7 +125,7 @@ async def restore_snapshots(js: JetStreamContext, index: KvIndex, *, stream: str
             log.warning("snapshot %s in bucket %s is not a worker snapshot; ignored",
                         entry.key, bucket)
             continue
-        verdict = await judge(js, info, "kv." + entry.key, snapshot, entry.written_at)
+        verdict = await judge(js, info, f"{subject_prefix}.{entry.key}", snapshot, entry.written_at)
         if verdict is Verdict.STALE:
             count(verdict.value)
             log.warning("snapshot %s is older than stream %s; ignored", entry.key, stream)

@@ -19,13 +19,16 @@ from kvrelay.system.metrics import Metrics
 log = logging.getLogger("kvrelay.health")
 
 Readiness = Callable[[], dict[str, str]]  # part -> "ok" or what is wrong with it
+Details = Callable[[], dict[str, object]]  # more of /health's body, not part of readiness
 
 
 class SystemServer:
     """Serves the probes and metrics of one relay."""
 
-    def __init__(self, host: str, port: int, metrics: Metrics, readiness: Readiness) -> None:
+    def __init__(self, host: str, port: int, metrics: Metrics, readiness: Readiness,
+                 details: Details | None = None) -> None:
         self._host = host
+        self._details = details
         self._port = port
         self._metrics = metrics
         self._readiness = readiness
@@ -66,7 +69,8 @@ class SystemServer:
             elif path in ("/health", "/ready"):
                 ok, parts = self.ready()
                 body = msgspec.json.encode({"status": "ready" if ok else "not ready",
-                                            "parts": parts})
+                                            "parts": parts,
+                                            **(self._details() if self._details else {})})
                 status, ctype = (200 if ok else 503), "application/json"
             elif path == "/metrics":
                 self.ready()

@@ -5,9 +5,13 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+# No `_created` series: a timestamp per counter that nothing here alerts or graphs on, and
+# about half of /metrics otherwise.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -108,7 +112,8 @@ class Metrics:
         self.publish_latency = HistogramTally(_LATENCY_BUCKETS)
         self.lag = HistogramTally(_LATENCY_BUCKETS)
         r.register(_TallyCollector([
-            ("kvrelay_batches_received", "vLLM batches read from ZMQ", self.batches_received),
+            ("kvrelay_batches_received", "vLLM batches read from ZMQ, live or replayed",
+             self.batches_received),
             ("kvrelay_events_received", "KV events decoded from vLLM batches",
              self.events_received),
             ("kvrelay_batches_published", "Batches acknowledged by JetStream",
@@ -158,10 +163,12 @@ class Metrics:
             "kvrelay_publish_in_flight", "Publishes awaiting a JetStream ack", registry=r
         )
         self.buffer_batches = Gauge(
-            "kvrelay_buffer_batches", "Batches buffered for publishing", registry=r
+            "kvrelay_buffer_batches", "Batches ingest holds for publishing (buffered, or held "
+            "while the stream's resume point or a replay is awaited)", registry=r
         )
         self.buffer_bytes = Gauge(
-            "kvrelay_buffer_bytes", "Payload bytes buffered for publishing", registry=r
+            "kvrelay_buffer_bytes", "Payload bytes of the batches in kvrelay_buffer_batches",
+            registry=r
         )
         self.nats_reconnects = Counter(
             "kvrelay_nats_reconnects", "Reconnections to NATS", registry=r
@@ -182,6 +189,12 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("kvrelay_ready", "1 when the relay is ready", registry=r)
+        self.vllm_attached = Gauge(
+            "kvrelay_vllm_attached", "1 once a vLLM publisher has attached to the rank's "
+            "endpoint since the relay started (0: none ever has)", ["dp_rank"], registry=r)
+        self.vllm_publishers = Gauge(
+            "kvrelay_vllm_publishers", "vLLM publishers attached to the rank's endpoint now",
+            ["dp_rank"], registry=r)
         self.instance = Gauge(
             "kvrelay_instance_info",
             "The worker instance ID this relay publishes for and how it was found",

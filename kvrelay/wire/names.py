@@ -12,7 +12,14 @@ from typing import NamedTuple
 NAME_RULE = re.compile(r"^[a-z0-9-_]+$")  # Dynamo's rule for namespaces and components
 BUCKET_RULE = re.compile(r"^[A-Za-z0-9_-]+$")  # NATS KV bucket names
 SNAPSHOT_BUCKET = "KV_SNAPSHOTS"
-STREAM_SUBJECTS = "kv.>"
+SUBJECT_PREFIX = "kv"  # the default of --subject-prefix
+PREFIX_RULE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")  # subject tokens, no wildcards
+STREAM_SUBJECTS = f"{SUBJECT_PREFIX}.>"
+
+
+def stream_subjects(prefix: str = SUBJECT_PREFIX) -> str:
+    """What the relay's stream takes: every subject under the prefix."""
+    return f"{prefix}.>"
 
 
 class Worker(NamedTuple):
@@ -21,15 +28,18 @@ class Worker(NamedTuple):
     namespace: str
     component: str
     instance_id: int
+    prefix: str = SUBJECT_PREFIX
 
     def subject(self, dp_rank: int) -> str:
         """The subject one of its DP ranks publishes on."""
-        return f"kv.{self.namespace}.{self.component}.{self.instance_id}.{dp_rank}"
+        return f"{self.prefix}.{self.namespace}.{self.component}.{self.instance_id}.{dp_rank}"
 
 
-def worker_subjects(namespace: str, component: str, instance_id: int | None = None) -> str:
+def worker_subjects(namespace: str, component: str, instance_id: int | None = None,
+                    prefix: str = SUBJECT_PREFIX) -> str:
     """What a router subscribes to: every worker of a component, or every DP rank of one."""
-    return f"kv.{namespace}.{component}.{'>' if instance_id is None else f'{instance_id}.*'}"
+    tail = ">" if instance_id is None else f"{instance_id}.*"
+    return f"{prefix}.{namespace}.{component}.{tail}"
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
