@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import nats
 from harness import (
     ANY_PORT,
     COMP,
     NS,
+    REPO,
     RelayProcess,
     last_seq,
     nats_client,
@@ -23,13 +28,18 @@ from harness import (
     subject_of,
 )
 
+from kvrelay.codec import Codec
+from kvrelay.config import Config
+from kvrelay.jetstream.stream import ensure_stream
 from kvrelay.router.index import decode_snapshot
 from kvrelay.testing.natsserver import NatsServer
 from kvrelay.testing.synthetic import SyntheticVllm, block_removed, block_stored
 from kvrelay.wire.names import SNAPSHOT_BUCKET
+from kvrelay.wire.schema import RelayBatch, Stored
 from kvrelay.wire.tokenkey import block_keys
 
 BS = 16
+TOKEN = "tok-Score7-never-shown"
 PROMPT = list(range(1000, 1000 + 3 * BS))  # three whole blocks
 OTHER = list(range(5000, 5000 + 2 * BS))
 
@@ -142,3 +152,40 @@ def test_score_rejects_bad_tokens(fresh_nats: NatsServer) -> None:
         code, _, err = score(fresh_nats.url, bad)
         assert code == 2, (bad, err)
         assert "kvrelay score: error" in err
+
+
+async def test_score_connects_as_run_does(tmp_path: Path) -> None:
+    """`score` takes run's connection settings: a token from KVRELAY_NATS_TOKEN and the URL
+    from NATS_SERVER reach a secured server; a wrong token is a refusal (exit 2)."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f'authorization {{ token: "{TOKEN}" }}\n')
+    server = NatsServer(tmp_path / "nats", name="score", extra_args=["-c", str(conf)])
+    server.start()
+    try:
+        nc = await nats.connect(server.url, token=TOKEN)
+        try:
+            js = nc.jetstream()
+            await ensure_stream(js, Config.load({}, {}).stream, ["kv.>"])
+            batch = RelayBatch(instance_id=4, dp_rank=0, epoch=0, seq=0, ts=1.0, relay_ts=1.0,
+                               events=[Stored([1, 2], None, PROMPT[:2 * BS], BS)])
+            await js.publish(f"kv.{NS}.{COMP}.4.0", Codec("msgpack").encode(batch))
+        finally:
+            await nc.close()
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("KVRELAY_", "DYN_", "NATS_SERVER"))}
+        args = [sys.executable, "-m", "kvrelay", "score", "--namespace", NS, "--component",
+                COMP, "--tokens", ",".join(map(str, [*PROMPT, 1])), "--json"]
+        loop = asyncio.get_running_loop()
+        done = await loop.run_in_executor(None, lambda: subprocess.run(
+            args, capture_output=True, text=True, timeout=30, cwd=REPO, check=False,
+            env={**env, "NATS_SERVER": server.url, "KVRELAY_NATS_TOKEN": TOKEN}))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"4.0": 2}
+        done = await loop.run_in_executor(None, lambda: subprocess.run(
+            [*args, "--nats-token", "wrong"], capture_output=True, text=True, timeout=30,
+            cwd=REPO, check=False, env={**env, "NATS_SERVER": server.url}))
+        assert done.returncode == 2, done.stderr
+        assert "refused" in done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        server.stop()
