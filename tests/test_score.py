@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import nats
+import pytest
 from harness import (
     ANY_PORT,
     COMP,
@@ -31,6 +32,7 @@ from harness import (
 from kvrelay.codec import Codec
 from kvrelay.config import Config
 from kvrelay.jetstream.stream import ensure_stream
+from kvrelay.ops.score import parse_tokens
 from kvrelay.router.index import decode_snapshot
 from kvrelay.testing.natsserver import NatsServer
 from kvrelay.testing.synthetic import SyntheticVllm, block_removed, block_stored
@@ -189,3 +191,25 @@ async def test_score_connects_as_run_does(tmp_path: Path) -> None:
         assert "Traceback" not in done.stderr
     finally:
         server.stop()
+
+
+def test_tokens_file_forms(tmp_path: Path) -> None:
+    """A tokens file may hold a JSON array or ids separated by commas, spaces or newlines;
+    anything else names the first bad item."""
+    assert parse_tokens("[1, 2, 3]") == [1, 2, 3]
+    assert parse_tokens("1,2\n3  4,\n") == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="'x'"):
+        parse_tokens("1 x 3")
+    with pytest.raises(ValueError, match="no token ids"):
+        parse_tokens(" \n")
+    with pytest.raises(ValueError, match="True"):
+        parse_tokens("[1, true]")
+    path = tmp_path / "tokens.txt"
+    path.write_text("5 6 7")
+    done = run_cli(["score", "--nats", "nats://127.0.0.1:1", "--tokens-file", str(path),
+                    "--connect-wait", "0.5"])
+    assert done.returncode == 1, done.stderr  # read the file, then could not reach NATS
+    assert "cannot reach NATS" in done.stderr
+    done = run_cli(["score", "--tokens-file", str(tmp_path / "missing.txt")])
+    assert done.returncode == 2
+    assert "kvrelay score: error" in done.stderr
