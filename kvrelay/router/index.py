@@ -181,9 +181,7 @@ class KvIndex:
             bit = worker.bit
             for block in event.block_hashes:
                 if block not in blocks:
-                    others = holders.get(block)
-                    # A block only this worker holds shares the worker's own bit object.
-                    holders[block] = bit if others is None else others | bit
+                    _hold(holders, block, bit)
                 blocks[block] = parent
                 parent = block
         else:
@@ -204,8 +202,7 @@ class KvIndex:
         for block, key in zip(event.block_hashes, new_keys, strict=True):
             if block not in keys:
                 keys[block] = key
-                others = key_holders.get(key)
-                key_holders[key] = bit if others is None else others | bit
+                _hold(key_holders, key, bit)
 
     def _token_keys(self, worker: Worker, keys: Keys, event: Stored) -> list[int] | None:
         """The token keys of the event's blocks; None (counted) when they cannot be had."""
@@ -315,8 +312,7 @@ class KvIndex:
                 for tier, blocks in worker.tiers.items():
                     holders = self._holders.setdefault(tier, {})
                     for block in blocks:
-                        others = holders.get(block)
-                        holders[block] = bit if others is None else others | bit
+                        _hold(holders, block, bit)
         return self._holders
 
     def overlap_tokens(self, token_ids: Sequence[int] | bytes, *, lora_name: str | None = None,
@@ -493,16 +489,14 @@ class KvIndex:
                 for j, block in enumerate(islice(chain, 1, None)):
                     assert block is not None
                     if holders is not None and block not in blocks:
-                        others = holders.get(block)
-                        holders[block] = bit if others is None else others | bit
+                        _hold(holders, block, bit)
                     blocks[block] = parent
                     parent = block
                     token_key = chain_keys[j] if chain_keys is not None else None
                     if token_key is not None and block not in keys:
                         keys[block] = token_key
                         if key_holders is not None:
-                            others = key_holders.get(token_key)
-                            key_holders[token_key] = bit if others is None else others | bit
+                            _hold(key_holders, token_key, bit)
         worker.epoch, worker.seq = snapshot.epoch, snapshot.seq
         worker.exact = snapshot.exact
         worker.covered = snapshot.stream_seq
@@ -521,6 +515,13 @@ def _sized(worker: Worker, tier: Tier, size: int) -> None:
         worker.sizes[tier] = {size}
     elif size not in sizes:
         sizes.add(size)
+
+
+def _hold(masks: dict[Any, int], block: Any, bit: int) -> None:
+    """Add a worker's bit to what holds `block`; a block only this worker holds shares the
+    worker's own bit object."""
+    others = masks.get(block)
+    masks[block] = bit if others is None else others | bit
 
 
 def _unhold(key_holders: dict[int, int], key: int, bit: int) -> None:
