@@ -13,10 +13,12 @@ counted (`unkeyed_blocks`).
 
 Layout. Blocks are held per tier, (medium, group_idx): vLLM reports the GPU cache, offloaded
 tiers and, for hybrid models, one block pool per KV cache group, and one hash may live in
-several. Per tier a dict maps each hash, and another each token key, to a bitmask of the worker
-slots holding it (a query: one lookup and one `&` per block, however many workers); per worker
-and tier a dict maps each held hash to its parent (for snapshots, and to clear a worker in time
-of its own blocks) and another to its token key.
+several. Per worker and tier a BlockStore (kvrelay/router/store.py) holds each block's hash,
+parent (for snapshots, and to clear a worker in time of its own blocks) and token key: packed
+in arrays in an index that answers queries (it holds a fleet), in dicts in one that does not (a
+relay's own, which changes with every batch). Per tier a KeyHolders table maps each token key,
+and from the first query by hashes a dict each hash, to a bitmask of the worker slots holding it
+(a query: one lookup and one `&` per block, however many workers).
 
 Losses. A block claimed but evicted sends requests to a worker that recomputes them; a block
 missed only costs a hit. So a `resync`, a gap found here, an epoch going back, or a vLLM event
@@ -36,11 +38,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
-from typing import Any, Final
+from typing import Any
 
 from msgspec import UNSET
 
 from kvrelay.router.chains import Blocks, Keys, decode_snapshot, encode_snapshot, tier_snapshots
+from kvrelay.router.packed import BlockTable, KeyHolders
+from kvrelay.router.store import KEYED, NEW, BlockStore, DictBlocks
 from kvrelay.router.worker import (
     DEFAULT_TIER,
     VLLM_TAGS,
@@ -76,8 +80,6 @@ from kvrelay.wire.tokenkey import (
     xxh3,
 )
 
-_MISSING: Final = object()
-
 __all__ = ["DEFAULT_TIER", "Gap", "KvIndex", "Outcome", "Tier", "WorkerKey", "WorkerStatus",
            "decode_snapshot", "encode_snapshot", "tier_of"]
 
@@ -95,7 +97,7 @@ class KvIndex:
         self._by_hash = False  # whether _holders is kept: from the first query by hashes on
         self.membership = 0
         """Grows whenever a worker is added or removed (a cache of `workers()` checks it)."""
-        self._key_holders: dict[Tier, dict[int, int]] = {}
+        self._key_holders: dict[Tier, KeyHolders] = {}
         self._block_sizes: dict[Tier, set[int]] = {}
         self.stream_seq = 0
         """The highest JetStream sequence passed to `apply` (0: none)."""
@@ -170,45 +172,43 @@ class KvIndex:
         tier = tier_of(event)
         blocks = worker.tiers.get(tier)
         if blocks is None:
-            blocks = worker.tiers[tier] = {}
-        keys = worker.keys.get(tier)
-        if keys is None:
-            keys = worker.keys[tier] = {}
-        new_keys = self._token_keys(worker, keys, event)
+            blocks = worker.tiers[tier] = self._store_for()
+        new_keys = self._token_keys(worker, blocks, event)
         parent = event.parent_block_hash
-        if self._by_hash:
-            holders = self._holders.setdefault(tier, {})
-            bit = worker.bit
-            for block in event.block_hashes:
-                if block not in blocks:
-                    _hold(holders, block, bit)
-                blocks[block] = parent
-                parent = block
-        else:
-            for block in event.block_hashes:
-                blocks[block] = parent
-                parent = block
+        holders = self._holders.setdefault(tier, {}) if self._by_hash else None
+        bit = worker.bit
         if new_keys is None:
+            for block in event.block_hashes:
+                if blocks.put(block, parent, None) and holders is not None:
+                    _hold(holders, block, bit)
+                parent = block
             return
         _sized(worker, tier, event.block_size)
-        if not self._queries:
-            for block, key in zip(event.block_hashes, new_keys, strict=True):
-                if block not in keys:
-                    keys[block] = key
-            return
-        key_holders = self._key_holders.setdefault(tier, {})
-        self._block_sizes.setdefault(tier, set()).add(event.block_size)
-        bit = worker.bit
+        key_holders: KeyHolders | None = None
+        if self._queries:
+            key_holders = self._key_holders.get(tier)
+            if key_holders is None:
+                key_holders = self._key_holders[tier] = KeyHolders()
+            self._block_sizes.setdefault(tier, set()).add(event.block_size)
         for block, key in zip(event.block_hashes, new_keys, strict=True):
-            if block not in keys:
-                keys[block] = key
-                _hold(key_holders, key, bit)
+            changed = blocks.put(block, parent, key)
+            if changed:
+                if changed & NEW and holders is not None:
+                    _hold(holders, block, bit)
+                if changed & KEYED and key_holders is not None:
+                    key_holders.hold(key, bit)
+            parent = block
 
-    def _token_keys(self, worker: Worker, keys: Keys, event: Stored) -> list[int] | None:
+    def _store_for(self) -> BlockStore:
+        """A new tier's store: packed in an index that holds a fleet, dicts in a relay's own."""
+        return BlockTable() if self._queries else DictBlocks()
+
+    def _token_keys(self, worker: Worker, blocks: BlockStore, event: Stored
+                    ) -> list[int] | None:
         """The token keys of the event's blocks; None (counted) when they cannot be had."""
         lora = lora_label(event.lora_name, event.lora_id)
         parent = event.parent_block_hash
-        seed = root_key(lora) if parent is None else keys.get(parent)
+        seed = root_key(lora) if parent is None else blocks.key(parent)
         count, size, tokens = len(event.block_hashes), event.block_size, event.token_ids
         if seed is None or size <= 0 or len(tokens) != count * size:
             worker.unkeyed_blocks += count
@@ -229,12 +229,12 @@ class KvIndex:
         if not blocks:
             worker.unmatched_removes += len(event.block_hashes)
             return
-        keys = worker.keys.get(tier)
         holders = self._holders.get(tier) if self._by_hash else None
         key_holders = self._key_holders.get(tier) if self._queries else None
         bit = worker.bit
         for block in event.block_hashes:
-            if blocks.pop(block, _MISSING) is _MISSING:
+            held, key = blocks.pop(block)
+            if not held:
                 worker.unmatched_removes += 1
                 continue
             if holders is not None:
@@ -243,16 +243,14 @@ class KvIndex:
                     holders[block] = mask
                 else:
                     del holders[block]
-            if keys:
-                key = keys.pop(block, None)
-                if key is not None and key_holders is not None:
-                    _unhold(key_holders, key, bit)
+            if key is not None and key_holders is not None:
+                key_holders.unhold(key, bit)
 
     def _clear(self, worker: Worker) -> None:
         if self._queries:
             bit = worker.bit
-            if self._by_hash:
-                for tier, blocks in worker.tiers.items():
+            for tier, blocks in worker.tiers.items():
+                if self._by_hash:
                     holders = self._holders[tier]
                     for block in blocks:
                         mask = holders[block] ^ bit
@@ -260,12 +258,12 @@ class KvIndex:
                             holders[block] = mask
                         else:
                             del holders[block]
-            for tier, keys in worker.keys.items():
                 key_holders = self._key_holders.get(tier)
-                if key_holders is not None:
-                    for key in keys.values():
-                        _unhold(key_holders, key, bit)
-        worker.tiers, worker.keys, worker.sizes = {}, {}, {}
+                if key_holders is not None and blocks.keyed:
+                    for _, _, key in blocks.items():
+                        if key is not None:
+                            key_holders.unhold(key, bit)
+        worker.tiers, worker.sizes = {}, {}
 
     def _add(self, key: WorkerKey) -> Worker:
         self.membership += 1
@@ -351,12 +349,12 @@ class KvIndex:
         return scores
 
     def _walk_tokens(self, data: bytes, step: int, usable: int, seed: int,
-                     extras: list[ExtraKeys] | None, holders: dict[int, int],
+                     extras: list[ExtraKeys] | None, holders: KeyHolders,
                      scores: dict[WorkerKey, int]) -> None:
         """`_walk` over the keys of `data`'s first `usable` blocks, each hashed only when the
-        walk gets there (the steps of tokenkey.iter_keys, inline: this is a router's hot
-        path)."""
-        get = holders.get
+        walk gets there (the steps of tokenkey.iter_keys and of KeyHolders.get, inline: this
+        is a router's hot path)."""
+        keys, masks, mask = holders.arrays
         alive = -1  # every worker, until the first block
         depth = 0
         for i in range(usable):
@@ -366,7 +364,13 @@ class KvIndex:
                     seed = extra_seed(extra, seed)
             start = i * step
             seed = xxh3(data[start:start + step], seed)
-            held = get(seed, 0) if depth == 0 else alive & get(seed, 0)
+            slot = seed & mask
+            held = masks[slot]
+            while held and keys[slot] != seed:
+                slot = (slot + 1) & mask
+                held = masks[slot]
+            if depth:
+                held &= alive
             if held != alive and depth:
                 self._score(alive ^ held, depth, scores)
             if not held:
@@ -415,12 +419,14 @@ class KvIndex:
     def blocks(self, worker: WorkerKey, tier: Tier = DEFAULT_TIER) -> Blocks:
         """A copy of the worker's blocks in `tier`, each with its parent hash."""
         state = self._workers.get(worker)
-        return dict(state.tiers.get(tier, {})) if state is not None else {}
+        held = state.tiers.get(tier) if state is not None else None
+        return held.parents() if held is not None else {}
 
     def keys(self, worker: WorkerKey, tier: Tier = DEFAULT_TIER) -> Keys:
         """A copy of the worker's blocks in `tier` that have a token key, each with it."""
         state = self._workers.get(worker)
-        return dict(state.keys.get(tier, {})) if state is not None else {}
+        held = state.tiers.get(tier) if state is not None else None
+        return held.keys() if held is not None else {}
 
     def block_count(self, worker: WorkerKey) -> int:
         """How many blocks the worker holds, all tiers together."""
@@ -446,7 +452,7 @@ class KvIndex:
     def snapshot(self, worker: WorkerKey) -> WorkerSnapshot:
         """The worker's state, complete up to the stream sequence it records."""
         w = self._workers[worker]
-        return _snapshot(w, max(self.stream_seq, w.covered), w.tiers, w.keys, w.sizes)
+        return _snapshot(w, max(self.stream_seq, w.covered), w.tiers, w.sizes)
 
     def snapshot_later(self, worker: WorkerKey) -> Callable[[], WorkerSnapshot]:
         """The worker's state now, copied, and a function building its snapshot from the copy:
@@ -454,11 +460,10 @@ class KvIndex:
         another thread while this index goes on changing."""
         w = self._workers[worker]
         stream_seq = max(self.stream_seq, w.covered)
-        tiers = {tier: dict(blocks) for tier, blocks in w.tiers.items()}
-        keys = {tier: dict(held) for tier, held in w.keys.items()}
+        tiers = {tier: blocks.copy() for tier, blocks in w.tiers.items()}
         sizes = {tier: set(held) for tier, held in w.sizes.items()}
         frozen = Worker(w.key, w.slot, w.bit, epoch=w.epoch, seq=w.seq, exact=w.exact)
-        return lambda: _snapshot(frozen, stream_seq, tiers, keys, sizes)
+        return lambda: _snapshot(frozen, stream_seq, tiers, sizes)
 
     def restore(self, snapshot: WorkerSnapshot) -> None:
         """Replace a worker's state with a snapshot's; later messages it covers are skipped."""
@@ -475,10 +480,15 @@ class KvIndex:
         bit = worker.bit
         for tier in snapshot.tiers:
             where = (tier.medium, tier.group_idx)
-            blocks = worker.tiers.setdefault(where, {})
-            keys = worker.keys.setdefault(where, {})
+            blocks = worker.tiers.get(where)
+            if blocks is None:
+                blocks = worker.tiers[where] = self._store_for()
             holders = self._holders.setdefault(where, {}) if self._by_hash else None
-            key_holders = self._key_holders.setdefault(where, {}) if self._queries else None
+            key_holders: KeyHolders | None = None
+            if self._queries:
+                key_holders = self._key_holders.get(where)
+                if key_holders is None:
+                    key_holders = self._key_holders[where] = KeyHolders()
             if tier.keys:
                 worker.sizes.setdefault(where, set()).update(tier.block_sizes)
                 if self._queries:
@@ -488,25 +498,26 @@ class KvIndex:
                 parent = chain[0]
                 for j, block in enumerate(islice(chain, 1, None)):
                     assert block is not None
-                    if holders is not None and block not in blocks:
-                        _hold(holders, block, bit)
-                    blocks[block] = parent
-                    parent = block
                     token_key = chain_keys[j] if chain_keys is not None else None
-                    if token_key is not None and block not in keys:
-                        keys[block] = token_key
-                        if key_holders is not None:
-                            _hold(key_holders, token_key, bit)
+                    changed = blocks.put(block, parent, token_key)
+                    if changed & NEW and holders is not None:
+                        _hold(holders, block, bit)
+                    if changed & KEYED and key_holders is not None:
+                        assert token_key is not None
+                        key_holders.hold(token_key, bit)
+                    parent = block
         worker.epoch, worker.seq = snapshot.epoch, snapshot.seq
         worker.exact = snapshot.exact
         worker.covered = snapshot.stream_seq
 
 
-def _snapshot(w: Worker, stream_seq: int, tiers: dict[Tier, Blocks], keys: dict[Tier, Keys],
+def _snapshot(w: Worker, stream_seq: int, tiers: dict[Tier, BlockStore],
               sizes: dict[Tier, set[int]]) -> WorkerSnapshot:
+    parents = {tier: blocks.parents() for tier, blocks in tiers.items()}
+    keys = {tier: blocks.keys() for tier, blocks in tiers.items() if blocks.keyed}
     return WorkerSnapshot(
         instance_id=w.key[0], dp_rank=w.key[1], epoch=w.epoch, seq=w.seq,
-        stream_seq=stream_seq, exact=w.exact, tiers=tier_snapshots(tiers, keys, sizes))
+        stream_seq=stream_seq, exact=w.exact, tiers=tier_snapshots(parents, keys, sizes))
 
 
 def _sized(worker: Worker, tier: Tier, size: int) -> None:
@@ -522,14 +533,3 @@ def _hold(masks: dict[Any, int], block: Any, bit: int) -> None:
     worker's own bit object."""
     others = masks.get(block)
     masks[block] = bit if others is None else others | bit
-
-
-def _unhold(key_holders: dict[int, int], key: int, bit: int) -> None:
-    """Take a worker's bit off a key (and the key off when no worker is left). Not a toggle: a
-    worker holding one key under two vLLM hashes loses it with the first removal, which costs
-    at most a cache hit, never claims a block it does not hold."""
-    mask = key_holders.get(key, 0) & ~bit
-    if mask:
-        key_holders[key] = mask
-    else:
-        key_holders.pop(key, None)

@@ -9,7 +9,7 @@ from typing import Final, NamedTuple
 
 from msgspec import UNSET
 
-from kvrelay.router.chains import Blocks, Keys
+from kvrelay.router.store import BlockStore
 from kvrelay.wire.schema import RelayEvent, Removed, Resync, Stored
 
 WorkerKey = tuple[int, int]
@@ -79,8 +79,7 @@ class Worker:
     key: WorkerKey
     slot: int
     bit: int
-    tiers: dict[Tier, Blocks] = field(default_factory=dict)
-    keys: dict[Tier, Keys] = field(default_factory=dict)
+    tiers: dict[Tier, BlockStore] = field(default_factory=dict)  # blocks, parents, keys
     sizes: dict[Tier, set[int]] = field(default_factory=dict)  # block sizes of keyed blocks
     epoch: int | None = None
     seq: int | None = None
