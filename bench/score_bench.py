@@ -133,18 +133,27 @@ def serve(args: argparse.Namespace) -> None:
 
 
 async def load(port: int, bodies: list[bytes], connections: int, duration: float,
-               content_type: bytes = b"application/json") -> tuple[int, list[float]]:
-    """Keep-alive connections each sending one request at a time for `duration` seconds."""
+               content_type: bytes = b"application/json", rate: float = 0.0
+               ) -> tuple[int, list[float]]:
+    """Keep-alive connections each sending one request at a time for `duration` seconds: as
+    fast as answers come, or at `rate` requests/s in all, each latency then counted from the
+    time its request was due (a late send counts its wait)."""
     latencies: list[float] = []
     stop_at = time.monotonic() + duration
+    begin = time.perf_counter()
 
     async def one(n: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         i = n
         while time.monotonic() < stop_at:
             body = bodies[i % len(bodies)]
-            i += connections
             started = time.perf_counter()
+            if rate:
+                due = begin + i / rate
+                if due > started:
+                    await asyncio.sleep(due - started)
+                started = due
+            i += connections
             writer.write(b"POST /score HTTP/1.1\r\nContent-Type: %s\r\nContent-Length: %d"
                          b"\r\n\r\n" % (content_type, len(body)) + body)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -171,6 +180,7 @@ def http_bench(args: argparse.Namespace, asked: list[list[int]]) -> None:
         if len(cores) > 1:
             os.sched_setaffinity(0, set(cores[1:]))
         variants = (("JSON", b"application/json", msgspec.json.encode, False),
+                    ("JSON, packed ids", b"application/json", msgspec.json.encode, True),
                     ("msgpack", b"application/msgpack", msgspec.msgpack.encode, False),
                     ("msgpack, packed ids", b"application/msgpack", msgspec.msgpack.encode,
                      True))
@@ -189,6 +199,12 @@ def http_bench(args: argparse.Namespace, asked: list[list[int]]) -> None:
                   f"p99 {percentile(latencies, 0.99) * 1e3:.2f} ms; server CPU "
                   f"{per_request * 1e6:,.0f} us per request, so "
                   f"{1 / max(per_request, 1e-9):,.0f} requests/s per core")
+            if args.rate and count / args.duration >= args.rate:
+                count, latencies = asyncio.run(load(port, bodies, args.connections,
+                                                    args.duration, content_type, args.rate))
+                print(f"  at {args.rate:,.0f} requests/s offered: {count / args.duration:,.0f} "
+                      f"answered/s, p50 {statistics.median(latencies) * 1e3:.2f} ms, "
+                      f"p99 {percentile(latencies, 0.99) * 1e3:.2f} ms")
     finally:
         server.kill()
         server.wait()
@@ -210,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="also count the index's own allocations with tracemalloc")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=2000.0,
+                        help="with --http, also load at this many requests/s where the "
+                             "service keeps up, for its latency there (0: no)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
