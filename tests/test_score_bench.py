@@ -16,8 +16,8 @@ def test_score_bench_reports_latency_memory_and_http() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench.score_bench", "--workers", "3", "--blocks", "300",
          "--tokens", "256", "--queries", "60", "--http", "--traced", "--duration", "0.5",
-         "--connections", "2", "--rate", "50"], capture_output=True, text=True, timeout=120, cwd=REPO,
-        check=False)
+         "--connections", "2", "--rate", "50"], capture_output=True, text=True, timeout=120,
+        cwd=REPO, check=False)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     assert re.search(r"memory: .* \d+ bytes per held \(worker, block\)", out)

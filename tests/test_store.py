@@ -83,12 +83,15 @@ def test_table_grows_and_shrinks_back_to_empty() -> None:
         parent = block
     assert len(table) == table.keyed == 10_000
     parents = table.parents()
-    assert parents[blocks[0]] is None and parents[blocks[-1]] == blocks[-2]
+    assert parents[blocks[0]] is None
+    assert parents[blocks[-1]] == blocks[-2]
     assert [table.key(b) for b in blocks] == list(range(1, 10_001))
     for i, block in enumerate(reversed(blocks)):
         assert table.pop(block) == (True, 10_000 - i)
-    assert len(table) == table.keyed == 0 and list(table.items()) == []
-    assert table.put(5, None, None) == NEW and 5 in table
+    assert len(table) == table.keyed == 0
+    assert list(table.items()) == []
+    assert table.put(5, None, None) == NEW
+    assert 5 in table
 
 
 @settings(max_examples=200, deadline=None)
@@ -112,7 +115,8 @@ def test_key_holders_match_a_dict(ops: list[tuple[bool, int, int]]) -> None:
             else:
                 model.pop(key, None)
         assert holders.get(key) == model.get(key, 0)
-    assert dict(holders.items()) == model and len(holders) == len(model)
+    assert dict(holders.items()) == model
+    assert len(holders) == len(model)
     assert all(holders.get(key) == model.get(key, 0) for _, key, _ in ops)
 
 
@@ -137,8 +141,9 @@ def test_packed_table_costs_a_third_of_the_dicts() -> None:
         tracemalloc.start()
         try:
             before = tracemalloc.get_traced_memory()[0]
-            store, holders = kind(), KeyHolders() if kind is BlockTable else {}
-            parent = None
+            store = kind()
+            holders: KeyHolders | dict[int, int] = KeyHolders() if kind is BlockTable else {}
+            parent: int | None = None
             for block, key in pairs:
                 store.put(block, parent, key)
                 if isinstance(holders, KeyHolders):
