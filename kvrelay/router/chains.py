@@ -8,6 +8,7 @@ bytes. Each chain's blocks carry their token keys (kvrelay/wire/tokenkey.py) bes
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 from typing import Final
 
 import msgspec
@@ -94,6 +95,18 @@ def canonical_chains(blocks: dict[BlockHash, BlockHash | None]) -> list[list[Blo
 
 _SNAPSHOT_ENCODER: Final = msgspec.msgpack.Encoder()
 _SNAPSHOT_DECODER: Final = msgspec.msgpack.Decoder(WorkerSnapshot)
+
+
+def check_snapshot(snapshot: WorkerSnapshot) -> None:
+    """ValueError unless every chain has blocks, none of them None, and the keys (when there
+    are keys) match the chains block for block."""
+    for tier in snapshot.tiers:
+        chains = tier.chains
+        if any(len(c) < 2 or any(h is None for h in islice(c, 1, None)) for c in chains):
+            raise ValueError("malformed snapshot: a chain without blocks or a None block")
+        if tier.keys and (len(tier.keys) != len(chains) or any(
+                len(k) != len(c) - 1 for k, c in zip(tier.keys, chains, strict=True))):
+            raise ValueError("malformed snapshot: keys do not match the chains")
 
 
 def encode_snapshot(snapshot: WorkerSnapshot) -> bytes:

@@ -36,15 +36,23 @@ messages at or below its stream sequence are skipped (`Outcome.COVERED`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any
 
 from msgspec import UNSET
 
-from kvrelay.router.chains import Blocks, Keys, decode_snapshot, encode_snapshot, tier_snapshots
+from kvrelay.router.chains import (
+    Blocks,
+    Keys,
+    check_snapshot,
+    decode_snapshot,
+    encode_snapshot,
+    tier_snapshots,
+)
 from kvrelay.router.packed import BlockTable, KeyHolders
 from kvrelay.router.store import KEYED, NEW, BlockStore, DictBlocks
+from kvrelay.router.walk import walk_hashes, walk_tokens
 from kvrelay.router.worker import (
     DEFAULT_TIER,
     VLLM_TAGS,
@@ -68,20 +76,11 @@ from kvrelay.wire.schema import (
     Unknown,
     WorkerSnapshot,
 )
-from kvrelay.wire.tokenkey import (
-    ExtraKeys,
-    extra_seed,
-    iter_keys,
-    lora_label,
-    own_extras,
-    request_extras,
-    root_key,
-    token_bytes,
-    xxh3,
-)
+from kvrelay.wire.tokenkey import ExtraKeys, packed_ids, request_extras, root_key, stored_keys
 
 __all__ = ["DEFAULT_TIER", "Gap", "KvIndex", "Outcome", "Tier", "WorkerKey", "WorkerStatus",
            "decode_snapshot", "encode_snapshot", "tier_of"]
+
 
 class KvIndex:
     """Blocks per worker and tier, built by `apply`ing RelayBatches in stream order."""
@@ -173,11 +172,12 @@ class KvIndex:
         blocks = worker.tiers.get(tier)
         if blocks is None:
             blocks = worker.tiers[tier] = self._store_for()
-        new_keys = self._token_keys(worker, blocks, event)
         parent = event.parent_block_hash
+        new_keys = stored_keys(event, None if parent is None else blocks.key(parent))
         holders = self._holders.setdefault(tier, {}) if self._by_hash else None
         bit = worker.bit
         if new_keys is None:
+            worker.unkeyed_blocks += len(event.block_hashes)
             for block in event.block_hashes:
                 if blocks.put(block, parent, None) and holders is not None:
                     _hold(holders, block, bit)
@@ -202,26 +202,6 @@ class KvIndex:
     def _store_for(self) -> BlockStore:
         """A new tier's store: packed in an index that holds a fleet, dicts in a relay's own."""
         return BlockTable() if self._queries else DictBlocks()
-
-    def _token_keys(self, worker: Worker, blocks: BlockStore, event: Stored
-                    ) -> list[int] | None:
-        """The token keys of the event's blocks; None (counted) when they cannot be had."""
-        lora = lora_label(event.lora_name, event.lora_id)
-        parent = event.parent_block_hash
-        seed = root_key(lora) if parent is None else blocks.key(parent)
-        count, size, tokens = len(event.block_hashes), event.block_size, event.token_ids
-        if seed is None or size <= 0 or len(tokens) != count * size:
-            worker.unkeyed_blocks += count
-            return None
-        extras: list[ExtraKeys] | None = None
-        if type(event.extra_keys) is list:
-            extras = [own_extras(entry, lora) for entry in event.extra_keys]
-        try:
-            data = token_bytes(tokens)
-        except (OverflowError, TypeError):  # a token id that is not a uint32
-            worker.unkeyed_blocks += count
-            return None
-        return list(iter_keys(data, size, seed, extras))
 
     def _remove(self, worker: Worker, event: Removed) -> None:
         tier = tier_of(event)
@@ -296,7 +276,7 @@ class KvIndex:
         scores: dict[WorkerKey, int] = {}
         holders = self._hash_holders().get(tier)
         if holders:
-            self._walk(iter(block_hashes), holders, scores)
+            walk_hashes(iter(block_hashes), holders, self._slots, scores)
         return scores
 
     def _hash_holders(self) -> dict[Tier, dict[BlockHash, int]]:
@@ -329,12 +309,8 @@ class KvIndex:
         size their events used (one, in a uniform fleet)."""
         self._answers()
         scores: dict[WorkerKey, int] = {}
-        if isinstance(token_ids, bytes):
-            if len(token_ids) % 4:
-                raise ValueError("packed token ids take 4 bytes each")
-            data, count = token_ids, len(token_ids) // 4
-        else:
-            data, count = token_bytes(token_ids), len(token_ids)  # checks every id
+        data = packed_ids(token_ids)  # checks every id
+        count = len(data) // 4
         holders = self._key_holders.get(tier)
         if not holders:
             return scores
@@ -345,65 +321,8 @@ class KvIndex:
                 continue
             extras = (request_extras(usable, cache_salt=cache_salt, extra_keys=extra_keys)
                       if cache_salt is not None or extra_keys else None)
-            self._walk_tokens(data, 4 * size, usable, root, extras, holders, scores)
+            walk_tokens(data, 4 * size, usable, root, extras, holders, self._slots, scores)
         return scores
-
-    def _walk_tokens(self, data: bytes, step: int, usable: int, seed: int,
-                     extras: list[ExtraKeys] | None, holders: KeyHolders,
-                     scores: dict[WorkerKey, int]) -> None:
-        """`_walk` over the keys of `data`'s first `usable` blocks, each hashed only when the
-        walk gets there (the steps of tokenkey.iter_keys and of KeyHolders.get, inline: this
-        is a router's hot path)."""
-        keys, masks, mask = holders.arrays
-        alive = -1  # every worker, until the first block
-        depth = 0
-        for i in range(usable):
-            if extras is not None:
-                extra = extras[i]
-                if extra:
-                    seed = extra_seed(extra, seed)
-            start = i * step
-            seed = xxh3(data[start:start + step], seed)
-            slot = seed & mask
-            held = masks[slot]
-            while held and keys[slot] != seed:
-                slot = (slot + 1) & mask
-                held = masks[slot]
-            if depth:
-                held &= alive
-            if held != alive and depth:
-                self._score(alive ^ held, depth, scores)
-            if not held:
-                return
-            alive = held
-            depth += 1
-        self._score(alive, depth, scores)
-
-    def _walk(self, keys: Iterator[Any], holders: dict[Any, int],
-              scores: dict[WorkerKey, int]) -> None:
-        """Score each worker by how many leading `keys` it holds, keeping a higher score."""
-        first = next(keys, None)
-        alive = holders.get(first, 0) if first is not None else 0
-        depth = 1
-        get = holders.get
-        for key in keys:
-            if not alive:
-                return
-            held = alive & get(key, 0)
-            if held != alive:
-                self._score(alive ^ held, depth, scores)
-                alive = held
-            depth += 1
-        self._score(alive, depth, scores)
-
-    def _score(self, mask: int, depth: int, scores: dict[WorkerKey, int]) -> None:
-        while mask:
-            low = mask & -mask
-            key = self._slots[low.bit_length() - 1]
-            assert key is not None
-            if scores.get(key, 0) < depth:
-                scores[key] = depth
-            mask ^= low
 
     def workers(self) -> list[WorkerKey]:
         return sorted(self._workers)
@@ -467,13 +386,7 @@ class KvIndex:
 
     def restore(self, snapshot: WorkerSnapshot) -> None:
         """Replace a worker's state with a snapshot's; later messages it covers are skipped."""
-        for tier in snapshot.tiers:
-            chains = tier.chains
-            if any(len(c) < 2 or any(h is None for h in islice(c, 1, None)) for c in chains):
-                raise ValueError("malformed snapshot: a chain without blocks or a None block")
-            if tier.keys and (len(tier.keys) != len(chains) or any(
-                    len(k) != len(c) - 1 for k, c in zip(tier.keys, chains, strict=True))):
-                raise ValueError("malformed snapshot: keys do not match the chains")
+        check_snapshot(snapshot)
         key = (snapshot.instance_id, snapshot.dp_rank)
         worker = self._workers.get(key) or self._add(key)
         self._clear(worker)

@@ -32,6 +32,8 @@ from typing import Any, Final
 import msgspec
 import xxhash
 
+from kvrelay.wire.schema import Stored
+
 TOKEN_KEY_VERSION: Final = 1
 NO_LORA_ROOT: Final = 0
 
@@ -77,6 +79,16 @@ def token_bytes(token_ids: Sequence[int]) -> bytes:
     return packed.tobytes()
 
 
+def packed_ids(token_ids: Sequence[int] | bytes) -> bytes:
+    """A request's token ids as `token_bytes` gives them; bytes are taken as packed already
+    (ValueError when their length is not a multiple of 4)."""
+    if isinstance(token_ids, bytes):
+        if len(token_ids) % 4:
+            raise ValueError("packed token ids take 4 bytes each")
+        return token_ids
+    return token_bytes(token_ids)
+
+
 def extra_seed(extra: Sequence[Any], seed: int) -> int:
     """The seed of a block with its own extra keys (non-empty), from the parent's key."""
     return _xxh3(_encode(list(extra)), seed=seed)
@@ -119,3 +131,23 @@ def block_keys(token_ids: Sequence[int], block_size: int, *, lora_name: str | No
     extras = request_extras(blocks, cache_salt=cache_salt, extra_keys=extra_keys)
     return list(iter_keys(token_bytes(token_ids[:blocks * block_size]), block_size,
                           root_key(lora_name), extras))
+
+
+def stored_keys(event: Stored, parent_key: int | None) -> list[int] | None:
+    """The token keys of a BlockStored's blocks, chained from `parent_key` (its parent's key;
+    None for a parent not held keyed) or, without a parent, from its adapter's root. None when
+    they cannot be had: no parent key, or token ids that do not fill the blocks exactly or
+    are not all uint32."""
+    lora = lora_label(event.lora_name, event.lora_id)
+    seed = root_key(lora) if event.parent_block_hash is None else parent_key
+    size, tokens = event.block_size, event.token_ids
+    if seed is None or size <= 0 or len(tokens) != len(event.block_hashes) * size:
+        return None
+    extras: list[ExtraKeys] | None = None
+    if type(event.extra_keys) is list:
+        extras = [own_extras(entry, lora) for entry in event.extra_keys]
+    try:
+        data = token_bytes(tokens)
+    except (OverflowError, TypeError):  # a token id that is not a uint32
+        return None
+    return list(iter_keys(data, size, seed, extras))
