@@ -1,9 +1,10 @@
 """A KvIndex's block stores and key table: the packed BlockTable and KeyHolders, and DictBlocks.
 
 Hypothesis drives each store through puts, pops and lookups against a plain dict model, with
-the hashes that stress the packed form: zero, its empty-slot mark; bytes and ints outside 64
-bits, which it keeps beside; a block its own parent; keys of zero; hashes that share a home
-slot, which probe, shift back on removal and survive growth.
+the hashes that stress the packed form: zero, its empty-slot mark; signed and unsigned hashes
+in one table, of which it packs the sign it met first; bytes and ints outside 64 bits, which it
+keeps beside; a block its own parent; keys of zero; hashes that share a home slot, which probe,
+shift back on removal and survive growth.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ HASHES = st.one_of(
     st.integers(0, 40),  # small and sequential: one probe run
     st.sampled_from([11 * k for k in range(1, 30)]),  # one home slot in the first size (11)
     st.integers(0, M64),
-    st.sampled_from([-1, M64 + 1, 1 << 70]),  # ints the arrays cannot hold
+    st.integers(-(1 << 63), -1),  # signed hashes (vLLM <= 0.10.1, SGLang)
+    st.sampled_from([-1, 1 << 63, M64, M64 + 1, -(1 << 63) - 1, 1 << 70]),
     st.binary(min_size=1, max_size=4),  # vLLM's older bytes hashes
 )
 KEYS = st.one_of(st.none(), st.just(0), st.integers(0, M64))
@@ -158,3 +160,21 @@ def test_packed_table_costs_a_third_of_the_dicts() -> None:
     packed, dicts = traced(BlockTable), traced(DictBlocks)
     assert packed < 70, packed
     assert dicts > 150, dicts
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_signed_hashes_pack_as_well_as_unsigned(sign: int) -> None:
+    """A worker whose engine sends signed hashes (vLLM <= 0.10.1, SGLang) gets them packed
+    too, and back with their sign: none is kept in the dict beside."""
+    import random
+
+    rng = random.Random(2)
+    table = BlockTable()
+    blocks = [sign * rng.randrange(1 << 62, 1 << 63) for _ in range(1000)]
+    parent = None
+    for block in blocks:
+        table.put(block, parent, rng.getrandbits(64) or 1)
+        parent = block
+    assert not table._odd
+    assert set(table) == set(blocks)
+    assert table.parents()[blocks[1]] == blocks[0]

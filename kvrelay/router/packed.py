@@ -20,6 +20,10 @@ from kvrelay.router.store import KEYED, NEW, BlockStore
 from kvrelay.wire.schema import BlockHash
 
 M64: Final = (1 << 64) - 1
+_HIGH: Final = 1 << 63
+_EITHER: Final = 0  # a BlockTable's hashes so far fit both readings
+_UNSIGNED: Final = 1
+_SIGNED: Final = 2
 
 
 def _prime_at_least(n: int) -> int:
@@ -36,17 +40,20 @@ class BlockTable(BlockStore):
 
     A slot is three words, (hash, parent, key), in one array: a lookup reads one cache line.
     Hash 0 marks an empty slot, a parent equal to the block's own hash a block without one,
-    and key 0 a block without a token key. A block these cannot hold (a hash or parent that is
-    not a non-zero unsigned 64-bit int, such as bytes from vLLM's older builds; a key of 0;
-    a block its own parent) lives in the dict `_odd` instead. A hash's slot is `hash % size`,
-    the size a prime, so that it depends on all the hash's bits."""
+    and key 0 a block without a token key. Hashes are unsigned 64-bit ints (vLLM >= 0.10.2) or
+    signed ones (older vLLM, SGLang), stored as their two's complement: the first hash outside
+    0..2**63-1 sets which. A block the arrays cannot hold (bytes hashes, from vLLM's
+    VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0; a sign the table did not take; a key of 0; a block
+    its own parent) lives in the dict `_odd` instead. A hash's slot is `word % size`, the size
+    a prime, so that it depends on all the word's bits."""
 
-    __slots__ = ("_keyed", "_odd", "_size", "_slots", "_used")
+    __slots__ = ("_keyed", "_mode", "_odd", "_size", "_slots", "_used")
 
     def __init__(self, capacity: int = 0) -> None:
         self._alloc(_prime_at_least(max(11, capacity * 5 // 4 + 1)))
         self._used = 0
         self._keyed = 0
+        self._mode = _EITHER
         self._odd: dict[BlockHash, tuple[BlockHash | None, int | None]] = {}
 
     def _alloc(self, size: int) -> None:
@@ -61,28 +68,50 @@ class BlockTable(BlockStore):
         """How many blocks have a token key."""
         return self._keyed
 
-    def _find(self, block: int) -> int:
-        """The index in `_slots` of the slot holding `block`, or of the empty slot where it
+    def _word(self, value: object) -> int:
+        """The word `value` is stored as here; 0 when it cannot be."""
+        if type(value) is not int:
+            return 0
+        if 0 <= value < _HIGH:
+            return value
+        if value < 0:
+            return value & M64 if value >= -_HIGH and self._mode != _UNSIGNED else 0
+        return value if value <= M64 and self._mode != _SIGNED else 0
+
+    def _claim(self, value: object) -> int:
+        """`_word`, and a value past 2**63-1 either way sets which the table holds."""
+        word = self._word(value)
+        if word >= _HIGH and self._mode == _EITHER:
+            self._mode = _SIGNED if value < 0 else _UNSIGNED  # type: ignore[operator]
+        return word
+
+    def _value(self, word: int) -> int:
+        return word - (1 << 64) if word >= _HIGH and self._mode == _SIGNED else word
+
+    def _find(self, word: int) -> int:
+        """The index in `_slots` of the slot holding `word`, or of the empty slot where it
         would go."""
         slots, end = self._slots, 3 * self._size
-        i = 3 * (block % self._size)
+        i = 3 * (word % self._size)
         while True:
             held = slots[i]
-            if held == block or not held:
+            if held == word or not held:
                 return i
             i += 3
             if i == end:
                 i = 0
 
     def __contains__(self, block: object) -> bool:
-        if type(block) is int and block and self._slots[self._find(block)]:
+        word = self._word(block)
+        if word and self._slots[self._find(word)]:
             return True
         return bool(self._odd) and block in self._odd
 
     def key(self, block: BlockHash) -> int | None:
         """The block's token key; None when it has none or is not held."""
-        if type(block) is int and block:
-            i = self._find(block)
+        word = self._word(block)
+        if word:
+            i = self._find(word)
             if self._slots[i]:
                 return self._slots[i + 2] or None
         held = self._odd.get(block) if self._odd else None
@@ -91,31 +120,29 @@ class BlockTable(BlockStore):
     def put(self, block: BlockHash, parent: BlockHash | None, key: int | None) -> int:
         """Hold `block` under `parent` (a held block's parent is replaced, its key kept); give
         it `key` when it has none yet. NEW | KEYED: what changed."""
-        if (type(block) is not int or not block or key == 0
-                or not (parent is None or (type(parent) is int and parent and parent != block))):
+        word = self._claim(block)
+        if not word or key == 0 or (self._odd and block in self._odd):
             return self._put_odd(block, parent, key)
         slots = self._slots
-        i = self._find(block)
+        i = self._find(word)
+        up = word if parent is None else self._claim(parent)
+        if not up or (up == word and parent is not None):
+            if slots[i]:
+                self._odd[block] = (None, slots[i + 2] or None)  # moves there, its key kept
+                self._used -= 1
+                self._shift_back(i)
+            return self._put_odd(block, parent, key)
         out = 0
         if not slots[i]:
-            if (self._odd and block in self._odd) or block < 0 or block > M64:
-                return self._put_odd(block, parent, key)
-            if (parent is not None and (parent < 0 or parent > M64)):
-                return self._put_odd(block, parent, key)
             if (self._used + 1) * 5 > self._size * 4:
                 self._grow()
                 slots = self._slots
-                i = self._find(block)
-            slots[i] = block
+                i = self._find(word)
+            slots[i] = word
             slots[i + 2] = 0
             self._used += 1
             out = NEW
-        elif parent is not None and (parent < 0 or parent > M64):
-            self._odd[block] = (None, slots[i + 2] or None)  # moves there, its key kept
-            self._used -= 1
-            self._shift_back(i)
-            return self._put_odd(block, parent, key)
-        slots[i + 1] = block if parent is None else parent
+        slots[i + 1] = up
         if key is not None and not slots[i + 2]:
             slots[i + 2] = key
             self._keyed += 1
@@ -125,13 +152,13 @@ class BlockTable(BlockStore):
     def _put_odd(self, block: BlockHash, parent: BlockHash | None, key: int | None) -> int:
         held = self._odd.get(block)
         if held is None:
-            if type(block) is int and block:  # held in a slot: moves here, its key kept
-                i = self._find(block)
-                if self._slots[i]:
-                    self._odd[block] = (None, self._slots[i + 2] or None)
-                    self._used -= 1
-                    self._shift_back(i)
-                    return self._put_odd(block, parent, key)
+            word = self._word(block)
+            i = self._find(word) if word else 0
+            if word and self._slots[i]:  # held in a slot: moves here, its key kept
+                self._odd[block] = (None, self._slots[i + 2] or None)
+                self._used -= 1
+                self._shift_back(i)
+                return self._put_odd(block, parent, key)
             self._odd[block] = (parent, key)
             if key is not None:
                 self._keyed += 1
@@ -146,8 +173,9 @@ class BlockTable(BlockStore):
 
     def pop(self, block: BlockHash) -> tuple[bool, int | None]:
         """Stop holding `block`: (whether it was held, its token key or None)."""
-        if type(block) is int and block:
-            i = self._find(block)
+        word = self._word(block)
+        if word:
+            i = self._find(word)
             slots = self._slots
             if slots[i]:
                 key = slots[i + 2] or None
@@ -199,12 +227,13 @@ class BlockTable(BlockStore):
 
     def items(self) -> Iterator[tuple[BlockHash, BlockHash | None, int | None]]:
         """(block, parent, key) of every held block, in no particular order."""
-        slots = self._slots
+        slots, value = self._slots, self._value
         for i in range(0, len(slots), 3):
-            block = slots[i]
-            if block:
+            word = slots[i]
+            if word:
                 parent = slots[i + 1]
-                yield block, None if parent == block else parent, slots[i + 2] or None
+                yield (value(word), None if parent == word else value(parent),
+                       slots[i + 2] or None)
         for odd, (parent_, key) in self._odd.items():
             yield odd, parent_, key
 
@@ -212,13 +241,14 @@ class BlockTable(BlockStore):
         slots = self._slots
         for i in range(0, len(slots), 3):
             if slots[i]:
-                yield slots[i]
+                yield self._value(slots[i])
         yield from self._odd
 
     def copy(self) -> BlockTable:
         other = BlockTable.__new__(BlockTable)
         other._slots, other._size = array("Q", self._slots), self._size
         other._used, other._keyed, other._odd = self._used, self._keyed, dict(self._odd)
+        other._mode = self._mode
         return other
 
 
