@@ -169,9 +169,7 @@ class KvIndex:
 
     def _store(self, worker: Worker, event: Stored) -> None:
         tier = tier_of(event)
-        blocks = worker.tiers.get(tier)
-        if blocks is None:
-            blocks = worker.tiers[tier] = self._store_for()
+        blocks = self._tier(worker, tier)
         parent = event.parent_block_hash
         new_keys = stored_keys(event, None if parent is None else blocks.key(parent))
         holders = self._holders.setdefault(tier, {}) if self._by_hash else None
@@ -184,11 +182,8 @@ class KvIndex:
                 parent = block
             return
         _sized(worker, tier, event.block_size)
-        key_holders: KeyHolders | None = None
+        key_holders = self._key_table(tier) if self._queries else None
         if self._queries:
-            key_holders = self._key_holders.get(tier)
-            if key_holders is None:
-                key_holders = self._key_holders[tier] = KeyHolders()
             self._block_sizes.setdefault(tier, set()).add(event.block_size)
         for block, key in zip(event.block_hashes, new_keys, strict=True):
             changed = blocks.put(block, parent, key)
@@ -199,9 +194,20 @@ class KvIndex:
                     key_holders.hold(key, bit)
             parent = block
 
-    def _store_for(self) -> BlockStore:
-        """A new tier's store: packed in an index that holds a fleet, dicts in a relay's own."""
-        return BlockTable() if self._queries else DictBlocks()
+    def _tier(self, worker: Worker, tier: Tier) -> BlockStore:
+        """The worker's store for `tier`, made when missing: packed in an index that holds a
+        fleet, dicts in a relay's own."""
+        blocks = worker.tiers.get(tier)
+        if blocks is None:
+            blocks = worker.tiers[tier] = BlockTable() if self._queries else DictBlocks()
+        return blocks
+
+    def _key_table(self, tier: Tier) -> KeyHolders:
+        """The tier's token keys and their holders, made when missing."""
+        holders = self._key_holders.get(tier)
+        if holders is None:
+            holders = self._key_holders[tier] = KeyHolders()
+        return holders
 
     def _remove(self, worker: Worker, event: Removed) -> None:
         tier = tier_of(event)
@@ -218,11 +224,7 @@ class KvIndex:
                 worker.unmatched_removes += 1
                 continue
             if holders is not None:
-                mask = holders[block] ^ bit
-                if mask:
-                    holders[block] = mask
-                else:
-                    del holders[block]
+                _drop(holders, block, bit)
             if key is not None and key_holders is not None:
                 key_holders.unhold(key, bit)
 
@@ -233,11 +235,7 @@ class KvIndex:
                 if self._by_hash:
                     holders = self._holders[tier]
                     for block in blocks:
-                        mask = holders[block] ^ bit
-                        if mask:
-                            holders[block] = mask
-                        else:
-                            del holders[block]
+                        _drop(holders, block, bit)
                 key_holders = self._key_holders.get(tier)
                 if key_holders is not None and blocks.keyed:
                     for _, _, key in blocks.items():
@@ -393,15 +391,9 @@ class KvIndex:
         bit = worker.bit
         for tier in snapshot.tiers:
             where = (tier.medium, tier.group_idx)
-            blocks = worker.tiers.get(where)
-            if blocks is None:
-                blocks = worker.tiers[where] = self._store_for()
+            blocks = self._tier(worker, where)
             holders = self._holders.setdefault(where, {}) if self._by_hash else None
-            key_holders: KeyHolders | None = None
-            if self._queries:
-                key_holders = self._key_holders.get(where)
-                if key_holders is None:
-                    key_holders = self._key_holders[where] = KeyHolders()
+            key_holders = self._key_table(where) if self._queries else None
             if tier.keys:
                 worker.sizes.setdefault(where, set()).update(tier.block_sizes)
                 if self._queries:
@@ -446,3 +438,12 @@ def _hold(masks: dict[Any, int], block: Any, bit: int) -> None:
     worker's own bit object."""
     others = masks.get(block)
     masks[block] = bit if others is None else others | bit
+
+
+def _drop(masks: dict[Any, int], block: Any, bit: int) -> None:
+    """Take a worker's bit off a `block` it holds (and the block off when no worker is left)."""
+    mask = masks[block] ^ bit
+    if mask:
+        masks[block] = mask
+    else:
+        del masks[block]

@@ -127,11 +127,7 @@ class BlockTable(BlockStore):
         i = self._find(word)
         up = word if parent is None else self._claim(parent)
         if not up or (up == word and parent is not None):
-            if slots[i]:
-                self._odd[block] = (None, slots[i + 2] or None)  # moves there, its key kept
-                self._used -= 1
-                self._shift_back(i)
-            return self._put_odd(block, parent, key)
+            return self._put_odd(block, parent, key)  # moves the block there, if held
         out = 0
         if not slots[i]:
             if (self._used + 1) * 5 > self._size * 4:
@@ -278,13 +274,8 @@ class KeyHolders:
         return self._keys, self._masks, self._mask
 
     def get(self, key: int) -> int:
-        keys, masks, mask = self._keys, self._masks, self._mask
-        i = key & mask
-        while True:
-            held = masks[i]
-            if not held or keys[i] == key:
-                return held
-            i = (i + 1) & mask
+        """The mask of the workers holding `key` (0: none)."""
+        return self._masks[self._slot(key)]
 
     def _slot(self, key: int) -> int:
         keys, masks, mask = self._keys, self._masks, self._mask
