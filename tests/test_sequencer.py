@@ -355,3 +355,41 @@ def test_every_loss_is_announced_once_whatever_the_publisher_does(
     assert run.count("kvrelay_missed_batches_total") == missed
     carried = [r.reason for f in run.frames for r in f.resyncs]
     assert run.resyncs_counted() == {reason: float(carried.count(reason)) for reason in REASONS}
+
+
+@pytest.mark.parametrize("resume", [None, ResumePoint(0, 99)], ids=["start", "resumed"])
+def test_live_copies_of_what_the_start_replay_delivered_are_duplicates(
+        resume: ResumePoint | None) -> None:
+    """The start-up replay is answered before the live copies of the same batches are read (two
+    sockets): those copies, byte for byte the replayed ones, are duplicates, not a restart, even
+    as the first live batches this relay reads."""
+    first = 0 if resume is None else resume.seq + 1
+    frames: list[Frame] = []
+    requested: list[int] = []
+    metrics = Metrics()
+    sequencer = Sequencer(0, frames.append, metrics, request_replay=requested.append)
+    sequencer.resume(resume)
+    assert requested == [first]
+    sent = {seq: b"batch %d" % seq for seq in range(first, first + 4)}
+    sequencer.replayed(first, [(seq, sent[seq]) for seq in range(first, first + 3)], 0.0)
+    for seq in sent:
+        assert sequencer.offer_message([b"kv", seq.to_bytes(8, "big"), sent[seq]], 0.0)
+    assert [(f.epoch, f.seq) for f in frames] == [(0, seq) for seq in sent]
+    assert [f.payload for f in frames] == list(sent.values())
+    assert metrics.registry.get_sample_value("kvrelay_engine_restarts_total") == 0
+    assert metrics.registry.get_sample_value(
+        "kvrelay_batches_dropped_total", {"reason": "duplicate"}) == 3
+    assert [r for f in frames for r in f.resyncs] == []
+
+
+def test_a_new_batch_0_after_the_start_replay_is_still_a_restart() -> None:
+    """A live seq the replay delivered, with other bytes (a restarted engine's batch 0), is a
+    restart: only a byte-for-byte copy is taken for a duplicate."""
+    run = Run(replay=True)
+    run.live(1)  # seq 0 went by unseen: replayed
+    run.answer(range(2))
+    run.live(0)  # other bytes than the replayed seq 0: a new engine's
+    assert run.seqs() == [(0, 0), (0, 1), (1, 0)]
+    assert run.resyncs() == [(1, 0, Resync("restart"))]
+    assert run.count("kvrelay_engine_restarts_total") == 1
+    assert run.duplicates() == 0

@@ -16,6 +16,11 @@ resync. The first batch read since this relay started, or since the publisher's 
 away, is a restart whenever it is below the one expected: a duplicate repeats a batch read over
 the same connection, and a restarted engine may be well into its count by the time the relay
 has connected again (the relay was down, or its reconnection backed off).
+
+A replay's answer and the live batches travel on two sockets, so live copies of what a replay
+just delivered can be read after it, however fresh the connection: a live batch repeating,
+byte for byte, one the last replay delivered is a duplicate whatever its seq (vLLM's ROUTER sends
+the very bytes its PUB sent; a restarted engine's batches carry new timestamps).
 """
 
 from __future__ import annotations
@@ -107,6 +112,8 @@ class Sequencer:
         self._held_bytes = 0
         self._overflow_upto: int | None = None
         self._cooldown_until = 0.0
+        # seq -> payload of what the last replay delivered, for live copies read after it.
+        self._replayed: dict[int, bytes] = {}
         self._budget.join(self)
 
     @property
@@ -187,6 +194,9 @@ class Sequencer:
         expected = self.expected
         fresh, self._fresh = self._fresh, False
         if expected is not None and seq < expected:
+            if self._replayed.get(seq) == payload:
+                self._duplicate(seq, expected)  # a live copy of a batch the replay delivered
+                return
             if not fresh and not is_restart(seq, expected):
                 self._duplicate(seq, expected)
                 return
@@ -259,11 +269,14 @@ class Sequencer:
 
         A replay answers from `start` up, so a reply below what was passed is a duplicate, never
         a restart."""
+        delivered: dict[int, bytes] = {}
         for seq, payload in replies:
             if self.expected is not None and seq < self.expected:
                 self._duplicate(seq, self.expected)
             elif seq >= start:
                 self._emit(seq, payload, now)
+                delivered[seq] = payload
+        self._replayed = delivered
         self._release_held(replayed_from=start)
 
     def replay_failed(self, start: int, now: float) -> None:
