@@ -25,7 +25,6 @@ from kvrelay.config import Config
 from kvrelay.discovery import DiscoveryError, InstanceId
 from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.buffer import Buffer
-from kvrelay.ingest.sequencer import Frame
 from kvrelay.ingest.source import Source
 from kvrelay.jetstream.publisher import Publisher
 from kvrelay.jetstream.snapshot import Snapshotter
@@ -142,7 +141,7 @@ class Relay:
         self._zmq = zmq.asyncio.Context()
         topic = config.zmq.topic.encode()
         for spec in specs:
-            source = Source(spec, self._zmq, self._deliver, self.metrics, topic=topic,
+            source = Source(spec, self._zmq, self.publisher.take, self.metrics, topic=topic,
                             budget=budget, replay_timeout=config.zmq.replay_timeout,
                             replay_cooldown=config.zmq.replay_cooldown,
                             engine=config.zmq.engine, max_batch_bytes=config.zmq.max_batch_bytes,
@@ -178,10 +177,6 @@ class Relay:
         while True:
             await asyncio.sleep(interval)
             log.info("%s", self.summary.line())
-
-    def _deliver(self, frame: Frame) -> None:
-        assert self.publisher is not None
-        self.publisher.take(frame)
 
     def _spawn(self, coro: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
         self._tasks.append(asyncio.ensure_future(coro))  # type: ignore[arg-type]

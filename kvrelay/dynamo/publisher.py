@@ -332,7 +332,7 @@ class DynamoPublisher(Output):
             return None
         sent = _Sent(payload, ts, len(carried), len(items))
         self._window.append(sent)
-        self._watched.set()
+        self._arm_watch()
         self._window_bytes += len(payload)
         return sent
 

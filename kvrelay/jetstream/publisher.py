@@ -258,7 +258,7 @@ class Publisher(Output):
         if not frame.counted:  # a held batch's were counted when it was held
             self._metrics.events_received.inc(len(decoded.events))
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
-        self._watched.set()
+        self._arm_watch()
         return self._window.add(frame, self.subject(frame.dp_rank), msg_id, payload, decoded.ts,
                                 len(decoded.events), batch if self._window.keeps_batches else None)
 

@@ -278,9 +278,12 @@ class Outbox:
         self._nc: Client | None = None
         self._out: list[bytes] = []
         self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self, nc: Client) -> None:
+        """The connection to write to; called on the event loop that writes."""
         self._nc = nc
+        self._loop = asyncio.get_running_loop()  # (get_running_loop asks the OS for the pid)
 
     def writable(self) -> bool:
         """Room for more: nats-py's flusher runs and neither its queue nor the socket's buffer
@@ -303,7 +306,7 @@ class Outbox:
             nc.stats["out_bytes"] += payload_size
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what this turn collected; called before any publish that goes through

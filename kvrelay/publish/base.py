@@ -49,6 +49,7 @@ class Output(ABC):
         self._parked = False  # the publish loop waits for work: a producer may send directly
         self._retry_at: float | None = None
         self._watched = asyncio.Event()  # set when something awaits confirmation or a retry
+        self._watch_armed = False  # `_watched` was set since the watch last went to sleep
         self._backoff = BACKOFF_START
         self._connected_once = False
         self.connected = False
@@ -219,12 +220,20 @@ class Output(ABC):
         while True:
             if self._retry_at is None and not self._awaiting_confirmation():
                 self._watched.clear()
+                self._watch_armed = False
                 await self._watched.wait()
             await asyncio.sleep(period)
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._wake.set()
             if self._online():
                 self._check_confirmations()
+
+    def _arm_watch(self) -> None:
+        """Something now awaits confirmation: the watch runs. Once per sleep of the watch, not
+        once per message: setting an asyncio Event is a call into interpreted code."""
+        if not self._watch_armed:
+            self._watch_armed = True
+            self._watched.set()
 
     # -- the publish loop ----------------------------------------------------------------------
 

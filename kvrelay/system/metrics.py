@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from kvrelay.system.tally import HistogramTally, LabelledTally, Tally
 
 # No `_created` series: a timestamp per counter that nothing here alerts or graphs on, and
 # about half of /metrics otherwise.
@@ -26,46 +27,6 @@ SNAPSHOT_FAILURES = ("bucket", "write", "too_large", "undecodable", "stale", "ta
 DECODE_ERROR_KINDS = (
     "frame_count", "seq_length", "msgpack", "batch_shape", "invalid_event", "unencodable",
 )
-
-
-class Tally:
-    """A counter for once-per-batch paths: a plain number, exported as a Prometheus counter
-    at scrape time (prometheus_client's counters take a lock on every increment)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1) -> None:
-        self.value += amount
-
-
-class LabelledTally:
-    """A Tally per value of one label."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.children: dict[str, Tally] = {}
-
-    def labels(self, value: str) -> Tally:
-        return self.children.setdefault(value, Tally())
-
-
-class HistogramTally:
-    """A histogram for once-per-batch paths: bucket counts in a plain list, exported at scrape
-    time like prometheus_client's Histogram."""
-
-    __slots__ = ("bounds", "counts", "sum")
-
-    def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
 
 
 class _TallyCollector(Collector):
