@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from array import array
+
 import msgspec
 
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.jetstream.window import SLIM_FROM, Window
+from kvrelay.router.index import KvIndex, encode_snapshot
 from kvrelay.wire.schema import RelayBatch, Removed, ResumePoint, Stored
 
 SUBJECT = "kv.ns.comp.7.0"
@@ -88,10 +91,10 @@ def test_the_window_counts_its_payload_bytes() -> None:
     assert window.nbytes == 0
 
 
-def test_a_large_batch_waits_for_its_ack_with_its_blocks_only() -> None:
-    """A batch kept for on_stored whose payload reaches SLIM_FROM bytes waits without token ids
-    and extra keys (nothing after the ack reads them, and they are most of its memory), blocks
-    intact; a smaller one is kept as it is."""
+def test_a_large_batch_waits_for_its_ack_with_its_token_ids_packed() -> None:
+    """A batch kept for on_stored whose payload reaches SLIM_FROM bytes waits with its token ids
+    packed as uint32 and without lookahead tokens (a list of Python ints is most of its memory),
+    blocks and extra keys intact; a smaller one is kept as it is."""
     heard: list[RelayBatch] = []
     window = Window(lambda b, stream_seq: heard.append(b))
     stored = Stored([1, 2], None, list(range(32)), 16, medium="GPU",
@@ -105,5 +108,34 @@ def test_a_large_batch_waits_for_its_ack_with_its_blocks_only() -> None:
         window.stored(token, seq + 1)
     assert heard[0].events == [stored, removed]
     assert heard[1].events == [msgspec.structs.replace(
-        stored, token_ids=[], extra_keys=None, lookahead_token_ids=None), removed]
+        stored, token_ids=array("I", range(32)), lookahead_token_ids=None), removed]
     assert heard[1].seq == 1
+
+
+def test_a_large_batch_keeps_its_token_keys_in_the_snapshot_index() -> None:
+    """The snapshot index gets the same blocks and token keys from a large batch that waited
+    for its ack packed as from the batch itself (a prefill of many blocks is where a router's
+    hits are), and their children are keyed too; ids past 32 bits get no key either way."""
+    chain: list[int | bytes] = list(range(100, 164))
+    prefill = Stored(chain, None, list(range(64 * 16)), 16, medium="GPU",
+                     extra_keys=[["img", 3]] + [None] * 63)
+    child = Stored([999], chain[-1], list(range(16)), 16, medium="GPU")
+    wide = Stored([500, 501], None, [2**40] * 32, 16, medium="GPU")
+    heard: list[RelayBatch] = []
+    window = Window(lambda b, stream_seq: heard.append(b))
+    batches = [RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=seq, ts=0.0, relay_ts=0.0,
+                          events=[event]) for seq, event in enumerate((prefill, child, wide))]
+    for seq, relay_batch in enumerate(batches):
+        token, _ = window.add(Frame(0, 0, seq, b"p", 0.0, ()), SUBJECT, f"7.0.0.{seq}",
+                              bytes(SLIM_FROM), 0.0, 1, relay_batch)
+        window.stored(token, seq + 1)
+    assert [type(e.token_ids) for b in heard for e in b.events
+            if isinstance(e, Stored)] == [array, array, list]
+    direct, relayed = KvIndex(queries=False), KvIndex(queries=False)
+    for seq, (original, kept) in enumerate(zip(batches, heard, strict=True), 1):
+        direct.apply(original, seq)
+        relayed.apply(kept, seq)
+    worker = (7, 0)
+    assert relayed.status(worker).unkeyed_blocks == direct.status(worker).unkeyed_blocks == 2
+    assert encode_snapshot(relayed.snapshot(worker)) == encode_snapshot(direct.snapshot(worker))
+    assert relayed.snapshot(worker) == direct.snapshot(worker)

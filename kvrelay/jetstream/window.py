@@ -10,8 +10,9 @@ reading the stream. Stored batches are reported to `on_stored` once each, in str
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from msgspec.structs import replace
 
@@ -23,14 +24,25 @@ SLIM_FROM = 16 << 10  # payload bytes from which a batch kept for on_stored is s
 
 
 def blocks_only(batch: RelayBatch) -> RelayBatch:
-    """`batch` as it waits for its ack for `on_stored`: its blocks without their token ids and
-    extra keys, which nothing after the ack reads and which in memory take ten times or more
-    the bytes of the whole payload."""
+    """`batch` as it waits for its ack for `on_stored`: its blocks with their token ids packed
+    (4 bytes each in an `array('I')` instead of a list of Python ints, which in memory takes ten
+    times or more the bytes of the whole payload) and no lookahead tokens. The snapshot index
+    reads the token ids and extra keys after the ack, for the blocks' token keys; ids that do
+    not fit 32 bits are left out, as token keys cannot be had for them anyway."""
     if not any(type(event) is Stored for event in batch.events):
         return batch
     return replace(batch, events=[
-        replace(event, token_ids=[], extra_keys=None, lookahead_token_ids=None)
+        replace(event, token_ids=_packed(event.token_ids), lookahead_token_ids=None)
         if type(event) is Stored else event for event in batch.events])
+
+
+def _packed(token_ids: Sequence[int]) -> Sequence[int]:
+    """Token ids as an array of uint32 (a Sequence of ints, as `tokenkey.stored_keys` reads
+    them); empty when one does not fit."""
+    try:
+        return array("I", token_ids)
+    except (OverflowError, TypeError):
+        return []
 
 
 class Pending:

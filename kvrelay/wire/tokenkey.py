@@ -140,7 +140,10 @@ def stored_keys(event: Stored, parent_key: int | None) -> list[int] | None:
     are not all uint32."""
     lora = lora_label(event.lora_name, event.lora_id)
     seed = root_key(lora) if event.parent_block_hash is None else parent_key
-    size, tokens = event.block_size, event.token_ids
+    size = event.block_size
+    # A list, or an array('I') where the relay's window packed them while awaiting the ack:
+    # read untyped, or the compiled build would insist on a list.
+    tokens: Sequence[int] = getattr(event, "token_ids")  # noqa: B009
     if seed is None or size <= 0 or len(tokens) != len(event.block_hashes) * size:
         return None
     extras: list[ExtraKeys] | None = None
