@@ -41,6 +41,7 @@ from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.jetstream.publisher import Publisher
+from kvrelay.jetstream.snapshot import Snapshotter
 from kvrelay.router.consumer import KvConsumer
 from kvrelay.router.index import KvIndex, WorkerKey, decode_snapshot, encode_snapshot
 from kvrelay.router.restore import snapshot_key
@@ -714,3 +715,38 @@ async def test_stored_batches_reported_in_stream_order_after_lost_acks(
             "kvrelay_batches_dropped_total", {"reason": "out_of_order"}) == 0
     finally:
         await publisher.close()
+
+
+def test_the_index_takes_stored_batches_in_bounded_runs() -> None:
+    """Stored batches reach the snapshot index in runs: 64 small batches, or at once when a
+    run reaches 4,096 blocks (a run never holds much), and every one of them before the index
+    is read for a snapshot."""
+    config = Config()
+    worker = Worker("ns", "comp", 7)
+    snapshotter = Snapshotter(worker, [0], config.snapshot, config.nats, config.stream,
+                              Metrics())
+    rank = snapshotter._ranks[0]
+    rank.ready = True
+    seqs = itertools.count()
+
+    def store(blocks: int) -> None:
+        seq = next(seqs)
+        hashes: list[int | bytes] = [seq * 10_000 + i + 1 for i in range(blocks)]
+        event = Stored(hashes, None, list(range(16 * blocks)), 16, medium="GPU")
+        snapshotter.stored(RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=seq, ts=0.0,
+                                      relay_ts=0.0, events=[event]), seq + 1)
+
+    def applied() -> int:
+        return rank.index.block_count((7, 0)) if (7, 0) in rank.index.workers() else 0
+
+    for _ in range(63):
+        store(4)
+    assert (applied(), len(rank.run)) == (0, 63)
+    store(4)
+    assert (applied(), len(rank.run)) == (64 * 4, 0)
+    store(4)
+    store(5000)  # a large batch: the run it ends is taken at once
+    assert (applied(), len(rank.run)) == (65 * 4 + 5000, 0)
+    store(4)
+    assert snapshotter.index(0).block_count((7, 0)) == 66 * 4 + 5000
+    assert rank.run == []

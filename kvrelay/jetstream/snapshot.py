@@ -2,12 +2,13 @@
 late restores them and reads only the stream's tail after them instead of hours of history.
 
 Per DP rank a KvIndex, fed by the publisher with every batch JetStream stored, once each and in
-its subject's order, with its stream sequence. The index takes them in runs of `_RUN` (and
-before every snapshot): a run applied in one go costs a fraction of the same batches applied one
-per wake-up of a quiet relay, whose caches have gone cold in between. A task writes the ranks
-whose index changed every `--snapshot-interval` seconds or `--snapshot-events` events, one
-write at a time, building the snapshot in a forked child so publishing never waits for it; a
-final one is written after the drain.
+its subject's order, with its stream sequence. The index takes them in runs of `_RUN` batches
+or `_RUN_BLOCKS` stored blocks, whichever comes first, and before every snapshot: a run applied
+in one go costs a fraction of the same batches applied one per wake-up of a quiet relay, whose
+caches have gone cold in between. A task writes the ranks whose index changed every
+`--snapshot-interval` seconds or `--snapshot-events` events, one write at a time, building the
+snapshot in a forked child so publishing never waits for it; a final one is written after the
+drain.
 At start each rank's index is rebuilt from its last snapshot and the subject's messages after it
 (the whole subject without one), so snapshots stay complete across relay restarts. Snapshots
 are an optimisation: a bucket that cannot be created or written is logged and counted, and
@@ -42,7 +43,7 @@ from kvrelay.router.index import KvIndex, WorkerKey, encode_snapshot
 from kvrelay.router.restore import Verdict, emptied, judge, read_snapshots, snapshot_key
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
-from kvrelay.wire.schema import RelayBatch, WorkerSnapshot
+from kvrelay.wire.schema import RelayBatch, Stored, WorkerSnapshot
 
 log = logging.getLogger("kvrelay.snapshot")
 
@@ -50,6 +51,7 @@ _RETRY_MAX: Final = 60.0
 _QUEUE: Final = 1000  # batches stored during a rebuild kept for going live
 _SPACING: Final = 50.0  # an event-triggered snapshot waits 50x the last build's CPU time
 _RUN: Final = 64  # stored batches the index takes in one go
+_RUN_BLOCKS: Final = 4096  # stored blocks in a run past which it is taken at once (memory)
 
 
 @dataclass(eq=False)
@@ -60,6 +62,7 @@ class _Rank:
     worker: WorkerKey
     queue: deque[tuple[RelayBatch, int]]  # the newest stored while the index is rebuilt
     run: list[tuple[RelayBatch, int]] = field(default_factory=list)  # stored, not applied yet
+    run_blocks: int = 0  # blocks stored in the run
     dropped_seq: int = 0  # the newest stream sequence the queue let go
     index: KvIndex = field(default_factory=lambda: KvIndex(queries=False))
     ready: bool = False
@@ -104,12 +107,15 @@ class Snapshotter:
         run = rank.run
         run.append((batch, stream_seq))
         self._count(rank, len(batch.events))
-        if len(run) >= _RUN:
+        for event in batch.events:
+            if type(event) is Stored:
+                rank.run_blocks += len(event.block_hashes)
+        if len(run) >= _RUN or rank.run_blocks >= _RUN_BLOCKS:
             self._apply_run(rank)
 
     def _apply_run(self, rank: _Rank) -> None:
         """Apply what was stored since the last run, in order."""
-        run, rank.run = rank.run, []
+        run, rank.run, rank.run_blocks = rank.run, [], 0
         for batch, stream_seq in run:
             self._apply(rank, batch, stream_seq)
 
