@@ -287,6 +287,10 @@ def test_one_resync_per_loss(replay: bool) -> None:
 # A gap at the same seq in the next epoch is a gap of its own, counted.
 @example(script=[("send", 1), ("skip", 1), ("send", 1), ("restart", 0), ("send", 1),
                  ("skip", 1), ("send", 1)], replay=False)
+# The connection went away before anything was read: the batches read since make a later
+# restart one seen over a connection no longer new.
+@example(script=[("restart", 1), ("send", 1), ("send", 1), ("restart", 0), ("skip", 1),
+                 ("send", 1)], replay=False)
 def test_every_loss_is_announced_once_whatever_the_publisher_does(
         script: list[EngineStep], replay: bool) -> None:
     """Any mix of batches in order, lost, repeated, and restarts (seen far below, or after the
@@ -323,6 +327,7 @@ def test_every_loss_is_announced_once_whatever_the_publisher_does(
             expected.append((epoch, seq, resync))
         position = seq + 1
         read.append(seq)
+        went_away = False  # the relay read a batch since: the connection is no longer new
 
     for kind, n in script:
         if kind == "send":
