@@ -54,7 +54,7 @@ from kvrelay.testing.synthetic import (
     encode_batch,
 )
 from kvrelay.wire.names import Worker
-from kvrelay.wire.schema import RelayBatch, Stored, WorkerSnapshot
+from kvrelay.wire.schema import RelayBatch, Removed, Stored, WorkerSnapshot
 
 pytestmark = pytest.mark.integration
 
@@ -719,8 +719,8 @@ async def test_stored_batches_reported_in_stream_order_after_lost_acks(
 
 def test_the_index_takes_stored_batches_in_bounded_runs() -> None:
     """Stored batches reach the snapshot index in runs: 64 small batches, or at once when a
-    run reaches 4,096 blocks (a run never holds much), and every one of them before the index
-    is read for a snapshot."""
+    run holds 4,096 events and block hashes, stored or removed (a run never holds much), and
+    every one of them before the index is read for a snapshot."""
     config = Config()
     worker = Worker("ns", "comp", 7)
     snapshotter = Snapshotter(worker, [0], config.snapshot, config.nats, config.stream,
@@ -749,4 +749,8 @@ def test_the_index_takes_stored_batches_in_bounded_runs() -> None:
     assert (applied(), len(rank.run)) == (65 * 4 + 5000, 0)
     store(4)
     assert snapshotter.index(0).block_count((7, 0)) == 66 * 4 + 5000
+    assert rank.run == []
+    gone: list[int | bytes] = list(range(1, 4097))  # a large removal counts as much
+    snapshotter.stored(RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=next(seqs), ts=0.0,
+                                  relay_ts=0.0, events=[Removed(gone, medium="GPU")]), 1000)
     assert rank.run == []

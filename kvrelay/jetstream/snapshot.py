@@ -3,9 +3,9 @@ late restores them and reads only the stream's tail after them instead of hours 
 
 Per DP rank a KvIndex, fed by the publisher with every batch JetStream stored, once each and in
 its subject's order, with its stream sequence. The index takes them in runs of `_RUN` batches
-or `_RUN_BLOCKS` stored blocks, whichever comes first, and before every snapshot: a run applied
-in one go costs a fraction of the same batches applied one per wake-up of a quiet relay, whose
-caches have gone cold in between. A task writes the ranks whose index changed every
+or `_RUN_ITEMS` events and block hashes, whichever comes first, and before every snapshot: a
+run applied in one go costs a fraction of the same batches applied one per wake-up of a quiet
+relay, whose caches have gone cold in between. A task writes the ranks whose index changed every
 `--snapshot-interval` seconds or `--snapshot-events` events, one write at a time, building the
 snapshot in a forked child so publishing never waits for it; a final one is written after the
 drain.
@@ -43,7 +43,7 @@ from kvrelay.router.index import KvIndex, WorkerKey, encode_snapshot
 from kvrelay.router.restore import Verdict, emptied, judge, read_snapshots, snapshot_key
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
-from kvrelay.wire.schema import RelayBatch, Stored, WorkerSnapshot
+from kvrelay.wire.schema import RelayBatch, Removed, Stored, WorkerSnapshot
 
 log = logging.getLogger("kvrelay.snapshot")
 
@@ -51,7 +51,7 @@ _RETRY_MAX: Final = 60.0
 _QUEUE: Final = 1000  # batches stored during a rebuild kept for going live
 _SPACING: Final = 50.0  # an event-triggered snapshot waits 50x the last build's CPU time
 _RUN: Final = 64  # stored batches the index takes in one go
-_RUN_BLOCKS: Final = 4096  # stored blocks in a run past which it is taken at once (memory)
+_RUN_ITEMS: Final = 4096  # events and block hashes in a run past which it is taken at once
 
 
 @dataclass(eq=False)
@@ -62,7 +62,7 @@ class _Rank:
     worker: WorkerKey
     queue: deque[tuple[RelayBatch, int]]  # the newest stored while the index is rebuilt
     run: list[tuple[RelayBatch, int]] = field(default_factory=list)  # stored, not applied yet
-    run_blocks: int = 0  # blocks stored in the run
+    run_items: int = 0  # events and block hashes the run holds (its memory)
     dropped_seq: int = 0  # the newest stream sequence the queue let go
     index: KvIndex = field(default_factory=lambda: KvIndex(queries=False))
     ready: bool = False
@@ -107,15 +107,16 @@ class Snapshotter:
         run = rank.run
         run.append((batch, stream_seq))
         self._count(rank, len(batch.events))
+        rank.run_items += len(batch.events)
         for event in batch.events:
-            if type(event) is Stored:
-                rank.run_blocks += len(event.block_hashes)
-        if len(run) >= _RUN or rank.run_blocks >= _RUN_BLOCKS:
+            if type(event) is Stored or type(event) is Removed:
+                rank.run_items += len(event.block_hashes)
+        if len(run) >= _RUN or rank.run_items >= _RUN_ITEMS:
             self._apply_run(rank)
 
     def _apply_run(self, rank: _Rank) -> None:
         """Apply what was stored since the last run, in order."""
-        run, rank.run, rank.run_blocks = rank.run, [], 0
+        run, rank.run, rank.run_items = rank.run, [], 0
         for batch, stream_seq in run:
             self._apply(rank, batch, stream_seq)
 
