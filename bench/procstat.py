@@ -5,9 +5,10 @@ I/O thread, Dynamo's runtime threads), ended ones included. /proc gives it in cl
 (10 ms), too coarse for a relay spending a few ms a second at 100 batches/s, so it is read at
 full resolution (ns) from the kernel's CPU clock of the process, the same account
 (clock_getcpuclockid(3)); /proc/<pid>/stat where that clock cannot be read. To it comes the CPU
-of the child processes it has reaped (cutime + cstime, in ticks), so work a relay forks off (a
-snapshot built in a child) counts as the relay's once the child is done. A sampler thread
-records it over time so a trial can take the CPU spent between two instants without stopping
+of its child processes, running (read the same way, theirs included) or reaped (cutime + cstime,
+in ticks), so work a relay hands to another process (its snapshot process) counts as the
+relay's. Memory likewise: a relay's peak RSS is its own plus its running children's. A sampler
+thread records it over time so a trial can take the CPU spent between two instants without stopping
 anything.
 """
 
@@ -26,7 +27,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 CPU_SOURCE = ("utime + stime of each relay process, all threads, read from outside at ns "
               "resolution (the kernel's CPU clock of the process, the account /proc/<pid>/stat "
-              "gives in 10 ms ticks), plus its reaped child processes' (cutime + cstime)")
+              "gives in 10 ms ticks), plus its child processes', running or reaped")
 
 
 def process_cpu_clock(pid: int) -> int:
@@ -56,24 +57,45 @@ def reaped_children_cpu_seconds(pid: int) -> float:
     return (int(fields[13]) + int(fields[14])) / _TICK
 
 
+def live_children(pid: int) -> list[int]:
+    """The running (not yet reaped) child processes of `pid`, from every thread's list."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), \
+                    open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found += [int(child) for child in f.read().split()]
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of `pid` so far, all threads included, at ns resolution
     where the kernel lets the process's CPU clock be read, else in /proc's ticks; plus those
-    of the child processes it has reaped."""
-    children = reaped_children_cpu_seconds(pid)
+    of its child processes, running or reaped."""
+    total = reaped_children_cpu_seconds(pid)
     try:
-        return time.clock_gettime(process_cpu_clock(pid)) + children
+        total += time.clock_gettime(process_cpu_clock(pid))
     except OSError:
-        return proc_stat_cpu_seconds(pid) + children
+        total += proc_stat_cpu_seconds(pid)
+    for child in live_children(pid):
+        # One that ended meanwhile is in the next sample's reaped account.
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += cpu_seconds(child)
+    return total
 
 
 def peak_rss_bytes(pid: int) -> int:
-    """VmHWM of `pid`: the most resident memory it has had."""
+    """VmHWM of `pid` (the most resident memory it has had), plus that of each of its running
+    child processes."""
     with open(f"/proc/{pid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise ValueError(f"no VmHWM for pid {pid}")
+        own = next((int(line.split()[1]) * 1024 for line in f if line.startswith(b"VmHWM:")),
+                   None)
+    if own is None:
+        raise ValueError(f"no VmHWM for pid {pid}")
+    for child in live_children(pid):
+        with contextlib.suppress(OSError, ValueError):
+            own += peak_rss_bytes(child)
+    return own
 
 
 def mapped_files(pid: int) -> set[str]:

@@ -27,7 +27,7 @@ from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.source import Source
 from kvrelay.jetstream.publisher import Publisher
-from kvrelay.jetstream.snapshot import Snapshotter
+from kvrelay.jetstream.snapshotproc import SnapshotProcess
 from kvrelay.publish.base import Output
 from kvrelay.system.health import SystemServer
 from kvrelay.system.metrics import Metrics
@@ -69,7 +69,7 @@ class Relay:
         self._zmq: zmq.asyncio.Context | None = None
         self.buffer: Buffer | None = None
         self.publisher: Output | None = None
-        self.snapshotter: Snapshotter | None = None
+        self.snapshotter: SnapshotProcess | None = None
         self.system: SystemServer | None = None
         self.started = asyncio.Event()
 
@@ -165,8 +165,8 @@ class Relay:
             return DynamoPublisher(worker, config.nats, config.publish, config.dynamo, buffer,
                                    self.metrics, etcd=etcd, lease=lease)
         if config.snapshot.enabled:
-            self.snapshotter = Snapshotter(worker, ranks, config.snapshot, config.nats,
-                                           config.stream, self.metrics)
+            self.snapshotter = SnapshotProcess(worker, ranks, config.snapshot, config.nats,
+                                               config.stream, config.system, self.metrics)
         publisher = Publisher(worker, config.nats, config.publish, config.stream, buffer,
                               self.metrics, self.snapshotter.stored if self.snapshotter else None)
         if self.snapshotter is not None:

@@ -3,11 +3,13 @@ the extra that installs them, the build a relay process loaded, its CPU busy and
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tomllib
@@ -20,7 +22,13 @@ import pytest
 import kvrelay
 from bench.cli import main
 from bench.idle import IdleResult, measure_idle
-from bench.procstat import cpu_seconds, proc_stat_cpu_seconds, reaped_children_cpu_seconds
+from bench.procstat import (
+    cpu_seconds,
+    live_children,
+    peak_rss_bytes,
+    proc_stat_cpu_seconds,
+    reaped_children_cpu_seconds,
+)
 from bench.report import summarize_idle
 from bench.site import TrialError
 from bench.targets import (
@@ -190,6 +198,43 @@ def test_cpu_of_a_process_holds_what_its_reaped_children_spent() -> None:
             assert cpu_seconds(parent.pid) >= 0.28 + proc_stat_cpu_seconds(parent.pid) - 0.02
         finally:
             parent.kill()
+
+
+SPINNING_CHILD = """
+import time
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+data = bytearray(64 << 20)
+print("spent", flush=True)
+time.sleep(60)
+"""
+RUNNING_CHILD = f"""
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", {SPINNING_CHILD!r}], stdout=subprocess.PIPE,
+                         text=True)
+assert child.stdout.readline() == "spent\\n"
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_cpu_and_memory_of_a_process_hold_its_running_children() -> None:
+    """A child process still running (as the relay's snapshot process) counts as the
+    process's own: its CPU seconds and its peak memory."""
+    with subprocess.Popen([sys.executable, "-c", RUNNING_CHILD], stdout=subprocess.PIPE,
+                          text=True) as parent:
+        try:
+            assert parent.stdout is not None
+            child = int(parent.stdout.readline())
+            assert live_children(parent.pid) == [child]
+            assert cpu_seconds(parent.pid) >= 0.28 + proc_stat_cpu_seconds(parent.pid) - 0.02
+            assert peak_rss_bytes(child) >= 64 << 20
+            assert peak_rss_bytes(parent.pid) >= peak_rss_bytes(child) + (4 << 20)  # + its own
+        finally:
+            parent.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
 
 def _idle_report(tmp_path: Path, *args: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from harness import (
     subject_of,
 )
 
-from kvrelay.ops.logs import JsonFormatter
+from kvrelay.system.logs import JsonFormatter
 from kvrelay.testing.natsserver import NatsServer, free_port
 from kvrelay.testing.synthetic import SyntheticVllm
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import signal
 import time
@@ -41,6 +40,7 @@ from kvrelay.ingest.budget import Budget
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.jetstream.publisher import Publisher
+from kvrelay.jetstream.reports import Reports
 from kvrelay.jetstream.snapshot import Snapshotter
 from kvrelay.router.consumer import KvConsumer
 from kvrelay.router.index import KvIndex, WorkerKey, decode_snapshot, encode_snapshot
@@ -54,6 +54,7 @@ from kvrelay.testing.synthetic import (
     encode_batch,
 )
 from kvrelay.wire.names import Worker
+from kvrelay.wire.relaybatch import decode_relay_batch
 from kvrelay.wire.schema import RelayBatch, Removed, Stored, WorkerSnapshot
 
 pytestmark = pytest.mark.integration
@@ -137,27 +138,26 @@ class Engine:
         return self.epoch, self.vllm.seq - 1
 
 
-def own_index(relay: Relay, dp_rank: int = 0) -> KvIndex:
-    """The relay's own index of a rank (fed with what JetStream acknowledged)."""
-    assert relay.snapshotter is not None
-    return relay.snapshotter.index(dp_rank)
+def own_index_ready(relay: Relay, dp_rank: int = 0) -> bool:
+    """The relay's snapshot process rebuilt the rank's blocks and follows what is stored."""
+    return relay.snapshotter is not None and relay.snapshotter.ready(dp_rank)
 
 
-def has_stored(relay: Relay, worker: WorkerKey, last: tuple[int, int]) -> bool:
-    """The relay's own index has applied the batch `last` (epoch, seq) of the worker."""
-    index = own_index(relay, worker[1])
-    if worker not in index.workers():
-        return False
-    status = index.status(worker)
-    return (status.epoch, status.seq) == last
-
-
-def own_index_ready(relay: Relay) -> bool:
-    return relay.snapshotter is not None and relay.snapshotter.ready(0)
-
-
-def stored_everything(relay: Relay, engine: Engine) -> bool:
-    return has_stored(relay, engine.key, engine.last)
+async def stored(nc: Any, ns: str, worker: WorkerKey, last: tuple[int, int],
+                 within: float = 10.0) -> None:
+    """Wait until the worker's subject ends with the batch `last` (epoch, seq)."""
+    subject = f"kv.{ns}.{COMP}.{worker[0]}.{worker[1]}"
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            msg = await nc.jetstream().get_last_msg(STREAM, subject)
+            batch = decode_relay_batch(msg.data)
+            if (batch.epoch, batch.seq) == last:
+                return
+        except nats.js.errors.NotFoundError:
+            pass
+        assert time.monotonic() < deadline, f"{subject} never stored {last}"
+        await asyncio.sleep(0.02)
 
 
 class Workers:
@@ -203,8 +203,9 @@ async def test_snapshots_follow_the_cadence_and_hold_the_worker_blocks(
                 assert metric(relay, "kvrelay_snapshots_written_total") == 0
                 vllm.publish_next()
                 sent += 1
-                await eventually(lambda: has_stored(relay, (instance, 0), (0, vllm.seq - 1)),
-                                 "the batch stored")
+                await eventually(lambda n=sent: metric(relay, "kvrelay_batches_published_total")
+                                 == n, "the batch stored")
+                await asyncio.sleep(0.3)  # passed on to the snapshot process meanwhile
             await eventually(lambda: metric(relay, "kvrelay_snapshots_written_total") == 1,
                              "a snapshot once 40 events were stored")
             snapshot = await bucket_snapshot(nc, key)
@@ -226,11 +227,12 @@ async def test_snapshots_follow_the_cadence_and_hold_the_worker_blocks(
             began = time.monotonic()
             for round_ in range(1, 3):
                 publish(vllm, 10)
-                await eventually(lambda: has_stored(relay, (instance, 0), (0, vllm.seq - 1)),
-                                 f"round {round_} stored")
+                await stored(nc, ns, (instance, 0), (0, vllm.seq - 1))
+                last = await last_stream_seq(nc, f"kv.{ns}.{COMP}.{instance}.0")
                 await eventually(
-                    lambda: metric(relay, "kvrelay_snapshot_stream_sequence", dp_rank="0")
-                    == own_index(relay).stream_seq, f"the timed snapshot of round {round_}")
+                    lambda at=last: metric(relay, "kvrelay_snapshot_stream_sequence",
+                                           dp_rank="0") == at,
+                    f"the timed snapshot of round {round_}")
                 snapshot = await bucket_snapshot(nc, key)
                 assert snapshot is not None
                 assert held(snapshot) == vllm.factory.stored_blocks
@@ -269,7 +271,7 @@ async def test_final_snapshot_at_shutdown(nats_server: NatsServer, nc: Any) -> N
 
 @pytest.mark.parametrize("history", ["snapshot and tail", "stream only"])
 async def test_relay_restart_keeps_snapshots_complete(
-        nats_server: NatsServer, nc: Any, history: str, caplog: pytest.LogCaptureFixture
+        nats_server: NatsServer, nc: Any, history: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """A relay that starts where another stopped rebuilds its blocks from the last snapshot and
     the messages after it (or, without a snapshot, from every message of its subject) and
@@ -290,7 +292,7 @@ async def test_relay_restart_keeps_snapshots_complete(
                                  == 20, "the batches stored")
         before = await bucket_snapshot(nc, key)
         assert (before is not None) == (history == "snapshot and tail")
-        caplog.set_level(logging.INFO, logger="kvrelay.snapshot")
+        capfd.readouterr()
         async with running_relay(nats=nats_server.url, namespace=ns, instance_id=instance,
                                  zmq=[vllm.address], **on) as relay:
             last = await last_stream_seq(nc, subject)
@@ -302,15 +304,14 @@ async def test_relay_restart_keeps_snapshots_complete(
             assert held(snapshot) == vllm.factory.stored_blocks
             await join(vllm, relay)
             publish(vllm, 5)
-            await eventually(lambda: has_stored(relay, (instance, 0), (0, vllm.seq - 1)),
-                             "the new batches")
+            await stored(nc, ns, (instance, 0), (0, vllm.seq - 1))
         after = await bucket_snapshot(nc, key)
         assert after is not None
         assert (after.seq, after.exact) == (vllm.seq - 1, True)
         assert held(after) == vllm.factory.stored_blocks
     how = (f"from snapshot at stream sequence {before.stream_seq} and 20 batches after it"
            if before is not None else "from the stream's start (20 batches)")
-    assert f"blocks of {subject} rebuilt {how}" in caplog.text
+    assert f"blocks of {subject} rebuilt {how}" in capfd.readouterr().err  # the process's log
 
 
 async def test_batches_stored_during_a_long_rebuild_are_not_lost(
@@ -332,16 +333,19 @@ async def test_batches_stored_during_a_long_rebuild_are_not_lost(
             assert relay.snapshotter is not None
             assert not relay.snapshotter.ready(0), "the rebuild ended too soon to test this"
             publish(vllm, 1500)  # a new engine: epoch 1 from seq 0
-            await eventually(lambda: has_stored(relay, worker, (1, 1499)), "all stored",
-                             within=30)
-            assert relay.snapshotter._ranks[0].dropped_seq > 0  # the queue let some go
+            async with nats_client(fresh_nats.url) as client:
+                await stored(client, ns, worker, (1, 1499), within=30)
+            # More were stored during the rebuild than the process keeps aside meanwhile.
+            assert not relay.snapshotter.ready(0), "the rebuild ended too soon to test this"
+            await eventually(lambda: own_index_ready(relay), "the rebuild", within=60)
         async with KvConsumer(fresh_nats.url, ns, COMP) as full:
             await asyncio.wait_for(full.ready(), 30)
-    status = own_index(relay).status(worker)
-    assert (status.epoch, status.seq, status.exact) == (1, 1499, True)
-    assert set(own_index(relay).blocks(worker)) == vllm.factory.stored_blocks
-    assert without_stream_seq(own_index(relay).snapshot(worker)) \
-        == without_stream_seq(full.index.snapshot(worker))
+        async with nats_client(fresh_nats.url) as client:
+            final = await bucket_snapshot(client, snapshot_key(ns, COMP, *worker))
+    assert final is not None
+    assert (final.epoch, final.seq, final.exact) == (1, 1499, True)
+    assert held(final) == vllm.factory.stored_blocks
+    assert without_stream_seq(final) == without_stream_seq(full.index.snapshot(worker))
 
 
 async def test_unusable_bucket_does_not_hurt_publishing(tmp_path: Path) -> None:
@@ -371,7 +375,6 @@ async def test_unusable_bucket_does_not_hurt_publishing(tmp_path: Path) -> None:
                                                 reason="bucket") >= 1, "the refusal counted")
                 assert is_ready(relay)
                 assert metric(relay, "kvrelay_snapshots_written_total") == 0
-                assert has_stored(relay, (instance, 0), (0, 29))  # the index goes on
 
                 conf.write_text(account.format(2))
                 assert server._proc is not None
@@ -402,8 +405,8 @@ async def test_snapshot_above_max_payload_is_counted(tmp_path: Path) -> None:
                                      snapshot_events=150) as relay:
                 await join(vllm, relay)
                 publish(vllm, 200)  # one event of 4 blocks each: 600 blocks at the trigger
-                await eventually(lambda: has_stored(relay, (instance, 0), (0, 199)),
-                                 "every batch stored")
+                await eventually(lambda: metric(relay, "kvrelay_batches_published_total")
+                                 == 200, "every batch stored")
                 await eventually(lambda: metric(relay, "kvrelay_snapshot_failures_total",
                                                 reason="too_large") >= 1, "too_large counted")
                 assert metric(relay, "kvrelay_snapshots_written_total") == 0
@@ -468,8 +471,8 @@ async def test_bootstrap_equals_reading_everything(nats_server: NatsServer, nc: 
             gapped.vllm.skip(3)
             for e in engines:
                 e.steps(6)
-            await eventually(lambda: all(stored_everything(by_instance[e.key[0]], e)
-                                         for e in engines), "every batch stored", within=20)
+            for e in engines:
+                await stored(nc, ns, e.key, e.last, within=20)
         for e in engines:  # the final snapshots cover each subject
             snapshot = await bucket_snapshot(nc, snapshot_key(ns, COMP, *e.key))
             assert snapshot is not None
@@ -479,11 +482,14 @@ async def test_bootstrap_equals_reading_everything(nats_server: NatsServer, nc: 
         first, second = relays()
         async with first as r1, second as r2:
             by_instance = {i1: r1, i2: r2}
+            # Rebuilt before the tail is published: the tail is then after the snapshots.
+            await eventually(lambda: all(own_index_ready(by_instance[e.key[0]], e.key[1])
+                                         for e in engines), "the relays' blocks rebuilt")
             for e in engines:
                 await join(e.vllm, by_instance[e.key[0]])
                 e.steps(7)
-            await eventually(lambda: all(stored_everything(by_instance[e.key[0]], e)
-                                         for e in engines), "the tail stored", within=20)
+            for e in engines:
+                await stored(nc, ns, e.key, e.last, within=20)
             async with KvConsumer(nats_server.url, ns, COMP, bootstrap="snapshot") as boot, \
                     KvConsumer(nats_server.url, ns, COMP) as full:
                 await asyncio.wait_for(asyncio.gather(boot.ready(), full.ready()), 20)
@@ -492,10 +498,6 @@ async def test_bootstrap_equals_reading_everything(nats_server: NatsServer, nc: 
             for w in keys:
                 assert encode_snapshot(boot.index.snapshot(w)) \
                     == encode_snapshot(full.index.snapshot(w)), f"worker {w}"
-                relay = by_instance[w[0]]
-                assert relay.snapshotter is not None
-                assert without_stream_seq(relay.snapshotter.index(w[1]).snapshot(w)) \
-                    == without_stream_seq(full.index.snapshot(w)), f"relay of worker {w}"
             assert sample(boot, "kvrelay_consumer_batches_total") == 3 * 7
             assert sample(full, "kvrelay_consumer_batches_total") > 3 * 7 + 40
             assert sample(boot, "kvrelay_consumer_snapshots_total", outcome="restored") == 3
@@ -508,6 +510,11 @@ async def test_bootstrap_equals_reading_everything(nats_server: NatsServer, nc: 
             assert full.index.status(restarted.key).resyncs == {"restart": 1}
             assert full.index.status(gapped.key).resyncs == {"gap": 1}
 
+        for w in keys:  # the relays' final snapshots: their own blocks, as a router reads them
+            final = await bucket_snapshot(nc, snapshot_key(ns, COMP, *w))
+            assert final is not None
+            assert without_stream_seq(final) == without_stream_seq(full.index.snapshot(w)), \
+                f"relay of worker {w}"
         async with KvConsumer(nats_server.url, ns, COMP, bootstrap="snapshot") as late:
             await asyncio.wait_for(late.ready(), 20)
         assert sample(late, "kvrelay_consumer_batches_total") == 0
@@ -695,7 +702,8 @@ async def test_stored_batches_reported_in_stream_order_after_lost_acks(
     publisher = Publisher(Worker("ordered", COMP, new_instance_id()), config.nats,
                           config.publish, config.stream, Buffer(Budget(100, 1 << 20), metrics),
                           metrics,
-                          lambda b, stream_seq: heard.append((b.seq, stream_seq)))
+                          lambda rank, payload, stream_seq: heard.append(
+                              (decode_relay_batch(payload).seq, stream_seq)))
     await publisher.connect([0])
     factory = WorkloadFactory(seed=2)
     try:
@@ -724,7 +732,7 @@ def test_the_index_takes_stored_batches_in_bounded_runs() -> None:
     config = Config()
     worker = Worker("ns", "comp", 7)
     snapshotter = Snapshotter(worker, [0], config.snapshot, config.nats, config.stream,
-                              Metrics())
+                              Reports())
     rank = snapshotter._ranks[0]
     rank.ready = True
     seqs = itertools.count()
@@ -733,8 +741,9 @@ def test_the_index_takes_stored_batches_in_bounded_runs() -> None:
         seq = next(seqs)
         hashes: list[int | bytes] = [seq * 10_000 + i + 1 for i in range(blocks)]
         event = Stored(hashes, None, list(range(16 * blocks)), 16, medium="GPU")
-        snapshotter.stored(RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=seq, ts=0.0,
-                                      relay_ts=0.0, events=[event]), seq + 1)
+        snapshotter.stored(0, msgspec.msgpack.encode(RelayBatch(
+            instance_id=7, dp_rank=0, epoch=0, seq=seq, ts=0.0, relay_ts=0.0, events=[event])),
+            seq + 1)
 
     def applied() -> int:
         return rank.index.block_count((7, 0)) if (7, 0) in rank.index.workers() else 0
@@ -751,6 +760,7 @@ def test_the_index_takes_stored_batches_in_bounded_runs() -> None:
     assert snapshotter.index(0).block_count((7, 0)) == 66 * 4 + 5000
     assert rank.run == []
     gone: list[int | bytes] = list(range(1, 4097))  # a large removal counts as much
-    snapshotter.stored(RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=next(seqs), ts=0.0,
-                                  relay_ts=0.0, events=[Removed(gone, medium="GPU")]), 1000)
+    snapshotter.stored(0, msgspec.msgpack.encode(RelayBatch(
+        instance_id=7, dp_rank=0, epoch=0, seq=next(seqs), ts=0.0, relay_ts=0.0,
+        events=[Removed(gone, medium="GPU")])), 1000)
     assert rank.run == []

@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
-from array import array
-
-import msgspec
-
 from kvrelay.ingest.sequencer import Frame
-from kvrelay.jetstream.window import SLIM_FROM, Window
-from kvrelay.router.index import KvIndex, encode_snapshot
-from kvrelay.wire.schema import RelayBatch, Removed, ResumePoint, Stored
+from kvrelay.jetstream.window import Window
+from kvrelay.wire.schema import ResumePoint
 
 SUBJECT = "kv.ns.comp.7.0"
 
 
-def batch(seq: int) -> RelayBatch:
-    return RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=seq, ts=0.0, relay_ts=0.0, events=[])
-
-
 def fill(window: Window, seqs: range) -> list[int]:
     """Put one batch per seq in the window; returns their tokens."""
-    return [window.add(Frame(0, 0, seq, b"p", 0.0, ()), SUBJECT, f"7.0.0.{seq}", b"p", 0.0, 2,
-                       batch(seq))[0] for seq in seqs]
+    return [window.add(Frame(0, 0, seq, b"p", 0.0, ()), SUBJECT, f"7.0.0.{seq}",
+                       str(seq).encode(), 0.0, 2)[0] for seq in seqs]
 
 
 def test_acks_out_of_order_are_reported_in_stream_order_once() -> None:
     """A later batch's ack does not report it before an earlier one is settled; each is
     reported once, with its stream sequence, and the settled point follows."""
     heard: list[tuple[int, int]] = []
-    window = Window(lambda b, stream_seq: heard.append((b.seq, stream_seq)))
+    window = Window(lambda rank, payload, stream_seq: heard.append((int(payload), stream_seq)))
     tokens = fill(window, range(3))
     assert window.stored(tokens[1], 11) is not None
     assert heard == []  # seq 0 is not settled yet
@@ -78,7 +69,7 @@ def test_the_window_counts_its_payload_bytes() -> None:
     leaves the window, stored, dropped, found by recovery or cleared."""
     window = Window()
     tokens = [window.add(Frame(0, 0, seq, b"p", 0.0, ()), SUBJECT, f"7.0.0.{seq}",
-                         bytes(100 * (seq + 1)), 0.0, 1, None)[0] for seq in range(5)]
+                         bytes(100 * (seq + 1)), 0.0, 1)[0] for seq in range(5)]
     assert window.nbytes == 1500
     window.stored(tokens[0], 1)
     window.stored(tokens[0], 1)  # a second ack of the same batch
@@ -91,51 +82,18 @@ def test_the_window_counts_its_payload_bytes() -> None:
     assert window.nbytes == 0
 
 
-def test_a_large_batch_waits_for_its_ack_with_its_token_ids_packed() -> None:
-    """A batch kept for on_stored whose payload reaches SLIM_FROM bytes waits with its token ids
-    packed as uint32 and without lookahead tokens (a list of Python ints is most of its memory),
-    blocks and extra keys intact; a smaller one is kept as it is."""
-    heard: list[RelayBatch] = []
-    window = Window(lambda b, stream_seq: heard.append(b))
-    stored = Stored([1, 2], None, list(range(32)), 16, medium="GPU",
-                    extra_keys=[["mm", 0], None], lookahead_token_ids=[5])
-    removed = Removed([9], medium="GPU")
-    for seq, size in enumerate((SLIM_FROM - 1, SLIM_FROM)):
-        relay_batch = RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=seq, ts=0.0,
-                                 relay_ts=0.0, events=[stored, removed])
-        token, _ = window.add(Frame(0, 0, seq, b"p", 0.0, ()), SUBJECT, f"7.0.0.{seq}",
-                              bytes(size), 0.0, 2, relay_batch)
-        window.stored(token, seq + 1)
-    assert heard[0].events == [stored, removed]
-    assert heard[1].events == [msgspec.structs.replace(
-        stored, token_ids=array("I", range(32)), lookahead_token_ids=None), removed]
-    assert heard[1].seq == 1
-
-
-def test_a_large_batch_keeps_its_token_keys_in_the_snapshot_index() -> None:
-    """The snapshot index gets the same blocks and token keys from a large batch that waited
-    for its ack packed as from the batch itself (a prefill of many blocks is where a router's
-    hits are), and their children are keyed too; ids past 32 bits get no key either way."""
-    chain: list[int | bytes] = list(range(100, 164))
-    prefill = Stored(chain, None, list(range(64 * 16)), 16, medium="GPU",
-                     extra_keys=[["img", 3]] + [None] * 63)
-    child = Stored([999], chain[-1], list(range(16)), 16, medium="GPU")
-    wide = Stored([500, 501], None, [2**40] * 32, 16, medium="GPU")
-    heard: list[RelayBatch] = []
-    window = Window(lambda b, stream_seq: heard.append(b))
-    batches = [RelayBatch(instance_id=7, dp_rank=0, epoch=0, seq=seq, ts=0.0, relay_ts=0.0,
-                          events=[event]) for seq, event in enumerate((prefill, child, wide))]
-    for seq, relay_batch in enumerate(batches):
-        token, _ = window.add(Frame(0, 0, seq, b"p", 0.0, ()), SUBJECT, f"7.0.0.{seq}",
-                              bytes(SLIM_FROM), 0.0, 1, relay_batch)
-        window.stored(token, seq + 1)
-    assert [type(e.token_ids) for b in heard for e in b.events
-            if isinstance(e, Stored)] == [array, array, list]
-    direct, relayed = KvIndex(queries=False), KvIndex(queries=False)
-    for seq, (original, kept) in enumerate(zip(batches, heard, strict=True), 1):
-        direct.apply(original, seq)
-        relayed.apply(kept, seq)
-    worker = (7, 0)
-    assert relayed.status(worker).unkeyed_blocks == direct.status(worker).unkeyed_blocks == 2
-    assert encode_snapshot(relayed.snapshot(worker)) == encode_snapshot(direct.snapshot(worker))
-    assert relayed.snapshot(worker) == direct.snapshot(worker)
+def test_on_stored_hears_the_payload_as_stored_and_it_is_let_go() -> None:
+    """What on_stored hears of a batch is its rank, the very payload JetStream stored and its
+    stream sequence; the window keeps no copy after, and a window nobody listens to keeps no
+    payload past the ack."""
+    heard: list[tuple[int, bytes, int]] = []
+    window = Window(lambda rank, payload, stream_seq: heard.append((rank, payload, stream_seq)))
+    token, pending = window.add(Frame(3, 0, 0, b"raw", 0.0, ()), SUBJECT, "7.3.0.0",
+                                b"encoded batch", 0.0, 2)
+    window.stored(token, 42)
+    assert heard == [(3, b"encoded batch", 42)]
+    assert (pending.payload, pending.kept) == (b"", b"")
+    quiet = Window()
+    token, pending = quiet.add(Frame(0, 0, 0, b"raw", 0.0, ()), SUBJECT, "7.0.0.0", b"x", 0.0, 1)
+    quiet.stored(token, 1)
+    assert (pending.payload, pending.kept) == (b"", b"")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -40,7 +40,7 @@ from kvrelay.jetstream.stream import (
     stored_from,
     stream_refusal,
 )
-from kvrelay.jetstream.window import Pending, Window
+from kvrelay.jetstream.window import OnStored, Pending, Window
 from kvrelay.publish.base import Output
 from kvrelay.publish.common import (
     SEND_SLICE,
@@ -72,9 +72,9 @@ class Publisher(Output):
 
     def __init__(self, worker: Worker, nats: NatsSettings, publish: PublishSettings,
                  stream: StreamSettings, buffer: Buffer, metrics: Metrics,
-                 on_stored: Callable[[RelayBatch, int], None] | None = None) -> None:
-        """`on_stored(batch, stream_seq)` hears of every batch JetStream stored, once each,
-        in the order of its subject's stream."""
+                 on_stored: OnStored | None = None) -> None:
+        """`on_stored(dp_rank, payload, stream_seq)` hears of every batch JetStream stored,
+        once each, in the order of its subject's stream."""
         super().__init__(nats, publish, buffer, metrics, log)
         self._stream = stream
         self._instance_id = worker.instance_id
@@ -260,7 +260,7 @@ class Publisher(Output):
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
         self._arm_watch()
         return self._window.add(frame, self.subject(frame.dp_rank), msg_id, payload, decoded.ts,
-                                len(decoded.events), batch if self._window.keeps_batches else None)
+                                len(decoded.events))
 
     def _drop(self, token: int, reason: str) -> Pending | None:
         """A batch of the window that will not be stored: out of it, counted and announced

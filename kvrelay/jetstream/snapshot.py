@@ -1,8 +1,10 @@
 """Relay side of snapshots: this worker's blocks in a NATS KV bucket, so a router that starts
 late restores them and reads only the stream's tail after them instead of hours of history.
 
-Per DP rank a KvIndex, fed by the publisher with every batch JetStream stored, once each and in
-its subject's order, with its stream sequence. The index takes them in runs of `_RUN` batches
+Per DP rank a KvIndex, fed with every batch JetStream stored (its payload, as routers read it),
+once each and in its subject's order, with its stream sequence. The relay runs this in a
+process of its own (kvrelay/jetstream/snapshotproc.py), so keeping the index and building
+snapshots never takes the publishing loop's time. The index takes them in runs of `_RUN` batches
 or `_RUN_ITEMS` events and block hashes, whichever comes first, and before every snapshot: a
 run applied in one go costs a fraction of the same batches applied one per wake-up of a quiet
 relay, whose caches have gone cold in between. A task writes the ranks whose index changed every
@@ -12,7 +14,8 @@ drain.
 At start each rank's index is rebuilt from its last snapshot and the subject's messages after it
 (the whole subject without one), so snapshots stay complete across relay restarts. Snapshots
 are an optimisation: a bucket that cannot be created or written is logged and counted, and
-readiness does not depend on it.
+readiness does not depend on it. Batches the relay could not pass on (`gap`) make the rank's
+index rebuilt the same way.
 """
 
 from __future__ import annotations
@@ -36,13 +39,14 @@ from nats.js.kv import KeyValue
 
 from kvrelay.config import NatsSettings, SnapshotSettings, StreamSettings
 from kvrelay.jetstream import forked
+from kvrelay.jetstream.reports import Reports
 from kvrelay.natsio.options import nats_options
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.router.consumer import KvConsumer
 from kvrelay.router.index import KvIndex, WorkerKey, encode_snapshot
 from kvrelay.router.restore import Verdict, emptied, judge, read_snapshots, snapshot_key
-from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
+from kvrelay.wire.relaybatch import decode_relay_batch
 from kvrelay.wire.schema import RelayBatch, Removed, Stored, WorkerSnapshot
 
 log = logging.getLogger("kvrelay.snapshot")
@@ -77,11 +81,11 @@ class Snapshotter:
     """Keeps this relay's ranks' blocks and writes them to the KV bucket."""
 
     def __init__(self, worker: Worker, dp_ranks: list[int], config: SnapshotSettings,
-                 nats: NatsSettings, stream: StreamSettings, metrics: Metrics) -> None:
+                 nats: NatsSettings, stream: StreamSettings, reports: Reports) -> None:
         self._config = config
         self._nats = nats
         self._stream = stream
-        self._metrics = metrics
+        self._reports = reports
         self._warn = RateLimitedLog(log)
         self._ranks = {
             rank: _Rank(rank, worker.subject(rank), snapshot_key(*worker[:3], rank),
@@ -93,11 +97,21 @@ class Snapshotter:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._not_before = 0.0  # no event-triggered snapshot before (CPU budget)
+        self._stale: set[int] = set()  # ranks whose stored batches did not all arrive
+        self._live = asyncio.Event()  # every rank rebuilt and following
 
-    def stored(self, batch: RelayBatch, stream_seq: int) -> None:
-        """The publisher's hook: JetStream stored `batch` at `stream_seq`."""
-        rank = self._ranks.get(batch.dp_rank)
+    def stored(self, dp_rank: int, payload: bytes, stream_seq: int) -> None:
+        """The publisher's hook: JetStream stored the batch `payload` at `stream_seq`."""
+        rank = self._ranks.get(dp_rank)
         if rank is None:
+            return
+        try:
+            batch = decode_relay_batch(payload)
+        except ValueError:  # never sent unless it was one: a rebuild reads what was stored
+            self._reports.failed("index")
+            self._warn.warning("undecodable", "a stored batch of %s could not be read back; "
+                               "its blocks are rebuilt", rank.subject)
+            self.gap(dp_rank)
             return
         if not rank.ready:
             if len(rank.queue) == rank.queue.maxlen:  # the oldest goes: the rebuild reads it
@@ -114,6 +128,19 @@ class Snapshotter:
         if len(run) >= _RUN or rank.run_items >= _RUN_ITEMS:
             self._apply_run(rank)
 
+    def gap(self, dp_rank: int) -> None:
+        """Stored batches of the rank were not all heard of: rebuild its blocks (from its last
+        snapshot and the stream) before its next snapshot."""
+        rank = self._ranks.get(dp_rank)
+        if rank is None or dp_rank in self._stale:
+            return
+        self._stale.add(dp_rank)
+        self._live.clear()
+        rank.ready, rank.run, rank.run_items = False, [], 0
+        rank.queue.clear()
+        rank.dropped_seq = 0
+        self._due.set()
+
     def _apply_run(self, rank: _Rank) -> None:
         """Apply what was stored since the last run, in order."""
         run, rank.run, rank.run_items = rank.run, [], 0
@@ -124,7 +151,7 @@ class Snapshotter:
         try:
             rank.index.apply(batch, stream_seq)
         except Exception:  # never into the publisher's ack path; start over, not exact
-            self._metrics.snapshot_failures.labels("index").inc()
+            self._reports.failed("index")
             log.exception("the blocks of %s could not take a batch; they start over",
                           rank.subject)
             rank.index, rank.written_seq = KvIndex(queries=False), -1
@@ -156,7 +183,11 @@ class Snapshotter:
         """Stop the task and write what changed since the last snapshot if NATS is up,
         within `within` seconds."""
         deadline = time.monotonic() + within
-        if not await self._stop_task(within) and within > 0:
+        if not all(rank.ready for rank in self._ranks.values()) and self._task is not None:
+            # Still rebuilding (a relay stopped soon after it started): finish, then write.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._live.wait(), timeout=within)
+        if not await self._stop_task(max(0.0, deadline - time.monotonic())) and within > 0:
             log.warning("no final snapshot: the snapshot task did not stop in time")
             return
         left = deadline - time.monotonic()
@@ -212,7 +243,14 @@ class Snapshotter:
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, _RETRY_MAX)
                         continue
+                for dp_rank in sorted(self._stale):
+                    self._stale.discard(dp_rank)
+                    rank = self._ranks[dp_rank]
+                    rank.index, rank.stream_seq, rank.written_seq = KvIndex(queries=False), 0, -1
+                    await self._rebuild(js, rank)
                 await self._write_changed()
+                if self._stale:
+                    continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._due.wait(), timeout=interval or None)
                     # An event count came due: within the CPU budget, unless stopping.
@@ -241,7 +279,7 @@ class Snapshotter:
                 log.info("created KV bucket %s for snapshots", name)
                 return kv
         except (nats.errors.Error, TimeoutError) as exc:
-            self._metrics.snapshot_failures.labels("bucket").inc()
+            self._reports.failed("bucket")
             self._warn.warning("bucket", "cannot open or create KV bucket %s for snapshots: %s; "
                                "trying again with the next snapshot (publishing is not "
                                "affected)", name, _why(exc))
@@ -257,7 +295,7 @@ class Snapshotter:
                 how = await self._read_subject(js, rank)
                 break
             except (nats.errors.Error, TimeoutError, ValueError, RuntimeError) as exc:
-                self._metrics.snapshot_failures.labels("bootstrap").inc()
+                self._reports.failed("bootstrap")
                 self._warn.warning("bootstrap", "cannot rebuild the blocks of %s from bucket %s "
                                    "and the stream: %s; retrying", rank.subject,
                                    self._config.snapshot_bucket, _why(exc))
@@ -275,26 +313,26 @@ class Snapshotter:
         found = await read_snapshots(js, config.snapshot_bucket, rank.key)
         start: int | None = None
         if found and found[0].snapshot is None:
-            self._metrics.snapshot_failures.labels("undecodable").inc()
+            self._reports.failed("undecodable")
             log.warning("snapshot %s in bucket %s is not a worker snapshot; rebuilding from the "
                         "stream", rank.key, config.snapshot_bucket)
         elif found and (snapshot := found[0].snapshot) is not None:
             info = await js.stream_info(self._stream.name)
             verdict = await judge(js, info, rank.subject, snapshot, found[0].written_at)
             if verdict is Verdict.STALE:
-                self._metrics.snapshot_failures.labels("stale").inc()
+                self._reports.failed("stale")
                 log.warning("snapshot %s is older than stream %s; rebuilding from the stream",
                             rank.key, self._stream.name)
             else:
                 if verdict is Verdict.TAIL_MISSING:
-                    self._metrics.snapshot_failures.labels("tail_missing").inc()
+                    self._reports.failed("tail_missing")
                     log.warning("stream %s no longer holds what followed snapshot %s; the "
                                 "blocks start empty", self._stream.name, rank.key)
                     snapshot = emptied(snapshot)
                 try:
                     rank.index.restore(snapshot)
                 except ValueError as exc:
-                    self._metrics.snapshot_failures.labels("undecodable").inc()
+                    self._reports.failed("undecodable")
                     log.warning("snapshot %s: %s; rebuilding from the stream", rank.key, exc)
                 else:
                     start = snapshot.stream_seq + 1
@@ -328,6 +366,9 @@ class Snapshotter:
                 self._count(rank, len(batch.events))
         rank.queue.clear()
         rank.ready = True
+        self._reports.live(rank.dp_rank, rank.stream_seq)
+        if all(r.ready for r in self._ranks.values()):
+            self._live.set()
 
     async def _write_changed(self) -> None:
         for rank in self._ranks.values():
@@ -347,7 +388,7 @@ class Snapshotter:
             started = time.process_time()
             seq, data = await asyncio.to_thread(_encoded, rank.index.snapshot_later(rank.worker))
             cpu = time.process_time() - started
-        self._metrics.snapshot_build_seconds.inc(cpu)
+        self._reports.built(cpu)
         self._not_before = time.monotonic() + _SPACING * cpu
         return seq, data
 
@@ -363,10 +404,9 @@ class Snapshotter:
         try:
             seq, data = await self._built(rank)
         except (OSError, forked.ChildFailed) as exc:
-            self._metrics.snapshot_failures.labels("build").inc()
+            self._reports.failed("build")
             self._warn.warning("build", "cannot build snapshot %s: %s", rank.key, _why(exc))
             return
-        label = str(rank.dp_rank)
         if len(data) > self._nc.max_payload:
             rank.too_large_at = blocks
             self._too_large(rank, len(data))
@@ -375,23 +415,19 @@ class Snapshotter:
         try:
             await self._kv.put(rank.key, data)
         except (nats.errors.Error, TimeoutError) as exc:
-            self._metrics.snapshot_failures.labels("write").inc()
+            self._reports.failed("write")
             self._warn.warning("write", "cannot write snapshot %s: %s", rank.key, _why(exc))
             return
         log.debug("snapshot %s written: stream sequence %d, %d bytes", rank.key, seq, len(data))
         rank.written_seq = seq
         rank.written_at = time.time()
-        metrics = self._metrics
-        metrics.snapshots_written.inc()
-        metrics.snapshot_stream_seq.labels(label).set(seq)
-        metrics.snapshot_bytes.labels(label).set(len(data))
-        metrics.snapshot_age.labels(label).set_function(lambda: time.time() - rank.written_at)
+        self._reports.written(rank.dp_rank, seq, len(data), rank.written_at)
 
     def _too_large(self, rank: _Rank, size: int | None) -> None:
         """A snapshot above the server's max_payload (`size` None: not built again, the worker
         holds at least as many blocks as when one last did not fit): counted and logged."""
         assert self._nc is not None
-        self._metrics.snapshot_failures.labels("too_large").inc()
+        self._reports.failed("too_large")
         what = f"is {size} bytes" if size is not None else "would be again"
         self._warn.warning("too-large", "snapshot of %s %s, above the server's max_payload %d: "
                            "not written (raise max_payload)", rank.subject, what,

@@ -10,50 +10,26 @@ reading the stream. Stored batches are reported to `on_stored` once each, in str
 
 from __future__ import annotations
 
-from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-
-from msgspec.structs import replace
+from collections.abc import Callable, Iterable
 
 from kvrelay.ingest.sequencer import Frame
-from kvrelay.wire.schema import RelayBatch, ResumePoint, Stored
+from kvrelay.wire.schema import ResumePoint
 
-OnStored = Callable[[RelayBatch, int], None]
-SLIM_FROM = 16 << 10  # payload bytes from which a batch kept for on_stored is slimmed
-
-
-def blocks_only(batch: RelayBatch) -> RelayBatch:
-    """`batch` as it waits for its ack for `on_stored`: its blocks with their token ids packed
-    (4 bytes each in an `array('I')` instead of a list of Python ints, which in memory takes ten
-    times or more the bytes of the whole payload) and no lookahead tokens. The snapshot index
-    reads the token ids and extra keys after the ack, for the blocks' token keys; ids that do
-    not fit 32 bits are left out, as token keys cannot be had for them anyway."""
-    if not any(type(event) is Stored for event in batch.events):
-        return batch
-    return replace(batch, events=[
-        replace(event, token_ids=_packed(event.token_ids), lookahead_token_ids=None)
-        if type(event) is Stored else event for event in batch.events])
-
-
-def _packed(token_ids: Sequence[int]) -> Sequence[int]:
-    """Token ids as an array of uint32 (a Sequence of ints, as `tokenkey.stored_keys` reads
-    them); empty when one does not fit."""
-    try:
-        return array("I", token_ids)
-    except (OverflowError, TypeError):
-        return []
+OnStored = Callable[[int, bytes, int], None]
+"""`on_stored(dp_rank, payload, stream_seq)`: JetStream stored the batch `payload` at
+`stream_seq`."""
 
 
 class Pending:
     """One batch in the window."""
 
-    __slots__ = ("batch", "dp_rank", "epoch", "events", "msg_id", "payload", "sent_at", "seq",
+    __slots__ = ("dp_rank", "epoch", "events", "kept", "msg_id", "payload", "sent_at", "seq",
                  "stored_at", "subject", "token", "ts")
 
     def __init__(self, frame: Frame, subject: str, msg_id: str, payload: bytes,
-                 ts: float, events: int, token: int, batch: RelayBatch | None) -> None:
-        self.batch = batch  # kept for on_stored only
+                 ts: float, events: int, token: int) -> None:
+        self.kept = b""  # the payload once stored, until on_stored hears of it
         self.token = token
         self.stored_at = 0  # stream sequence once JetStream stored it
         self.dp_rank = frame.dp_rank
@@ -95,11 +71,6 @@ class Window:
         """What is in flight, in send order (a copy)."""
         return list(self._entries.items())
 
-    @property
-    def keeps_batches(self) -> bool:
-        """Whether a batch must come with its publish (someone hears of it once stored)."""
-        return self._on_stored is not None
-
     def acked_at(self, subject: str) -> int:
         """The stream sequence of the latest message known stored on `subject` (0: none)."""
         return self._acked_at.get(subject, 0)
@@ -118,13 +89,10 @@ class Window:
         self._acked_at[subject] = stream_seq
 
     def add(self, frame: Frame, subject: str, msg_id: str, payload: bytes, ts: float,
-            events: int, batch: RelayBatch | None) -> tuple[int, Pending]:
+            events: int) -> tuple[int, Pending]:
         token = self._next_token
         self._next_token += 1
-        # A small batch is kept as it is: copying it would cost more than it weighs.
-        kept = blocks_only(batch) if batch is not None and len(payload) >= SLIM_FROM \
-            else batch
-        pending = Pending(frame, subject, msg_id, payload, ts, events, token, kept)
+        pending = Pending(frame, subject, msg_id, payload, ts, events, token)
         self._entries[token] = pending
         self.nbytes += len(payload)
         self._unsettled.setdefault(subject, deque()).append(pending)
@@ -192,6 +160,8 @@ class Window:
 
     def _mark_stored(self, pending: Pending, stream_seq: int) -> None:
         pending.stored_at = stream_seq
+        if self._on_stored is not None:
+            pending.kept = pending.payload
         pending.payload = b""  # out of the window: never sent again
         self._settle_in_order(pending.subject)
 
@@ -205,5 +175,6 @@ class Window:
             if pending.stored_at:
                 if pending.stored_at > self.settled_at(subject):
                     self._settled_at[subject] = pending.stored_at
-                if report is not None and pending.batch is not None:
-                    report(pending.batch, pending.stored_at)
+                if report is not None:
+                    report(pending.dp_rank, pending.kept, pending.stored_at)
+                    pending.kept = b""

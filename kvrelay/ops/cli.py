@@ -186,6 +186,6 @@ def _load_config(args: argparse.Namespace) -> Config:
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
-    from kvrelay.ops.logs import setup_logging
+    from kvrelay.system.logs import setup_logging
 
     setup_logging(level, fmt)
