@@ -115,6 +115,10 @@ def stop_process(proc: multiprocessing.process.BaseProcess, conn: Connection) ->
         proc.join()
 
 
+MAX_PAYLOAD = 8 << 20
+"""The bench's nats-server max_payload (the server's own default is 1 MiB)."""
+
+
 @dataclass(frozen=True)
 class Running:
     """A site with its feeder bound and the target's relays ready."""
@@ -140,7 +144,11 @@ def start_site(stack: contextlib.ExitStack, target: Target, pools: list[Pool], *
     if len(pools) != publishers:
         raise ValueError(f"{len(pools)} pools for {publishers} publishers")
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvrelay-bench-")))
-    server = NatsServer(tmp / "nats", name="bench")
+    # Snapshots of workers holding hundreds of thousands of blocks take a few MiB: written,
+    # as an operator with such workers would configure the server, not refused as too large.
+    conf = tmp / "nats.conf"
+    conf.write_text(f"max_payload: {MAX_PAYLOAD}\n")
+    server = NatsServer(tmp / "nats", name="bench", extra_args=["-c", str(conf)])
     server.start()
     stack.callback(server.stop)
     shm = SharedMemory(create=True, size=publishers * capacity * 8)

@@ -41,6 +41,7 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 
 T = TypeVar("T")
+_TASKS_END = 2.0  # seconds the relay waits for its tasks to end once cancelled
 
 
 class StartupError(Exception):
@@ -247,7 +248,12 @@ class Relay:
         # Phase 3: close everything.
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            # nats-py can swallow a cancellation in a connection attempt: not waited for long.
+            _, stuck = await asyncio.wait(self._tasks, timeout=_TASKS_END)
+            if stuck:
+                log.warning("%d relay task(s) did not stop within %.0f s; stopping anyway",
+                            len(stuck), _TASKS_END)
         if self.publisher is not None:
             # nats-py flushes on close, which a frozen server would never let finish.
             with contextlib.suppress(Exception):

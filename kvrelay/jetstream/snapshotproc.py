@@ -145,10 +145,11 @@ class SnapshotProcess:
         await self._wait_child(within + 1.0)
 
     async def close(self) -> None:
+        """Stop the child now (after `final`, it has finished or had its time)."""
         self._stopping = True
         if self._writer is not None and not self._writer.transport.is_closing():
             self._writer.close()
-        await self._wait_child(2.0)
+        await self._wait_child(0.2)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
