@@ -23,7 +23,7 @@ DROP_REASONS = ("overflow", "malformed", "rejected", "too_large", "out_of_order"
 # Blocks `--format dynamo` cannot carry, by why (see kvrelay/dynamo/translate.py).
 BLOCK_DROP_REASONS = ("block_size", "short_tokens", "duplicate", "medium", "invalid")
 SNAPSHOT_FAILURES = ("bucket", "write", "too_large", "undecodable", "stale", "tail_missing",
-                     "bootstrap", "index", "build")
+                     "bootstrap", "index", "build", "behind", "process")
 DECODE_ERROR_KINDS = (
     "frame_count", "seq_length", "msgpack", "batch_shape", "invalid_event", "unencodable",
 )
