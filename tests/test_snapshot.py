@@ -205,7 +205,6 @@ async def test_snapshots_follow_the_cadence_and_hold_the_worker_blocks(
                 sent += 1
                 await eventually(lambda n=sent: metric(relay, "kvrelay_batches_published_total")
                                  == n, "the batch stored")
-                await asyncio.sleep(0.3)  # passed on to the snapshot process meanwhile
             await eventually(lambda: metric(relay, "kvrelay_snapshots_written_total") == 1,
                              "a snapshot once 40 events were stored")
             snapshot = await bucket_snapshot(nc, key)

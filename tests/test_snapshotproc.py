@@ -12,7 +12,7 @@ import pytest
 from harness import COMP, eventually, join, metric, new_instance_id, publish, running_relay
 from test_snapshot import bucket_snapshot, held, new_namespace, own_index_ready
 
-from kvrelay.jetstream import snapshotproc
+from kvrelay.jetstream import snapshotd, snapshotproc
 from kvrelay.jetstream.feed import (
     FINAL,
     GAP,
@@ -77,9 +77,10 @@ def child_pid(relay: Any) -> int:
 
 async def test_a_killed_snapshot_process_is_started_again_and_rebuilds(
         nats_server: NatsServer, nc: Any) -> None:
-    """The snapshot process killed: counted, logged, started again; it rebuilds the blocks
-    from the stream, and the relay's last snapshot holds exactly what the engine holds. A
-    SIGINT (a Ctrl-C reaches the whole process group) leaves it to the relay."""
+    """The snapshot process, running at a lower priority than the relay, killed: counted,
+    logged, started again; it rebuilds the blocks from the stream, and the relay's last
+    snapshot holds exactly what the engine holds. A SIGINT (a Ctrl-C reaches the whole process
+    group) leaves it to the relay."""
     ns, instance = new_namespace(), new_instance_id()
     with SyntheticVllm("tcp://127.0.0.1:*", factory=WorkloadFactory(seed=21)) as vllm:
         async with running_relay(nats=nats_server.url, namespace=ns, instance_id=instance,
@@ -87,6 +88,8 @@ async def test_a_killed_snapshot_process_is_started_again_and_rebuilds(
                                  snapshot_events=0) as relay:
             await eventually(lambda: own_index_ready(relay), "the blocks rebuilt")
             first = child_pid(relay)
+            own = os.getpriority(os.PRIO_PROCESS, 0)
+            assert os.getpriority(os.PRIO_PROCESS, first) == min(19, own + snapshotd.NICE)
             os.kill(first, signal.SIGINT)
             await join(vllm, relay)
             publish(vllm, 20)
@@ -115,7 +118,7 @@ async def test_a_snapshot_process_too_far_behind_rebuilds_what_it_missed(
     batches go (counted once as `behind`) instead of holding them, and the process, told of
     the gap, rebuilds that rank from the stream: the last snapshot is still exact."""
     monkeypatch.setattr(snapshotproc, "_BEHIND_MAX", 4096)
-    monkeypatch.setattr(snapshotproc, "_RUN", 1)
+    monkeypatch.setattr(snapshotproc, "_FLUSH_BYTES", 1)
     ns, instance = new_namespace(), new_instance_id()
     with SyntheticVllm("tcp://127.0.0.1:*", factory=WorkloadFactory(seed=22)) as vllm:
         async with running_relay(nats=nats_server.url, namespace=ns, instance_id=instance,

@@ -2,7 +2,7 @@
 
 The Snapshotter runs in the snapshot process (kvrelay/jetstream/snapshotd.py), which sends what
 it reports to the relay as lines (`kvrelay/jetstream/snapshotproc.py`); the relay applies them to
-its metrics with `MetricsReports`, as it would if the Snapshotter ran in its own process.
+its metrics with `MetricsReports`, as if the Snapshotter ran in the relay itself.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ snapshot of a quarter of a million blocks about half a second of CPU: on the pub
 or in a child forked from it (whose copy-on-write faults land on the loop), that is lag. So the
 Snapshotter (kvrelay/jetstream/snapshot.py) runs in a child process (kvrelay/jetstream/
 snapshotd.py) at a lower scheduling priority, and the relay only appends each stored batch's
-payload, already encoded, to a buffer it writes to the child's stdin every `_RUN` batches,
-`_FLUSH_BYTES` bytes or `_FLUSH_AFTER` seconds.
+payload, already encoded, to a buffer it writes to the child's stdin every `_FLUSH_BYTES`
+bytes or `_FLUSH_AFTER` seconds (a quiet relay wakes its child once a second at most).
 
 What the child cannot take in time waits in the pipe's buffer, up to `_BEHIND_MAX` bytes; past
 that the relay stops passing batches on, counts the failure (`behind`) and tells the child
@@ -34,9 +34,8 @@ from kvrelay.wire.names import Worker
 
 log = logging.getLogger("kvrelay.snapshot")
 
-_RUN: Final = 64  # stored batches written to the child in one go
 _FLUSH_BYTES: Final = 64 << 10
-_FLUSH_AFTER: Final = 0.25  # seconds a stored batch waits at most before it is written
+_FLUSH_AFTER: Final = 1.0  # seconds a stored batch waits at most before it is written
 _BEHIND_MAX: Final = 16 << 20  # bytes the child may leave unread before batches are let go
 _RESTART_MAX: Final = 60.0
 _MODULE: Final = "kvrelay.jetstream.snapshotd"
@@ -54,7 +53,6 @@ class SnapshotProcess:
         self._dp_ranks = dp_ranks
         self.reports = MetricsReports(metrics)
         self._out = bytearray()
-        self._batches = 0  # in _out
         self._timer: asyncio.TimerHandle | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._gaps: set[int] = set()  # ranks that missed batches, not told yet
@@ -73,8 +71,7 @@ class SnapshotProcess:
         out = self._out
         out += HEAD.pack(len(payload), STORED, dp_rank, stream_seq)
         out += payload
-        self._batches += 1
-        if self._batches >= _RUN or len(out) >= _FLUSH_BYTES:
+        if len(out) >= _FLUSH_BYTES:
             self._flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(_FLUSH_AFTER, self._flush)
@@ -100,7 +97,6 @@ class SnapshotProcess:
                 if out:
                     transport.write(bytes(out))
         out.clear()
-        self._batches = 0
 
     def _let_go(self, out: bytearray) -> None:
         """The child is too far behind: the batches in `out` are not passed on."""
@@ -205,7 +201,6 @@ class SnapshotProcess:
             tell_ready.cancel()
             self._writer = None
             self._out.clear()
-            self._batches = 0
             self.reports.live_ranks.clear()
 
     async def _tell_ready(self, writer: asyncio.StreamWriter) -> None:
