@@ -9,7 +9,8 @@ and publishing into a local nats-server whose max_payload is 64 MiB, so a batch 
 decoded, encoded and published, not refused at the end: the worst case. One message of the
 shape, as large as fits in `--size` bytes (the batch and its 8-byte seq; the topic is empty),
 goes out, then a typical one; once the relay has published or dropped both, its VmRSS
-(`after`) and VmHWM (`peak`, since the process started) are read from /proc/<pid>/status.
+(`after`) and VmHWM (`peak`, since the process started) are read from /proc/<pid>/status,
+with the proportional set size of its snapshot process added (`proc_status`).
 
 Shapes, each one vLLM batch:
   stored      one BlockStored: many blocks of 16 token ids each
@@ -43,6 +44,7 @@ from typing import Any, NamedTuple
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.procstat import live_children
 from kvrelay.testing.natsserver import NatsServer
 from kvrelay.testing.synthetic import (
     SyntheticVllm,
@@ -108,14 +110,30 @@ def typical_payload(seed: int) -> bytes:
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of `pid` in bytes."""
+    """VmRSS and VmHWM of `pid` in bytes, each with the memory of its running child processes
+    (the relay's snapshot process) added: their proportional set size (Pss: private pages, and
+    a share of those mapped by other processes too, such as shared libraries), so that what
+    the pod holds is counted once. A child's peak is taken as its present size: the snapshot
+    process grows with the worker's blocks, not with the relay's input."""
     out: dict[str, int] = {}
     with open(f"/proc/{pid}/status", "rb") as f:
         for line in f:
             if line.startswith((b"VmRSS:", b"VmHWM:")):
                 name, value = line.split()[:2]
                 out[name[:-1].decode()] = int(value) * 1024
-    return out
+    children = sum(_pss(child) for child in live_children(pid))
+    return {name: size + children for name, size in out.items()}
+
+
+def _pss(pid: int) -> int:
+    """The proportional set size of `pid` and its own children, in bytes (0 once ended)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            own = next((int(line.split()[1]) * 1024 for line in f
+                        if line.startswith(b"Pss:")), 0)
+    except OSError:
+        return 0
+    return own + sum(_pss(child) for child in live_children(pid))
 
 
 class Relay:
