@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,10 @@ class Engine:
         return self.epoch, self.vllm.seq - 1
 
 
+def metric_is(relay: Relay, name: str, value: float, **labels: str) -> bool:
+    return metric(relay, name, **labels) == value
+
+
 def own_index_ready(relay: Relay, dp_rank: int = 0) -> bool:
     """The relay's snapshot process rebuilt the rank's blocks and follows what is stored."""
     return relay.snapshotter is not None and relay.snapshotter.ready(dp_rank)
@@ -203,8 +208,8 @@ async def test_snapshots_follow_the_cadence_and_hold_the_worker_blocks(
                 assert metric(relay, "kvrelay_snapshots_written_total") == 0
                 vllm.publish_next()
                 sent += 1
-                await eventually(lambda n=sent: metric(relay, "kvrelay_batches_published_total")
-                                 == n, "the batch stored")
+                await eventually(partial(metric_is, relay, "kvrelay_batches_published_total",
+                                         sent), "the batch stored")
             await eventually(lambda: metric(relay, "kvrelay_snapshots_written_total") == 1,
                              "a snapshot once 40 events were stored")
             snapshot = await bucket_snapshot(nc, key)
@@ -229,9 +234,8 @@ async def test_snapshots_follow_the_cadence_and_hold_the_worker_blocks(
                 await stored(nc, ns, (instance, 0), (0, vllm.seq - 1))
                 last = await last_stream_seq(nc, f"kv.{ns}.{COMP}.{instance}.0")
                 await eventually(
-                    lambda at=last: metric(relay, "kvrelay_snapshot_stream_sequence",
-                                           dp_rank="0") == at,
-                    f"the timed snapshot of round {round_}")
+                    partial(metric_is, relay, "kvrelay_snapshot_stream_sequence", last,
+                            dp_rank="0"), f"the timed snapshot of round {round_}")
                 snapshot = await bucket_snapshot(nc, key)
                 assert snapshot is not None
                 assert held(snapshot) == vllm.factory.stored_blocks
