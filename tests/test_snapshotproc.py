@@ -4,14 +4,17 @@ real relay, a real nats-server and a synthetic vLLM: killed, stopped, interrupte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from harness import COMP, eventually, join, metric, new_instance_id, publish, running_relay
 from test_snapshot import bucket_snapshot, held, new_namespace, own_index_ready
 
+from kvrelay.app import Relay
 from kvrelay.jetstream import snapshotd, snapshotproc
 from kvrelay.jetstream.feed import (
     FINAL,
@@ -75,6 +78,18 @@ def child_pid(relay: Any) -> int:
     return int(proc.pid)
 
 
+@contextlib.asynccontextmanager
+async def snapshotting_relay(nats_server: NatsServer, ns: str, instance: int,
+                             vllm: SyntheticVllm) -> AsyncIterator[Relay]:
+    """A relay for `vllm` whose snapshot process has rebuilt its blocks; its only snapshot is
+    the last one, at shutdown."""
+    async with running_relay(nats=nats_server.url, namespace=ns, instance_id=instance,
+                             zmq=[vllm.address], snapshot_interval=3600,
+                             snapshot_events=0) as relay:
+        await eventually(lambda: own_index_ready(relay), "the blocks rebuilt")
+        yield relay
+
+
 async def test_a_killed_snapshot_process_is_started_again_and_rebuilds(
         nats_server: NatsServer, nc: Any) -> None:
     """The snapshot process, running at a lower priority than the relay, killed: counted,
@@ -83,10 +98,7 @@ async def test_a_killed_snapshot_process_is_started_again_and_rebuilds(
     group) leaves it to the relay."""
     ns, instance = new_namespace(), new_instance_id()
     with SyntheticVllm("tcp://127.0.0.1:*", factory=WorkloadFactory(seed=21)) as vllm:
-        async with running_relay(nats=nats_server.url, namespace=ns, instance_id=instance,
-                                 zmq=[vllm.address], snapshot_interval=3600,
-                                 snapshot_events=0) as relay:
-            await eventually(lambda: own_index_ready(relay), "the blocks rebuilt")
+        async with snapshotting_relay(nats_server, ns, instance, vllm) as relay:
             first = child_pid(relay)
             own = os.getpriority(os.PRIO_PROCESS, 0)
             assert os.getpriority(os.PRIO_PROCESS, first) == min(19, own + snapshotd.NICE)
@@ -121,10 +133,7 @@ async def test_a_snapshot_process_too_far_behind_rebuilds_what_it_missed(
     monkeypatch.setattr(snapshotproc, "_FLUSH_BYTES", 1)
     ns, instance = new_namespace(), new_instance_id()
     with SyntheticVllm("tcp://127.0.0.1:*", factory=WorkloadFactory(seed=22)) as vllm:
-        async with running_relay(nats=nats_server.url, namespace=ns, instance_id=instance,
-                                 zmq=[vllm.address], snapshot_interval=3600,
-                                 snapshot_events=0) as relay:
-            await eventually(lambda: own_index_ready(relay), "the blocks rebuilt")
+        async with snapshotting_relay(nats_server, ns, instance, vllm) as relay:
             pid = child_pid(relay)
             os.kill(pid, signal.SIGSTOP)
             try:

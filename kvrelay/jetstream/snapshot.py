@@ -245,9 +245,7 @@ class Snapshotter:
                         continue
                 for dp_rank in sorted(self._stale):
                     self._stale.discard(dp_rank)
-                    rank = self._ranks[dp_rank]
-                    rank.index, rank.stream_seq, rank.written_seq = KvIndex(queries=False), 0, -1
-                    await self._rebuild(js, rank)
+                    await self._rebuild(js, self._ranks[dp_rank])
                 await self._write_changed()
                 if self._stale:
                     continue
@@ -286,11 +284,14 @@ class Snapshotter:
             return None
 
     async def _rebuild(self, js: JetStreamContext, rank: _Rank) -> None:
-        """The rank's index from its last snapshot and the subject after it, then live."""
+        """The rank's index, from empty, from its last snapshot and the subject after it, then
+        live."""
         delay = 1.0
         while True:
             if self._stopping:
                 return
+            rank.index = KvIndex(queries=False)  # each attempt starts over
+            rank.stream_seq, rank.written_seq = 0, -1
             try:
                 how = await self._read_subject(js, rank)
                 break
@@ -299,8 +300,6 @@ class Snapshotter:
                 self._warn.warning("bootstrap", "cannot rebuild the blocks of %s from bucket %s "
                                    "and the stream: %s; retrying", rank.subject,
                                    self._config.snapshot_bucket, _why(exc))
-                rank.index = KvIndex(queries=False)
-                rank.stream_seq, rank.written_seq = 0, -1
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX)
         log.info("blocks of %s rebuilt %s; following from stream sequence %d", rank.subject, how,

@@ -50,7 +50,6 @@ class SnapshotProcess:
         self._setup = msgspec.json.encode({
             "worker": list(worker), "dp_ranks": dp_ranks, "snapshot": config, "nats": nats,
             "stream": stream, "log_level": system.log_level, "log_format": system.log_format})
-        self._dp_ranks = dp_ranks
         self.reports = MetricsReports(metrics)
         self._out = bytearray()
         self._timer: asyncio.TimerHandle | None = None
@@ -60,7 +59,6 @@ class SnapshotProcess:
         self._task: asyncio.Task[None] | None = None
         self._stream_ready: asyncio.Event | None = None
         self._stopping = False
-        self.starts = 0  # processes started
 
     # -- the publisher's hook (per stored batch) ------------------------------------------------
 
@@ -185,7 +183,6 @@ class SnapshotProcess:
             sys.executable, *flags, "-m", _MODULE, stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE)
         self._proc = proc
-        self.starts += 1
         assert proc.stdin is not None
         assert proc.stdout is not None
         proc.stdin.write(frame(SETUP, self._setup))
