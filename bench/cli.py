@@ -19,7 +19,7 @@ from bench.workload import WorkloadSpec
 EPILOG = """examples:
   python -m bench                  # kvrelay, kvrelay-dynamo and dynamo at 100,2000,10000/s
   python -m bench --targets kvrelay,dynamo,naive --rates 2000,10000 --search --plot out.png
-  python -m bench --targets kvrelay,kvrelay-nosnap --rates 10000 --live-blocks 250000
+  python -m bench --targets kvrelay,kvrelay-relaysnap --rates 10000 --live-blocks 250000
   python -m bench --idle 60                # idle CPU per hour of the default targets only
   python -m bench --targets kvrelay --rates max --duration 5 --json -
 """

@@ -169,16 +169,18 @@ class KvRelay(Target):
 
 
 @register
-class KvRelayNoSnap(KvRelay):
-    name = "kvrelay-nosnap"
-    summary = ("kvrelay run into JetStream with snapshots off (--snapshot-interval 0 "
-               "--snapshot-events 0), to set against kvrelay's")
+class KvRelaySnap(KvRelay):
+    name = "kvrelay-relaysnap"
+    summary = ("kvrelay run into JetStream writing its worker's snapshots itself "
+               "(--snapshot-interval 30 --snapshot-events 50000), to set against kvrelay's "
+               "default, where routers write them")
 
     def launches(self, site: TrialSite) -> list[Launch]:
-        return [Launch(f"kvrelay-nosnap-{w.index}",
-                       _kvrelay_argv(site, w, "--snapshot-interval", "0",
-                                     "--snapshot-events", "0"), {},
-                       site.workdir / f"kvrelay-nosnap-{w.index}.log", health_ok(w.system_port))
+        return [Launch(f"kvrelay-relaysnap-{w.index}",
+                       _kvrelay_argv(site, w, "--snapshot-interval", "30",
+                                     "--snapshot-events", "50000"), {},
+                       site.workdir / f"kvrelay-relaysnap-{w.index}.log",
+                       health_ok(w.system_port))
                 for w in site.workers]
 
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from kvrelay.jetstream import forked
 from kvrelay.jetstream.snapshot import _framed
+from kvrelay.router import forked
 from kvrelay.router.index import KvIndex, decode_snapshot, encode_snapshot
 from kvrelay.wire.schema import BlockHash, RelayBatch, Stored
 

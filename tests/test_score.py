@@ -1,6 +1,6 @@
 """`kvrelay score`: a relay process relays a synthetic vLLM's blocks into JetStream and the
 command, run as users run it, scores the worker by a request's token ids, from the stream and
-from the relay's snapshot alone."""
+from the scoring service's snapshot alone."""
 
 from __future__ import annotations
 
@@ -104,15 +104,35 @@ async def test_score_prints_each_workers_leading_blocks(
         assert out.splitlines()[1:] == [f"{worker}\t3"]
 
 
-async def test_score_reads_the_relays_snapshot(
-        fresh_nats: NatsServer, relay_procs: Callable[[list[str]], RelayProcess]) -> None:
-    """The relay's final snapshot carries the blocks' token keys, and with the stream's
-    messages purged up to it, `score` still answers from the snapshot alone."""
+async def test_score_reads_the_index_services_snapshot(
+        fresh_nats: NatsServer, relay_procs: Callable[[list[str]], RelayProcess],
+        tmp_path: Path) -> None:
+    """The scoring service (`kvrelay index`) writes the workers' snapshots, a last time when
+    it stops; they carry the blocks' token keys, and with the stream's messages purged up to
+    them, `score` still answers from the snapshot alone."""
     instance = new_instance_id()
     with SyntheticVllm(ANY_PORT, replay_endpoint=ANY_PORT) as vllm:
-        proc = await relay_prompts(fresh_nats.url, relay_procs, vllm, instance)
-        proc.proc.send_signal(signal.SIGTERM)
-        assert await proc.exited(15) == 0, proc.output()
+        await relay_prompts(fresh_nats.url, relay_procs, vllm, instance)
+        log = tmp_path / "index.log"
+        with log.open("w") as sink:
+            service = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "kvrelay", "index", "--nats", fresh_nats.url,
+                "--namespace", NS, "--component", COMP, "--http", "0", "--host", "127.0.0.1",
+                "--snapshot-interval", "3600", "--snapshot-events", "0",
+                stdout=sink, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            for _ in range(300):
+                if "caught up" in log.read_text() or service.returncode is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert "caught up" in log.read_text(), log.read_text()
+            service.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(15):
+                assert await service.wait() == 0, log.read_text()
+        finally:
+            if service.returncode is None:
+                service.kill()
+                await service.wait()
     nc = await nats.connect(fresh_nats.url)
     try:
         js = nc.jetstream()

@@ -307,12 +307,14 @@ class SnapshotSettings(Section, frozen=True):
     """Snapshots of the worker's blocks in a NATS KV bucket, for routers that start late."""
 
     snapshot_interval: Annotated[float, setting(
-        "seconds between snapshots of the worker's blocks in --snapshot-bucket, written when "
-        "something changed (0: none on a timer; with --snapshot-events 0 too, no snapshots)",
-        ge=0, rule="must be 0 (off) or positive")] = 30.0
+        "the relay writes its worker's snapshots itself, every this many seconds, in "
+        "--snapshot-bucket (0: none on a timer; with --snapshot-events 0 too, the relay writes "
+        "none: routers' snapshot writers do, e.g. `kvrelay index`); costs a second decode of "
+        "every batch, in a process beside the relay",
+        ge=0, rule="must be 0 (off) or positive")] = 0.0
     snapshot_events: Annotated[int, setting(
-        "also snapshot once this many events were stored since the last snapshot (0: never "
-        "on a count)", ge=0, rule="must be 0 (off) or positive")] = 50_000
+        "the relay also snapshots once this many events were stored since the last (0: never "
+        "on a count)", ge=0, rule="must be 0 (off) or positive")] = 0
     snapshot_bucket: Annotated[str, setting(
         "NATS KV bucket of the snapshots, created if absent (history 1)",
         pattern=BUCKET_RULE.pattern)] = SNAPSHOT_BUCKET

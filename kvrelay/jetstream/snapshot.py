@@ -38,10 +38,10 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from kvrelay.config import NatsSettings, SnapshotSettings, StreamSettings
-from kvrelay.jetstream import forked
 from kvrelay.jetstream.reports import Reports
 from kvrelay.natsio.options import nats_options
 from kvrelay.ratelimit import RateLimitedLog
+from kvrelay.router import forked
 from kvrelay.router.consumer import KvConsumer
 from kvrelay.router.index import KvIndex, WorkerKey, encode_snapshot
 from kvrelay.router.restore import Verdict, emptied, judge, read_snapshots, snapshot_key

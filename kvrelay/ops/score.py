@@ -4,11 +4,13 @@
     kvrelay score --nats URL --namespace NS --component C --tokens 1,2,3 [--json]
     kvrelay index --nats URL --namespace NS --component C --http 8080
 
-Catches up on the component's stream the way a router does (the workers' snapshots first when
-the relay writes them, then the stream after them), then scores every worker with
+Catches up on the component's stream the way a router does (the workers' snapshots first, then
+the stream after them), then scores every worker with
 `KvIndex.overlap_tokens`: whole blocks only, and never the block holding the last token, which
 vLLM always computes. `--json` prints one object, `{"<instance_id>.<dp_rank>": blocks}`, with
-every worker the stream names (0 for those holding none of the prefix).
+every worker the stream names (0 for those holding none of the prefix). The service also
+writes the workers' snapshots (`--snapshot-interval`, `--snapshot-events`), for the routers and
+`score` runs that start after it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -39,6 +41,7 @@ from kvrelay.ops.connect import (
 )
 from kvrelay.router.consumer import KvConsumer, StreamNotFound
 from kvrelay.router.scoring import ScoringService
+from kvrelay.router.snapwriter import SnapshotWriter
 from kvrelay.wire.names import NAME_RULE, SNAPSHOT_BUCKET, SUBJECT_PREFIX
 
 
@@ -54,7 +57,7 @@ def _add_stream_arguments(parser: argparse.ArgumentParser, stream_default: str) 
     parser.add_argument("--component", default=os.environ.get("DYN_COMPONENT", "backend"),
                         help="the workers' component (default: %(default)s)")
     parser.add_argument("--snapshot-bucket", default=SNAPSHOT_BUCKET,
-                        help="KV bucket of the relays' snapshots (default: %(default)s)")
+                        help="KV bucket of the workers' snapshots (default: %(default)s)")
 
 
 def add_parser(commands: Any, stream_default: str) -> None:
@@ -66,6 +69,15 @@ def add_parser(commands: Any, stream_default: str) -> None:
     index.add_argument("--http", type=int, required=True, metavar="PORT",
                        help="port of the service (0: any free one, logged)")
     index.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
+    index.add_argument("--snapshot-interval", type=_not_negative(float), default=30.0,
+                       metavar="SECONDS",
+                       help="write the workers' snapshots to --snapshot-bucket every SECONDS "
+                            "when they changed (0: none on a timer; default: %(default)s)")
+    index.add_argument("--snapshot-events", type=_not_negative(int), default=50_000,
+                       metavar="N",
+                       help="also write them once N events were applied since the last "
+                            "(0: never on a count; with --snapshot-interval 0 too, no "
+                            "snapshots; default: %(default)s)")
     score = commands.add_parser(
         "score", help="each worker's leading cached blocks for a request's token ids",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +92,16 @@ def add_parser(commands: Any, stream_default: str) -> None:
     score.add_argument("--json", action="store_true", help="print one JSON object")
     score.add_argument("--connect-wait", type=float, default=5.0, metavar="SECONDS",
                        help="give up when NATS cannot be reached within this (default: 5)")
+
+
+def _not_negative(kind: type[float] | type[int]) -> Callable[[str], float | int]:
+    """An argparse type: a number of `kind`, 0 or more."""
+    def parse(text: str) -> float | int:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+        return value
+    return parse
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -145,9 +167,12 @@ async def score_async(nats: NatsSettings | str, namespace: str, component: str,
 async def serve_index(nats: NatsSettings, namespace: str, component: str, *, port: int,
                       host: str = "0.0.0.0", stream: str = "KV_EVENTS",
                       subject_prefix: str = SUBJECT_PREFIX,
-                      snapshot_bucket: str = SNAPSHOT_BUCKET) -> int:
+                      snapshot_bucket: str = SNAPSHOT_BUCKET, snapshot_interval: float = 30.0,
+                      snapshot_events: int = 50_000) -> int:
     """Follow the stream and serve scores until SIGTERM or SIGINT; NATS away at start is
-    waited for (the service says so on /health), as the relay does."""
+    waited for (the service says so on /health), as the relay does. With a snapshot cadence
+    the service also writes the workers' snapshots (kvrelay/router/snapwriter.py), a last
+    time when it stops."""
     registry = CollectorRegistry()
     consumer = KvConsumer(nats.servers, namespace, component, stream=stream,
                           bootstrap="snapshot", snapshot_bucket=snapshot_bucket,
@@ -164,8 +189,12 @@ async def serve_index(nats: NatsSettings, namespace: str, component: str, *, por
     except OSError as exc:
         print(f"kvrelay index: cannot serve on {host}:{port}: {exc}", file=sys.stderr)
         return 1
+    writer = (SnapshotWriter(consumer, interval=snapshot_interval, events=snapshot_events)
+              if snapshot_interval > 0 or snapshot_events > 0 else None)
     try:
         async with consumer:
+            if writer is not None:
+                writer.start()
             stopped = asyncio.ensure_future(stop.wait())
             caught_up = asyncio.ensure_future(consumer.ready())
             await asyncio.wait({stopped, caught_up}, return_when=asyncio.FIRST_COMPLETED)
@@ -177,6 +206,8 @@ async def serve_index(nats: NatsSettings, namespace: str, component: str, *, por
                 return 1
             caught_up.cancel()
             await stopped
+            if writer is not None:
+                await writer.close()
     finally:
         await service.stop()
     return 0
@@ -206,7 +237,8 @@ def run_index(args: argparse.Namespace) -> int:
         return runner.run(serve_index(
             nats, args.namespace, args.component, port=args.http, host=args.host,
             stream=args.stream, subject_prefix=args.subject_prefix,
-            snapshot_bucket=args.snapshot_bucket))
+            snapshot_bucket=args.snapshot_bucket, snapshot_interval=args.snapshot_interval,
+            snapshot_events=args.snapshot_events))
 
 
 def run(args: argparse.Namespace) -> int:

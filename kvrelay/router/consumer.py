@@ -126,6 +126,7 @@ class KvConsumer:
                              f"{BUCKET_RULE.pattern}")
         if idle_heartbeat <= 0:
             raise ValueError("idle_heartbeat must be positive")
+        self._explicit_subject = subject is not None
         self.subject = subject or worker_subjects(namespace, component, instance_id,
                                                   subject_prefix)
         self.subject_prefix = subject_prefix
@@ -141,6 +142,8 @@ class KvConsumer:
         """JetStream sequence of the last message handled."""
         self.gaps = 0
         self.undecodable = 0
+        self.applied_events = 0
+        """Events in the batches applied so far (a snapshot writer's cadence counts them)."""
         self._on_gap = on_gap
         self._servers = ([s.strip() for s in servers.split(",") if s.strip()]
                          if isinstance(servers, str) else list(servers))
@@ -197,6 +200,18 @@ class KvConsumer:
     @property
     def connected(self) -> bool:
         return self._client is not None and self._client.is_connected
+
+    @property
+    def client(self) -> Client | None:
+        """The NATS connection (None until connected)."""
+        return self._client
+
+    @property
+    def workers_of(self) -> tuple[str, str] | None:
+        """(namespace, component) of the workers followed; None when a `subject` was given
+        instead."""
+        namespace, component, _ = self._workers
+        return None if self._explicit_subject else (namespace, component)
 
     @property
     def running(self) -> bool:
@@ -392,6 +407,7 @@ class KvConsumer:
     def _count(self, batch: RelayBatch) -> None:
         self.metrics.batches.inc()
         self.metrics.events.inc(len(batch.events))
+        self.applied_events += len(batch.events)
         for event in batch.events:
             if isinstance(event, Resync):
                 self.metrics.resyncs.labels(event.reason).inc()

@@ -6,6 +6,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 SNAPSHOT_OUTCOMES = ("restored", "tail_missing", "stale", "undecodable")
 
+WRITE_OUTCOMES = ("written", "too_large", "bucket", "build", "write")
+
+
 class ConsumerMetrics:
     """What a router's KvConsumer counts, prefixed `kvrelay_consumer_`."""
 
@@ -43,5 +46,12 @@ class ConsumerMetrics:
             "undecodable", ["outcome"], registry=r)
         for outcome in SNAPSHOT_OUTCOMES:
             self.snapshots.labels(outcome)
+        self.snapshot_writes = Counter(
+            "kvrelay_consumer_snapshot_writes",
+            "Worker snapshots a SnapshotWriter wrote or could not write, by outcome: written, "
+            "too_large (above the server's max_payload), bucket (the bucket could not be "
+            "opened or created), build, write", ["outcome"], registry=r)
+        for outcome in WRITE_OUTCOMES:
+            self.snapshot_writes.labels(outcome)
         for reason in ("gap", "restart", "overflow", "start"):
             self.resyncs.labels(reason)

@@ -1,4 +1,5 @@
-"""Bytes computed in a forked child, so a large snapshot never holds the relay's event loop.
+"""Bytes computed in a forked child, so a large snapshot never holds the event loop of the
+process that keeps the index (a router, or a relay's snapshot process).
 
 A snapshot of a worker holding hundreds of thousands of blocks takes a good part of a second of
 CPU to build and encode. In a thread it would still hold the GIL for long stretches (sorting and
