@@ -331,7 +331,8 @@ async def test_batches_stored_during_a_long_rebuild_are_not_lost(
         await history.publish(js, 40_000)
     with SyntheticVllm("tcp://127.0.0.1:*", factory=WorkloadFactory(seed=12)) as vllm:
         async with running_relay(nats=fresh_nats.url, namespace=ns, instance_id=instance,
-                                 zmq=[vllm.address]) as relay:
+                                 zmq=[vllm.address], snapshot_interval=30,
+                                 snapshot_events=50_000) as relay:
             await join(vllm, relay)
             assert relay.snapshotter is not None
             assert not relay.snapshotter.ready(0), "the rebuild ended too soon to test this"
