@@ -18,8 +18,11 @@ from typing import Final, Generic, TypeVar
 from kvrelay.natsio.link import Link
 
 # The shortest time between two markers: confirmations of a steady flow come in groups, and
-# markers ride in the socket writes of the messages they follow.
-MARKER_INTERVAL: Final = 0.005
+# markers ride in the socket writes of the messages they follow. At a sidecar's rate (a batch
+# every few ms or more) a marker per message would wake the relay twice per batch; at 50 ms it
+# is one wake-up per batch and a marker's return per 50 ms. What is unconfirmed is kept for
+# republishing meanwhile: 50 ms of batches.
+MARKER_INTERVAL: Final = 0.05
 
 Mark = TypeVar("Mark")
 
@@ -67,7 +70,7 @@ class Markers(Generic[Mark]):
         if now >= self._next_at:
             self._send(now)
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(MARKER_INTERVAL, self._due)
+            self._timer = asyncio.get_running_loop().call_later(self._next_at - now, self._due)
 
     def forget(self) -> None:
         """What was published may be lost (it is published again): a marker still to come

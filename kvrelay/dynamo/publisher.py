@@ -236,7 +236,7 @@ class DynamoPublisher(Output):
                 and self._room():
             self._gathered.append(frame)
             if len(self._gathered) == 1:
-                asyncio.get_running_loop().call_soon(self.send_gathered)
+                self._loop.call_soon(self.send_gathered)
             return
         self.send_gathered()  # what came before this frame goes first
         buffer.put(frame)

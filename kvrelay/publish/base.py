@@ -54,8 +54,10 @@ class Output(ABC):
         self._connected_once = False
         self.connected = False
         self.last_error = "not connected yet"
+        # The loop the output runs on (asking for it each batch costs a getpid() syscall).
+        self._loop = asyncio.get_running_loop()
         # A configuration NATS (or the output's peer) will never accept: the relay exits (2).
-        self.fatal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
+        self.fatal: asyncio.Future[Exception] = self._loop.create_future()
 
     # -- what an output provides ---------------------------------------------------------------
 
