@@ -95,6 +95,47 @@ async def test_writes_on_the_event_count_and_a_late_consumer_restores_them(
         await nc.close()
 
 
+async def test_an_idle_workers_snapshot_is_refreshed(fresh_nats: NatsServer,
+                                                    stream_nc: Client) -> None:
+    """An unchanged worker's snapshot is written again once `refresh` old, at the stream
+    sequence the consumer reached: with every message up to there purged, a late consumer
+    restores the idle worker whole, where a snapshot whose tail left the stream is restored
+    empty."""
+    nc = stream_nc
+    try:
+        for seq in range(3):
+            await publish(nc, stored(1, seq, seq * 2, 2))
+        await publish(nc, stored(2, 0, 0, 1))
+        kv_key = f"{NS}.{COMP}.1.0"
+        async with KvConsumer(fresh_nats.url, NS, COMP) as consumer, \
+                SnapshotWriter(consumer, interval=0.5, events=0, refresh=1.5) as writer:
+            await consumer.ready()
+            await until(lambda: writer.written == 2)
+            await publish(nc, stored(2, 1, 1, 1))  # only worker 2 changes
+            await until(lambda: consumer.stream_seq == 5)
+            kv = await nc.jetstream().key_value(SNAPSHOT_BUCKET)
+
+            async def worker_1_seq() -> int:
+                entry = await kv.get(kv_key)
+                assert entry.value is not None
+                return decode_snapshot(entry.value).stream_seq
+
+            assert await worker_1_seq() == 4
+            deadline = time.monotonic() + 10
+            while await worker_1_seq() != 5:
+                assert time.monotonic() < deadline, "worker 1's snapshot was not refreshed"
+                await asyncio.sleep(0.1)
+            held = {w: consumer.index.snapshot(w) for w in consumer.index.workers()}
+        await nc.jetstream().purge_stream("KV_EVENTS", seq=6)
+        async with KvConsumer(fresh_nats.url, NS, COMP, bootstrap="snapshot") as late:
+            await late.ready()
+            assert late.metrics.snapshots.labels("tail_missing")._value.get() == 0
+            assert late.metrics.snapshots.labels("restored")._value.get() == 2
+            assert {w: late.index.snapshot(w) for w in late.index.workers()} == held
+    finally:
+        await nc.close()
+
+
 async def test_close_writes_what_changed(fresh_nats: NatsServer, stream_nc: Client) -> None:
     """A writer on a long interval writes nothing until it closes; closing writes every worker
     the consumer holds."""
@@ -146,13 +187,15 @@ async def test_too_large_is_counted_and_the_consumer_goes_on(tmp_path: Path) -> 
 
 
 async def test_bad_arguments(fresh_nats: NatsServer) -> None:
-    """No cadence at all, a negative one, or a consumer given a raw subject (no namespace and
-    component to key by) is refused at construction."""
+    """No cadence at all, a negative one, no refresh, or a consumer given a raw subject (no
+    namespace and component to key by) is refused at construction."""
     consumer = KvConsumer(fresh_nats.url, NS, COMP)
     with pytest.raises(ValueError, match="interval > 0 or events > 0"):
         SnapshotWriter(consumer, interval=0, events=0)
     with pytest.raises(ValueError, match="interval > 0 or events > 0"):
         SnapshotWriter(consumer, interval=-1, events=10)
+    with pytest.raises(ValueError, match="refresh"):
+        SnapshotWriter(consumer, refresh=0)
     raw = KvConsumer(fresh_nats.url, subject="kv.x.y.>")
     with pytest.raises(ValueError, match="namespace and component"):
         SnapshotWriter(raw)

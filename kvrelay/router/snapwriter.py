@@ -11,9 +11,10 @@ component serves every other; several writers only repeat each other's writes.
 
 Cadence: every `interval` seconds, or once `events` events were applied since the last round,
 whichever comes first; a round writes the workers whose state changed since their last write,
-one at a time. An event-triggered round waits until building the last one has cost at most
-1/_SPACING of a core. A bucket that cannot be opened or created, a build that fails, a snapshot
-above the server's max_payload or a write NATS refuses is logged and counted
+and those whose last write is older than `refresh`, one at a time. An event-triggered round
+waits until building the last one has cost at most 1/_SPACING of a core. A bucket that cannot
+be opened or created, a build that fails, a snapshot above the server's max_payload or a write
+NATS refuses is logged and counted
 (`kvrelay_consumer_snapshot_writes_total{outcome}`) and tried again in the next round.
 """
 
@@ -47,13 +48,21 @@ class SnapshotWriter:
     """Writes the snapshots of the workers a KvConsumer follows, as they change."""
 
     def __init__(self, consumer: KvConsumer, *, interval: float = 30.0, events: int = 50_000,
-                 replicas: int = 1) -> None:
+                 refresh: float = 600.0, replicas: int = 1) -> None:
         """`interval`: seconds between rounds (0: none on a timer); `events`: also a round once
-        this many events were applied since the last (0: never on a count); `replicas`: of
-        the bucket, when this writer creates it."""
+        this many events were applied since the last (0: never on a count); `refresh`: an
+        unchanged worker's snapshot is written again, with the stream sequence the consumer
+        has reached, once it is this many seconds old (see below); `replicas`: of the bucket,
+        when this writer creates it.
+
+        Why refresh: once the messages after a snapshot have aged out of the stream, a router
+        starting later cannot tell whether any of them was the worker's, and starts it empty;
+        an idle worker's snapshot written again keeps up with the stream."""
         if interval < 0 or events < 0 or (interval == 0 and events == 0):
             raise ValueError("a SnapshotWriter needs interval > 0 or events > 0 (neither "
                              "negative)")
+        if refresh <= 0:
+            raise ValueError("refresh must be positive")
         workers_of = consumer.workers_of
         if workers_of is None:
             raise ValueError("a SnapshotWriter keys snapshots by namespace and component: "
@@ -63,7 +72,9 @@ class SnapshotWriter:
         self.interval = interval
         self.events = events
         self._replicas = replicas
-        self._written: dict[WorkerKey, tuple[int, int]] = {}  # (batches, blocks) at the write
+        self.refresh = refresh
+        # per worker: (batches, blocks) and when, at its last write
+        self._written: dict[WorkerKey, tuple[tuple[int, int], float]] = {}
         self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
         self._not_before = 0.0
@@ -116,7 +127,9 @@ class SnapshotWriter:
         for worker in index.workers():
             status = index.status(worker)
             state = (status.batches, status.blocks)
-            if self._written.get(worker) == state:
+            last = self._written.get(worker)
+            if last is not None and last[0] == state \
+                    and time.monotonic() - last[1] < self.refresh:
                 continue
             built = await self._build(index, worker)
             if built is None:
@@ -124,7 +137,7 @@ class SnapshotWriter:
             data, spent = built
             cpu += spent
             if await self._put(worker, data, client.max_payload):
-                self._written[worker] = state
+                self._written[worker] = (state, time.monotonic())
                 wrote += 1
         self._not_before = time.monotonic() + _SPACING * cpu
         return wrote
