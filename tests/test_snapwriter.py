@@ -60,7 +60,8 @@ async def test_writes_on_the_event_count_and_a_late_consumer_restores_them(
     """With `events=3`, a round follows three applied events: every worker is written with
     the blocks the consumer holds; a worker that did not change is not written again; a
     consumer starting later from the snapshots holds exactly
-    what the writer's consumer holds, reading the stream only after the snapshots."""
+    what the writer's consumer holds, reading the stream only after the snapshots; a writer of
+    its own does not write again what it restored unchanged."""
     nc = stream_nc
     try:
         for seq in range(3):
@@ -86,6 +87,9 @@ async def test_writes_on_the_event_count_and_a_late_consumer_restores_them(
             await late.ready()
             assert {w: late.index.snapshot(w) for w in late.index.workers()} == held
             assert late.metrics.snapshots.labels("restored")._value.get() == 2
+            # each worker was restored and applied nothing after its snapshot (the only later
+            # message, worker 2's, is one its snapshot covers): its own writer rewrites none
+            assert await SnapshotWriter(late, interval=3600, events=0).write_changed() == 0
             # it read the stream only after the older snapshot, worker 1's, written unchanged
             entry = await kv.get(f"{NS}.{COMP}.1.0")
             assert entry.value is not None

@@ -128,6 +128,10 @@ class SnapshotWriter:
             status = index.status(worker)
             state = (status.batches, status.blocks)
             last = self._written.get(worker)
+            if last is None and status.batches == 0:
+                # Restored from its snapshot and nothing since: the bucket holds this already.
+                self._written[worker] = (state, time.monotonic())
+                continue
             if last is not None and last[0] == state \
                     and time.monotonic() - last[1] < self.refresh:
                 continue
