@@ -102,9 +102,9 @@ async def test_writes_on_the_event_count_and_a_late_consumer_restores_them(
 async def test_an_idle_workers_snapshot_is_refreshed(fresh_nats: NatsServer,
                                                     stream_nc: Client) -> None:
     """An unchanged worker's snapshot is written again once `refresh` old, at the stream
-    sequence the consumer reached: with every message up to there purged, a late consumer
-    restores the idle worker whole, where a snapshot whose tail left the stream is restored
-    empty."""
+    sequence the consumer reached (and not while the stream stands still): with every message
+    up to there purged, a late consumer restores the idle worker whole, where a snapshot whose
+    tail left the stream is restored empty."""
     nc = stream_nc
     try:
         for seq in range(3):
@@ -129,6 +129,9 @@ async def test_an_idle_workers_snapshot_is_refreshed(fresh_nats: NatsServer,
             while await worker_1_seq() != 5:
                 assert time.monotonic() < deadline, "worker 1's snapshot was not refreshed"
                 await asyncio.sleep(0.1)
+            written = writer.written
+            await asyncio.sleep(2.5)  # past `refresh`, but the stream did not move: no writes
+            assert writer.written == written
             held = {w: consumer.index.snapshot(w) for w in consumer.index.workers()}
         await nc.jetstream().purge_stream("KV_EVENTS", seq=6)
         async with KvConsumer(fresh_nats.url, NS, COMP, bootstrap="snapshot") as late:

@@ -11,10 +11,10 @@ component serves every other; several writers only repeat each other's writes.
 
 Cadence: every `interval` seconds, or once `events` events were applied since the last round,
 whichever comes first; a round writes the workers whose state changed since their last write,
-and those whose last write is older than `refresh`, one at a time. An event-triggered round
-waits until building the last one has cost at most 1/_SPACING of a core. A bucket that cannot
-be opened or created, a build that fails, a snapshot above the server's max_payload or a write
-NATS refuses is logged and counted
+and those whose last write is older than `refresh` while the stream moved on, one at a time.
+An event-triggered round waits until building the last one has cost at most 1/_SPACING of a
+core. A bucket that cannot be opened or created, a build that fails, a snapshot above the
+server's max_payload or a write NATS refuses is logged and counted
 (`kvrelay_consumer_snapshot_writes_total{outcome}`) and tried again in the next round.
 """
 
@@ -73,8 +73,8 @@ class SnapshotWriter:
         self.events = events
         self._replicas = replicas
         self.refresh = refresh
-        # per worker: (batches, blocks) and when, at its last write
-        self._written: dict[WorkerKey, tuple[tuple[int, int], float]] = {}
+        # per worker, at its last write: (batches, blocks), when, the consumer's stream sequence
+        self._written: dict[WorkerKey, tuple[tuple[int, int], float, int]] = {}
         self._kv: KeyValue | None = None
         self._task: asyncio.Task[None] | None = None
         self._not_before = 0.0
@@ -130,18 +130,18 @@ class SnapshotWriter:
             last = self._written.get(worker)
             if last is None and status.batches == 0:
                 # Restored from its snapshot and nothing since: the bucket holds this already.
-                self._written[worker] = (state, time.monotonic())
+                self._written[worker] = (state, time.monotonic(), index.stream_seq)
                 continue
-            if last is not None and last[0] == state \
-                    and time.monotonic() - last[1] < self.refresh:
-                continue
+            if last is not None and last[0] == state and (
+                    time.monotonic() - last[1] < self.refresh or last[2] == index.stream_seq):
+                continue  # unchanged, and either written lately or the stream did not move
             built = await self._build(index, worker)
             if built is None:
                 continue
             data, spent = built
             cpu += spent
             if await self._put(worker, data, client.max_payload):
-                self._written[worker] = (state, time.monotonic())
+                self._written[worker] = (state, time.monotonic(), index.stream_seq)
                 wrote += 1
         self._not_before = time.monotonic() + _SPACING * cpu
         return wrote
