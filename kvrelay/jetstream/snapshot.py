@@ -34,7 +34,6 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from kvrelay.config import NatsSettings, SnapshotSettings, StreamSettings
@@ -44,7 +43,14 @@ from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.router import forked
 from kvrelay.router.consumer import KvConsumer
 from kvrelay.router.index import KvIndex, WorkerKey, encode_snapshot
-from kvrelay.router.restore import Verdict, emptied, judge, read_snapshots, snapshot_key
+from kvrelay.router.restore import (
+    Verdict,
+    emptied,
+    judge,
+    open_bucket,
+    read_snapshots,
+    snapshot_key,
+)
 from kvrelay.wire.names import Worker
 from kvrelay.wire.relaybatch import decode_relay_batch
 from kvrelay.wire.schema import RelayBatch, Removed, Stored, WorkerSnapshot
@@ -267,15 +273,7 @@ class Snapshotter:
         """Open the bucket or create it; None (logged, counted) when neither works."""
         name = self._config.snapshot_bucket
         try:
-            try:
-                return await js.key_value(name)
-            except nats.js.errors.BucketNotFoundError:
-                kv = await js.create_key_value(KeyValueConfig(
-                    bucket=name, history=1, storage=StorageType.FILE,
-                    replicas=self._stream.stream_replicas,
-                    description="kvrelay: each worker rank's KV blocks"))
-                log.info("created KV bucket %s for snapshots", name)
-                return kv
+            return await open_bucket(js, name, self._stream.stream_replicas)
         except (nats.errors.Error, TimeoutError) as exc:
             self._reports.failed("bucket")
             self._warn.warning("bucket", "cannot open or create KV bucket %s for snapshots: %s; "

@@ -1,7 +1,8 @@
 """Router side of snapshots: read a component's worker snapshots from the NATS KV bucket,
 judge each against the stream, restore the usable ones into a KvIndex, and say where in the
-stream to read on from. The relay writes them (kvrelay/jetstream/snapshot.py), keyed by
-`<namespace>.<component>.<instance_id>.<dp_rank>`.
+stream to read on from. Routers write them (kvrelay/router/snapwriter.py; a relay asked to,
+kvrelay/jetstream/snapshot.py), keyed by `<namespace>.<component>.<instance_id>.<dp_rank>`, in
+the bucket `open_bucket` opens or creates.
 
 A snapshot older than the stream (deleted and created again) is ignored. One whose following
 messages the stream no longer holds (aged out or purged past it), while the worker has nothing
@@ -21,7 +22,8 @@ from typing import NamedTuple
 import msgspec
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import StreamInfo
+from nats.js.api import KeyValueConfig, StorageType, StreamInfo
+from nats.js.kv import KeyValue
 
 from kvrelay.router.index import KvIndex, WorkerKey, decode_snapshot
 from kvrelay.wire.names import SUBJECT_PREFIX, worker_subjects
@@ -32,6 +34,19 @@ log = logging.getLogger("kvrelay.restore")
 def snapshot_key(namespace: str, component: str, instance_id: int, dp_rank: int) -> str:
     """The KV key of one worker rank's snapshot (its subject without the `kv.` prefix)."""
     return f"{namespace}.{component}.{instance_id}.{dp_rank}"
+
+
+async def open_bucket(js: JetStreamContext, bucket: str, replicas: int) -> KeyValue:
+    """The snapshot bucket, created (history 1, file storage, `replicas`) when missing; the
+    writers' one way to it. NATS errors go to the caller."""
+    try:
+        return await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        kv = await js.create_key_value(KeyValueConfig(
+            bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas,
+            description="kvrelay: each worker rank's KV blocks"))
+        log.info("created KV bucket %s for snapshots", bucket)
+        return kv
 
 
 class Found(NamedTuple):

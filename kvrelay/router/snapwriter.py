@@ -29,14 +29,13 @@ from typing import Final
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.router import forked
 from kvrelay.router.consumer import KvConsumer
 from kvrelay.router.index import KvIndex, WorkerKey, encode_snapshot
-from kvrelay.router.restore import snapshot_key
+from kvrelay.router.restore import open_bucket, snapshot_key
 
 log = logging.getLogger("kvrelay.snapwriter")
 
@@ -170,15 +169,7 @@ class SnapshotWriter:
     async def _bucket(self, js: JetStreamContext) -> KeyValue | None:
         bucket = self._consumer.snapshot_bucket
         try:
-            try:
-                return await js.key_value(bucket)
-            except nats.js.errors.BucketNotFoundError:
-                kv = await js.create_key_value(KeyValueConfig(
-                    bucket=bucket, history=1, storage=StorageType.FILE,
-                    replicas=self._replicas,
-                    description="kvrelay: each worker rank's KV blocks"))
-                log.info("created KV bucket %s for snapshots", bucket)
-                return kv
+            return await open_bucket(js, bucket, self._replicas)
         except (nats.errors.Error, TimeoutError) as exc:
             self._count.labels("bucket").inc()
             self._warn.warning("bucket", "cannot open or create KV bucket %s for snapshots: "
