@@ -85,7 +85,7 @@ class _RouterEvent(msgspec.Struct):
     event: _DynamoEvent
 
 
-_RELAY_BATCH = msgspec.msgpack.Decoder(_RelayBatch)
+_RELAY_BATCH = msgspec.msgpack.Decoder(_RelayBatch | list[_RelayBatch])  # a pack: a list
 _DYNAMO_ENVELOPE = msgspec.msgpack.Decoder(_DynamoEnvelope)
 _ROUTER_EVENTS = msgspec.msgpack.Decoder(list[_RouterEvent])
 _NAIVE = msgspec.msgpack.Decoder(tuple[float, int, int, Any])
@@ -177,7 +177,11 @@ class Consumer:
 
     def _relay_batch(self, msg: Msg) -> None:
         now = time.time()
-        batch = _RELAY_BATCH.decode(msg.data)
+        decoded = _RELAY_BATCH.decode(msg.data)
+        for batch in decoded if isinstance(decoded, list) else (decoded,):
+            self._one_batch(batch, now)
+
+    def _one_batch(self, batch: _RelayBatch, now: float) -> None:
         track = self._track(batch.instance_id, batch.dp_rank)
         if track is None:
             return

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from kvrelay.codec import Codec
 from kvrelay.router.index import KvIndex
-from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.relaybatch import decode_relay_batches
 from kvrelay.wire.schema import BlockHash, RelayBatch, Removed, Stored
 
 EVENT_BLOCKS = 4
@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     scratch = KvIndex()
     started = time.perf_counter()
     for stream_seq, payload in enumerate(payloads, 1):
-        scratch.apply(decode_relay_batch(payload), stream_seq)
+        for batch in decode_relay_batches(payload):
+            scratch.apply(batch, stream_seq)
     decode_apply = time.perf_counter() - started
     del scratch, sample
 

@@ -33,7 +33,7 @@ from kvrelay.app import Relay
 from kvrelay.config import Config
 from kvrelay.testing.natsserver import NatsServer, free_port
 from kvrelay.testing.synthetic import SyntheticVllm
-from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.relaybatch import decode_relay_batches, decode_resume_point
 from kvrelay.wire.schema import RelayBatch, Resync
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,6 +152,13 @@ class Received(NamedTuple):
     batch: RelayBatch
 
 
+def received(msg: Any) -> list[Received]:
+    """A stream message as its batches: one Received each, a pack's sharing its headers."""
+    headers = dict(msg.headers or {})
+    return [Received(msg.subject, headers, msg.data, batch)
+            for batch in decode_relay_batches(msg.data)]
+
+
 @contextlib.asynccontextmanager
 async def nats_client(url: str) -> AsyncIterator[Any]:
     nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=2)
@@ -184,15 +191,13 @@ async def read_stream(nc: Any, subject: str, count: int, *, within: float = 10.0
                 msg = await sub.next_msg(timeout=min(left, 1.0))
             except nats.errors.TimeoutError:
                 continue
-            out.append(Received(msg.subject, dict(msg.headers or {}), msg.data,
-                                decode_relay_batch(msg.data)))
+            out.extend(received(msg))
         while True:
             try:
                 msg = await sub.next_msg(timeout=settle)
             except nats.errors.TimeoutError:
                 break
-            out.append(Received(msg.subject, dict(msg.headers or {}), msg.data,
-                                decode_relay_batch(msg.data)))
+            out.extend(received(msg))
     finally:
         await sub.unsubscribe()
     assert len(out) >= count, f"{len(out)} of {count} batches on {subject}: " + str(
@@ -206,7 +211,7 @@ async def last_seq(nc: Any, subject: str) -> int | None:
         msg = await nc.jetstream().get_last_msg(STREAM, subject)
     except nats.js.errors.NotFoundError:
         return None
-    return decode_relay_batch(msg.data).seq
+    return decode_resume_point(msg.data).seq
 
 
 def seqs(got: list[Received]) -> list[tuple[int, int]]:

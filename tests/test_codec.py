@@ -34,6 +34,7 @@ from kvrelay.codec import (
 from kvrelay.system.metrics import DECODE_ERROR_KINDS, Metrics
 from kvrelay.wire.relaybatch import decode_relay_batch, decode_resume_point
 from kvrelay.wire.schema import (
+    SCHEMA_VERSION,
     Cleared,
     RelayBatch,
     RelayEvent,
@@ -267,7 +268,7 @@ def test_relay_batch_msgpack_round_trip(batch: RelayBatch) -> None:
     data = Codec("msgpack").encode(batch)
     assert decode_relay_batch(data) == batch
     wire = msgspec.msgpack.decode(data)
-    assert wire["v"] == 1
+    assert wire["v"] == SCHEMA_VERSION
     for got, want in zip(wire["events"], batch.events, strict=True):
         if isinstance(want, Stored | Removed):
             assert _same(got["block_hashes"], want.block_hashes)
@@ -281,7 +282,8 @@ def test_relay_batch_json_round_trip(batch: RelayBatch) -> None:
     assert decode_relay_batch(data) == batch
     text = data.decode()
     wire = json.loads(text)
-    assert (wire["v"], wire["instance_id"], wire["seq"]) == (1, batch.instance_id, batch.seq)
+    assert (wire["v"], wire["instance_id"], wire["seq"]) == (
+        SCHEMA_VERSION, batch.instance_id, batch.seq)
     for got, want in zip(wire["events"], batch.events, strict=True):
         assert got["type"] == want.__struct_config__.tag
         if not isinstance(want, Stored | Removed):

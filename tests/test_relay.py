@@ -49,7 +49,7 @@ from kvrelay.app import Relay
 from kvrelay.config import Config
 from kvrelay.testing.natsserver import NatsServer, free_port
 from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory, block_stored, encode_batch
-from kvrelay.wire.schema import Resync, Unknown
+from kvrelay.wire.schema import SCHEMA_VERSION, Resync, Unknown
 
 pytestmark = pytest.mark.integration
 
@@ -89,9 +89,9 @@ async def test_real_vllm_frames_arrive_complete_in_order(
         batch = received.batch
         assert received.subject == subject_of(instance, dp_rank)
         assert received.headers["Nats-Msg-Id"] == f"{instance}.{dp_rank}.0.{seq}"
-        assert received.headers["Kvrelay-Schema"] == "1"
+        assert received.headers["Kvrelay-Schema"] == str(SCHEMA_VERSION)
         assert (batch.v, batch.instance_id, batch.dp_rank, batch.epoch, batch.seq) == (
-            1, instance, rank, 0, seq)
+            SCHEMA_VERSION, instance, rank, 0, seq)
         assert batch.ts == ts
         assert [plain(e) for e in batch.events] == [as_output(e) for e in events]
         if fmt == "json":

@@ -12,6 +12,11 @@ subject settled in send order, settles what is there, announces what can no long
 and resends the rest one at a time, each expecting the subject's last sequence to be its
 predecessor's (`Nats-Expected-Last-Subject-Sequence`), so nothing is stored twice or out of
 order. Stored batches are reported to `on_stored` once each, in their subject's stream order.
+
+In the steady state each batch is its own message. Batches that queue up behind a full window
+(the stream is the bottleneck) go out packed: consecutive batches of one subject and epoch, up
+to `pack_batches`, in one message (an array of RelayBatches) with `Nats-Msg-Id`
+instance.dp_rank.epoch.first-last, stored, deduplicated, settled and resent as one.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from kvrelay.publish.common import (
 )
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
+from kvrelay.wire.relaybatch import pack
 from kvrelay.wire.schema import SCHEMA_VERSION, RelayBatch, ResumePoint
 
 log = logging.getLogger("kvrelay.publish")
@@ -60,6 +66,7 @@ _ACK = msgspec.json.Decoder(PubAck)
 
 _SCHEMA = str(SCHEMA_VERSION)
 _SCHEMA_HEADER = f"Kvrelay-Schema: {_SCHEMA}\r\n"
+PACK_BYTES = 256 << 10  # a pack stops growing past this many payload bytes
 
 
 def _headers(pending: Pending) -> dict[str, str]:
@@ -191,11 +198,9 @@ class Publisher(Output):
         sent = 0
         while self._buffer and self._window_open():
             if self._link.writable():
-                entry = self._enter(self._buffer.pop())
-                if entry is not None:
-                    self._publish_now(*entry)
-                sent += 1
-                if sent % SEND_SLICE == 0:
+                sent += self._send_queued()
+                if sent >= SEND_SLICE:
+                    sent = 0
                     await asyncio.sleep(0)  # a backlog must not hold up acks and ingest
             else:
                 await self.send(self._buffer.pop())  # waits for nats-py's flush
@@ -225,12 +230,28 @@ class Publisher(Output):
         """
         if self._sending_here():
             while self._buffer and self._room():
-                entry = self._enter(self._buffer.pop())
-                if entry is not None:
-                    self._publish_now(*entry)
+                self._send_queued()
             if not self._buffer:
                 return
         self._wake.set()
+
+    def _send_queued(self) -> int:
+        """Publish the oldest frames of the buffer, those of one rank and epoch packed into
+        one message (`pack_batches` at most, from the head); returns how many were taken."""
+        limit = self._settings.pack_batches
+        if limit == 1 or len(self._buffer) == 1:
+            entry = self._enter(self._buffer.pop())
+            if entry is not None:
+                self._publish_now(*entry)
+            return 1
+        frames = self._buffer.pop_upto(limit)
+        runs: dict[int, list[Frame]] = {}
+        for frame in frames:
+            runs.setdefault(frame.dp_rank, []).append(frame)
+        for run in runs.values():
+            for entry in self._enter_run(run):
+                self._publish_now(*entry)
+        return len(frames)
 
     async def send(self, frame: Frame) -> None:
         """Publish one frame now, through nats-py (waiting while its queue is full), after
@@ -239,8 +260,9 @@ class Publisher(Output):
         if entry is not None:
             await self._publish(*entry)
 
-    def _enter(self, frame: Frame) -> tuple[int, Pending] | None:
-        """Encode a frame and put it in the window; None if it was dropped (counted)."""
+    def _encode(self, frame: Frame) -> tuple[bytes, float, int] | None:
+        """A frame's RelayBatch, encoded, with vLLM's ts and its event count; None if it was
+        dropped (counted)."""
         decoded = read_frame(self._codec.decode, frame, self._buffer, self._metrics, self._warn)
         if decoded is None:
             return None
@@ -257,17 +279,66 @@ class Publisher(Output):
             return None
         if not frame.counted:  # a held batch's were counted when it was held
             self._metrics.events_received.inc(len(decoded.events))
+        return payload, decoded.ts, len(decoded.events)
+
+    def _enter(self, frame: Frame) -> tuple[int, Pending] | None:
+        """Encode a frame and put it in the window; None if it was dropped (counted)."""
+        encoded = self._encode(frame)
+        if encoded is None:
+            return None
         msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
         self._arm_watch()
-        return self._window.add(frame, self.subject(frame.dp_rank), msg_id, payload, decoded.ts,
-                                len(decoded.events))
+        return self._window.add(frame, self.subject(frame.dp_rank), msg_id, *encoded)
+
+    def _enter_run(self, frames: list[Frame]) -> list[tuple[int, Pending]]:
+        """Encode frames of one rank, in order, and put them in the window as packs: a pack
+        ends at an epoch change or past PACK_BYTES (or the server's max_payload)."""
+        buffer, entries = self._buffer, []
+        limit = min(PACK_BYTES, self._nc.max_payload if self._nc is not None else PACK_BYTES)
+        parts: list[bytes] = []
+        seqs: list[int] = []
+        last: Frame | None = None
+        ts, events, size = 0.0, 0, 0
+        for frame in frames:
+            if buffer.owes(frame.dp_rank):  # a batch before it in this run was dropped
+                frame = frame._replace(resyncs=(*buffer.claim(frame.dp_rank), *frame.resyncs))
+            encoded = self._encode(frame)
+            if encoded is None:
+                continue
+            payload, batch_ts, batch_events = encoded
+            if last is not None and (frame.epoch != last.epoch
+                                     or size + len(payload) > limit):
+                entries.append(self._enter_pack(last, parts, seqs, ts, events))
+                parts, seqs, events, size = [], [], 0, 0
+            if not parts:
+                ts = batch_ts
+            parts.append(payload)
+            seqs.append(frame.seq)
+            events += batch_events
+            size += len(payload)
+            last = frame
+        if last is not None and parts:
+            entries.append(self._enter_pack(last, parts, seqs, ts, events))
+        return entries
+
+    def _enter_pack(self, last: Frame, parts: list[bytes], seqs: list[int], ts: float,
+                    events: int) -> tuple[int, Pending]:
+        """Put a pack (or a single batch) in the window; `ts` is its first batch's."""
+        self._arm_watch()
+        subject = self.subject(last.dp_rank)
+        prefix = f"{self._instance_id}.{last.dp_rank}.{last.epoch}"
+        if len(parts) == 1:
+            return self._window.add(last, subject, f"{prefix}.{last.seq}", parts[0], ts, events)
+        body = pack(parts, self._codec.format == "json")
+        return self._window.add(last, subject, f"{prefix}.{seqs[0]}-{last.seq}", body, ts,
+                                events, tuple(seqs))
 
     def _drop(self, token: int, reason: str) -> Pending | None:
         """A batch of the window that will not be stored: out of it, counted and announced
         (`Buffer.lose`)."""
         pending = self._window.dropped(token)
         if pending is not None:
-            self._buffer.lose(reason, pending.dp_rank, (pending.seq,), pending.events)
+            self._buffer.lose(reason, pending.dp_rank, pending.seqs, pending.events)
         return pending
 
     async def _publish(self, token: int, pending: Pending) -> None:
@@ -340,7 +411,7 @@ class Publisher(Output):
         for pending in stored:
             self._published(pending, False)
         for pending in late:
-            self._buffer.lose("out_of_order", pending.dp_rank, (pending.seq,), pending.events)
+            self._buffer.lose("out_of_order", pending.dp_rank, pending.seqs, pending.events)
             self._warn.warning("out-of-order", "batch epoch %d seq %d on %s was refused while a "
                                "later one was stored; announced as a gap",
                                pending.epoch, pending.seq, subject)
@@ -429,9 +500,10 @@ class Publisher(Output):
 
     def _published(self, pending: Pending, duplicate: bool) -> None:
         """Count a batch JetStream stored (the window has already let it go)."""
+        batches = len(pending.seqs)
         if duplicate:
-            self._metrics.duplicates.inc()
-        self._metrics.batches_published.inc()
+            self._metrics.duplicates.inc(batches)
+        self._metrics.batches_published.inc(batches)
         self._metrics.events_published.inc(pending.events)
         self._metrics.publish_latency.observe(time.monotonic() - pending.sent_at)
         self._metrics.lag.observe(max(0.0, time.time() - pending.ts))

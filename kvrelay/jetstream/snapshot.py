@@ -52,7 +52,7 @@ from kvrelay.router.restore import (
     snapshot_key,
 )
 from kvrelay.wire.names import Worker
-from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.relaybatch import decode_relay_batches
 from kvrelay.wire.schema import RelayBatch, Removed, Stored, WorkerSnapshot
 
 log = logging.getLogger("kvrelay.snapshot")
@@ -112,7 +112,7 @@ class Snapshotter:
         if rank is None:
             return
         try:
-            batch = decode_relay_batch(payload)
+            batches = decode_relay_batches(payload)
         except ValueError:  # never sent unless it was one: a rebuild reads what was stored
             self._reports.failed("index")
             self._warn.warning("undecodable", "a stored batch of %s could not be read back; "
@@ -120,17 +120,19 @@ class Snapshotter:
             self.gap(dp_rank)
             return
         if not rank.ready:
-            if len(rank.queue) == rank.queue.maxlen:  # the oldest goes: the rebuild reads it
-                rank.dropped_seq = rank.queue[0][1]
-            rank.queue.append((batch, stream_seq))
+            for batch in batches:
+                if len(rank.queue) == rank.queue.maxlen:  # the oldest goes: the rebuild reads it
+                    rank.dropped_seq = rank.queue[0][1]
+                rank.queue.append((batch, stream_seq))
             return
         run = rank.run
-        run.append((batch, stream_seq))
-        self._count(rank, len(batch.events))
-        rank.run_items += len(batch.events)
-        for event in batch.events:
-            if type(event) is Stored or type(event) is Removed:
-                rank.run_items += len(event.block_hashes)
+        for batch in batches:
+            run.append((batch, stream_seq))
+            self._count(rank, len(batch.events))
+            rank.run_items += len(batch.events)
+            for event in batch.events:
+                if type(event) is Stored or type(event) is Removed:
+                    rank.run_items += len(event.block_hashes)
         if len(run) >= _RUN or rank.run_items >= _RUN_ITEMS:
             self._apply_run(rank)
 

@@ -22,19 +22,21 @@ OnStored = Callable[[int, bytes, int], None]
 
 
 class Pending:
-    """One batch in the window."""
+    """One message in the window: a batch, or a pack of consecutive batches of one subject and
+    epoch (`seqs`, the last one's frame given)."""
 
     __slots__ = ("dp_rank", "epoch", "events", "kept", "msg_id", "payload", "sent_at", "seq",
-                 "stored_at", "subject", "token", "ts")
+                 "seqs", "stored_at", "subject", "token", "ts")
 
     def __init__(self, frame: Frame, subject: str, msg_id: str, payload: bytes,
-                 ts: float, events: int, token: int) -> None:
+                 ts: float, events: int, token: int, seqs: tuple[int, ...] = ()) -> None:
         self.kept = b""  # the payload once stored, until on_stored hears of it
         self.token = token
         self.stored_at = 0  # stream sequence once JetStream stored it
         self.dp_rank = frame.dp_rank
         self.epoch = frame.epoch
-        self.seq = frame.seq
+        self.seq = frame.seq  # the last batch's
+        self.seqs = seqs or (frame.seq,)
         self.subject = subject
         self.msg_id = msg_id
         self.payload = payload
@@ -89,10 +91,11 @@ class Window:
         self._acked_at[subject] = stream_seq
 
     def add(self, frame: Frame, subject: str, msg_id: str, payload: bytes, ts: float,
-            events: int) -> tuple[int, Pending]:
+            events: int, seqs: tuple[int, ...] = ()) -> tuple[int, Pending]:
+        """A message sent: `frame`'s batch, or the pack of `seqs` ending with it."""
         token = self._next_token
         self._next_token += 1
-        pending = Pending(frame, subject, msg_id, payload, ts, events, token)
+        pending = Pending(frame, subject, msg_id, payload, ts, events, token, seqs)
         self._entries[token] = pending
         self.nbytes += len(payload)
         self._unsettled.setdefault(subject, deque()).append(pending)
@@ -121,9 +124,9 @@ class Window:
     def found(self, subject: str, messages: Iterable[tuple[int, ResumePoint | None]]
               ) -> tuple[list[Pending], list[Pending]]:
         """What the stream holds on `subject` after `settled_at`, in order, as (stream seq,
-        the batch's point or None when not one of ours), settles the window: returns the
-        batches found stored, and those that can no longer be stored in order (older than
-        one found stored), which leave the window."""
+        the point of the message's last batch, or None when not one of ours), settles the
+        window: returns the messages found stored, and those that can no longer be stored in
+        order (older than one found stored), which leave the window."""
         waiting = {(p.epoch, p.seq): t for t, p in self._entries.items() if p.subject == subject}
         last = self.acked_at(subject)
         newest: tuple[int, int] | None = None
@@ -151,7 +154,8 @@ class Window:
 
     def clear(self) -> tuple[int, int]:
         """Empty the window (shutdown); returns the batches and events it held."""
-        batches, events = len(self._entries), sum(p.events for p in self._entries.values())
+        batches = sum(len(p.seqs) for p in self._entries.values())
+        events = sum(p.events for p in self._entries.values())
         self._entries.clear()
         self.nbytes = 0
         for subject in self._unsettled:

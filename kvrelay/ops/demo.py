@@ -23,7 +23,7 @@ from kvrelay.config import Config
 from kvrelay.ops.tail import describe
 from kvrelay.testing.natsserver import NatsServer, free_port
 from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory
-from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.relaybatch import decode_relay_batches
 
 DEMO_POD = "vllm-worker-0"
 
@@ -70,9 +70,9 @@ async def _run(server: NatsServer, batches: int, fmt: str, out: TextIO) -> int:
         seqs: list[int] = []
         while len(seqs) < batches:
             msg = await sub.next_msg(timeout=10)
-            batch = decode_relay_batch(msg.data)
-            seqs.append(batch.seq)
-            print("  " + describe(batch, msg.subject), file=out)
+            for batch in decode_relay_batches(msg.data):
+                seqs.append(batch.seq)
+                print("  " + describe(batch, msg.subject), file=out)
         in_order = seqs == list(range(batches))
         verdict = "in order, none missing" if in_order else "OUT OF ORDER"
         print(f"{len(seqs)} batches arrived, {verdict}", file=out)

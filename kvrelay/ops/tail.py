@@ -16,7 +16,7 @@ from nats.js.api import DeliverPolicy
 from kvrelay.codec import Codec
 from kvrelay.config import NatsSettings
 from kvrelay.ops.connect import Errors, connection_failure, connection_options, refused
-from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.relaybatch import decode_relay_batches
 from kvrelay.wire.schema import RelayBatch, Resync, Stored, Unknown
 
 
@@ -78,10 +78,12 @@ async def tail_async(nats_config: NatsSettings | str, stream: str, subject: str,
                   file=sys.stderr)
             return 1
         async for msg in sub.messages:
-            line = (as_json_line(codec, msg.subject, msg.metadata.sequence.stream, msg.data)
-                    if as_json else _text_line(msg.subject, msg.data))
-            print(line, file=out, flush=True)
-            seen += 1
+            lines = (as_json_line(codec, msg.subject, msg.metadata.sequence.stream, msg.data)
+                     if as_json else _text_line(msg.subject, msg.data)).split("\n")
+            if count:
+                lines = lines[:count - seen]
+            print("\n".join(lines), file=out, flush=True)
+            seen += len(lines)
             if count and seen >= count:
                 break
     finally:
@@ -90,21 +92,24 @@ async def tail_async(nats_config: NatsSettings | str, stream: str, subject: str,
 
 
 def _text_line(subject: str, data: bytes) -> str:
+    """One line per batch of the message."""
     try:
-        return describe(decode_relay_batch(data), subject)
+        return "\n".join(describe(batch, subject) for batch in decode_relay_batches(data))
     except (msgspec.DecodeError, ValueError) as exc:
         return f"{subject} undecodable ({exc})"
 
 
 def as_json_line(codec: Codec, subject: str, stream_seq: int, data: bytes) -> str:
-    """`tail --json`: one JSON object per batch, the RelayBatch's fields (bytes as lowercase
-    hex, as `--format json`) with its `subject` and `stream_seq`; `error` when undecodable."""
+    """`tail --json`: one JSON object per batch (a pack's batches share their message's
+    `stream_seq`), the RelayBatch's fields (bytes as lowercase hex, as `--format json`) with
+    its `subject` and `stream_seq`; `error` when undecodable."""
     head: dict[str, Any] = {"subject": subject, "stream_seq": stream_seq}
     try:
-        batch = msgspec.json.decode(codec.encode(decode_relay_batch(data)))
+        batches = [msgspec.json.decode(codec.encode(batch))
+                   for batch in decode_relay_batches(data)]
     except (msgspec.DecodeError, ValueError) as exc:
         return msgspec.json.encode({**head, "error": f"undecodable ({exc})"}).decode()
-    return msgspec.json.encode({**head, **batch}).decode()
+    return "\n".join(msgspec.json.encode({**head, **batch}).decode() for batch in batches)
 
 
 def tail(nats_config: NatsSettings, stream: str, subject: str, *, from_start: bool, count: int,

@@ -43,7 +43,7 @@ from kvrelay.wire.names import (
     SUBJECT_PREFIX,
     worker_subjects,
 )
-from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.relaybatch import decode_relay_batches
 from kvrelay.wire.schema import RelayBatch, Resync, Unknown
 
 log = logging.getLogger("kvrelay.consumer")
@@ -379,22 +379,30 @@ class KvConsumer:
         meta = msg.metadata
         stream_seq = meta.sequence.stream
         try:
-            batch = decode_relay_batch(msg.data)
+            batches = decode_relay_batches(msg.data)
         except (ValueError, RecursionError) as exc:
             self.undecodable += 1
             self.metrics.undecodable.inc()
             self._warn.warning("undecodable", "dropped stream message %d on %s: not a "
                                "RelayBatch (%s)", stream_seq, msg.subject, exc)
         else:
-            outcome, gap = self.index.apply(batch, stream_seq)
-            if outcome is Outcome.DUPLICATE:
-                self.metrics.duplicates.inc()
-            elif outcome is Outcome.APPLIED:
-                self._count(batch)
-                if gap is not None:
-                    self._report(gap)
-                if self._deliveries is not None:
-                    await self._deliveries.put(Delivery(msg.subject, stream_seq, batch, gap))
+            # A pack's batches all apply before anything awaits: a snapshot sees the message
+            # whole or not at all.
+            delivered: list[Delivery] = []
+            deliveries = self._deliveries
+            for batch in batches:
+                outcome, gap = self.index.apply(batch, stream_seq)
+                if outcome is Outcome.DUPLICATE:
+                    self.metrics.duplicates.inc()
+                elif outcome is Outcome.APPLIED:
+                    self._count(batch)
+                    if gap is not None:
+                        self._report(gap)
+                    if deliveries is not None:
+                        delivered.append(Delivery(msg.subject, stream_seq, batch, gap))
+            if deliveries is not None:
+                for delivery in delivered:
+                    await deliveries.put(delivery)
         self.stream_seq = stream_seq
         self.metrics.stream_seq.set(stream_seq)
         if not self._caught_up.is_set() and (stream_seq >= self._target

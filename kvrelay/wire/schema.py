@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 import msgspec
 from msgspec import UNSET, Struct, UnsetType
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 # int64 (Python hash, SGLang), uint64 (vLLM >= 0.10.2) or 32 bytes (sha256 hashing).
 BlockHash = int | bytes
@@ -94,7 +94,9 @@ RelayEvent = Stored | Removed | Cleared | Resync | Unknown
 
 
 class RelayBatch(Struct, kw_only=True, gc=False):
-    """One vLLM batch as published on `kv.<ns>.<component>.<instance_id>.<dp_rank>`."""
+    """One vLLM batch as published on `kv.<ns>.<component>.<instance_id>.<dp_rank>`: a message
+    holds one (a map), or several consecutive ones of its subject and epoch, in order (a pack:
+    an array of these maps; schema 2)."""
 
     v: int = SCHEMA_VERSION
     instance_id: int
@@ -157,9 +159,14 @@ OUTPUT_TYPES: Final[dict[str, type[Stored] | type[Removed] | type[Cleared]]] = {
 }
 
 
+RelayMessage = RelayBatch | list[RelayBatch]
+"""What one published message holds: a RelayBatch, or a pack of them."""
+
+
 def relay_batch_json_schema() -> dict[str, Any]:
-    """JSON Schema of RelayBatch as the JSON format carries it (bytes are lowercase hex there)."""
-    schema = msgspec.json.schema(RelayBatch)
+    """JSON Schema of a published message (a RelayBatch or a pack of them) as the JSON format
+    carries it (bytes are lowercase hex there)."""
+    schema = msgspec.json.schema(RelayMessage)
 
     def patch(node: Any) -> None:
         if isinstance(node, dict):
@@ -175,7 +182,7 @@ def relay_batch_json_schema() -> dict[str, Any]:
 
     patch(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = f"kvrelay RelayBatch v{SCHEMA_VERSION}"
+    schema["title"] = f"kvrelay message v{SCHEMA_VERSION}: a RelayBatch or a pack of them"
     return schema
 
 

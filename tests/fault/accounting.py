@@ -13,12 +13,12 @@ from collections.abc import Iterable
 from itertools import pairwise
 from typing import Any, NamedTuple
 
+import harness
 import nats.errors
 import nats.js.errors
 from harness import STREAM, Received
 from nats.js.api import DeliverPolicy
 
-from kvrelay.wire.relaybatch import decode_relay_batch
 from kvrelay.wire.schema import Resync
 
 Key = tuple[int, int]  # (epoch, seq): a batch's name on the wire
@@ -59,8 +59,7 @@ async def read_subject(nc: Any, subject: str, stream: str = STREAM) -> list[Rece
     try:
         while True:
             msg = await sub.next_msg(timeout=10)
-            out.append(Received(msg.subject, dict(msg.headers or {}), msg.data,
-                                decode_relay_batch(msg.data)))
+            out.extend(harness.received(msg))
             if msg.metadata.sequence.stream >= last.seq:
                 return out
     finally:
