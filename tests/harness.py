@@ -214,6 +214,18 @@ async def last_seq(nc: Any, subject: str) -> int | None:
     return decode_resume_point(msg.data).seq
 
 
+def batch_id(got: Received) -> str:
+    """The `Nats-Msg-Id` a batch would carry alone, read from its message's: a pack's id
+    `<instance>.<rank>.<epoch>.<first>-<last>` names each batch from first to last (the
+    message's own id when the batch is not in its range, so a comparison fails)."""
+    msg_id = got.headers["Nats-Msg-Id"]
+    head, _, last = msg_id.rpartition(".")
+    first, dash, end = last.partition("-")
+    if dash and int(first) <= got.batch.seq <= int(end):
+        return f"{head}.{got.batch.seq}"
+    return msg_id
+
+
 def seqs(got: list[Received]) -> list[tuple[int, int]]:
     return [(r.batch.epoch, r.batch.seq) for r in got]
 

@@ -39,7 +39,6 @@ from kvrelay.dynamo.translate import (
     Translator,
     block_hash_u64,
     block_hashes_u64,
-    group_frames,
     tokens_hash_seed,
     tokens_hashes,
 )
@@ -51,6 +50,7 @@ from kvrelay.dynamo.wire import (
     kv_events_subject,
 )
 from kvrelay.ingest.sequencer import Frame
+from kvrelay.publish.common import group_frames
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.synthetic import all_blocks_cleared, block_removed, block_stored, encode_batch
 from kvrelay.wire.schema import Cleared, RelayBatch, Removed, Resync, Stored, Unknown

@@ -1,9 +1,9 @@
-"""Packs: batches that queue up behind a full window go out several to a JetStream message.
+"""Packs: batches of a rank in hand together go out several to a JetStream message.
 
-The wire form is checked against msgspec's own encoder; the relay's packs on a real nats-server:
-each batch stored once and in order, the pack's Nats-Msg-Id naming its range, `--pack-batches 1`
-keeping one message per batch, a restarted relay resuming after a pack, and the router's
-consumer applying every batch of a pack.
+The wire form is checked against msgspec's own encoder; the relay's packs on a real
+nats-server: each batch stored once and in order, the pack's Nats-Msg-Id naming its range, a
+batch alone in its turn sent alone, `--batches-per-message 1` keeping one message per batch, a
+restarted relay resuming after a pack, and the router's consumer applying every batch of a pack.
 """
 
 from __future__ import annotations
@@ -133,11 +133,11 @@ async def backlog(nats_server: NatsServer, vllm: SyntheticVllm, instance: int, n
 @pytest.mark.parametrize("fmt", ["msgpack", "json"])
 async def test_a_backlog_goes_out_packed_each_batch_once(fresh_nats: NatsServer,
                                                          fmt: str) -> None:
-    """Batches held while NATS was away go out as packs of at most --pack-batches, each named
+    """Batches held while NATS was away go out as packs of at most --batches-per-message, each named
     by its range; every batch is stored once, in order, with nothing announced lost."""
     instance = new_instance_id()
     with SyntheticVllm(ANY_PORT) as vllm:
-        await backlog(fresh_nats, vllm, instance, 300, pack_batches=50, format=fmt)
+        await backlog(fresh_nats, vllm, instance, 300, batches_per_message=50, format=fmt)
     async with nats_client(fresh_nats.url) as nc:
         messages = await stream_messages(nc, subject_of(instance))
         got = await read_stream(nc, subject_of(instance), 301)
@@ -158,12 +158,31 @@ async def test_a_backlog_goes_out_packed_each_batch_once(fresh_nats: NatsServer,
     assert resyncs(got) == []
 
 
-async def test_pack_batches_1_keeps_one_message_per_batch(fresh_nats: NatsServer) -> None:
-    """With --pack-batches 1 a backlog still goes out one batch to a message (schema 1's
+async def test_a_batch_alone_in_its_turn_goes_alone(nc: Any, nats_server: NatsServer) -> None:
+    """At a sidecar's pace nothing waits to be packed: each batch is its own message, a map
+    as in schema 1, named by its seq."""
+    instance = new_instance_id()
+    with SyntheticVllm(ANY_PORT) as vllm:
+        async with running_relay(nats=nats_server.url, instance_id=instance,
+                                 zmq=[vllm.address]) as relay:
+            await join(vllm, relay)
+            for _ in range(8):
+                publish(vllm, 1)
+                await asyncio.sleep(0.05)
+            await eventually(lambda: metric(relay, "kvrelay_batches_published_total") == 8,
+                             "the relay to publish 8")
+    messages = await stream_messages(nc, subject_of(instance))
+    assert [(decode_relay_batch(m.data).seq, m.headers["Nats-Msg-Id"]) for m in messages] == [
+        (seq, f"{instance}.0.0.{seq}") for seq in range(8)]
+    assert all(m.data[0] & 0xF0 == 0x80 for m in messages)  # a msgpack map
+
+
+async def test_batches_per_message_1_keeps_one_message_per_batch(fresh_nats: NatsServer) -> None:
+    """With --batches-per-message 1 a backlog still goes out one batch to a message (schema 1's
     readers)."""
     instance = new_instance_id()
     with SyntheticVllm(ANY_PORT) as vllm:
-        await backlog(fresh_nats, vllm, instance, 120, pack_batches=1)
+        await backlog(fresh_nats, vllm, instance, 120, batches_per_message=1)
     async with nats_client(fresh_nats.url) as nc:
         messages = await stream_messages(nc, subject_of(instance))
     assert len(messages) == 121
@@ -175,7 +194,7 @@ async def test_a_restarted_relay_resumes_after_the_last_pack(fresh_nats: NatsSer
     with no resync and no batch twice."""
     instance = new_instance_id()
     with SyntheticVllm(ANY_PORT) as vllm:
-        await backlog(fresh_nats, vllm, instance, 200, pack_batches=64)
+        await backlog(fresh_nats, vllm, instance, 200, batches_per_message=64)
         async with nats_client(fresh_nats.url) as nc:
             last = await nc.jetstream().get_last_msg(STREAM, subject_of(instance))
         assert len(decode_relay_batches(last.data)) > 1
@@ -195,7 +214,7 @@ async def test_the_router_applies_every_batch_of_a_pack(fresh_nats: NatsServer) 
     stream sequence that of the last message."""
     instance = new_instance_id()
     with SyntheticVllm(ANY_PORT) as vllm:
-        await backlog(fresh_nats, vllm, instance, 250, pack_batches=32)
+        await backlog(fresh_nats, vllm, instance, 250, batches_per_message=32)
     async with KvConsumer(fresh_nats.url, NS, COMP) as consumer:
         await asyncio.wait_for(consumer.ready(), 10)
         status = consumer.index.status((instance, 0))

@@ -249,10 +249,10 @@ class PublishSettings(Section, frozen=True):
     max_in_flight_bytes: Annotated[int, setting(
         "payload bytes of the publishes awaiting an ack at once (the last one may pass it)",
         ge=1024)] = 4 << 20
-    pack_batches: Annotated[int, setting(
-        "JetStream: batches of one DP rank that queue up behind a full window go out together, "
-        "up to this many in one message (a pack; schema 2); 1: one message per batch, as "
-        "routers reading schema 1 need", ge=1, le=4096)] = 64
+    batches_per_message: Annotated[int, setting(
+        "JetStream: the most batches of a rank one message carries (a pack, schema 2); a "
+        "message takes the rank's batches in hand at once, never waits for more; 1: a message "
+        "per batch, as routers reading schema 1 need", ge=1, le=4096)] = 64
     ack_timeout: Annotated[float, setting(
         "seconds to wait for a JetStream ack before publishing again (dedup drops repeats)",
         gt=0)] = 5.0

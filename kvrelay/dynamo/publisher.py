@@ -42,12 +42,12 @@ from kvrelay.dynamo.records import (
     default_file_kv,
     new_publisher_id,
 )
-from kvrelay.dynamo.translate import EventStream, Translator, group_frames
+from kvrelay.dynamo.translate import EventStream, Translator
 from kvrelay.dynamo.wire import Translated, kv_events_subject
 from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.publish.base import Output
-from kvrelay.publish.common import SEND_SLICE, read_frame
+from kvrelay.publish.common import SEND_SLICE, group_frames, read_frame
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
 from kvrelay.wire.schema import ResumePoint
@@ -101,7 +101,6 @@ class DynamoPublisher(Output):
         self.registrar: Registrar | None = None
         self._window: deque[_Sent] = deque()
         self._window_bytes = 0
-        self._gathered: list[Frame] = []  # taken in this turn, sent together at its end
         self._markers = Markers[_Sent](self._link, self._online, self._confirm)
         self._resend = False
         self._registered = asyncio.Event()
@@ -226,51 +225,6 @@ class DynamoPublisher(Output):
         assert self.registrar is not None
         await self.registrar.run()
 
-    def take(self, frame: Frame) -> None:
-        """Ingest's hand-off, each frame in order. In the steady state (nothing buffered or owed
-        before it, this loop idle, nothing to publish again, room in the window, NATS up) the
-        frame is gathered with the others of this turn and they are sent together right after
-        it (`send_gathered`); anything else goes through the buffer and `notify`."""
-        buffer = self._buffer
-        if not buffer and not buffer.owes(frame.dp_rank) and self._sending_here() \
-                and self._room():
-            self._gathered.append(frame)
-            if len(self._gathered) == 1:
-                self._loop.call_soon(self.send_gathered)
-            return
-        self.send_gathered()  # what came before this frame goes first
-        buffer.put(frame)
-        self.notify()
-
-    def send_gathered(self) -> None:
-        """Send the frames gathered in this turn: one message per rank (`_groups`)."""
-        frames = self._gathered
-        if not frames:
-            return
-        self._gathered = []
-        if not (self._sending_here() and self._room()):
-            for frame in frames:  # the buffer is empty: `take` sends these before buffering
-                self._buffer.put(frame)
-            self.notify()
-            return
-        self._send_now(self._groups(frames))
-        self._link.flush()  # now, not in another turn of the loop
-
-    def notify(self) -> None:
-        """Called by the buffer's producer: there is something to send.
-
-        In the steady state (this loop idle, nothing to publish again, room in the window,
-        NATS up) the frames are sent right here, in the producer's turn: no wake-up of the
-        publish task per batch. Anything else is left to the publish loop, in order.
-        """
-        if self._sending_here():
-            buffer = self._buffer
-            while buffer and self._room():
-                self._send_now(self._buffered_groups())
-            if not buffer:
-                return
-        self._wake.set()
-
     def _send_now(self, groups: list[list[Frame]]) -> None:
         published = False
         for group in groups:
@@ -290,9 +244,8 @@ class DynamoPublisher(Output):
         return group_frames(frames, self._config.dynamo_batches_per_message,
                             self._nc.max_payload // GROUP_SHARE)
 
-    def _buffered_groups(self) -> list[list[Frame]]:
-        """The oldest frames of the buffer, as the messages they make."""
-        return self._groups(self._buffer.pop_upto(self._config.dynamo_batches_per_message))
+    def _per_message(self) -> int:
+        return self._config.dynamo_batches_per_message
 
     def _enter(self, frames: list[Frame]) -> _Sent | None:
         """Translate frames of one rank, in order, into the rank's next message and put it in

@@ -46,7 +46,6 @@ from kvrelay.dynamo.wire import (
     StorageTier,
     Translated,
 )
-from kvrelay.ingest.sequencer import Frame
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.schema import (
     BlockHash,
@@ -216,26 +215,6 @@ class Translator:
 
 
 # -- messages -----------------------------------------------------------------------------------
-
-
-def group_frames(frames: Iterable[Frame], max_batches: int, max_bytes: int) -> list[list[Frame]]:
-    """Frames in hand as the messages they make: each rank's in their order, a message at most
-    `max_batches` of them and, past its first, `max_bytes` of their payloads. Ranks are separate
-    Dynamo publishers: the order between them is nobody's concern."""
-    groups: list[list[Frame]] = []
-    filling: dict[int, list[Frame]] = {}  # dp_rank -> its open group
-    sizes: dict[int, int] = {}  # dp_rank -> payload bytes in its open group
-    for frame in frames:
-        rank, size = frame.dp_rank, len(frame.payload)
-        group = filling.get(rank)
-        if group is not None and len(group) < max_batches and sizes[rank] + size <= max_bytes:
-            group.append(frame)
-            sizes[rank] += size
-        else:
-            filling[rank] = group = [frame]
-            groups.append(group)
-            sizes[rank] = size
-    return groups
 
 
 _ENCODER: Final = msgspec.msgpack.Encoder()

@@ -15,7 +15,7 @@ order. Stored batches are reported to `on_stored` once each, in their subject's 
 
 In the steady state each batch is its own message. Batches that queue up behind a full window
 (the stream is the bottleneck) go out packed: consecutive batches of one subject and epoch, up
-to `pack_batches`, in one message (an array of RelayBatches) with `Nats-Msg-Id`
+to `batches_per_message`, in one message (an array of RelayBatches) with `Nats-Msg-Id`
 instance.dp_rank.epoch.first-last, stored, deduplicated, settled and resent as one.
 """
 
@@ -47,11 +47,7 @@ from kvrelay.jetstream.stream import (
 )
 from kvrelay.jetstream.window import OnStored, Pending, Window
 from kvrelay.publish.base import Output
-from kvrelay.publish.common import (
-    SEND_SLICE,
-    drop_malformed,
-    read_frame,
-)
+from kvrelay.publish.common import SEND_SLICE, drop_malformed, group_frames, read_frame
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
 from kvrelay.wire.relaybatch import pack
@@ -117,7 +113,7 @@ class Publisher(Output):
         return self.stream_ready.is_set()
 
     def _unsent(self) -> bool:
-        return bool(self._buffer or self._window)
+        return bool(self._buffer or self._window or self._gathered)
 
     def _side_tasks(self) -> list[Awaitable[None]]:
         return [self._watch()]
@@ -198,7 +194,9 @@ class Publisher(Output):
         sent = 0
         while self._buffer and self._window_open():
             if self._link.writable():
-                sent += self._send_queued()
+                groups = self._buffered_groups()
+                self._send_now(groups)
+                sent += sum(len(group) for group in groups)
                 if sent >= SEND_SLICE:
                     sent = 0
                     await asyncio.sleep(0)  # a backlog must not hold up acks and ingest
@@ -207,51 +205,26 @@ class Publisher(Output):
             if not self._online():
                 break
 
-    def take(self, frame: Frame) -> None:
-        """Ingest's hand-off, each frame in order. In the steady state (nothing buffered or owed
-        before it, this loop idle, room in the window, NATS up) the frame is published right
-        here; anything else goes through the buffer and `notify`."""
-        buffer = self._buffer
-        if not buffer and not buffer.owes(frame.dp_rank) and self._sending_here() \
-                and self._room():
-            entry = self._enter(frame)
-            if entry is not None:
-                self._publish_now(*entry)
-            return
-        buffer.put(frame)
-        self.notify()
+    def _per_message(self) -> int:
+        return self._settings.batches_per_message
 
-    def notify(self) -> None:
-        """Called by the buffer's producer: there is something to send.
+    def _groups(self, frames: list[Frame]) -> list[list[Frame]]:
+        if self._settings.batches_per_message == 1:
+            return [[frame] for frame in frames]
+        return group_frames(frames, self._settings.batches_per_message, self._pack_bytes())
 
-        In the steady state (this loop idle, nothing queued before, room in the window, NATS
-        up) the frame is sent right here, in the producer's turn of the event loop: no wake-up
-        of the publish task per batch. Anything else is left to the publish loop, in order.
-        """
-        if self._sending_here():
-            while self._buffer and self._room():
-                self._send_queued()
-            if not self._buffer:
-                return
-        self._wake.set()
+    def _pack_bytes(self) -> int:
+        return min(PACK_BYTES, self._nc.max_payload if self._nc is not None else PACK_BYTES)
 
-    def _send_queued(self) -> int:
-        """Publish the oldest frames of the buffer, those of one rank and epoch packed into
-        one message (`pack_batches` at most, from the head); returns how many were taken."""
-        limit = self._settings.pack_batches
-        if limit == 1 or len(self._buffer) == 1:
-            entry = self._enter(self._buffer.pop())
-            if entry is not None:
+    def _send_now(self, groups: list[list[Frame]]) -> None:
+        for group in groups:
+            if len(group) == 1:
+                entry = self._enter(group[0])
+                if entry is not None:
+                    self._publish_now(*entry)
+                continue
+            for entry in self._enter_run(group):
                 self._publish_now(*entry)
-            return 1
-        frames = self._buffer.pop_upto(limit)
-        runs: dict[int, list[Frame]] = {}
-        for frame in frames:
-            runs.setdefault(frame.dp_rank, []).append(frame)
-        for run in runs.values():
-            for entry in self._enter_run(run):
-                self._publish_now(*entry)
-        return len(frames)
 
     async def send(self, frame: Frame) -> None:
         """Publish one frame now, through nats-py (waiting while its queue is full), after
@@ -294,7 +267,7 @@ class Publisher(Output):
         """Encode frames of one rank, in order, and put them in the window as packs: a pack
         ends at an epoch change or past PACK_BYTES (or the server's max_payload)."""
         buffer, entries = self._buffer, []
-        limit = min(PACK_BYTES, self._nc.max_payload if self._nc is not None else PACK_BYTES)
+        limit = self._pack_bytes()
         parts: list[bytes] = []
         seqs: list[int] = []
         last: Frame | None = None
@@ -517,6 +490,7 @@ class Publisher(Output):
 
     def abandon(self) -> int:
         """Count what could not be delivered; returns the number of batches."""
+        self.send_gathered()  # into the window or the buffer, to be counted with them
         in_window, events = self._window.clear()
         lost = len(self._buffer) + in_window
         self._buffer.drain_all()

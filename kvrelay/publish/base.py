@@ -56,6 +56,7 @@ class Output(ABC):
         self.last_error = "not connected yet"
         # The loop the output runs on (asking for it each batch costs a getpid() syscall).
         self._loop = asyncio.get_running_loop()
+        self._gathered: list[Frame] = []  # taken in this turn, sent together at its end
         # A configuration NATS (or the output's peer) will never accept: the relay exits (2).
         self.fatal: asyncio.Future[Exception] = self._loop.create_future()
 
@@ -74,8 +75,12 @@ class Output(ABC):
         """The last (epoch, seq) this output holds for a rank, None if nothing to resume."""
 
     @abstractmethod
-    def take(self, frame: Frame) -> None:
-        """Ingest's hand-off, each frame in order."""
+    def _groups(self, frames: list[Frame]) -> list[list[Frame]]:
+        """Frames in hand as the messages they make (`group_frames`)."""
+
+    @abstractmethod
+    def _send_now(self, groups: list[list[Frame]]) -> None:
+        """Publish messages of frames (`_groups`) right now: only while `_room()`."""
 
     @property
     @abstractmethod
@@ -119,6 +124,62 @@ class Output(ABC):
     def _connection_back(self) -> None:
         """NATS is back."""
         self._wake.set()
+
+    # -- the steady state: a turn's frames, sent together ----------------------------------------
+
+    def take(self, frame: Frame) -> None:
+        """Ingest's hand-off, each frame in order. In the steady state (nothing buffered or owed
+        before it, the publish loop idle, room in the window, NATS up) the frame is gathered
+        with the others of this turn and they are sent together right after it
+        (`send_gathered`): a frame alone in its turn goes alone, never waiting for more.
+        Anything else goes through the buffer and `notify`."""
+        buffer = self._buffer
+        if not buffer and not buffer.owes(frame.dp_rank) and self._sending_here() \
+                and self._room():
+            self._gathered.append(frame)
+            if len(self._gathered) == 1:
+                self._loop.call_soon(self.send_gathered)
+            return
+        self.send_gathered()  # what came before this frame goes first
+        buffer.put(frame)
+        self.notify()
+
+    def send_gathered(self) -> None:
+        """Send the frames gathered in this turn: one message per rank (`_groups`)."""
+        frames = self._gathered
+        if not frames:
+            return
+        self._gathered = []
+        if not (self._sending_here() and self._room()):
+            for frame in frames:  # the buffer is empty: `take` sends these before buffering
+                self._buffer.put(frame)
+            self.notify()
+            return
+        self._send_now(self._groups(frames))
+        self._link.flush()  # now, not in another turn of the loop
+
+    def notify(self) -> None:
+        """Called by the buffer's producer: there is something to send.
+
+        In the steady state (the publish loop idle, room in the window, NATS up) the frames
+        are sent right here, in the producer's turn: no wake-up of the publish task per batch.
+        Anything else is left to the publish loop, in order.
+        """
+        if self._sending_here():
+            buffer = self._buffer
+            while buffer and self._room():
+                self._send_now(self._buffered_groups())
+            if not buffer:
+                return
+        self._wake.set()
+
+    def _buffered_groups(self) -> list[list[Frame]]:
+        """The oldest frames of the buffer, as the messages they make."""
+        return self._groups(self._buffer.pop_upto(self._per_message()))
+
+    def _per_message(self) -> int:
+        """The most batches of a rank one message carries."""
+        return 1
 
     @property
     def metrics(self) -> Metrics:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import nats.errors
@@ -100,3 +100,23 @@ def read_frame(decode: Callable[[bytes], Decoded], frame: Frame, buffer: Buffer,
                      "dp_rank %d; publishing under %d", decoded.dp_rank, frame.dp_rank,
                      frame.dp_rank)
     return decoded
+
+
+def group_frames(frames: Iterable[Frame], max_batches: int, max_bytes: int) -> list[list[Frame]]:
+    """Frames in hand as the messages they make: each rank's in their order, a message at most
+    `max_batches` of them and, past its first, `max_bytes` of their payloads. Ranks are separate
+    Dynamo publishers: the order between them is nobody's concern."""
+    groups: list[list[Frame]] = []
+    filling: dict[int, list[Frame]] = {}  # dp_rank -> its open group
+    sizes: dict[int, int] = {}  # dp_rank -> payload bytes in its open group
+    for frame in frames:
+        rank, size = frame.dp_rank, len(frame.payload)
+        group = filling.get(rank)
+        if group is not None and len(group) < max_batches and sizes[rank] + size <= max_bytes:
+            group.append(frame)
+            sizes[rank] += size
+        else:
+            filling[rank] = group = [frame]
+            groups.append(group)
+            sizes[rank] = size
+    return groups
