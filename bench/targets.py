@@ -185,6 +185,20 @@ class KvRelaySnap(KvRelay):
 
 
 @register
+class KvRelayNoPack(KvRelay):
+    name = "kvrelay-nopack"
+    summary = ("kvrelay run into JetStream, one message per batch (--batches-per-message 1, "
+               "schema 1's way), to show what packs buy")
+
+    def launches(self, site: TrialSite) -> list[Launch]:
+        return [Launch(f"kvrelay-nopack-{w.index}",
+                       _kvrelay_argv(site, w, "--batches-per-message", "1"), {},
+                       site.workdir / f"kvrelay-nopack-{w.index}.log",
+                       health_ok(w.system_port))
+                for w in site.workers]
+
+
+@register
 class KvRelayLibzmq(KvRelay):
     name = "kvrelay-libzmq"
     summary = "kvrelay run into JetStream, reading vLLM through libzmq (--zmq-engine libzmq)"

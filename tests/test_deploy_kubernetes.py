@@ -28,7 +28,7 @@ from deploy import validate
 from kvrelay.discovery import hash_pod_name
 from kvrelay.testing.natsserver import NatsServer, free_port
 from kvrelay.testing.synthetic import SyntheticVllm
-from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.relaybatch import decode_relay_batches, decode_resume_point
 
 pytestmark = pytest.mark.deploy
 
@@ -612,9 +612,16 @@ async def rehearse(objects: list[Obj], server: NatsServer, tmp_path: Path,
             await until(ready, "the readiness probe to pass")
             assert await http_status(plan.system_port, "/live") == 200
 
-            async def stored() -> int:
+            async def messages() -> int:
                 info = await js.stream_info(plan.stream, subjects_filter=plan.subject)
                 return int(info.state.messages)
+
+            async def stored() -> int:
+                """Batches stored: the last one's seq + 1 (a message may hold a pack)."""
+                if await messages() == 0:
+                    return 0
+                last = await js.get_last_msg(plan.stream, plan.subject)
+                return decode_resume_point(last.data).seq + 1
 
             async def arrived() -> bool:
                 if await stored() == 0:
@@ -627,7 +634,8 @@ async def rehearse(objects: list[Obj], server: NatsServer, tmp_path: Path,
             expected = vllm.seq
             await until(lambda: _at_least(stored, expected), f"{expected} batches")
             sub = await js.pull_subscribe(plan.subject, stream=plan.stream)
-            batches = [decode_relay_batch(m.data) for m in await sub.fetch(expected, timeout=5)]
+            batches = [b for m in await sub.fetch(await messages(), timeout=5)
+                       for b in decode_relay_batches(m.data)]
             assert [b.seq for b in batches] == list(range(expected))
             assert {b.instance_id for b in batches} == {hash_pod_name(plan.env["POD_NAME"])}
             started = time.monotonic()

@@ -55,7 +55,7 @@ from kvrelay.testing.synthetic import (
     encode_batch,
 )
 from kvrelay.wire.names import Worker
-from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.relaybatch import decode_resume_point
 from kvrelay.wire.schema import RelayBatch, Removed, Stored, WorkerSnapshot
 
 pytestmark = pytest.mark.integration
@@ -156,8 +156,8 @@ async def stored(nc: Any, ns: str, worker: WorkerKey, last: tuple[int, int],
     while True:
         try:
             msg = await nc.jetstream().get_last_msg(STREAM, subject)
-            batch = decode_relay_batch(msg.data)
-            if (batch.epoch, batch.seq) == last:
+            point = decode_resume_point(msg.data)  # a pack's last batch
+            if (point.epoch, point.seq) == last:
                 return
         except nats.js.errors.NotFoundError:
             pass
@@ -707,7 +707,7 @@ async def test_stored_batches_reported_in_stream_order_after_lost_acks(
                           config.publish, config.stream, Buffer(Budget(100, 1 << 20), metrics),
                           metrics,
                           lambda rank, payload, stream_seq: heard.append(
-                              (decode_relay_batch(payload).seq, stream_seq)))
+                              (decode_resume_point(payload).seq, stream_seq)))
     await publisher.connect([0])
     factory = WorkloadFactory(seed=2)
     try:

@@ -102,6 +102,11 @@ class Publisher(Output):
         return len(self._window)
 
     @property
+    def in_flight_batches(self) -> int:
+        """Batches in the window's messages."""
+        return self._window.batches
+
+    @property
     def in_flight_bytes(self) -> int:
         return self._window.nbytes
 
@@ -214,7 +219,10 @@ class Publisher(Output):
         return group_frames(frames, self._settings.batches_per_message, self._pack_bytes())
 
     def _pack_bytes(self) -> int:
-        return min(PACK_BYTES, self._nc.max_payload if self._nc is not None else PACK_BYTES)
+        """A pack's payload bound: PACK_BYTES, within the server's max_payload, and at most a
+        quarter of --max-in-flight-bytes, so the window holds several messages."""
+        limit = min(PACK_BYTES, self._settings.max_in_flight_bytes // 4)
+        return min(limit, self._nc.max_payload) if self._nc is not None else limit
 
     def _send_now(self, groups: list[list[Frame]]) -> None:
         for group in groups:

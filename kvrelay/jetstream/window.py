@@ -60,6 +60,11 @@ class Window:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def batches(self) -> int:
+        """Batches in flight (a pack counts all its own)."""
+        return sum(len(p.seqs) for p in self._entries.values())
+
     def __contains__(self, token: int) -> bool:
         return token in self._entries
 
