@@ -35,6 +35,7 @@ from harness import (
 from nats.js.api import DeliverPolicy
 
 from kvrelay.codec import Codec
+from kvrelay.ops.tail import _text_line, as_json_line
 from kvrelay.router.consumer import KvConsumer
 from kvrelay.testing.natsserver import NatsServer
 from kvrelay.testing.synthetic import SyntheticVllm
@@ -98,6 +99,18 @@ def test_decode_relay_batch_refuses_a_pack() -> None:
     data = msgspec.msgpack.encode(batches(2))
     with pytest.raises(ValueError, match="pack of 2"):
         decode_relay_batch(data)
+
+
+def test_tail_prints_each_batch_of_a_pack() -> None:
+    """`kvrelay tail` gives a pack one line per batch, in order, in text and JSON (each with
+    the message's stream_seq)."""
+    want = batches(3)
+    data = msgspec.msgpack.encode(want)
+    text = _text_line("kv.a.b.1.1", data).split("\n")
+    assert [line.split()[:3] for line in text] == [
+        ["kv.a.b.1.1", "epoch=3", f"seq={seq}"] for seq in range(3)]
+    lines = [json.loads(line) for line in as_json_line(Codec("json"), "s", 9, data).split("\n")]
+    assert [(line["seq"], line["stream_seq"]) for line in lines] == [(0, 9), (1, 9), (2, 9)]
 
 
 async def stream_messages(nc: Any, subject: str) -> list[Any]:
