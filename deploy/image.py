@@ -40,7 +40,7 @@ import nats.js.errors
 
 from kvrelay.testing.natsserver import NatsServer, free_port
 from kvrelay.testing.synthetic import SyntheticVllm
-from kvrelay.wire.relaybatch import decode_relay_batch
+from kvrelay.wire.relaybatch import decode_relay_batches, decode_resume_point
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
@@ -200,13 +200,15 @@ def wait_for(condition: object, what: str, within: float) -> None:
 
 
 async def stored_batches(url: str, subject: str, expected: int) -> list[int]:
-    """The seqs of the RelayBatches stored under `subject`, once `expected` have arrived."""
+    """The seqs of the RelayBatches stored under `subject` (a message may hold a pack), once
+    `expected` have arrived."""
     nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=2)
     try:
         js = nc.jetstream()
+        info = await js.stream_info("KV_EVENTS", subjects_filter=subject)
         sub = await js.pull_subscribe(subject, stream="KV_EVENTS")
-        messages = await sub.fetch(expected, timeout=10)
-        batches = [decode_relay_batch(m.data) for m in messages]
+        messages = await sub.fetch(int(info.state.messages), timeout=10)
+        batches = [b for m in messages for b in decode_relay_batches(m.data)]
         if {b.instance_id for b in batches} != {INSTANCE_ID}:
             raise ImageError(f"batches under another instance: {batches[0].instance_id}")
         return [b.seq for b in batches]
@@ -214,11 +216,14 @@ async def stored_batches(url: str, subject: str, expected: int) -> list[int]:
         await nc.close()
 
 
-async def stream_count(url: str) -> int:
+async def stored_count(url: str, subject: str) -> int:
+    """Batches stored under `subject`: the last one's seq + 1 (they arrive in order from 0,
+    a message holding one batch or a pack)."""
     nc = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=2)
     try:
         with contextlib.suppress(nats.js.errors.NotFoundError):
-            return int((await nc.jetstream().stream_info("KV_EVENTS")).state.messages)
+            last = await nc.jetstream().get_last_msg("KV_EVENTS", subject)
+            return decode_resume_point(last.data or b"").seq + 1
         return 0
     finally:
         await nc.close()
@@ -317,7 +322,7 @@ def exercise(buildah: Buildah, workdir: Path) -> None:
                 raise ImageError(f"the image's health check failed: {said}")
 
             def arrived() -> bool:
-                if asyncio.run(stream_count(server.url)) == 0:
+                if asyncio.run(stored_count(server.url, subject)) == 0:
                     vllm.publish_next()
                     return False
                 return True
@@ -325,7 +330,7 @@ def exercise(buildah: Buildah, workdir: Path) -> None:
             wait_for(arrived, "the first batch in JetStream", 30)
             while vllm.seq < BATCHES:
                 vllm.publish_next()
-            wait_for(lambda: asyncio.run(stream_count(server.url)) >= BATCHES,
+            wait_for(lambda: asyncio.run(stored_count(server.url, subject)) >= BATCHES,
                      f"{BATCHES} batches in JetStream", 30)
             seqs = asyncio.run(stored_batches(server.url, subject, BATCHES))
             if seqs != list(range(BATCHES)):
