@@ -158,10 +158,11 @@ class KvRelay(Target):
     output = "relaybatch"
     subject = "kv.>"
     stream = "KV_EVENTS"
+    flags: tuple[str, ...] = ()  # what a variant adds to `kvrelay run`
 
     def launches(self, site: TrialSite) -> list[Launch]:
-        return [Launch(f"kvrelay-{w.index}", _kvrelay_argv(site, w), {},
-                       site.workdir / f"kvrelay-{w.index}.log", health_ok(w.system_port))
+        return [Launch(f"{self.name}-{w.index}", _kvrelay_argv(site, w, *self.flags), {},
+                       site.workdir / f"{self.name}-{w.index}.log", health_ok(w.system_port))
                 for w in site.workers]
 
     def build(self, pids: list[int], launches: list[Launch]) -> str:
@@ -174,14 +175,7 @@ class KvRelaySnap(KvRelay):
     summary = ("kvrelay run into JetStream writing its worker's snapshots itself "
                "(--snapshot-interval 30 --snapshot-events 50000), to set against kvrelay's "
                "default, where routers write them")
-
-    def launches(self, site: TrialSite) -> list[Launch]:
-        return [Launch(f"kvrelay-relaysnap-{w.index}",
-                       _kvrelay_argv(site, w, "--snapshot-interval", "30",
-                                     "--snapshot-events", "50000"), {},
-                       site.workdir / f"kvrelay-relaysnap-{w.index}.log",
-                       health_ok(w.system_port))
-                for w in site.workers]
+    flags = ("--snapshot-interval", "30", "--snapshot-events", "50000")
 
 
 @register
@@ -189,26 +183,14 @@ class KvRelayNoPack(KvRelay):
     name = "kvrelay-nopack"
     summary = ("kvrelay run into JetStream, one message per batch (--batches-per-message 1, "
                "schema 1's way), to show what packs buy")
-
-    def launches(self, site: TrialSite) -> list[Launch]:
-        return [Launch(f"kvrelay-nopack-{w.index}",
-                       _kvrelay_argv(site, w, "--batches-per-message", "1"), {},
-                       site.workdir / f"kvrelay-nopack-{w.index}.log",
-                       health_ok(w.system_port))
-                for w in site.workers]
+    flags = ("--batches-per-message", "1")
 
 
 @register
 class KvRelayLibzmq(KvRelay):
     name = "kvrelay-libzmq"
     summary = "kvrelay run into JetStream, reading vLLM through libzmq (--zmq-engine libzmq)"
-
-    def launches(self, site: TrialSite) -> list[Launch]:
-        return [Launch(f"kvrelay-libzmq-{w.index}",
-                       _kvrelay_argv(site, w, "--zmq-engine", "libzmq"), {},
-                       site.workdir / f"kvrelay-libzmq-{w.index}.log",
-                       health_ok(w.system_port))
-                for w in site.workers]
+    flags = ("--zmq-engine", "libzmq")
 
 
 @register
@@ -216,13 +198,7 @@ class KvRelayPublic(KvRelay):
     name = "kvrelay-public"
     summary = ("kvrelay run into JetStream through nats-py's publish() and a subscription "
                "(--nats-engine public)")
-
-    def launches(self, site: TrialSite) -> list[Launch]:
-        return [Launch(f"kvrelay-public-{w.index}",
-                       _kvrelay_argv(site, w, "--nats-engine", "public"), {},
-                       site.workdir / f"kvrelay-public-{w.index}.log",
-                       health_ok(w.system_port))
-                for w in site.workers]
+    flags = ("--nats-engine", "public")
 
 
 def _dynamo_env(site: TrialSite) -> dict[str, str]:
@@ -239,14 +215,14 @@ class KvRelayDynamo(Target):
     subject = DYNAMO_SUBJECT
     stream = None
     requires = (Requirement("xxhash", "xxhash"),)  # --format dynamo's tokens_hash
+    flags: tuple[str, ...] = ("--format", "dynamo")  # a variant's adds to these
 
     def build(self, pids: list[int], launches: list[Launch]) -> str:
         return kvrelay_build(pids)
 
     def launches(self, site: TrialSite) -> list[Launch]:
-        return [Launch(f"kvrelay-dynamo-{w.index}",
-                       _kvrelay_argv(site, w, "--format", "dynamo"), _dynamo_env(site),
-                       site.workdir / f"kvrelay-dynamo-{w.index}.log",
+        return [Launch(f"{self.name}-{w.index}", _kvrelay_argv(site, w, *self.flags),
+                       _dynamo_env(site), site.workdir / f"{self.name}-{w.index}.log",
                        health_ok(w.system_port))
                 for w in site.workers]
 
@@ -256,13 +232,7 @@ class KvRelayDynamoPublic(KvRelayDynamo):
     name = "kvrelay-dynamo-public"
     summary = ("kvrelay run --format dynamo through nats-py's publish() and a subscription "
                "(--nats-engine public)")
-
-    def launches(self, site: TrialSite) -> list[Launch]:
-        return [Launch(f"kvrelay-dynamo-public-{w.index}",
-                       _kvrelay_argv(site, w, "--format", "dynamo", "--nats-engine", "public"),
-                       _dynamo_env(site), site.workdir / f"kvrelay-dynamo-public-{w.index}.log",
-                       health_ok(w.system_port))
-                for w in site.workers]
+    flags = ("--format", "dynamo", "--nats-engine", "public")
 
 
 @register

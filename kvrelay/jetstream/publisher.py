@@ -13,10 +13,11 @@ and resends the rest one at a time, each expecting the subject's last sequence t
 predecessor's (`Nats-Expected-Last-Subject-Sequence`), so nothing is stored twice or out of
 order. Stored batches are reported to `on_stored` once each, in their subject's stream order.
 
-In the steady state each batch is its own message. Batches that queue up behind a full window
-(the stream is the bottleneck) go out packed: consecutive batches of one subject and epoch, up
-to `batches_per_message`, in one message (an array of RelayBatches) with `Nats-Msg-Id`
-instance.dp_rank.epoch.first-last, stored, deduplicated, settled and resent as one.
+A batch alone in its loop turn is its own message. Batches of a rank in hand together (read in
+one turn, or waiting in the buffer) go out packed: consecutive batches of one subject and
+epoch, up to `batches_per_message`, in one message (an array of RelayBatches) with
+`Nats-Msg-Id` instance.dp_rank.epoch.first-last, stored, deduplicated, settled and resent as
+one.
 """
 
 from __future__ import annotations
@@ -214,8 +215,6 @@ class Publisher(Output):
         return self._settings.batches_per_message
 
     def _groups(self, frames: list[Frame]) -> list[list[Frame]]:
-        if self._settings.batches_per_message == 1:
-            return [[frame] for frame in frames]
         return group_frames(frames, self._settings.batches_per_message, self._pack_bytes())
 
     def _pack_bytes(self) -> int:
@@ -226,11 +225,6 @@ class Publisher(Output):
 
     def _send_now(self, groups: list[list[Frame]]) -> None:
         for group in groups:
-            if len(group) == 1:
-                entry = self._enter(group[0])
-                if entry is not None:
-                    self._publish_now(*entry)
-                continue
             for entry in self._enter_run(group):
                 self._publish_now(*entry)
 
@@ -264,16 +258,12 @@ class Publisher(Output):
 
     def _enter(self, frame: Frame) -> tuple[int, Pending] | None:
         """Encode a frame and put it in the window; None if it was dropped (counted)."""
-        encoded = self._encode(frame)
-        if encoded is None:
-            return None
-        msg_id = f"{self._instance_id}.{frame.dp_rank}.{frame.epoch}.{frame.seq}"
-        self._arm_watch()
-        return self._window.add(frame, self.subject(frame.dp_rank), msg_id, *encoded)
+        entries = self._enter_run([frame])
+        return entries[0] if entries else None
 
     def _enter_run(self, frames: list[Frame]) -> list[tuple[int, Pending]]:
-        """Encode frames of one rank, in order, and put them in the window as packs: a pack
-        ends at an epoch change or past PACK_BYTES (or the server's max_payload)."""
+        """Encode frames of one rank, in order, and put them in the window as packs (a frame
+        alone as a single batch): a pack ends at an epoch change or past `_pack_bytes()`."""
         buffer, entries = self._buffer, []
         limit = self._pack_bytes()
         parts: list[bytes] = []

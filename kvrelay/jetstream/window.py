@@ -159,8 +159,7 @@ class Window:
 
     def clear(self) -> tuple[int, int]:
         """Empty the window (shutdown); returns the batches and events it held."""
-        batches = sum(len(p.seqs) for p in self._entries.values())
-        events = sum(p.events for p in self._entries.values())
+        batches, events = self.batches, sum(p.events for p in self._entries.values())
         self._entries.clear()
         self.nbytes = 0
         for subject in self._unsettled:

@@ -82,6 +82,10 @@ class Output(ABC):
     def _send_now(self, groups: list[list[Frame]]) -> None:
         """Publish messages of frames (`_groups`) right now: only while `_room()`."""
 
+    @abstractmethod
+    def _per_message(self) -> int:
+        """The most batches of a rank one message carries."""
+
     @property
     @abstractmethod
     def in_flight(self) -> int:
@@ -177,9 +181,6 @@ class Output(ABC):
         """The oldest frames of the buffer, as the messages they make."""
         return self._groups(self._buffer.pop_upto(self._per_message()))
 
-    def _per_message(self) -> int:
-        """The most batches of a rank one message carries."""
-        return 1
 
     @property
     def metrics(self) -> Metrics:
