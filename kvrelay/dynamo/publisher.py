@@ -206,12 +206,14 @@ class DynamoPublisher(Output):
         published = 0
         while self._buffer and self._window_open() \
                 and not self._resend and self._online():
-            for group in self._buffered_groups():
-                entered = self._enter(group)
-                if entered is not None and self._link.writable():
-                    self._publish_now(entered)
-                    published += entered.batches
-                elif entered is not None:
+            groups = self._buffered_groups()
+            if self._link.writable():
+                super()._send_now(groups)  # what does not fit in the window goes back
+                published += sum(map(len, groups))
+            else:
+                self._buffer.restore([frame for rest in groups[1:] for frame in rest])
+                entered = self._enter(groups[0])
+                if entered is not None:
                     await self._publish(entered)  # waits for nats-py's flush
             if published >= SEND_SLICE:
                 published = 0
@@ -225,15 +227,17 @@ class DynamoPublisher(Output):
         assert self.registrar is not None
         await self.registrar.run()
 
-    def _send_now(self, groups: list[list[Frame]]) -> None:
-        published = False
-        for group in groups:
-            sent = self._enter(group)
-            if sent is not None:
-                self._publish_now(sent)
-                published = True
+    def _send_group(self, group: list[Frame]) -> bool:
+        sent = self._enter(group)
+        if sent is not None:
+            self._publish_now(sent)
+        return sent is not None
+
+    def _send_now(self, groups: list[list[Frame]]) -> bool:
+        published = super()._send_now(groups)
         if published:
             self._markers.follow()
+        return published
 
     def _sending_here(self) -> bool:
         """As for every output, and nothing to publish again."""

@@ -107,6 +107,15 @@ class Buffer:
         """The oldest frames, at most `limit`, each as `pop` gives it."""
         return [self.pop() for _ in range(min(limit, len(self._frames)))]
 
+    def restore(self, frames: list[Frame]) -> None:
+        """Frames popped and not sent after all, back at the front in their order (with the
+        resyncs they claimed)."""
+        self._frames.extendleft(reversed(frames))
+        for frame in frames:
+            size = len(frame.payload)
+            self._bytes += size
+            self._budget.charge(size)
+
     def claim(self, dp_rank: int) -> tuple[Resync, ...]:
         """The resyncs owed to `dp_rank`, handed to a caller that announces them now."""
         owed = self._owed.pop(dp_rank, ())

@@ -223,10 +223,11 @@ class Publisher(Output):
         limit = min(PACK_BYTES, self._settings.max_in_flight_bytes // 4)
         return min(limit, self._nc.max_payload) if self._nc is not None else limit
 
-    def _send_now(self, groups: list[list[Frame]]) -> None:
-        for group in groups:
-            for entry in self._enter_run(group):
-                self._publish_now(*entry)
+    def _send_group(self, group: list[Frame]) -> bool:
+        entries = self._enter_run(group)
+        for entry in entries:
+            self._publish_now(*entry)
+        return bool(entries)
 
     async def send(self, frame: Frame) -> None:
         """Publish one frame now, through nats-py (waiting while its queue is full), after

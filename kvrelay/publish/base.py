@@ -79,8 +79,9 @@ class Output(ABC):
         """Frames in hand as the messages they make (`group_frames`)."""
 
     @abstractmethod
-    def _send_now(self, groups: list[list[Frame]]) -> None:
-        """Publish messages of frames (`_groups`) right now: only while `_room()`."""
+    def _send_group(self, group: list[Frame]) -> bool:
+        """Publish one message of frames (a group of `_groups`) right now, without waiting;
+        False if none of them could go (counted)."""
 
     @abstractmethod
     def _per_message(self) -> int:
@@ -161,6 +162,8 @@ class Output(ABC):
             return
         self._send_now(self._groups(frames))
         self._link.flush()  # now, not in another turn of the loop
+        if self._buffer:  # the window filled up: the publish loop sends the rest
+            self._wake.set()
 
     def notify(self) -> None:
         """Called by the buffer's producer: there is something to send.
@@ -176,6 +179,18 @@ class Output(ABC):
             if not buffer:
                 return
         self._wake.set()
+
+    def _send_now(self, groups: list[list[Frame]]) -> bool:
+        """Publish messages of frames (`_groups`) right now, the first because the caller saw
+        `_room()`, each further one while the window has room; what does not fit goes back to
+        the front of the buffer, in order. True if anything was published."""
+        published = False
+        for index, group in enumerate(groups):
+            if index and not self._window_open():
+                self._buffer.restore([frame for rest in groups[index:] for frame in rest])
+                break
+            published = self._send_group(group) or published
+        return published
 
     def _buffered_groups(self) -> list[list[Frame]]:
         """The oldest frames of the buffer, as the messages they make."""
