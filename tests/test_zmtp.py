@@ -21,13 +21,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import chunkings, zmtp_messages
 
+from kvrelay.codec import Codec
 from kvrelay.config import SourceSpec
 from kvrelay.config.endpoint import parse_endpoint
+from kvrelay.ingest.budget import Budget
+from kvrelay.ingest.buffer import Buffer
 from kvrelay.ingest.sequencer import Frame
 from kvrelay.ingest.source import Source
 from kvrelay.ingest.subscriber import Subscriber
 from kvrelay.ingest.zmtp import Connection, Messages
 from kvrelay.ingest.zmtpwire import GREETING, READY, REFUSED
+from kvrelay.publish.common import read_frame as decode_frame
+from kvrelay.ratelimit import RateLimitedLog
 from kvrelay.system.metrics import Metrics
 from kvrelay.testing.natsserver import free_port
 
@@ -591,6 +596,29 @@ async def test_a_message_over_the_bound_is_skipped_unread_in_its_place(
                 f"above --max-batch-bytes ({bound})") in caplog.text
     else:
         assert [(f.seq, f.payload) for f in frames] == [(0, b"before")]
+
+
+def test_only_the_marker_itself_is_taken_for_a_refused_message() -> None:
+    """The publisher drops the reader's REFUSED marker as `too_large`; a vLLM payload with the
+    same bytes (a fuzzer finds them) is another object, decoded like any other and dropped as
+    malformed msgpack."""
+    metrics = Metrics()
+    buffer = Buffer(Budget(100, 1 << 20), metrics)
+    codec = Codec("msgpack", metrics)
+    warn = RateLimitedLog(logging.getLogger("kvrelay.test"))
+    same = bytes(bytearray(REFUSED))
+    assert same == REFUSED
+    assert same is not REFUSED
+    for seq, payload in enumerate((REFUSED, same)):
+        assert decode_frame(codec.decode, Frame(0, 0, seq, payload, 0.0, ()), buffer, metrics,
+                            warn) is None
+
+    def count(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert count("kvrelay_batches_dropped_total", reason="too_large") == 1
+    assert count("kvrelay_batches_dropped_total", reason="malformed") == 1
+    assert count("kvrelay_decode_errors_total", kind="msgpack") == 1
 
 
 @settings(deadline=None, max_examples=150)

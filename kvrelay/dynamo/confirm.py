@@ -20,8 +20,8 @@ from kvrelay.natsio.link import Link
 # The shortest time between two markers: confirmations of a steady flow come in groups, and
 # markers ride in the socket writes of the messages they follow. At a sidecar's rate (a batch
 # every few ms or more) a marker per message would wake the relay twice per batch; at 50 ms it
-# is one wake-up per batch and a marker's return per 50 ms. What is unconfirmed is kept for
-# republishing meanwhile: 50 ms of batches.
+# is a marker per 50 ms, its return read with the next batch (kvrelay/natsio/hold.py). What is
+# unconfirmed is kept for republishing meanwhile: 50 to 100 ms of batches.
 MARKER_INTERVAL: Final = 0.05
 
 Mark = TypeVar("Mark")
@@ -62,15 +62,17 @@ class Markers(Generic[Mark]):
 
     def follow(self) -> None:
         """Have a marker follow what was published. It goes with this turn's messages once
-        MARKER_INTERVAL has passed since the last one; before that, a timer sends it alone
-        unless later messages take it along first. While one is out, its return does this."""
+        MARKER_INTERVAL has passed since the last one; should no later messages take it along
+        within another MARKER_INTERVAL, a timer sends it alone (a flow that stopped). While
+        one is out, its return does this."""
         if self._out or not self._unmarked:
             return
         now = time.monotonic()
         if now >= self._next_at:
             self._send(now)
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._next_at - now, self._due)
+            self._timer = asyncio.get_running_loop().call_later(
+                self._next_at - now + MARKER_INTERVAL, self._due)
 
     def forget(self) -> None:
         """What was published may be lost (it is published again): a marker still to come

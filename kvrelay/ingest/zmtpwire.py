@@ -18,8 +18,9 @@ MAX_TTL_DECISECONDS = 655
 
 # The last frame of a message refused for its size (--max-batch-bytes), in place of what was
 # skipped unread: the message keeps its place in the stream (its seq is known), and the
-# publisher drops it as `too_large` before any decoding (`kvrelay.publish.common.read_frame`).
-# 0xc1 is the one byte msgpack never uses: nothing reads this as a vLLM batch.
+# publisher drops it as `too_large` before any decoding (`kvrelay.publish.common.read_frame`),
+# knowing it by identity: a vLLM payload of the same bytes is another object. 0xc1 is the one
+# byte msgpack never uses: no decoder reads these bytes as a vLLM batch.
 REFUSED = b"\xc1 refused unread: above --max-batch-bytes"
 
 

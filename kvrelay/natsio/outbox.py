@@ -19,7 +19,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Final, cast
 
 import nats.protocol.parser
 from mypy_extensions import mypyc_attr
@@ -51,12 +51,13 @@ INTERNALS: Final = (
     ("TcpTransport", "_io_writer", "StreamWriter"),
     ("StreamReader", "_buffer", "bytearray"),
     ("StreamReader", "feed_data", "method(data)"),
+    ("StreamReader", "_paused", "bool"),
 )
 
 _KINDS: Final[dict[str, type]] = {
     "Transport": Transport, "Parser": Parser, "list": list, "int": int,
     "Queue": asyncio.Queue, "Future": asyncio.Future, "bytearray": bytearray,
-    "StreamReader": asyncio.StreamReader, "StreamWriter": asyncio.StreamWriter,
+    "StreamReader": asyncio.StreamReader, "StreamWriter": asyncio.StreamWriter, "bool": bool,
 }
 
 
@@ -332,6 +333,29 @@ class Outbox:
     def discard(self) -> None:
         """Forget what was not written (the connection it was meant for is gone)."""
         self._out = []
+
+
+def holdable_socket(nc: Client) -> tuple[asyncio.Transport, int, asyncio.Protocol] | None:
+    """The socket's transport, descriptor and protocol when its replies may be read by hand
+    (kvrelay/natsio/hold.py): plain TCP, read by the loop, asyncio's reader not holding back
+    on its own (its buffer full); None otherwise."""
+    transport = nc._transport
+    if not isinstance(transport, TcpTransport) or transport._io_writer is None \
+            or transport._io_reader is None or transport._io_reader._paused:  # type: ignore[attr-defined]
+        return None
+    # uvloop's transports are not asyncio.Transport subclasses, but have its methods
+    socket_transport = cast(asyncio.Transport, transport._io_writer.transport)
+    if socket_transport.is_closing() \
+            or not socket_transport.is_reading() \
+            or socket_transport.get_extra_info("ssl_object") is not None:
+        return None
+    sock = socket_transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    protocol = socket_transport.get_protocol()
+    if not isinstance(protocol, asyncio.Protocol):
+        return None
+    return socket_transport, sock.fileno(), protocol
 
 
 def _socket_transport(nc: Client) -> asyncio.WriteTransport | None:

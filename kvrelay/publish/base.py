@@ -44,7 +44,7 @@ class Output(ABC):
         self._log = log
         self._warn = RateLimitedLog(log)
         self._nc: Client | None = None
-        self._link = new_link(nats.engine)
+        self._link = new_link(nats.engine, nats.reply_linger)
         self._wake = asyncio.Event()
         self._parked = False  # the publish loop waits for work: a producer may send directly
         self._retry_at: float | None = None
@@ -138,6 +138,8 @@ class Output(ABC):
         with the others of this turn and they are sent together right after it
         (`send_gathered`): a frame alone in its turn goes alone, never waiting for more.
         Anything else goes through the buffer and `notify`."""
+        if not self._gathered:  # the first of a turn: replies held back first (natsio/hold.py)
+            self._link.read_replies()
         buffer = self._buffer
         if not buffer and not buffer.owes(frame.dp_rank) and self._sending_here() \
                 and self._room():
@@ -163,7 +165,10 @@ class Output(ABC):
         self._send_now(self._groups(frames))
         self._link.flush()  # now, not in another turn of the loop
         if self._buffer:  # the window filled up: the publish loop sends the rest
+            self._link.release_replies()
             self._wake.set()
+        else:  # only replies are awaited: they may wait for the next batch's wake-up
+            self._link.hold_replies()
 
     def notify(self) -> None:
         """Called by the buffer's producer: there is something to send.
@@ -178,6 +183,7 @@ class Output(ABC):
                 self._send_now(self._buffered_groups())
             if not buffer:
                 return
+        self._link.release_replies()  # the publish loop may await replies
         self._wake.set()
 
     def _send_now(self, groups: list[list[Frame]]) -> bool:
@@ -358,9 +364,11 @@ class Output(ABC):
 
     async def flush(self, within: float) -> bool:
         """Wait until nothing is buffered or unconfirmed; False if `within` seconds pass."""
+        self._link.release_replies()
         return await wait_until_sent(self._unsent, self._wake, within)
 
     async def close(self) -> None:
         self.connected = False
+        self._link.release_replies()
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()

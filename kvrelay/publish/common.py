@@ -90,7 +90,9 @@ def read_frame(decode: Callable[[bytes], Decoded], frame: Frame, buffer: Buffer,
     try:
         decoded = decode(frame.payload)
     except MalformedPayload as exc:
-        if frame.payload == REFUSED:  # checked only here: nothing on the way of a good batch
+        # Checked only here (nothing on the way of a good batch), and by identity: a payload
+        # from the wire with the same bytes is another object, malformed like any other.
+        if frame.payload is REFUSED:
             buffer.lose("too_large", frame.dp_rank, (frame.seq,), carried=frame.resyncs)
         else:
             drop_malformed(frame, exc, buffer, metrics, warn)
