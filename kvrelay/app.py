@@ -146,7 +146,8 @@ class Relay:
                             budget=budget, replay_timeout=config.zmq.replay_timeout,
                             replay_cooldown=config.zmq.replay_cooldown,
                             engine=config.zmq.engine, max_batch_bytes=config.zmq.max_batch_bytes,
-                            heartbeat=config.zmq.heartbeat)
+                            heartbeat=config.zmq.heartbeat,
+                            turn=(self.publisher.begin_turn, self.publisher.end_turn))
             self._sources.append(source)
             task = asyncio.ensure_future(source.run(self.publisher.resume_point(spec.dp_rank)))
             self._source_tasks.append(task)

@@ -140,12 +140,6 @@ class NatsSettings(Section, frozen=True):
         "publishes in one socket write, replies read as the socket is read; relies on nats-py "
         "internals, checked at connect) or public (nats-py's publish() and subscriptions)",
         flag="nats_engine")] = "direct"
-    reply_linger: Annotated[float, setting(
-        "seconds replies (JetStream acks, --format dynamo's marker returns) may wait on the "
-        "socket for the relay's next wake-up for a vLLM batch instead of waking it on their "
-        "own, in the steady state; they are read at the latest this long after the last "
-        "publish. 0: read each as it arrives. Direct engine, plain TCP only",
-        ge=0, le=1)] = 0.05
     reconnect_wait_max: Annotated[float, setting(
         "cap of the NATS reconnect backoff in seconds", gt=0)] = 1.0
     nats_user: Annotated[str | None, setting("NATS user")] = None

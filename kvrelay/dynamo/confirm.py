@@ -20,8 +20,8 @@ from kvrelay.natsio.link import Link
 # The shortest time between two markers: confirmations of a steady flow come in groups, and
 # markers ride in the socket writes of the messages they follow. At a sidecar's rate (a batch
 # every few ms or more) a marker per message would wake the relay twice per batch; at 50 ms it
-# is a marker per 50 ms, its return read with the next batch (kvrelay/natsio/hold.py). What is
-# unconfirmed is kept for republishing meanwhile: 50 to 100 ms of batches.
+# is one wake-up per batch and a marker's return per 50 ms. What is unconfirmed is kept for
+# republishing meanwhile: 50 to 100 ms of batches.
 MARKER_INTERVAL: Final = 0.05
 
 Mark = TypeVar("Mark")

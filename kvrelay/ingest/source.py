@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import zmq
@@ -60,13 +60,17 @@ class Source:
         engine: Literal["native", "libzmq"] = "native",
         max_batch_bytes: int = 4 << 20,
         heartbeat: float = 0.0,
+        turn: tuple[Callable[[], None], Callable[[], None]] | None = None,
     ) -> None:
         """`budget`: what batches held during a resume or a replay are charged to (shared with
-        the buffer); `max_batch_bytes`: the largest message read, live or replayed."""
+        the buffer); `max_batch_bytes`: the largest message read, live or replayed; `turn`:
+        called before and after a read's messages are handed to `sink` (which may then send
+        what it took, together, without waiting for another turn of the loop)."""
         self.spec = spec
         self._engine = engine
         self._max_batch_bytes = max_batch_bytes
         self._heartbeat = heartbeat  # seconds between PINGs to the publisher; 0: none
+        self._turn = turn
         self._ctx = ctx
         self._metrics = metrics
         self._topic = topic
@@ -189,12 +193,18 @@ class Source:
         failed = self._failed
         if failed is None or failed.done():
             return
+        turn = self._turn
+        if turn is not None:
+            turn[0]()
         try:
             now = time.time()
             offer = self.sequencer.offer_message
             self._received.inc(sum([offer(frames, now) for frames in messages]))
         except Exception as exc:  # a callback's exception would only be logged: end run()
             failed.set_exception(exc)
+        finally:
+            if turn is not None:
+                turn[1]()
 
     async def settle(self, within: float) -> int:
         """After reading stopped: let a pending resume or replay hand on what is held.

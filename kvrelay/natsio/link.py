@@ -9,8 +9,7 @@ drops, so the publisher's ordered resend is the first thing on the new socket.
 Two ways, chosen by `--nats-engine`:
 - `direct` (DirectLink): commands written to the socket once per loop turn and replies read
   off the socket as it is read (kvrelay/natsio/outbox.py, the one module that touches nats-py's
-  internals, checked at connect), in the steady state held for the relay's next wake-up
-  (kvrelay/natsio/hold.py);
+  internals, checked at connect);
 - `public` (PublicLink): nats-py's `publish()` and a subscription callback; only a disconnect
   still goes through outbox.py (no public API drops what nats-py has not written), and only
   where nats-py keeps that as tested.
@@ -27,7 +26,6 @@ from typing import Any
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from kvrelay.natsio.hold import ReplyHold
 from kvrelay.natsio.outbox import (
     InboxClient,
     InboxHandler,
@@ -96,23 +94,11 @@ class Link:
         as a ready block (bytes): the direct link writes it as it is."""
         raise NotImplementedError
 
+    def collect(self) -> None:
+        """What is put until the next `flush` leaves with it (nothing else is scheduled)."""
+
     def flush(self) -> None:
         """Send what was put in this turn now rather than at its end."""
-
-    @property
-    def replies_held(self) -> bool:
-        """The socket is held (`hold_replies`): replies wait to be read by hand."""
-        return False
-
-    def hold_replies(self) -> None:
-        """Nothing is awaited but replies: they may wait for the relay's next wake-up, at
-        most the link's linger (kvrelay/natsio/hold.py)."""
-
-    def read_replies(self) -> None:
-        """Read what replies came while held, now (the relay woke for a batch)."""
-
-    def release_replies(self) -> None:
-        """Read replies as they arrive again (something awaits the server)."""
 
     async def publish(self, subject: str, payload: bytes, reply: str = "",
                       headers: dict[str, str] | None = None) -> None:
@@ -133,11 +119,9 @@ class DirectLink(Link):
     """Commands written once per loop turn, replies read off the socket (outbox.py)."""
 
     def __init__(self, limit: int = OUTBOX_LIMIT,
-                 new_client: Callable[[], InboxClient] = InboxClient,
-                 linger: float = 0.0) -> None:
+                 new_client: Callable[[], InboxClient] = InboxClient) -> None:
         super().__init__(new_client)
         self._outbox = Outbox(limit)
-        self._hold = ReplyHold(linger)
 
     async def connect(self, options: dict[str, Any], error_cb: Callback,
                       disconnected_cb: Callback, reconnected_cb: Callback) -> Client:
@@ -174,38 +158,25 @@ class DirectLink(Link):
                                 b"\r\n"))
         self._outbox.put(command, len(payload))
 
+    def collect(self) -> None:
+        self._outbox.collect()
+
     def flush(self) -> None:
         self._outbox.flush()
-
-    @property
-    def replies_held(self) -> bool:
-        return self._hold.held
-
-    def hold_replies(self) -> None:
-        self._hold.hold(self.nc)
-
-    def read_replies(self) -> None:
-        self._hold.read()
-
-    def release_replies(self) -> None:
-        self._hold.release()
 
     async def publish(self, subject: str, payload: bytes, reply: str = "",
                       headers: dict[str, str] | None = None) -> None:
         assert self.nc is not None
-        self._hold.release()
         self._outbox.flush()  # what the steady state queued goes first
         await self.nc.publish(subject, payload, reply=reply, headers=headers)
 
     async def request(self, subject: str, payload: bytes, headers: dict[str, str],
                       within: float) -> Msg:
         assert self.nc is not None
-        self._hold.release()
         self._outbox.flush()
         return await self.nc.request(subject, payload, headers=headers, timeout=within)
 
     def discard(self) -> None:
-        self._hold.release()
         self._outbox.discard()
         if self.nc is not None:
             discard_unwritten(self.nc)
@@ -294,6 +265,5 @@ class PublicLink(Link):
                         "they may arrive ahead of the resend")
 
 
-def new_link(engine: str, reply_linger: float = 0.0) -> Link:
-    """`--nats-engine`'s link; the direct one holds replies up to `reply_linger` seconds."""
-    return PublicLink() if engine == "public" else DirectLink(linger=reply_linger)
+def new_link(engine: str) -> Link:
+    return PublicLink() if engine == "public" else DirectLink()

@@ -19,7 +19,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable, Mapping
-from typing import Final, cast
+from typing import Final
 
 import nats.protocol.parser
 from mypy_extensions import mypyc_attr
@@ -51,13 +51,12 @@ INTERNALS: Final = (
     ("TcpTransport", "_io_writer", "StreamWriter"),
     ("StreamReader", "_buffer", "bytearray"),
     ("StreamReader", "feed_data", "method(data)"),
-    ("StreamReader", "_paused", "bool"),
 )
 
 _KINDS: Final[dict[str, type]] = {
     "Transport": Transport, "Parser": Parser, "list": list, "int": int,
     "Queue": asyncio.Queue, "Future": asyncio.Future, "bytearray": bytearray,
-    "StreamReader": asyncio.StreamReader, "StreamWriter": asyncio.StreamWriter, "bool": bool,
+    "StreamReader": asyncio.StreamReader, "StreamWriter": asyncio.StreamWriter,
 }
 
 
@@ -280,6 +279,8 @@ class Outbox:
         self._out: list[bytes] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer: asyncio.StreamWriter | None = None  # the socket's, and its transport
+        self._transport: asyncio.WriteTransport | None = None
 
     def bind(self, nc: Client) -> None:
         """The connection to write to; called on the event loop that writes."""
@@ -295,8 +296,17 @@ class Outbox:
         flusher = nc._flusher_task
         if flusher is None or flusher.done() or nc._pending_data_size >= self._limit:
             return False
-        transport = _socket_transport(nc)
+        transport = self._socket_transport(nc)
         return transport is None or transport.get_write_buffer_size() < self._limit
+
+    def _socket_transport(self, nc: Client) -> asyncio.WriteTransport | None:
+        """`_socket_transport`, kept while the writer is the same (StreamWriter.transport is
+        interpreted code; the writer only changes with the connection)."""
+        writer = nc._transport._io_writer if isinstance(nc._transport, TcpTransport) else None
+        if writer is not self._writer:
+            self._writer = writer
+            self._transport = _socket_transport(nc)
+        return self._transport
 
     def put(self, command: bytes, payload_size: int) -> None:
         """Send `command` (one whole protocol command) with this turn's others."""
@@ -309,6 +319,11 @@ class Outbox:
             self._scheduled = True
             (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
 
+    def collect(self) -> None:
+        """The caller writes what it puts with `flush` before its turn ends: no end-of-turn
+        write is scheduled for it."""
+        self._scheduled = True
+
     def flush(self) -> None:
         """Write what this turn collected; called before any publish that goes through
         nats-py's own queue, so the order on the wire is the order of the calls."""
@@ -320,7 +335,7 @@ class Outbox:
         nc = self._nc
         if nc is None or not nc.is_connected:
             return  # the publisher's window resends it after the reconnect
-        transport = _socket_transport(nc)
+        transport = self._socket_transport(nc)
         if nc._pending_data_size == 0 and transport is not None and not transport.is_closing():
             transport.write(data)
             return
@@ -333,29 +348,6 @@ class Outbox:
     def discard(self) -> None:
         """Forget what was not written (the connection it was meant for is gone)."""
         self._out = []
-
-
-def holdable_socket(nc: Client) -> tuple[asyncio.Transport, int, asyncio.Protocol] | None:
-    """The socket's transport, descriptor and protocol when its replies may be read by hand
-    (kvrelay/natsio/hold.py): plain TCP, read by the loop, asyncio's reader not holding back
-    on its own (its buffer full); None otherwise."""
-    transport = nc._transport
-    if not isinstance(transport, TcpTransport) or transport._io_writer is None \
-            or transport._io_reader is None or transport._io_reader._paused:  # type: ignore[attr-defined]
-        return None
-    # uvloop's transports are not asyncio.Transport subclasses, but have its methods
-    socket_transport = cast(asyncio.Transport, transport._io_writer.transport)
-    if socket_transport.is_closing() \
-            or not socket_transport.is_reading() \
-            or socket_transport.get_extra_info("ssl_object") is not None:
-        return None
-    sock = socket_transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    protocol = socket_transport.get_protocol()
-    if not isinstance(protocol, asyncio.Protocol):
-        return None
-    return socket_transport, sock.fileno(), protocol
 
 
 def _socket_transport(nc: Client) -> asyncio.WriteTransport | None:

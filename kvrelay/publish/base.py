@@ -44,7 +44,7 @@ class Output(ABC):
         self._log = log
         self._warn = RateLimitedLog(log)
         self._nc: Client | None = None
-        self._link = new_link(nats.engine, nats.reply_linger)
+        self._link = new_link(nats.engine)
         self._wake = asyncio.Event()
         self._parked = False  # the publish loop waits for work: a producer may send directly
         self._retry_at: float | None = None
@@ -57,6 +57,7 @@ class Output(ABC):
         # The loop the output runs on (asking for it each batch costs a getpid() syscall).
         self._loop = asyncio.get_running_loop()
         self._gathered: list[Frame] = []  # taken in this turn, sent together at its end
+        self._in_turn = False  # a source hands over a read (`begin_turn`): it ends the turn
         # A configuration NATS (or the output's peer) will never accept: the relay exits (2).
         self.fatal: asyncio.Future[Exception] = self._loop.create_future()
 
@@ -132,19 +133,28 @@ class Output(ABC):
 
     # -- the steady state: a turn's frames, sent together ----------------------------------------
 
+    def begin_turn(self) -> None:
+        """A source hands over what one read of its socket held: `end_turn` follows."""
+        self._in_turn = True
+
+    def end_turn(self) -> None:
+        """The read's frames are all taken: send what was gathered, now."""
+        self._in_turn = False
+        if self._gathered:
+            self.send_gathered()
+
     def take(self, frame: Frame) -> None:
         """Ingest's hand-off, each frame in order. In the steady state (nothing buffered or owed
         before it, the publish loop idle, room in the window, NATS up) the frame is gathered
         with the others of this turn and they are sent together right after it
-        (`send_gathered`): a frame alone in its turn goes alone, never waiting for more.
+        (`send_gathered`: at `end_turn`, or in the loop's next turn for a frame handed over
+        outside a read): a frame alone in its turn goes alone, never waiting for more.
         Anything else goes through the buffer and `notify`."""
-        if not self._gathered:  # the first of a turn: replies held back first (natsio/hold.py)
-            self._link.read_replies()
         buffer = self._buffer
         if not buffer and not buffer.owes(frame.dp_rank) and self._sending_here() \
                 and self._room():
             self._gathered.append(frame)
-            if len(self._gathered) == 1:
+            if len(self._gathered) == 1 and not self._in_turn:
                 self._loop.call_soon(self.send_gathered)
             return
         self.send_gathered()  # what came before this frame goes first
@@ -162,13 +172,13 @@ class Output(ABC):
                 self._buffer.put(frame)
             self.notify()
             return
-        self._send_now(self._groups(frames))
-        self._link.flush()  # now, not in another turn of the loop
+        self._link.collect()  # these publishes leave in one write, below
+        try:
+            self._send_now([frames] if len(frames) == 1 else self._groups(frames))
+        finally:
+            self._link.flush()  # now, not in another turn of the loop
         if self._buffer:  # the window filled up: the publish loop sends the rest
-            self._link.release_replies()
             self._wake.set()
-        else:  # only replies are awaited: they may wait for the next batch's wake-up
-            self._link.hold_replies()
 
     def notify(self) -> None:
         """Called by the buffer's producer: there is something to send.
@@ -183,7 +193,6 @@ class Output(ABC):
                 self._send_now(self._buffered_groups())
             if not buffer:
                 return
-        self._link.release_replies()  # the publish loop may await replies
         self._wake.set()
 
     def _send_now(self, groups: list[list[Frame]]) -> bool:
@@ -364,11 +373,9 @@ class Output(ABC):
 
     async def flush(self, within: float) -> bool:
         """Wait until nothing is buffered or unconfirmed; False if `within` seconds pass."""
-        self._link.release_replies()
         return await wait_until_sent(self._unsent, self._wake, within)
 
     async def close(self) -> None:
         self.connected = False
-        self._link.release_replies()
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()
