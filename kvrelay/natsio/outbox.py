@@ -300,12 +300,13 @@ class Outbox:
         return transport is None or transport.get_write_buffer_size() < self._limit
 
     def _socket_transport(self, nc: Client) -> asyncio.WriteTransport | None:
-        """`_socket_transport`, kept while the writer is the same (StreamWriter.transport is
-        interpreted code; the writer only changes with the connection)."""
-        writer = nc._transport._io_writer if isinstance(nc._transport, TcpTransport) else None
+        """The socket's transport (None unless TCP), kept while its writer is the same
+        (StreamWriter.transport is interpreted code; the writer only changes with the
+        connection)."""
+        writer = _socket_writer(nc)
         if writer is not self._writer:
             self._writer = writer
-            self._transport = _socket_transport(nc)
+            self._transport = writer.transport if writer is not None else None
         return self._transport
 
     def put(self, command: bytes, payload_size: int) -> None:
@@ -350,9 +351,9 @@ class Outbox:
         self._out = []
 
 
-def _socket_transport(nc: Client) -> asyncio.WriteTransport | None:
+def _socket_writer(nc: Client) -> asyncio.StreamWriter | None:
     transport = nc._transport
-    if not isinstance(transport, TcpTransport) or transport._io_writer is None:
+    if not isinstance(transport, TcpTransport):
         return None
-    writer: asyncio.StreamWriter = transport._io_writer
-    return writer.transport
+    writer: asyncio.StreamWriter | None = transport._io_writer
+    return writer

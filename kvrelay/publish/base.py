@@ -211,7 +211,6 @@ class Output(ABC):
         """The oldest frames of the buffer, as the messages they make."""
         return self._groups(self._buffer.pop_upto(self._per_message()))
 
-
     @property
     def metrics(self) -> Metrics:
         return self._metrics
