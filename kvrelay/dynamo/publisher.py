@@ -50,7 +50,7 @@ from kvrelay.publish.base import Output
 from kvrelay.publish.common import SEND_SLICE, group_frames, read_frame
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
-from kvrelay.wire.schema import ResumePoint
+from kvrelay.wire.schema import ResumePoint, Resync
 
 log = logging.getLogger("kvrelay.dynamo")
 
@@ -259,6 +259,7 @@ class DynamoPublisher(Output):
         items: list[Translated] = []
         ts: float | None = None
         carried: list[int] = []  # seqs of the batches this message carries
+        announced: list[Resync] = []  # and what they announce
         received = 0
         for frame in frames:
             if buffer.owes(rank):  # one before it was dropped (counted): say so first
@@ -269,6 +270,8 @@ class DynamoPublisher(Output):
             if not frame.counted:  # a held batch's were counted when it was held
                 received += len(decoded.events)
             translated = self._translator.translate(frame.resyncs, decoded.events)
+            if frame.resyncs:
+                announced += frame.resyncs
             if translated:
                 items += translated
                 carried.append(frame.seq)
@@ -283,7 +286,7 @@ class DynamoPublisher(Output):
         assert self._nc is not None
         if len(payload) > self._nc.max_payload:
             stream.rollback(len(items))
-            buffer.lose("too_large", rank, carried, received)
+            buffer.lose("too_large", rank, carried, received, tuple(announced))
             log.error("dropped %d batch(es) making a message of %d bytes for dp_rank %d: "
                       "larger than the server's max_payload", len(carried), len(payload), rank)
             return None

@@ -52,7 +52,7 @@ from kvrelay.publish.common import SEND_SLICE, drop_malformed, group_frames, rea
 from kvrelay.system.metrics import Metrics
 from kvrelay.wire.names import Worker
 from kvrelay.wire.relaybatch import pack
-from kvrelay.wire.schema import SCHEMA_VERSION, RelayBatch, ResumePoint
+from kvrelay.wire.schema import SCHEMA_VERSION, RelayBatch, ResumePoint, Resync
 
 log = logging.getLogger("kvrelay.publish")
 
@@ -269,6 +269,7 @@ class Publisher(Output):
         limit = self._pack_bytes()
         parts: list[bytes] = []
         seqs: list[int] = []
+        carried: tuple[Resync, ...] = ()  # what the pack's batches announce
         last: Frame | None = None
         ts, events, size = 0.0, 0, 0
         for frame in frames:
@@ -280,37 +281,41 @@ class Publisher(Output):
             payload, batch_ts, batch_events = encoded
             if last is not None and (frame.epoch != last.epoch
                                      or size + len(payload) > limit):
-                entries.append(self._enter_pack(last, parts, seqs, ts, events))
-                parts, seqs, events, size = [], [], 0, 0
+                entries.append(self._enter_pack(last, parts, seqs, ts, events, carried))
+                parts, seqs, carried, events, size = [], [], (), 0, 0
             if not parts:
                 ts = batch_ts
+            if frame.resyncs:
+                carried = (*carried, *frame.resyncs)
             parts.append(payload)
             seqs.append(frame.seq)
             events += batch_events
             size += len(payload)
             last = frame
         if last is not None and parts:
-            entries.append(self._enter_pack(last, parts, seqs, ts, events))
+            entries.append(self._enter_pack(last, parts, seqs, ts, events, carried))
         return entries
 
     def _enter_pack(self, last: Frame, parts: list[bytes], seqs: list[int], ts: float,
-                    events: int) -> tuple[int, Pending]:
+                    events: int, carried: tuple[Resync, ...]) -> tuple[int, Pending]:
         """Put a pack (or a single batch) in the window; `ts` is its first batch's."""
         self._arm_watch()
         subject = self.subject(last.dp_rank)
         prefix = f"{self._instance_id}.{last.dp_rank}.{last.epoch}"
         if len(parts) == 1:
-            return self._window.add(last, subject, f"{prefix}.{last.seq}", parts[0], ts, events)
+            return self._window.add(last, subject, f"{prefix}.{last.seq}", parts[0], ts, events,
+                                    resyncs=carried)
         body = pack(parts, self._codec.format == "json")
         return self._window.add(last, subject, f"{prefix}.{seqs[0]}-{last.seq}", body, ts,
-                                events, tuple(seqs))
+                                events, tuple(seqs), carried)
 
     def _drop(self, token: int, reason: str) -> Pending | None:
         """A batch of the window that will not be stored: out of it, counted and announced
-        (`Buffer.lose`)."""
+        (`Buffer.lose`) after what it announced itself."""
         pending = self._window.dropped(token)
         if pending is not None:
-            self._buffer.lose(reason, pending.dp_rank, pending.seqs, pending.events)
+            self._buffer.lose(reason, pending.dp_rank, pending.seqs, pending.events,
+                              pending.resyncs)
         return pending
 
     async def _publish(self, token: int, pending: Pending) -> None:
@@ -383,7 +388,8 @@ class Publisher(Output):
         for pending in stored:
             self._published(pending, False)
         for pending in late:
-            self._buffer.lose("out_of_order", pending.dp_rank, pending.seqs, pending.events)
+            self._buffer.lose("out_of_order", pending.dp_rank, pending.seqs, pending.events,
+                              pending.resyncs)
             self._warn.warning("out-of-order", "batch epoch %d seq %d on %s was refused while a "
                                "later one was stored; announced as a gap",
                                pending.epoch, pending.seq, subject)

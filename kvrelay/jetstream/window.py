@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from kvrelay.ingest.sequencer import Frame
-from kvrelay.wire.schema import ResumePoint
+from kvrelay.wire.schema import ResumePoint, Resync
 
 OnStored = Callable[[int, bytes, int], None]
 """`on_stored(dp_rank, payload, stream_seq)`: JetStream stored the batch `payload` at
@@ -23,13 +23,15 @@ OnStored = Callable[[int, bytes, int], None]
 
 class Pending:
     """One message in the window: a batch, or a pack of consecutive batches of one subject and
-    epoch (`seqs`, the last one's frame given)."""
+    epoch (`seqs`, the last one's frame given), with the resyncs its batches carry (`resyncs`:
+    announced again if the message is dropped)."""
 
-    __slots__ = ("dp_rank", "epoch", "events", "kept", "msg_id", "payload", "sent_at", "seq",
-                 "seqs", "stored_at", "subject", "token", "ts")
+    __slots__ = ("dp_rank", "epoch", "events", "kept", "msg_id", "payload", "resyncs",
+                 "sent_at", "seq", "seqs", "stored_at", "subject", "token", "ts")
 
     def __init__(self, frame: Frame, subject: str, msg_id: str, payload: bytes,
-                 ts: float, events: int, token: int, seqs: tuple[int, ...] = ()) -> None:
+                 ts: float, events: int, token: int, seqs: tuple[int, ...] = (),
+                 resyncs: tuple[Resync, ...] = ()) -> None:
         self.kept = b""  # the payload once stored, until on_stored hears of it
         self.token = token
         self.stored_at = 0  # stream sequence once JetStream stored it
@@ -37,6 +39,7 @@ class Pending:
         self.epoch = frame.epoch
         self.seq = frame.seq  # the last batch's
         self.seqs = seqs or (frame.seq,)
+        self.resyncs = resyncs
         self.subject = subject
         self.msg_id = msg_id
         self.payload = payload
@@ -96,11 +99,13 @@ class Window:
         self._acked_at[subject] = stream_seq
 
     def add(self, frame: Frame, subject: str, msg_id: str, payload: bytes, ts: float,
-            events: int, seqs: tuple[int, ...] = ()) -> tuple[int, Pending]:
-        """A message sent: `frame`'s batch, or the pack of `seqs` ending with it."""
+            events: int, seqs: tuple[int, ...] = (),
+            resyncs: tuple[Resync, ...] = ()) -> tuple[int, Pending]:
+        """A message sent: `frame`'s batch, or the pack of `seqs` ending with it, carrying
+        `resyncs`."""
         token = self._next_token
         self._next_token += 1
-        pending = Pending(frame, subject, msg_id, payload, ts, events, token, seqs)
+        pending = Pending(frame, subject, msg_id, payload, ts, events, token, seqs, resyncs)
         self._entries[token] = pending
         self.nbytes += len(payload)
         self._unsettled.setdefault(subject, deque()).append(pending)

@@ -90,6 +90,34 @@ async def test_refused_batch_is_not_stored_after_its_successor(
     assert (row.lost, row.announced, row.duplicates, row.order_violations) == (1, 1, 0, 0)
 
 
+async def test_a_refused_batch_passes_on_what_it_announced(
+        publisher: Publisher, fresh_nats: NatsServer, record: Record) -> None:
+    """seq 3 carries the announcement of 0..2 (lost before it) and is refused while seq 4 is
+    stored: seq 5 announces both, the earlier loss and 3's own, so nothing goes unannounced."""
+    factory = WorkloadFactory(seed=5)
+    subject = publisher.subject(0)
+    publisher.buffer.lose("overflow", 0, (0, 1, 2))
+    async with nats_client(fresh_nats.url) as nc:
+        js = nc.jetstream()
+        await js.update_stream(StreamConfig(name=STREAM, subjects=["elsewhere.>"],
+                                            duplicate_window=0.5))
+        await publisher.send(frame(3, factory))  # claims 0..2; nobody takes kv.> now: refused
+        await eventually(lambda: publisher.retry_due, "the refusal")
+        await js.update_stream(StreamConfig(name=STREAM, subjects=["kv.>"],
+                                            duplicate_window=0.5))
+        await publisher.send(frame(4, factory))
+        await eventually(lambda: publisher.in_flight == 1, "seq 4 acknowledged")
+        publisher.buffer.put(frame(5, factory))
+        assert await publisher.recover()
+        await publisher.send(publisher.buffer.pop())
+        await eventually(lambda: publisher.in_flight == 0, "seq 5 acknowledged")
+        got = await read_subject(nc, subject)
+    assert [(r.batch.seq, [e for e in r.batch.events if isinstance(e, Resync)]) for r in got] \
+        == [(4, []), (5, [Resync("overflow", 0, 2), Resync("gap", 3, 3)])]
+    row = record(tally("refused batch carrying an announcement", got, offered_keys(0, 6)))
+    assert (row.lost, row.announced, row.duplicates, row.order_violations) == (4, 4, 0, 0)
+
+
 async def test_batches_stored_with_lost_acks_are_not_stored_again(
         publisher: Publisher, fresh_nats: NatsServer, record: Record) -> None:
     """Acks lost, duplicate window passed: the stream is read back, nothing is sent twice."""
