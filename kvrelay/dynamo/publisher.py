@@ -244,9 +244,8 @@ class DynamoPublisher(Output):
         return super()._sending_here() and not self._resend
 
     def _groups(self, frames: list[Frame]) -> list[list[Frame]]:
-        assert self._nc is not None
         return group_frames(frames, self._config.dynamo_batches_per_message,
-                            self._nc.max_payload // GROUP_SHARE)
+                            self._max_payload // GROUP_SHARE)
 
     def _per_message(self) -> int:
         return self._config.dynamo_batches_per_message
@@ -263,7 +262,7 @@ class DynamoPublisher(Output):
         received = 0
         for frame in frames:
             if buffer.owes(rank):  # one before it was dropped (counted): say so first
-                frame = frame._replace(resyncs=(*buffer.claim(rank), *frame.resyncs))
+                frame = frame.announcing(buffer.claim(rank))
             decoded = read_frame(self._codec.decode_input, frame, buffer, metrics, self._warn)
             if decoded is None:
                 continue
@@ -283,8 +282,7 @@ class DynamoPublisher(Output):
             return None  # nothing in these batches that Dynamo's format can carry (counted)
         stream = self._streams[rank]
         payload = stream.encode(items, int(time.time() * 1000))
-        assert self._nc is not None
-        if len(payload) > self._nc.max_payload:
+        if len(payload) > self._max_payload:
             stream.rollback(len(items))
             buffer.lose("too_large", rank, carried, received, tuple(announced))
             log.error("dropped %d batch(es) making a message of %d bytes for dp_rank %d: "

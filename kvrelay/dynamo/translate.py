@@ -62,6 +62,7 @@ from kvrelay.wire.schema import (
 TOKENS_HASH_SEED: Final = 1337
 CACHE_SALT_SEED: Final = 1
 _U64: Final = 1 << 64
+_BIG_ENDIAN: Final = sys.byteorder != "little"  # tokens are hashed as u32 little-endian
 _xxh3: Final = xxhash.xxh3_64_intdigest
 
 STORAGE_TIERS: Final[dict[str | None, StorageTier]] = {
@@ -125,7 +126,7 @@ def tokens_hashes(token_ids: Sequence[int], block_size: int, seed: int = TOKENS_
     length = len(token_ids)
     full = length - length % block_size
     raw = array("I", token_ids if full == length else token_ids[:full])  # C uint: 32 bits
-    if sys.byteorder != "little":
+    if _BIG_ENDIAN:
         raw.byteswap()
     data = raw.tobytes()
     step = 4 * block_size

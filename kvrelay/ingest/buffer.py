@@ -101,7 +101,7 @@ class Buffer:
         self._budget.release(1, size)
         if frame.dp_rank not in self._owed:
             return frame
-        return frame._replace(resyncs=(*self.claim(frame.dp_rank), *frame.resyncs))
+        return frame.announcing(self.claim(frame.dp_rank))
 
     def pop_upto(self, limit: int) -> list[Frame]:
         """The oldest frames, at most `limit`, each as `pop` gives it."""

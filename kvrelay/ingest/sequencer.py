@@ -29,7 +29,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
 
 from kvrelay.codec import count_events
 from kvrelay.ingest.budget import Budget
@@ -40,16 +39,34 @@ from kvrelay.wire.schema import ResumePoint, Resync, ResyncReason
 log = logging.getLogger("kvrelay.ingest")
 
 
-class Frame(NamedTuple):
-    """One vLLM batch, in order, ready for the codec."""
+class Frame:
+    """One vLLM batch, in order, ready for the codec.
 
-    dp_rank: int
-    epoch: int
-    seq: int
-    payload: bytes
-    recv_ts: float
-    resyncs: tuple[Resync, ...]
-    counted: bool = False  # its events are in events_received already (it was held)
+    A plain class rather than a NamedTuple: one is made per batch, and a NamedTuple is made by
+    interpreted code even in the compiled build.
+    """
+
+    __slots__ = ("counted", "dp_rank", "epoch", "payload", "recv_ts", "resyncs", "seq")
+
+    def __init__(self, dp_rank: int, epoch: int, seq: int, payload: bytes, recv_ts: float,
+                 resyncs: tuple[Resync, ...], counted: bool = False) -> None:
+        self.dp_rank = dp_rank
+        self.epoch = epoch
+        self.seq = seq
+        self.payload = payload
+        self.recv_ts = recv_ts
+        self.resyncs = resyncs
+        self.counted = counted  # its events are in events_received already (it was held)
+
+    def announcing(self, resyncs: tuple[Resync, ...]) -> Frame:
+        """This batch with `resyncs` to announce before its own."""
+        return Frame(self.dp_rank, self.epoch, self.seq, self.payload, self.recv_ts,
+                     (*resyncs, *self.resyncs), self.counted)
+
+    def __repr__(self) -> str:
+        return (f"Frame(dp_rank={self.dp_rank}, epoch={self.epoch}, seq={self.seq}, "
+                f"payload=<{len(self.payload)} bytes>, recv_ts={self.recv_ts}, "
+                f"resyncs={self.resyncs!r}, counted={self.counted})")
 
 
 Sink = Callable[[Frame], None]

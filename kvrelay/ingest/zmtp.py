@@ -246,7 +246,11 @@ class Connection(asyncio.Protocol):
                 if end - pos < 9:
                     need = 9
                     break
-                size = int.from_bytes(data[pos + 1:pos + 9], "big")
+                if data[pos + 1] | data[pos + 2] | data[pos + 3] | data[pos + 4]:
+                    size = int.from_bytes(data[pos + 1:pos + 9], "big")  # 4 GiB or more
+                else:  # read in place: no slice, no method call
+                    size = (data[pos + 5] << 24 | data[pos + 6] << 16 | data[pos + 7] << 8
+                            | data[pos + 8])
                 start = pos + 9
             else:
                 if end - pos < 2:

@@ -90,6 +90,7 @@ class Publisher(Output):
         self._window = Window(on_stored)
         metrics.in_flight.set_function(self._window.__len__)  # read at scrape time
         self.stream_ready = asyncio.Event()
+        self._stream_ok = False
         self._stream_problem = ""  # why the stream could not be created or verified yet
 
     def subject(self, dp_rank: int) -> str:
@@ -116,7 +117,7 @@ class Publisher(Output):
             self._stream_problem or f"stream {self._stream.name} not verified yet")}
 
     def _can_publish(self) -> bool:
-        return self.stream_ready.is_set()
+        return self._stream_ok  # stream_ready, as a plain bool: asked per message
 
     def _unsent(self) -> bool:
         return bool(self._buffer or self._window or self._gathered)
@@ -154,6 +155,7 @@ class Publisher(Output):
             try:
                 log.info("%s", await ensure_stream(self._nc.jetstream(), self._stream, subjects))
                 self.stream_ready.set()
+                self._stream_ok = True
                 return
             except StreamMismatch as exc:
                 self.last_error = str(exc)
@@ -220,8 +222,7 @@ class Publisher(Output):
     def _pack_bytes(self) -> int:
         """A pack's payload bound: PACK_BYTES, within the server's max_payload, and at most a
         quarter of --max-in-flight-bytes, so the window holds several messages."""
-        limit = min(PACK_BYTES, self._settings.max_in_flight_bytes // 4)
-        return min(limit, self._nc.max_payload) if self._nc is not None else limit
+        return min(PACK_BYTES, self._max_in_flight_bytes // 4, self._max_payload)
 
     def _send_group(self, group: list[Frame]) -> bool:
         entries = self._enter_run(group)
@@ -274,7 +275,7 @@ class Publisher(Output):
         ts, events, size = 0.0, 0, 0
         for frame in frames:
             if buffer.owes(frame.dp_rank):  # a batch before it in this run was dropped
-                frame = frame._replace(resyncs=(*buffer.claim(frame.dp_rank), *frame.resyncs))
+                frame = frame.announcing(buffer.claim(frame.dp_rank))
             encoded = self._encode(frame)
             if encoded is None:
                 continue
@@ -339,10 +340,8 @@ class Publisher(Output):
         one skips nats-py's per-call subject and header validation: ours are well-formed by
         construction.
         """
-        nc = self._nc
-        assert nc is not None
         pending.sent_at = time.monotonic()
-        if len(pending.payload) > nc.max_payload:
+        if len(pending.payload) > self._max_payload:
             self._drop(token, "too_large")
             log.error("dropped a batch of %d bytes on %s: larger than the server's max_payload",
                       len(pending.payload), pending.subject)

@@ -83,6 +83,11 @@ class Link:
         inbox and a dot: replies go to the prefix and a token of the caller's)."""
         raise NotImplementedError
 
+    def online(self) -> bool:
+        """nats-py's connection is up (its own state, which flips before its callbacks run)."""
+        nc = self.nc
+        return nc is not None and nc.is_connected
+
     def writable(self) -> bool:
         """Room for `put`: connected, and not too much written and not yet sent."""
         raise NotImplementedError
@@ -142,6 +147,9 @@ class DirectLink(Link):
                 "(pyproject.toml) or use --nats-engine public")
         nc.route_inbox(inbox, subscription_sid(sub), handler)
         return inbox
+
+    def online(self) -> bool:
+        return self._outbox.online()
 
     def writable(self) -> bool:
         return self._outbox.writable()

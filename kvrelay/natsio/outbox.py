@@ -43,6 +43,8 @@ INTERNALS: Final = (
     ("Client", "_pending_data_size", "int"),
     ("Client", "_flush_queue", "Queue"),
     ("Client", "_flusher_task", "Future"),
+    ("Client", "_status", "int"),
+    ("Client", "CONNECTED", "int"),
     ("Parser", "buf", "bytearray"),
     ("Parser", "state", "int"),
     ("nats.protocol.parser", "AWAITING_CONTROL_LINE", "int"),
@@ -142,6 +144,24 @@ def discard_unwritten(nc: Client) -> bool:
     return True
 
 
+def _msg_size(data: bytes, space: int, eol: int, sid: bytes) -> int:
+    """The size a `MSG <subject> <sid> <size>` line (no reply-to) gives, its subject ending at
+    `space` and the line at `eol`, `sid` being b" <sid> "; -1 for another sid or anything
+    else. Read in place, with no split and no int(): one of these comes per publish."""
+    at = space + len(sid)
+    if at >= eol or not data.startswith(sid, space):
+        return -1
+    size = 0
+    for i in range(at, eol):
+        digit = data[i] - 48
+        if digit < 0 or digit > 9:
+            return -1
+        size = size * 10 + digit
+    return size
+
+
+_CONNECTED: Final[int] = getattr(Client, "CONNECTED", 1)  # checked with INTERNALS
+
 _MAX_CUT_LINE = 1 << 16  # a protocol line longer than this without its end is not NATS
 
 
@@ -172,7 +192,7 @@ class InboxClient(Client):
     inbox_sid = -1
     inbox_handler: InboxHandler | None = None
     _reply_msg_prefix = b""  # "MSG <inbox>": what starts a reply-inbox message on the wire
-    _inbox_sid_bytes = b""
+    _inbox_sid_bytes = b""  # b" <sid> ", as it stands between subject and size
 
     def route_inbox(self, subject: str, sid: int, handler: InboxHandler) -> None:
         """Messages of subscription `sid`, on `subject` (or subjects starting with it), go to
@@ -180,7 +200,7 @@ class InboxClient(Client):
         self.inbox_sid = sid
         self.inbox_handler = handler
         self._reply_msg_prefix = b"MSG " + subject.encode()
-        self._inbox_sid_bytes = str(sid).encode()
+        self._inbox_sid_bytes = b" %d " % sid
 
     async def _process_connect_init(self) -> None:
         await super()._process_connect_init()
@@ -220,10 +240,11 @@ class InboxClient(Client):
                 if eol < 0:
                     break
                 if handler is not None and data.startswith(prefix, pos):
-                    fields = data[pos + 4:eol].split(b" ")  # subject, sid, size: no reply-to
-                    if len(fields) == 3 and fields[1] == sid and fields[2].isdigit():
+                    space = data.find(b" ", pos + len(prefix), eol)  # the subject's end
+                    size = _msg_size(data, space, eol, sid) if space > 0 else -1
+                    if size >= 0:
                         start = eol + 2
-                        stop = start + int(fields[2])
+                        stop = start + size
                         if stop + 2 > end:
                             break
                         if others >= 0:
@@ -232,7 +253,7 @@ class InboxClient(Client):
                         stats["in_msgs"] += 1
                         stats["in_bytes"] += stop - start
                         try:
-                            handler(fields[0], data[start:stop])
+                            handler(data[pos + 4:space], data[start:stop])
                         except Exception:
                             log.exception("could not handle a message on the reply inbox")
                         pos = stop + 2
@@ -281,11 +302,20 @@ class Outbox:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._writer: asyncio.StreamWriter | None = None  # the socket's, and its transport
         self._transport: asyncio.WriteTransport | None = None
+        self._msgs = 0  # put since the last flush, for nats-py's stats
+        self._bytes = 0
 
     def bind(self, nc: Client) -> None:
         """The connection to write to; called on the event loop that writes."""
         self._nc = nc
         self._loop = asyncio.get_running_loop()  # (get_running_loop asks the OS for the pid)
+
+    def online(self) -> bool:
+        """nats-py's connection is up: its state read directly (`Client.is_connected` is
+        interpreted code, asked per message; the relay never drains a connection, the other
+        state it counts as connected)."""
+        nc = self._nc
+        return nc is not None and nc._status == _CONNECTED
 
     def writable(self) -> bool:
         """Room for more: nats-py's flusher runs and neither its queue nor the socket's buffer
@@ -312,10 +342,8 @@ class Outbox:
     def put(self, command: bytes, payload_size: int) -> None:
         """Send `command` (one whole protocol command) with this turn's others."""
         self._out.append(command)
-        nc = self._nc
-        if nc is not None:
-            nc.stats["out_msgs"] += 1
-            nc.stats["out_bytes"] += payload_size
+        self._msgs += 1
+        self._bytes += payload_size
         if not self._scheduled:
             self._scheduled = True
             (self._loop or asyncio.get_running_loop()).call_soon(self.flush)
@@ -334,8 +362,13 @@ class Outbox:
         data = b"".join(self._out)
         self._out = []
         nc = self._nc
-        if nc is None or not nc.is_connected:
+        if nc is None or nc._status != _CONNECTED:
+            self._msgs = self._bytes = 0
             return  # the publisher's window resends it after the reconnect
+        stats = nc.stats
+        stats["out_msgs"] += self._msgs
+        stats["out_bytes"] += self._bytes
+        self._msgs = self._bytes = 0
         transport = self._socket_transport(nc)
         if nc._pending_data_size == 0 and transport is not None and not transport.is_closing():
             transport.write(data)
@@ -349,6 +382,7 @@ class Outbox:
     def discard(self) -> None:
         """Forget what was not written (the connection it was meant for is gone)."""
         self._out = []
+        self._msgs = self._bytes = 0
 
 
 def _socket_writer(nc: Client) -> asyncio.StreamWriter | None:

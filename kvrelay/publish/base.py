@@ -39,6 +39,10 @@ class Output(ABC):
                  metrics: Metrics, log: logging.Logger) -> None:
         self._nats = nats
         self._settings = publish
+        # Read per message: kept here rather than looked up on the settings each time.
+        self._max_in_flight = publish.max_in_flight
+        self._max_in_flight_bytes = publish.max_in_flight_bytes
+        self._max_payload = 1 << 20  # the server's, read on each (re)connect
         self._buffer = buffer
         self._metrics = metrics
         self._log = log
@@ -229,7 +233,7 @@ class Output(ABC):
 
     def _online(self) -> bool:
         # nats-py's own state flips before our callback runs; trust it for sending.
-        return self.connected and self._nc is not None and self._nc.is_connected
+        return self.connected and self._link.online()
 
     async def _connect_nats(self, on_reply: InboxHandler, wildcard: bool) -> str | None:
         """Connect through the link (nats-py retries forever) with the shared callbacks, and
@@ -239,6 +243,7 @@ class Output(ABC):
         self._nc = nc = await self._link.connect(nats_options(self._nats), self._on_error,
                                                  self._on_disconnected, self._on_reconnected)
         self._connected_once = True
+        self._max_payload = nc.max_payload
         try:
             return await self._link.open_inbox(on_reply, wildcard)
         except NatsPyIncompatible as exc:
@@ -274,6 +279,8 @@ class Output(ABC):
 
     async def _on_reconnected(self) -> None:
         self._metrics.nats_reconnects.inc()
+        if self._nc is not None:  # another server of the cluster may say another
+            self._max_payload = self._nc.max_payload
         self.connected = True
         self._log.info("reconnected to NATS; publishing %d unconfirmed messages again",
                        self.in_flight)
@@ -361,8 +368,8 @@ class Output(ABC):
     def _window_open(self) -> bool:
         """Room in the window for one more message (`--max-in-flight`, and
         `--max-in-flight-bytes`, which one message alone may pass)."""
-        return self.in_flight < self._settings.max_in_flight \
-            and self.in_flight_bytes < self._settings.max_in_flight_bytes
+        return self.in_flight < self._max_in_flight \
+            and self.in_flight_bytes < self._max_in_flight_bytes
 
     def _room(self) -> bool:
         """Room in the window and in the link for one more message."""
