@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from dynamo_support import (
 from harness import is_ready, join, metric
 from nats.aio.msg import Msg
 
+from kvrelay.dynamo.confirm import MARKER_INTERVAL
 from kvrelay.testing.natsserver import NatsServer
 from kvrelay.testing.synthetic import SyntheticVllm, WorkloadFactory
 
@@ -75,6 +77,33 @@ async def test_a_burst_is_confirmed_by_few_markers(fresh_nats: NatsServer,
     sequences = [m.sequence for m in reader.messages if m.publisher_id == pid]
     assert sequences == list(range(len(sequences)))
     assert len(sequences) == messages
+
+
+async def test_a_window_half_full_sends_its_marker_at_once(fresh_nats: NatsServer,
+                                                           tmp_path: Path) -> None:
+    """A window of 4 messages, a burst of 100 batches one per message: a marker goes as soon as
+    the window is half full instead of at its interval (200 ms), so the burst is through in
+    well under the 25 intervals it would otherwise take, confirmed, in order, once each."""
+    burst = 100
+    async with kv_event_reader(fresh_nats.url) as reader:
+        with SyntheticVllm(ANY_PORT, factory=WorkloadFactory(seed=12)) as vllm:
+            async with running_dynamo_relay(tmp_path, nats=fresh_nats.url,
+                                            instance_id=next(_instance_ids),
+                                            zmq=[vllm.address], max_in_flight=4,
+                                            dynamo_batches_per_message=1) as relay:
+                await eventually(lambda: is_ready(relay), "relay ready")
+                await join(vllm, relay)
+                start = time.monotonic()
+                for _ in range(burst):
+                    vllm.publish_next()
+                await eventually(lambda: metric(relay, "kvrelay_batches_published_total")
+                                 == burst, "the burst confirmed", within=20)
+                took = time.monotonic() - start
+                assert metric(relay, "kvrelay_dynamo_republished_total") == 0
+                pid = publisher(relay).publisher_id(0)
+    assert took < 25 * MARKER_INTERVAL / 2, f"{took:.2f}s for {burst} batches"
+    sequences = [m.sequence for m in reader.messages if m.publisher_id == pid]
+    assert sequences == list(range(burst))
 
 
 PASSWORD = "confirm-secret"

@@ -3,9 +3,10 @@
 Core NATS has no acks. The server handles a connection's messages in order, so once a marker
 published after some messages comes back to the publisher's inbox, the server has passed those
 messages to every subscriber. One marker is out at a time and markers go at most every
-MARKER_INTERVAL: a returning marker confirms everything published before it, so a burst of
-messages costs one round trip, not one each. A marker rides in the socket write of the
-messages it follows (kvrelay/natsio/link.py) whenever it can.
+MARKER_INTERVAL (sooner when the publisher's window is half full): a returning marker
+confirms everything published before it, so a burst of messages costs one round trip, not one
+each. A marker rides in the socket write of the messages it follows (kvrelay/natsio/link.py)
+whenever it can.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Final, Generic, TypeVar
 
 from kvrelay.natsio.link import Link
 
-# The shortest time between two markers: confirmations of a steady flow come in groups, and
-# markers ride in the socket writes of the messages they follow. At a sidecar's rate (a batch
-# every few ms or more) a marker per message would wake the relay twice per batch; at 50 ms it
-# is one wake-up per batch and a marker's return per 50 ms. What is unconfirmed is kept for
-# republishing meanwhile: 50 to 100 ms of batches.
-MARKER_INTERVAL: Final = 0.05
+# The time between two markers while the window has room: confirmations of a steady flow come
+# in groups, and markers ride in the socket writes of the messages they follow. At a sidecar's
+# rate (a batch every few ms or more) a marker per message would wake the relay twice per batch;
+# at 200 ms a marker's return wakes it once per 20 batches at 100/s. A publisher whose window
+# is half full sends its marker at once (`pressed`), so a fast flow is confirmed as fast as the
+# round trip allows. What is unconfirmed is kept for republishing meanwhile.
+MARKER_INTERVAL: Final = 0.2
 
 Mark = TypeVar("Mark")
 
@@ -32,9 +34,10 @@ class Markers(Generic[Mark]):
     hears of the last message a returning marker covers."""
 
     def __init__(self, link: Link, can_send: Callable[[], bool],
-                 on_confirmed: Callable[[Mark], None]) -> None:
+                 on_confirmed: Callable[[Mark], None], pressed: Callable[[], bool]) -> None:
         self._link = link
         self._can_send = can_send
+        self._pressed = pressed  # the publisher's window is filling: no waiting for the interval
         self._on_confirmed = on_confirmed
         self._inbox = ""
         self._last: Mark | None = None  # the last message published
@@ -62,13 +65,13 @@ class Markers(Generic[Mark]):
 
     def follow(self) -> None:
         """Have a marker follow what was published. It goes with this turn's messages once
-        MARKER_INTERVAL has passed since the last one; should no later messages take it along
-        within another MARKER_INTERVAL, a timer sends it alone (a flow that stopped). While
-        one is out, its return does this."""
+        MARKER_INTERVAL has passed since the last one, or the window is half full; should no
+        later messages take it along within another MARKER_INTERVAL, a timer sends it alone (a
+        flow that stopped). While one is out, its return does this."""
         if self._out or not self._unmarked:
             return
         now = time.monotonic()
-        if now >= self._next_at:
+        if now >= self._next_at or self._pressed():
             self._send(now)
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(

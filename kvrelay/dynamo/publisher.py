@@ -101,7 +101,7 @@ class DynamoPublisher(Output):
         self.registrar: Registrar | None = None
         self._window: deque[_Sent] = deque()
         self._window_bytes = 0
-        self._markers = Markers[_Sent](self._link, self._online, self._confirm)
+        self._markers = Markers[_Sent](self._link, self._online, self._confirm, self._half_full)
         self._resend = False
         self._registered = asyncio.Event()
         metrics.in_flight.set_function(self._window.__len__)  # read at scrape time
@@ -127,6 +127,11 @@ class DynamoPublisher(Output):
     @property
     def in_flight_bytes(self) -> int:
         return self._window_bytes
+
+    def _half_full(self) -> bool:
+        """Half of the window's bound (`--max-in-flight`, `--max-in-flight-bytes`) is taken."""
+        return 2 * len(self._window) >= self._max_in_flight \
+            or 2 * self._window_bytes >= self._max_in_flight_bytes
 
     def readiness(self) -> dict[str, str]:
         if self.registrar is None:
