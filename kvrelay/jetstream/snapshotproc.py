@@ -9,11 +9,11 @@ payload, already encoded, to a buffer it writes to the child's stdin every `_FLU
 bytes or `_FLUSH_AFTER` seconds (a quiet relay wakes its child once a second at most).
 
 What the child cannot take in time waits in the pipe's buffer, up to `_BEHIND_MAX` bytes; past
-that the relay stops passing batches on, counts the failure (`behind`) and tells the child
-which ranks missed batches (GAP), which it then rebuilds from their last snapshot and the
-stream. A child that exits is logged, counted (`process`) and started again after a growing
-pause; it rebuilds from the bucket and the stream, as a relay restart does. Its reports
-(kvrelay/jetstream/feed.py) become the relay's snapshot metrics.
+that the relay stops passing batches on (until the child has read half of it), counts the
+failure (`behind`) and tells the child which ranks missed batches (GAP), which it then rebuilds
+from their last snapshot and the stream. A child that exits is logged, counted (`process`) and
+started again after a growing pause; it rebuilds from the bucket and the stream, as a relay
+restart does. Its reports (kvrelay/jetstream/feed.py) become the relay's snapshot metrics.
 """
 
 from __future__ import annotations
@@ -83,7 +83,10 @@ class SnapshotProcess:
         writer, out = self._writer, self._out
         if writer is not None and not writer.transport.is_closing():
             transport = writer.transport
-            if not force and transport.get_write_buffer_size() + len(out) > _BEHIND_MAX:
+            # Once behind, it stays so until the child has read half of what waits: a smaller
+            # batch fitting under the bound again is no catching up (nor a second episode).
+            bound = _BEHIND_MAX // 2 if self._gaps else _BEHIND_MAX
+            if not force and transport.get_write_buffer_size() + len(out) > bound:
                 if out:
                     self._let_go(out)
                 self._timer = asyncio.get_running_loop().call_later(_FLUSH_AFTER, self._flush)

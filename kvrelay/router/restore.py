@@ -64,32 +64,37 @@ class Verdict(enum.Enum):
 
 
 async def read_snapshots(js: JetStreamContext, bucket: str, keys: str) -> list[Found] | None:
-    """The latest value of every key matching `keys`; None when the bucket does not exist."""
+    """The latest value of every key matching `keys`; None when the bucket does not exist.
+
+    Read from the bucket's stream directly: the keys it holds (stream info, filtered), then the
+    last message of each. nats-py's KV watcher can say it has delivered the current values
+    before a value already on its way reaches it, and a router then restores nothing.
+    """
     try:
-        kv = await js.key_value(bucket)
+        await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         return None
-    watcher = await kv.watch(keys, ignore_deletes=True)
+    stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+    info = await js.stream_info(stream, subjects_filter=prefix + keys)
     found: list[Found] = []
-    try:
-        async for entry in watcher:
-            if entry is None:  # the watcher's end of the current values
-                break
-            try:
-                snapshot = decode_snapshot(entry.value or b"")
-            except ValueError:
-                snapshot = None
-            if snapshot is not None and entry.key.split(".")[2:] != [
-                    str(snapshot.instance_id), str(snapshot.dp_rank)]:
-                snapshot = None  # a value under another worker's key
-            found.append(Found(entry.key, snapshot, _as_datetime(entry.created)))
-    finally:
-        await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+    for subject in sorted(info.state.subjects or {}):
+        try:
+            msg = await js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            continue  # deleted since
+        headers = msg.headers or {}
+        if headers.get("KV-Operation") in ("DEL", "PURGE") or "Nats-Marker-Reason" in headers:
+            continue  # a deleted key (or the server's marker of one)
+        key = subject.removeprefix(prefix)
+        try:
+            snapshot = decode_snapshot(msg.data or b"")
+        except ValueError:
+            snapshot = None
+        if snapshot is not None and key.split(".")[2:] != [
+                str(snapshot.instance_id), str(snapshot.dp_rank)]:
+            snapshot = None  # a value under another worker's key
+        found.append(Found(key, snapshot, msg.time))
     return found
-
-
-def _as_datetime(value: object) -> datetime.datetime | None:
-    return value if isinstance(value, datetime.datetime) else None
 
 
 async def judge(js: JetStreamContext, info: StreamInfo, subject: str,
