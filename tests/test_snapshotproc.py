@@ -127,7 +127,7 @@ async def test_a_killed_snapshot_process_is_started_again_and_rebuilds(
 async def test_a_snapshot_process_too_far_behind_rebuilds_what_it_missed(
         nats_server: NatsServer, nc: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stopped snapshot process lets the pipe fill: past the bound the relay lets stored
-    batches go (counted once as `behind`) instead of holding them, and the process, told of
+    batches go (counted as `behind`) instead of holding them, and the process, told of
     the gap, rebuilds that rank from the stream: the last snapshot is still exact."""
     monkeypatch.setattr(snapshotproc, "_BEHIND_MAX", 4096)
     monkeypatch.setattr(snapshotproc, "_FLUSH_BYTES", 1)
@@ -141,7 +141,8 @@ async def test_a_snapshot_process_too_far_behind_rebuilds_what_it_missed(
                 publish(vllm, 400)  # far more than 4 KiB of payloads plus the pipe's 64 KiB
                 await eventually(lambda: metric(relay, "kvrelay_batches_published_total")
                                  == 400, "every batch stored")
-                assert metric(relay, "kvrelay_snapshot_failures_total", reason="behind") == 1
+                # Counted when batches are first let go (again if the bound is passed anew).
+                assert metric(relay, "kvrelay_snapshot_failures_total", reason="behind") >= 1
                 assert metric(relay, "kvrelay_batches_dropped_total", reason="shutdown") == 0
             finally:
                 os.kill(pid, signal.SIGCONT)
