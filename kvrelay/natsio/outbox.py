@@ -361,10 +361,11 @@ class Outbox:
             return
         data = b"".join(self._out)
         self._out = []
-        nc = self._nc
-        if nc is None or nc._status != _CONNECTED:
+        if not self.online():
             self._msgs = self._bytes = 0
             return  # the publisher's window resends it after the reconnect
+        nc = self._nc
+        assert nc is not None  # online
         stats = nc.stats
         stats["out_msgs"] += self._msgs
         stats["out_bytes"] += self._bytes
