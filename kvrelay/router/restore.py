@@ -70,12 +70,11 @@ async def read_snapshots(js: JetStreamContext, bucket: str, keys: str) -> list[F
     last message of each. nats-py's KV watcher can say it has delivered the current values
     before a value already on its way reaches it, and a router then restores nothing.
     """
-    try:
-        await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        return None
     stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
-    info = await js.stream_info(stream, subjects_filter=prefix + keys)
+    try:  # the bucket's stream, as nats-py's key_value() would look it up
+        info = await js.stream_info(stream, subjects_filter=prefix + keys)
+    except nats.js.errors.NotFoundError:
+        return None
     found: list[Found] = []
     for subject in sorted(info.state.subjects or {}):
         try:
