@@ -122,6 +122,8 @@ async def test_libzmq_engine_drops_a_batch_over_the_bound_with_the_connection(
             await join(vllm, relay)
             publish(vllm, 2)
             await read_stream(nc, subject_of(instance), 2, settle=0)
+            await eventually(lambda: metric(relay, "kvrelay_batches_published_total") == 2,
+                             "the first two acknowledged")  # acks are read in groups
             vllm.publish_payload(BIG)  # seq 2
             published = 2.0
             while published == 2:  # batches sent before the reconnection are lost too

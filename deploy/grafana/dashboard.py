@@ -101,7 +101,7 @@ def build() -> dict[str, Any]:
                   "{{pod}} gaps")))
         .with_row(dashboard.Row("Latency and buffering"))
         .with_panel(series(
-            "Lag p50 / p99", "From vLLM's batch timestamp to JetStream's ack", "s",
+            "Lag p50 / p99", "From vLLM's batch timestamp to the relay's publish", "s",
             query("histogram_quantile(0.5, sum by (pod, le) (rate(kvrelay_lag_seconds_bucket"
                   "{SEL}[$__rate_interval])))", "{{pod}} p50"),
             query("histogram_quantile(0.99, sum by (pod, le) (rate(kvrelay_lag_seconds_bucket"

@@ -128,11 +128,6 @@ class DynamoPublisher(Output):
     def in_flight_bytes(self) -> int:
         return self._window_bytes
 
-    def _half_full(self) -> bool:
-        """Half of the window's bound (`--max-in-flight`, `--max-in-flight-bytes`) is taken."""
-        return 2 * len(self._window) >= self._max_in_flight \
-            or 2 * self._window_bytes >= self._max_in_flight_bytes
-
     def readiness(self) -> dict[str, str]:
         if self.registrar is None:
             return {"dynamo_records": "discovery records not written yet"}
@@ -349,8 +344,9 @@ class DynamoPublisher(Output):
             self._window_bytes -= len(sent.payload)
             batches += sent.batches
             events += sent.events
-            metrics.publish_latency.observe(now - sent.sent_at)
-            metrics.lag.observe(max(0.0, wall - sent.ts))
+            waited = now - sent.sent_at
+            metrics.publish_latency.observe(waited)
+            metrics.lag.observe(max(0.0, wall - waited - sent.ts))  # to publishing
             if sent is mark:
                 break
         metrics.batches_published.inc(batches)

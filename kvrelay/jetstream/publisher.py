@@ -482,8 +482,9 @@ class Publisher(Output):
             self._metrics.duplicates.inc(batches)
         self._metrics.batches_published.inc(batches)
         self._metrics.events_published.inc(pending.events)
-        self._metrics.publish_latency.observe(time.monotonic() - pending.sent_at)
-        self._metrics.lag.observe(max(0.0, time.time() - pending.ts))
+        waited = time.monotonic() - pending.sent_at
+        self._metrics.publish_latency.observe(waited)
+        self._metrics.lag.observe(max(0.0, time.time() - waited - pending.ts))  # to publishing
 
     def _reject(self, token: int, pending: Pending, error: ApiError) -> None:
         self._drop(token, "rejected")

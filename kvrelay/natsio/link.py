@@ -72,16 +72,24 @@ class Link:
                       disconnected_cb: Callback, reconnected_cb: Callback) -> Client:
         """Connect with nats-py's options and callbacks (retrying as they say)."""
         nc = self._new_client()
+        self._prepare(nc)
         await nc.connect(**options, error_cb=error_cb, disconnected_cb=disconnected_cb,
                          reconnected_cb=reconnected_cb)
         self.nc = nc
         return nc
+
+    def _prepare(self, nc: Client) -> None:
+        """Set up a new client before it connects."""
 
     async def open_inbox(self, handler: InboxHandler, wildcard: bool) -> str:
         """Subscribe to a new inbox and hand its messages to `handler(subject, data)`, in
         order. Returns the reply subject, or with `wildcard` the prefix of reply subjects (the
         inbox and a dot: replies go to the prefix and a token of the caller's)."""
         raise NotImplementedError
+
+    def group_replies(self, urgent: Callable[[], bool]) -> None:
+        """Read the replies in groups while a flow lasts (kvrelay/natsio/replies.py), at once
+        while `urgent()`; from the next connection on. Only the direct link groups them."""
 
     def online(self) -> bool:
         """nats-py's connection is up (its own state, which flips before its callbacks run)."""
@@ -127,6 +135,14 @@ class DirectLink(Link):
                  new_client: Callable[[], InboxClient] = InboxClient) -> None:
         super().__init__(new_client)
         self._outbox = Outbox(limit)
+        self._urgent: Callable[[], bool] | None = None
+
+    def group_replies(self, urgent: Callable[[], bool]) -> None:
+        self._urgent = urgent
+
+    def _prepare(self, nc: Client) -> None:
+        if isinstance(nc, InboxClient):
+            nc.replies_urgent = self._urgent
 
     async def connect(self, options: dict[str, Any], error_cb: Callback,
                       disconnected_cb: Callback, reconnected_cb: Callback) -> Client:

@@ -28,6 +28,8 @@ from nats.aio.subscription import Subscription
 from nats.aio.transport import TcpTransport, Transport
 from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
+from kvrelay.natsio.replies import ReplyGroups
+
 log = logging.getLogger("kvrelay.outbox")
 
 InboxHandler = Callable[[bytes, bytes], None]
@@ -191,6 +193,8 @@ class InboxClient(Client):
 
     inbox_sid = -1
     inbox_handler: InboxHandler | None = None
+    replies_urgent: Callable[[], bool] | None = None  # set: replies are read in groups
+    replies: ReplyGroups | None = None
     _reply_msg_prefix = b""  # "MSG <inbox>": what starts a reply-inbox message on the wire
     _inbox_sid_bytes = b""  # b" <sid> ", as it stands between subject and size
 
@@ -204,7 +208,17 @@ class InboxClient(Client):
 
     async def _process_connect_init(self) -> None:
         await super()._process_connect_init()
-        self._read_inbox_first()  # a new socket after each (re)connect: hook its reader
+        self._group_replies()  # a new socket after each (re)connect: group its replies
+        self._read_inbox_first()  # and hook its reader
+
+    def _group_replies(self) -> None:
+        if self.replies is not None:
+            self.replies.close()
+            self.replies = None
+        writer = _socket_writer(self)
+        sock = writer.transport.get_extra_info("socket") if writer is not None else None
+        if self.replies_urgent is not None and sock is not None:
+            self.replies = ReplyGroups(sock, self.replies_urgent)
 
     def _read_inbox_first(self) -> None:
         transport = self._transport
@@ -218,6 +232,7 @@ class InboxClient(Client):
         # nats-py is handed whole protocol operations only, so it never holds half of one when
         # a read begins. Until that is known (just hooked, or after garbage), it gets it all.
         synced = False
+        groups = self.replies
 
         def feed_inbox_first(data: bytes) -> None:
             nonlocal synced
@@ -276,6 +291,8 @@ class InboxClient(Client):
                     feed(data[pos:])
                     return
                 cut.extend(data[pos:])
+            if groups is not None:
+                groups.read()
 
         reader.feed_data = feed_inbox_first  # type: ignore[method-assign, assignment]
 
@@ -373,6 +390,9 @@ class Outbox:
         transport = self._socket_transport(nc)
         if nc._pending_data_size == 0 and transport is not None and not transport.is_closing():
             transport.write(data)
+            groups = nc.replies if isinstance(nc, InboxClient) else None
+            if groups is not None:
+                groups.wrote()
             return
         nc._pending.append(data)
         nc._pending_data_size += len(data)

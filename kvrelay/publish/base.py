@@ -49,6 +49,7 @@ class Output(ABC):
         self._warn = RateLimitedLog(log)
         self._nc: Client | None = None
         self._link = new_link(nats.engine)
+        self._link.group_replies(self._half_full)
         self._wake = asyncio.Event()
         self._parked = False  # the publish loop waits for work: a producer may send directly
         self._retry_at: float | None = None
@@ -370,6 +371,11 @@ class Output(ABC):
         `--max-in-flight-bytes`, which one message alone may pass)."""
         return self.in_flight < self._max_in_flight \
             and self.in_flight_bytes < self._max_in_flight_bytes
+
+    def _half_full(self) -> bool:
+        """Half of the window's bound (`--max-in-flight`, `--max-in-flight-bytes`) is taken."""
+        return 2 * self.in_flight >= self._max_in_flight \
+            or 2 * self.in_flight_bytes >= self._max_in_flight_bytes
 
     def _room(self) -> bool:
         """Room in the window and in the link for one more message."""

@@ -81,9 +81,10 @@ class Metrics:
              self.batches_published),
             ("kvrelay_events_published", "Events in batches acknowledged by JetStream",
              self.events_published),
-            ("kvrelay_publish_latency_seconds", "From publish to JetStream ack",
-             self.publish_latency),
-            ("kvrelay_lag_seconds", "From vLLM's batch timestamp to the JetStream ack", self.lag),
+            ("kvrelay_publish_latency_seconds", "From publish to reading its ack (acks are read "
+             "in groups, every 50 ms while a flow lasts)", self.publish_latency),
+            ("kvrelay_lag_seconds", "From vLLM's batch timestamp to its publish (observed once "
+             "acknowledged)", self.lag),
         ]))
         self.duplicates = Counter(
             "kvrelay_publish_duplicates",

@@ -1,0 +1,195 @@
+"""Replies read in groups (kvrelay/natsio/replies.py): on a real loopback TCP socket the event
+loop is not woken for held replies, reads them at a write once the interval passed, at once
+when the window is half full, and by its timer when the flow stops; a relay under a steady flow
+wakes once per batch, not twice."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from harness import RelayProcess, new_instance_id, scrape
+from test_idle import wakeups
+
+from kvrelay.natsio.replies import GROUP_INTERVAL, ReplyGroups
+from kvrelay.testing.natsserver import NatsServer
+from kvrelay.testing.synthetic import SyntheticVllm
+
+REPLY = b"MSG _INBOX.x.1 1 26\r\n" + b'{"stream":"S","seq":1234}' + b"\r\n"
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A connected loopback TCP pair: (the publisher's end, the server's end)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+    client.setblocking(False)
+    with client, peer:
+        yield client, peer
+
+
+class Reader:
+    """Counts the loop's read callbacks on a socket, reading what it finds."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.wakes = 0
+        self.got = b""
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        self.wakes += 1
+        self.got += self.sock.recv(1 << 16)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+
+
+async def test_held_replies_are_read_at_a_write_after_the_interval(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """While a flow lasts, replies below the byte mark do not wake the loop; the first write
+    after the interval lets the loop read them all in one go."""
+    client, peer = pair
+    reader = Reader(client)
+    groups = ReplyGroups(client, lambda: False)
+    try:
+        groups.wrote()  # the flow starts: replies are held
+        for _ in range(5):
+            peer.sendall(REPLY)
+            await asyncio.sleep(0.005)
+        assert reader.wakes == 0
+        assert reader.got == b""
+        await asyncio.sleep(GROUP_INTERVAL)
+        groups.wrote()  # past the interval: read what waits
+        await asyncio.sleep(0.01)
+        assert reader.got == REPLY * 5
+        assert reader.wakes == 1
+        groups.read()  # the publisher's read: hold again
+        peer.sendall(REPLY)
+        await asyncio.sleep(0.02)
+        assert reader.got == REPLY * 5
+    finally:
+        groups.close()
+        reader.close()
+
+
+async def test_a_half_full_window_reads_replies_at_once(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """`urgent` (the window half full) makes a write read what waits, and keeps the mark down
+    after that read: replies then come as they arrive."""
+    client, peer = pair
+    reader = Reader(client)
+    urgent = False
+    groups = ReplyGroups(client, lambda: urgent)
+    try:
+        groups.wrote()
+        peer.sendall(REPLY)
+        await asyncio.sleep(0.01)
+        assert reader.got == b""
+        urgent = True
+        groups.wrote()
+        await asyncio.sleep(0.01)
+        assert reader.got == REPLY
+        groups.read()  # still urgent: the mark stays down
+        peer.sendall(REPLY)
+        await asyncio.sleep(0.01)
+        assert reader.got == REPLY * 2
+    finally:
+        groups.close()
+        reader.close()
+
+
+async def test_a_stopped_flow_has_its_replies_read_by_the_timer(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """No write after the last reply: the timer reads it within twice the interval, and the
+    socket then stays at one byte (an idle publisher reads a PING as it comes)."""
+    client, peer = pair
+    reader = Reader(client)
+    groups = ReplyGroups(client, lambda: False)
+    try:
+        groups.wrote()
+        peer.sendall(REPLY)
+        await asyncio.sleep(GROUP_INTERVAL)
+        assert reader.got == b""
+        await asyncio.sleep(GROUP_INTERVAL * 1.5)
+        assert reader.got == REPLY
+        groups.read()  # the timer's read does not hold again
+        peer.sendall(b"PING\r\n")
+        await asyncio.sleep(0.01)
+        assert reader.got == REPLY + b"PING\r\n"
+    finally:
+        groups.close()
+        reader.close()
+
+
+async def test_a_burst_past_the_byte_mark_wakes_the_loop(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """Replies held past GROUP_BYTES wake the loop without waiting for the interval."""
+    client, peer = pair
+    reader = Reader(client)
+    groups = ReplyGroups(client, lambda: False)
+    try:
+        groups.wrote()
+        peer.sendall(REPLY * 1000)  # 48 KB
+        await asyncio.sleep(0.02)
+        assert len(reader.got) >= 16 << 10
+    finally:
+        groups.close()
+        reader.close()
+
+
+def test_a_closed_socket_turns_grouping_off(pair: tuple[socket.socket, socket.socket]) -> None:
+    """setsockopt failing (the socket closed) leaves the grouping off, with no exception."""
+    client, _ = pair
+
+    async def main() -> bool:
+        groups = ReplyGroups(client, lambda: False)
+        client.close()
+        groups.wrote()
+        return groups.failed
+
+    assert asyncio.run(main())
+
+
+@pytest.mark.parametrize("output", ["jetstream", "dynamo"])
+async def test_a_steady_flow_wakes_the_relay_once_per_batch(
+        output: str, nats_server: NatsServer, tmp_path: Path) -> None:
+    """At 100 batches/s the relay's main thread wakes for each batch and reads its acks (or
+    markers) at those wake-ups: under 1.4 wake-ups per batch (2 when each ack wakes it), and
+    every batch is still confirmed once the flow stops."""
+    with SyntheticVllm("tcp://127.0.0.1:*") as vllm:
+        args = ["--zmq", vllm.address, "--nats", nats_server.url,
+                "--instance-id", str(new_instance_id())]
+        env: dict[str, str] = {}
+        if output == "dynamo":
+            args += ["--format", "dynamo"]
+            env = {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(tmp_path / "kv")}
+        relay = RelayProcess(args, tmp_path / "relay.log", env)
+        try:
+            await relay.healthy(within=20)
+            loop = asyncio.get_running_loop()
+            for _ in range(20):
+                vllm.publish_next()
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            before, batches = wakeups(relay.proc.pid), 300
+            next_at = loop.time()
+            for _ in range(batches):
+                vllm.publish_next()
+                next_at += 0.01
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+            woken = wakeups(relay.proc.pid) - before
+            for _ in range(100):
+                if await scrape(relay.system_port, "kvrelay_batches_published_total") \
+                        >= batches + 20:
+                    break
+                await asyncio.sleep(0.05)
+            assert await scrape(relay.system_port, "kvrelay_batches_published_total") \
+                == batches + 20
+            assert woken / batches < 1.4, f"{woken} wake-ups for {batches} batches"
+        finally:
+            relay.stop()
