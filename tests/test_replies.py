@@ -6,6 +6,7 @@ wakes once per batch, not twice."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,20 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
         yield client, peer
 
 
+class SocketTransport:
+    """What ReplyGroups asks of a transport, over a plain socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.sock if name == "socket" else default
+
+
 class Reader:
     """Counts the loop's read callbacks on a socket, reading what it finds."""
 
@@ -55,7 +70,7 @@ async def test_held_replies_are_read_at_a_write_after_the_interval(
     after the interval lets the loop read them all in one go."""
     client, peer = pair
     reader = Reader(client)
-    groups = ReplyGroups(client, lambda: False)
+    groups = ReplyGroups(SocketTransport(client), lambda: False)
     try:
         groups.wrote()  # the flow starts: replies are held
         for _ in range(5):
@@ -84,7 +99,7 @@ async def test_a_half_full_window_reads_replies_at_once(
     client, peer = pair
     reader = Reader(client)
     urgent = False
-    groups = ReplyGroups(client, lambda: urgent)
+    groups = ReplyGroups(SocketTransport(client), lambda: urgent)
     try:
         groups.wrote()
         peer.sendall(REPLY)
@@ -109,7 +124,7 @@ async def test_a_stopped_flow_has_its_replies_read_by_the_timer(
     socket then stays at one byte (an idle publisher reads a PING as it comes)."""
     client, peer = pair
     reader = Reader(client)
-    groups = ReplyGroups(client, lambda: False)
+    groups = ReplyGroups(SocketTransport(client), lambda: False)
     try:
         groups.wrote()
         peer.sendall(REPLY)
@@ -131,7 +146,7 @@ async def test_a_burst_past_the_byte_mark_wakes_the_loop(
     """Replies held past GROUP_BYTES wake the loop without waiting for the interval."""
     client, peer = pair
     reader = Reader(client)
-    groups = ReplyGroups(client, lambda: False)
+    groups = ReplyGroups(SocketTransport(client), lambda: False)
     try:
         groups.wrote()
         peer.sendall(REPLY * 1000)  # 48 KB
@@ -142,17 +157,21 @@ async def test_a_burst_past_the_byte_mark_wakes_the_loop(
         reader.close()
 
 
-def test_a_closed_socket_turns_grouping_off(pair: tuple[socket.socket, socket.socket]) -> None:
-    """setsockopt failing (the socket closed) leaves the grouping off, with no exception."""
+def test_a_closing_transport_turns_grouping_off(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """Once the transport is closing (its descriptor may soon be another socket's), the
+    grouping sets nothing more and stays off, with no exception."""
     client, _ = pair
+    transport = SocketTransport(client)
 
     async def main() -> bool:
-        groups = ReplyGroups(client, lambda: False)
-        client.close()
+        groups = ReplyGroups(transport, lambda: False)
+        transport.closing = True
         groups.wrote()
         return groups.failed
 
     assert asyncio.run(main())
+    assert client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
 
 
 @pytest.mark.parametrize("output", ["jetstream", "dynamo"])
@@ -193,3 +212,21 @@ async def test_a_steady_flow_wakes_the_relay_once_per_batch(
             assert woken / batches < 1.4, f"{woken} wake-ups for {batches} batches"
         finally:
             relay.stop()
+
+
+def test_the_grouping_never_closes_the_connection(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """The grouping's socket object borrows the transport's descriptor: closed or collected,
+    it leaves the descriptor open (the connection is the transport's to close)."""
+    client, peer = pair
+
+    async def main() -> None:
+        ReplyGroups(SocketTransport(client), lambda: False).close()
+        ReplyGroups(SocketTransport(client), lambda: False)  # collected without a close
+        gc.collect()
+
+    asyncio.run(main())
+    peer.sendall(b"PING\r\n")
+    client.setblocking(True)
+    client.settimeout(5)
+    assert client.recv(16) == b"PING\r\n"

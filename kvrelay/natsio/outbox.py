@@ -216,9 +216,8 @@ class InboxClient(Client):
             self.replies.close()
             self.replies = None
         writer = _socket_writer(self)
-        sock = writer.transport.get_extra_info("socket") if writer is not None else None
-        if self.replies_urgent is not None and sock is not None:
-            self.replies = ReplyGroups(sock, self.replies_urgent)
+        if self.replies_urgent is not None and writer is not None:
+            self.replies = ReplyGroups(writer.transport, self.replies_urgent)
 
     def _read_inbox_first(self) -> None:
         transport = self._transport

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Final, Protocol
 
+from mypy_extensions import mypyc_attr
+
 log = logging.getLogger("kvrelay.natsio")
 
 # Replies wait at most this long after the next write (a steady flow reads them at a write,
@@ -35,15 +37,32 @@ GROUP_INTERVAL: Final = 0.05
 GROUP_BYTES: Final = 16 << 10
 
 
-class _Socket(Protocol):
-    def setsockopt(self, level: int, option: int, value: int, /) -> None: ...
+class _Transport(Protocol):
+    def is_closing(self) -> bool: ...
+
+    def get_extra_info(self, name: str, default: object = None) -> object: ...
+
+
+@mypyc_attr(native_class=False)  # a subclass of a class with __slots__
+class _Borrowed(socket.socket):
+    """A socket object on a descriptor another owns: it never closes it, not even when it is
+    collected."""
+
+    def __del__(self) -> None:
+        self.detach()
 
 
 class ReplyGroups:
     """The grouping of one connection's socket (a new one for each connection)."""
 
-    def __init__(self, sock: _Socket, urgent: Callable[[], bool]) -> None:
-        self._sock = sock
+    def __init__(self, transport: _Transport, urgent: Callable[[], bool]) -> None:
+        # A socket object of its own on the transport's descriptor, used only while the
+        # transport is open (the descriptor is still its then); the transport's own (uvloop's
+        # PseudoSocket) builds a Python socket object for each setsockopt.
+        self._transport = transport
+        fileno_of = getattr(transport.get_extra_info("socket"), "fileno", None)
+        fileno: int = fileno_of() if callable(fileno_of) else -1
+        self._sock: socket.socket | None = _Borrowed(fileno=fileno) if fileno >= 0 else None
         self._urgent = urgent  # the publisher's window is half full: read replies at once
         self._loop = asyncio.get_running_loop()
         self._holding = False  # the low-water mark is up
@@ -75,6 +94,9 @@ class ReplyGroups:
         """The connection is gone."""
         self.failed = True
         self._cancel()
+        if self._sock is not None:
+            self._sock.detach()
+            self._sock = None
 
     def _hold(self) -> None:
         if not self._set(GROUP_BYTES):
@@ -98,6 +120,9 @@ class ReplyGroups:
             self._timer = None
 
     def _set(self, low_water: int) -> bool:
+        if self._sock is None or self._transport.is_closing():
+            self.close()  # the descriptor may soon be another socket's
+            return False
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, low_water)
         except (OSError, ValueError) as exc:  # closed; or a kernel without it: read each reply

@@ -317,13 +317,15 @@ class Output(ABC):
         With nothing awaiting confirmation and no retry waiting it waits on `_watched` without a
         timer, so an idle relay does not wake up at all; an output sets `_watched` when it puts
         something in its window."""
-        period = min(self._settings.ack_timeout / 4, 0.25)
+        period = self._settings.ack_timeout / 4
         while True:
             if self._retry_at is None and not self._awaiting_confirmation():
                 self._watched.clear()
                 self._watch_armed = False
                 await self._watched.wait()
-            await asyncio.sleep(period)
+            retry_at = self._retry_at
+            await asyncio.sleep(period if retry_at is None  # a steady flow: 1 wake-up per period
+                                else min(period, max(0.0, retry_at - time.monotonic())))
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._wake.set()
             if self._online():
