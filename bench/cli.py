@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="a search step whose p99 lag exceeds this fails (default: 500)")
     a("--repeat", type=int, default=1,
       help="runs of everything, interleaved across targets; medians reported (default: 1)")
+    a("--together-below", type=float, default=1000.0, metavar="RATE",
+      help="fixed rates up to this run every target at the same time, each with its own "
+           "server, feeder and consumer, so that what else the machine runs weighs on all of "
+           "them alike: at a low rate it moves a relay's CPU per batch by a fifth or more from "
+           "one trial to the next (default: 1000; 0: one after another)")
     a("--no-limits", action="store_true", help="skip measuring the raw limits of the parts")
     a("--limits-duration", type=float, default=2.0, help="seconds per raw limit (default: 2)")
     a("--tick", type=float, default=0.001, help="feeder burst interval in seconds")
@@ -163,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--workers, --dp-ranks, --repeat and --duration must be positive")
     if args.min_batches < 0:
         parser.error("--min-batches must be 0 or more")
+    if args.together_below < 0:
+        parser.error("--together-below must be 0 (never) or a rate")
     if args.idle_window < 0 or (args.idle is not None and args.idle <= 0):
         parser.error("--idle must be positive and --idle-window 0 (skip) or positive")
     if args.batch_form == "map" and "dynamo" in args.targets:
@@ -178,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      limits_duration=None if args.no_limits else args.limits_duration,
                      tick=args.tick, pub_heartbeat_ms=args.pub_heartbeat,
                      idle_window=args.idle if args.idle is not None else args.idle_window,
-                     idle_only=args.idle is not None)
+                     idle_only=args.idle is not None, together_below=args.together_below)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         run = run_bench(spec)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
 from bench.idle import IdleResult, measure_idle
 from bench.limits import measure_limits, sample_payloads
 from bench.pathlag import measure_path_lag
+from bench.site import STOP
 from bench.targets import TARGETS, Target
 from bench.trial import TrialError, TrialResult, run_trial
 from bench.workload import Pool, WorkloadSpec, build_pools
@@ -49,6 +52,8 @@ class BenchSpec:
     pub_heartbeat_ms: int = 0  # the synthetic vLLM PUBs' ZMQ_HEARTBEAT_IVL; 0: none
     idle_window: float = 60.0  # seconds of each target's idle CPU measurement; 0: none
     idle_only: bool = False  # measure idle CPU only: no rates, search or limits
+    # Fixed rates up to this run every target at the same time (`run_together`); 0: never.
+    together_below: float = 1000.0
 
 
 @dataclass
@@ -207,6 +212,39 @@ def idle_round(targets: list[Target], spec: BenchSpec, run: BenchRun,
                  f"{result.relay_cpu_s_per_hour:.1f} CPU s/hour")
 
 
+def _outcome(target: Target, pools: list[Pool], rate: float | None, spec: BenchSpec,
+             together: threading.Barrier | None) -> TrialResult | TrialError:
+    try:
+        return run_trial(target, pools, rate=rate,
+                         duration=trial_seconds(rate, spec.duration, spec.min_batches),
+                         workers=spec.workers, dp_ranks=spec.dp_ranks, tick=spec.tick,
+                         pub_heartbeat_ms=spec.pub_heartbeat_ms, together=together)
+    except TrialError as exc:
+        return exc
+
+
+def run_together(targets: list[Target], pools: list[Pool], rate: float, spec: BenchSpec
+                 ) -> list[TrialResult | TrialError]:
+    """One trial of each target at `rate`, all at the same time (each with its own server,
+    feeder and consumer, set up before and torn down after all of their timed phases): at a
+    low rate what else a shared machine runs moves every relay's CPU per batch by a fifth or
+    more from one trial to the next, and relays measured together share those moments. An
+    interrupt stops every trial (each tears down what it started) before it goes on."""
+    together = threading.Barrier(len(targets))
+    with ThreadPoolExecutor(len(targets), thread_name_prefix="trial") as pool:
+        futures = [pool.submit(_outcome, target, pools, rate, spec, together)
+                   for target in targets]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            STOP.set()
+            together.abort()
+            for future in futures:
+                future.exception()  # wait for each to stop
+            STOP.clear()
+            raise
+
+
 def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun:
     """Run every configuration `spec.repeat` times, interleaved across targets."""
     run = BenchRun(spec)
@@ -243,19 +281,18 @@ def run_bench(spec: BenchSpec, progress: Progress = stderr_progress) -> BenchRun
                     f"@{rate}/s core {v['core_p99_ms']:.1f}, JetStream {v['jetstream_p99_ms']:.1f}"
                     for rate, v in lags.items()))
         for rate in spec.rates:
-            for target in targets:
+            if rate is not None and rate <= spec.together_below and len(targets) > 1:
+                outcomes = run_together(targets, pools, rate, spec)
+            else:
+                outcomes = [_outcome(target, pools, rate, spec, None) for target in targets]
+            for target, outcome in zip(targets, outcomes, strict=True):
                 offered = "max" if rate is None else f"{rate:.0f}/s"
-                try:
-                    seconds = trial_seconds(rate, spec.duration, spec.min_batches)
-                    result = run_trial(target, pools, rate=rate, duration=seconds,
-                                       workers=spec.workers, dp_ranks=spec.dp_ranks,
-                                       tick=spec.tick, pub_heartbeat_ms=spec.pub_heartbeat_ms)
-                except TrialError as exc:
-                    run.errors.append(f"{target.name} @ {offered}: {exc}")
-                    progress(f"  {target.name} @ {offered}: failed to run: {exc}")
+                if isinstance(outcome, TrialError):
+                    run.errors.append(f"{target.name} @ {offered}: {outcome}")
+                    progress(f"  {target.name} @ {offered}: failed to run: {outcome}")
                     continue
-                run.trials.append(result)
-                progress(f"  {target.name} @ {offered}: {describe(result)}")
+                run.trials.append(outcome)
+                progress(f"  {target.name} @ {offered}: {describe(outcome)}")
         if spec.search is not None:
             for target in targets:
                 run.searches.append(search(target, pools, spec, progress, run.errors))

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -52,9 +53,23 @@ def free_port_run(count: int) -> int:
     raise TrialError(f"no run of {count} free ports found")
 
 
+# Set when the bench is interrupted while trials run in threads of their own (`run_trial`'s
+# `together`): each of them stops waiting, tears down what it started and raises TrialError.
+STOP = threading.Event()
+STOP_POLL = 0.2  # seconds between two looks at STOP while waiting
+
+
+def stopping() -> None:
+    if STOP.is_set():
+        raise TrialError("interrupted")
+
+
 def expect(conn: Connection, reply: str, timeout: float, who: str) -> tuple[Any, ...]:
-    if not conn.poll(timeout):
-        raise TrialError(f"{who} did not answer within {timeout:.0f}s")
+    deadline = time.monotonic() + timeout
+    while not conn.poll(min(STOP_POLL, max(0.0, deadline - time.monotonic()))):
+        stopping()
+        if time.monotonic() >= deadline:
+            raise TrialError(f"{who} did not answer within {timeout:.0f}s")
     message: tuple[Any, ...] = conn.recv()
     if message[0] == "error":
         raise TrialError(message[1])
@@ -88,6 +103,7 @@ class Relays:
                 if time.monotonic() > deadline:
                     raise TrialError(f"{launch.name} not ready after {timeout:.0f}s:\n"
                                      f"{tail(launch.log)}")
+                stopping()
                 time.sleep(0.05)
 
     def stop(self) -> None:

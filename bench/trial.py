@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
@@ -69,6 +70,9 @@ class TrialResult:
     consumer_cpu_percent: float
     feeder_cpu_percent: float
     machine_busy_percent: float
+    # The timed window, wall clock: from the first timed batch sent to the last event received.
+    window_start: float
+    window_end: float
     ok: bool
     notes: list[str] = field(default_factory=list)
 
@@ -87,8 +91,36 @@ class CpuSplit(NamedTuple):
 
 def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration: float,
               workers: int, dp_ranks: int, tick: float = 0.001,
-              pub_heartbeat_ms: int = 0) -> TrialResult:
-    """Run `target` for `duration` seconds at `rate` batches/s in total (None: flat out)."""
+              pub_heartbeat_ms: int = 0, together: threading.Barrier | None = None
+              ) -> TrialResult:
+    """Run `target` for `duration` seconds at `rate` batches/s in total (None: flat out).
+
+    `together`: trials of other targets run at the same time, each in a thread of its own;
+    every one of them sets up and warms up, then all start their timed phase at once, and none
+    tears down before all have their results (so no start-up or teardown lands in another's
+    timed phase). A trial that fails breaks the barrier and the others fail with it."""
+    try:
+        return _run_trial(target, pools, rate=rate, duration=duration, workers=workers,
+                          dp_ranks=dp_ranks, tick=tick, pub_heartbeat_ms=pub_heartbeat_ms,
+                          together=together)
+    except BaseException:
+        if together is not None:
+            together.abort()
+        raise
+
+
+def _meet(together: threading.Barrier | None, timeout: float) -> None:
+    if together is None:
+        return
+    try:
+        together.wait(timeout)
+    except threading.BrokenBarrierError:
+        raise TrialError("a trial running at the same time failed") from None
+
+
+def _run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration: float,
+               workers: int, dp_ranks: int, tick: float, pub_heartbeat_ms: int,
+               together: threading.Barrier | None) -> TrialResult:
     publishers = workers * dp_ranks
     if len(pools) != publishers:
         raise ValueError(f"{len(pools)} pools for {publishers} publishers")
@@ -126,6 +158,7 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
                              for launch in relays.launches)
             raise TrialError(f"{exc}\n{logs}") from None
 
+        _meet(together, READY_TIMEOUT + warm_timeout + 60)  # all set up and warm
         # In CpuSplit's order; None: the whole machine.
         with CpuSampler([[p.pid for p in relays.procs], [server.pid or 0],
                          [consumer.pid or 0], [feeder.pid or 0], None]) as cpu:
@@ -138,6 +171,7 @@ def run_trial(target: Target, pools: list[Pool], *, rate: float | None, duration
                   for launch, proc in zip(relays.launches, relays.procs, strict=True)
                   if proc.poll() is not None]
         rss = max((peak_rss_bytes(p.pid) for p in relays.procs if p.poll() is None), default=0)
+        _meet(together, SETTLE_MAX + 60)  # all timed: now each may tear down
         result = _summarize(target, rate, duration, workers, dp_ranks, pools, feed, got,
                             CpuSplit(*cpu.between(feed.started, got.last_receipt)),
                             rss, len(relays.procs), build)
@@ -185,4 +219,4 @@ def _summarize(target: Target, rate: float | None, duration: float, workers: int
         consumer_cpu_percent=100 * cpu.consumer / span,
         feeder_cpu_percent=100 * cpu.feeder / span,
         machine_busy_percent=100 * cpu.machine / span / (os.cpu_count() or 1),
-        ok=ok, notes=notes)
+        window_start=feed.started, window_end=got.last_receipt, ok=ok, notes=notes)

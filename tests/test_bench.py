@@ -270,7 +270,8 @@ def test_a_low_rate_runs_long_enough_for_its_minimum_of_batches() -> None:
                                   ["--blocks", "9-2"], ["--workers", "0"],
                                   ["--pub-heartbeat", "-1"], ["--idle", "0"],
                                   ["--idle-window", "-5"], ["--live-blocks", "1"],
-                                  ["--live-blocks", "9000", "--blocks", "2-6"]])
+                                  ["--live-blocks", "9000", "--blocks", "2-6"],
+                                  ["--together-below", "-1"]])
 def test_cli_rejects_bad_arguments(args: list[str]) -> None:
     """Invalid arguments exit with usage status 2 before anything starts."""
     with pytest.raises(SystemExit) as exc:
@@ -308,12 +309,22 @@ def _assert_complete_and_lossless(report: dict[str, Any], targets: list[str]) ->
         assert row["lost_events"] == 0
 
 
+def _overlap(report: dict[str, Any]) -> float:
+    """Seconds the timed windows of a report's two trials have in common (negative: the gap
+    between them)."""
+    first, second = report["trials"]
+    return float(min(first["window_end"], second["window_end"])
+                 - max(first["window_start"], second["window_start"]))
+
+
 @pytest.mark.integration
 def test_bench_kvrelay_and_naive_deliver_every_event(tmp_path: Path) -> None:
-    """A 3 s run of kvrelay and naive at 500 batches/s loses nothing and reports every field."""
+    """A 3 s run of kvrelay and naive at 500 batches/s loses nothing and reports every field;
+    below --together-below (1000 by default) the two trials' timed windows coincide."""
     report = _bench(tmp_path, "--targets", "kvrelay,naive", "--rates", "500",
                     "--duration", "3", "--limits-duration", "0.5", "--idle-window", "0")
     _assert_complete_and_lossless(report, ["kvrelay", "naive"])
+    assert _overlap(report) > 2.5, report["trials"]
     builds = {t["target"]: t["relay_build"] for t in report["trials"]}
     assert builds == {"kvrelay": kvrelay.build(), "naive": "python"}
     assert set(report["limits"]["median"]) == LIMIT_KEYS
@@ -330,11 +341,12 @@ def test_bench_kvrelay_and_naive_deliver_every_event(tmp_path: Path) -> None:
 def test_bench_live_blocks_with_snapshots_on_and_off_deliver_every_event(tmp_path: Path) -> None:
     """With --live-blocks the pre-fill and the steady store-remove cycle all arrive, with
     snapshots written by the relay (kvrelay-relaysnap) and not (kvrelay), and the report says
-    how many blocks were live."""
+    how many blocks were live; with --together-below 0 one trial runs after the other."""
     report = _bench(tmp_path, "--targets", "kvrelay,kvrelay-relaysnap", "--rates", "500",
                     "--duration", "2", "--min-batches", "0", "--no-limits",
-                    "--live-blocks", "5000", "--idle-window", "0")
+                    "--live-blocks", "5000", "--idle-window", "0", "--together-below", "0")
     _assert_complete_and_lossless(report, ["kvrelay", "kvrelay-relaysnap"])
+    assert _overlap(report) < 0, report["trials"]
     assert report["config"]["workload"]["live_blocks"] == 5000
     for trial in report["trials"]:  # the pre-fill's 5000 blocks came first, 64 a batch
         assert trial["sent_batches"] > 2 * math.ceil(2500 / 64) + 500 * 2 * 0.9
@@ -370,11 +382,16 @@ def _processes_using(marker: str, command: bytes = b"") -> list[int]:
 
 
 @pytest.mark.integration
-def test_bench_ctrl_c_stops_every_process_it_started(tmp_path: Path) -> None:
-    """SIGINT mid-run: the bench exits 130 and no relay, server or helper process is left."""
+@pytest.mark.parametrize("args", [["--targets", "kvrelay"],
+                                  ["--targets", "kvrelay,naive", "--idle-window", "0"]],
+                         ids=["alone", "together"])
+def test_bench_ctrl_c_stops_every_process_it_started(tmp_path: Path, args: list[str]) -> None:
+    """SIGINT mid-run: the bench exits 130 and no relay, server or helper process is left,
+    one target alone (stopped in its idle measurement) and two whose trials run together
+    (500/s, below --together-below)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench", "--targets", "kvrelay", "--rates", "500",
-         "--duration", "60", "--no-limits"],
+        [sys.executable, "-m", "bench", *args, "--rates", "500", "--duration", "60",
+         "--no-limits"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
