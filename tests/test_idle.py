@@ -25,6 +25,19 @@ def wakeups(pid: int) -> int:
     raise LookupError("no voluntary_ctxt_switches in /proc")
 
 
+def relay_process(output: str, vllm: SyntheticVllm, nats_server: NatsServer,
+                  tmp_path: Path) -> RelayProcess:
+    """A relay process reading `vllm`, publishing to JetStream or, with output "dynamo", in
+    Dynamo's form with its discovery records in files under `tmp_path`."""
+    args = ["--zmq", vllm.address, "--nats", nats_server.url,
+            "--instance-id", str(new_instance_id())]
+    env: dict[str, str] = {}
+    if output == "dynamo":
+        args += ["--format", "dynamo"]
+        env = {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(tmp_path / "kv")}
+    return RelayProcess(args, tmp_path / "relay.log", env)
+
+
 @pytest.mark.parametrize("output", ["jetstream", "dynamo"])
 async def test_an_idle_relay_does_not_wake_up(output: str, nats_server: NatsServer,
                                              tmp_path: Path) -> None:
@@ -32,13 +45,7 @@ async def test_an_idle_relay_does_not_wake_up(output: str, nats_server: NatsServ
     fewer than 3 times a second over 6 idle seconds (NATS pings and their replies only). A
     timer checking the window four times a second would wake it 24 times on its own."""
     with SyntheticVllm(ANY_PORT) as vllm:
-        args = ["--zmq", vllm.address, "--nats", nats_server.url,
-                "--instance-id", str(new_instance_id())]
-        env: dict[str, str] = {}
-        if output == "dynamo":
-            args += ["--format", "dynamo"]
-            env = {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(tmp_path / "kv")}
-        relay = RelayProcess(args, tmp_path / "relay.log", env)
+        relay = relay_process(output, vllm, nats_server, tmp_path)
         try:
             await relay.healthy(within=20)
             for _ in range(5):

@@ -6,14 +6,15 @@ wakes once per batch, not twice."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import RelayProcess, new_instance_id, scrape
-from test_idle import wakeups
+from harness import scrape
+from test_idle import relay_process, wakeups
 
 from kvrelay.natsio.replies import GROUP_INTERVAL, ReplyGroups
 from kvrelay.testing.natsserver import NatsServer
@@ -64,14 +65,25 @@ class Reader:
         asyncio.get_running_loop().remove_reader(self.sock.fileno())
 
 
+@contextlib.contextmanager
+def grouped(client: socket.socket, urgent: Callable[[], bool]
+            ) -> Iterator[tuple[Reader, ReplyGroups]]:
+    """The loop reading `client` (counted), and a grouping of its replies; both closed after."""
+    reader = Reader(client)
+    groups = ReplyGroups(SocketTransport(client), urgent)
+    try:
+        yield reader, groups
+    finally:
+        groups.close()
+        reader.close()
+
+
 async def test_held_replies_are_read_at_a_write_after_the_interval(
         pair: tuple[socket.socket, socket.socket]) -> None:
     """While a flow lasts, replies below the byte mark do not wake the loop; the first write
     after the interval lets the loop read them all in one go."""
     client, peer = pair
-    reader = Reader(client)
-    groups = ReplyGroups(SocketTransport(client), lambda: False)
-    try:
+    with grouped(client, lambda: False) as (reader, groups):
         groups.wrote()  # the flow starts: replies are held
         for _ in range(5):
             peer.sendall(REPLY)
@@ -87,9 +99,6 @@ async def test_held_replies_are_read_at_a_write_after_the_interval(
         peer.sendall(REPLY)
         await asyncio.sleep(0.02)
         assert reader.got == REPLY * 5
-    finally:
-        groups.close()
-        reader.close()
 
 
 async def test_a_half_full_window_reads_replies_at_once(
@@ -97,10 +106,8 @@ async def test_a_half_full_window_reads_replies_at_once(
     """`urgent` (the window half full) makes a write read what waits, and keeps the mark down
     after that read: replies then come as they arrive."""
     client, peer = pair
-    reader = Reader(client)
     urgent = False
-    groups = ReplyGroups(SocketTransport(client), lambda: urgent)
-    try:
+    with grouped(client, lambda: urgent) as (reader, groups):
         groups.wrote()
         peer.sendall(REPLY)
         await asyncio.sleep(0.01)
@@ -113,9 +120,6 @@ async def test_a_half_full_window_reads_replies_at_once(
         peer.sendall(REPLY)
         await asyncio.sleep(0.01)
         assert reader.got == REPLY * 2
-    finally:
-        groups.close()
-        reader.close()
 
 
 async def test_a_stopped_flow_has_its_replies_read_by_the_timer(
@@ -123,9 +127,7 @@ async def test_a_stopped_flow_has_its_replies_read_by_the_timer(
     """No write after the last reply: the timer reads it within twice the interval, and the
     socket then stays at one byte (an idle publisher reads a PING as it comes)."""
     client, peer = pair
-    reader = Reader(client)
-    groups = ReplyGroups(SocketTransport(client), lambda: False)
-    try:
+    with grouped(client, lambda: False) as (reader, groups):
         groups.wrote()
         peer.sendall(REPLY)
         await asyncio.sleep(GROUP_INTERVAL)
@@ -136,25 +138,17 @@ async def test_a_stopped_flow_has_its_replies_read_by_the_timer(
         peer.sendall(b"PING\r\n")
         await asyncio.sleep(0.01)
         assert reader.got == REPLY + b"PING\r\n"
-    finally:
-        groups.close()
-        reader.close()
 
 
 async def test_a_burst_past_the_byte_mark_wakes_the_loop(
         pair: tuple[socket.socket, socket.socket]) -> None:
     """Replies held past GROUP_BYTES wake the loop without waiting for the interval."""
     client, peer = pair
-    reader = Reader(client)
-    groups = ReplyGroups(SocketTransport(client), lambda: False)
-    try:
+    with grouped(client, lambda: False) as (reader, groups):
         groups.wrote()
         peer.sendall(REPLY * 1000)  # 48 KB
         await asyncio.sleep(0.02)
         assert len(reader.got) >= 16 << 10
-    finally:
-        groups.close()
-        reader.close()
 
 
 def test_a_closing_transport_turns_grouping_off(
@@ -181,13 +175,7 @@ async def test_a_steady_flow_wakes_the_relay_once_per_batch(
     markers) at those wake-ups: under 1.4 wake-ups per batch (2 when each ack wakes it), and
     every batch is still confirmed once the flow stops."""
     with SyntheticVllm("tcp://127.0.0.1:*") as vllm:
-        args = ["--zmq", vllm.address, "--nats", nats_server.url,
-                "--instance-id", str(new_instance_id())]
-        env: dict[str, str] = {}
-        if output == "dynamo":
-            args += ["--format", "dynamo"]
-            env = {"DYN_DISCOVERY_BACKEND": "file", "DYN_FILE_KV": str(tmp_path / "kv")}
-        relay = RelayProcess(args, tmp_path / "relay.log", env)
+        relay = relay_process(output, vllm, nats_server, tmp_path)
         try:
             await relay.healthy(within=20)
             loop = asyncio.get_running_loop()
