@@ -16,7 +16,7 @@ import pytest
 from harness import scrape
 from test_idle import relay_process, wakeups
 
-from kvrelay.natsio.replies import GROUP_INTERVAL, ReplyGroups
+from kvrelay.natsio.replies import GROUP_INTERVAL, GROUP_MESSAGES, ReplyGroups
 from kvrelay.testing.natsserver import NatsServer
 from kvrelay.testing.synthetic import SyntheticVllm
 
@@ -84,14 +84,14 @@ async def test_held_replies_are_read_at_a_write_after_the_interval(
     after the interval lets the loop read them all in one go."""
     client, peer = pair
     with grouped(client, lambda: False) as (reader, groups):
-        groups.wrote()  # the flow starts: replies are held
+        groups.wrote(1)  # the flow starts: replies are held
         for _ in range(5):
             peer.sendall(REPLY)
             await asyncio.sleep(0.005)
         assert reader.wakes == 0
         assert reader.got == b""
         await asyncio.sleep(GROUP_INTERVAL)
-        groups.wrote()  # past the interval: read what waits
+        groups.wrote(1)  # past the interval: read what waits
         await asyncio.sleep(0.01)
         assert reader.got == REPLY * 5
         assert reader.wakes == 1
@@ -101,6 +101,28 @@ async def test_held_replies_are_read_at_a_write_after_the_interval(
         assert reader.got == REPLY * 5
 
 
+async def test_a_fast_flow_reads_replies_every_group_of_messages(
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    """Within the interval, the write that brings the messages written since the last read to
+    GROUP_MESSAGES reads what waits (a fast flow's small replies do not wait the interval while
+    its window fills)."""
+    client, peer = pair
+    with grouped(client, lambda: False) as (reader, groups):
+        groups.wrote(1)  # the flow starts: replies are held
+        peer.sendall(REPLY)
+        groups.wrote(GROUP_MESSAGES - 1)
+        await asyncio.sleep(0.01)
+        assert reader.got == b""
+        groups.wrote(1)
+        await asyncio.sleep(0.01)
+        assert reader.got == REPLY
+        groups.read()  # held again, the count from zero
+        peer.sendall(REPLY)
+        groups.wrote(GROUP_MESSAGES - 1)
+        await asyncio.sleep(0.01)
+        assert reader.got == REPLY
+
+
 async def test_a_half_full_window_reads_replies_at_once(
         pair: tuple[socket.socket, socket.socket]) -> None:
     """`urgent` (the window half full) makes a write read what waits, and keeps the mark down
@@ -108,12 +130,12 @@ async def test_a_half_full_window_reads_replies_at_once(
     client, peer = pair
     urgent = False
     with grouped(client, lambda: urgent) as (reader, groups):
-        groups.wrote()
+        groups.wrote(1)
         peer.sendall(REPLY)
         await asyncio.sleep(0.01)
         assert reader.got == b""
         urgent = True
-        groups.wrote()
+        groups.wrote(1)
         await asyncio.sleep(0.01)
         assert reader.got == REPLY
         groups.read()  # still urgent: the mark stays down
@@ -128,7 +150,7 @@ async def test_a_stopped_flow_has_its_replies_read_by_the_timer(
     socket then stays at one byte (an idle publisher reads a PING as it comes)."""
     client, peer = pair
     with grouped(client, lambda: False) as (reader, groups):
-        groups.wrote()
+        groups.wrote(1)
         peer.sendall(REPLY)
         await asyncio.sleep(GROUP_INTERVAL)
         assert reader.got == b""
@@ -145,7 +167,7 @@ async def test_a_burst_past_the_byte_mark_wakes_the_loop(
     """Replies held past GROUP_BYTES wake the loop without waiting for the interval."""
     client, peer = pair
     with grouped(client, lambda: False) as (reader, groups):
-        groups.wrote()
+        groups.wrote(1)
         peer.sendall(REPLY * 1000)  # 48 KB
         await asyncio.sleep(0.02)
         assert len(reader.got) >= 16 << 10
@@ -161,7 +183,7 @@ def test_a_closing_transport_turns_grouping_off(
     async def main() -> bool:
         groups = ReplyGroups(transport, lambda: False)
         transport.closing = True
-        groups.wrote()
+        groups.wrote(1)
         return groups.failed
 
     assert asyncio.run(main())
@@ -172,8 +194,10 @@ def test_a_closing_transport_turns_grouping_off(
 async def test_a_steady_flow_wakes_the_relay_once_per_batch(
         output: str, nats_server: NatsServer, tmp_path: Path) -> None:
     """At 100 batches/s the relay's main thread wakes for each batch and reads its acks (or
-    markers) at those wake-ups: under 1.4 wake-ups per batch (2 when each ack wakes it), and
-    every batch is still confirmed once the flow stops."""
+    markers) at those wake-ups: under 1.4 wake-ups per batch (2 when each ack wakes it); it
+    writes each batch to NATS in one write, which also carries any marker `--format dynamo`
+    sends (under 1.08 writes per batch; a marker in a write of its own every 50 ms makes
+    1.2); and every batch is still confirmed once the flow stops."""
     with SyntheticVllm("tcp://127.0.0.1:*") as vllm:
         relay = relay_process(output, vllm, nats_server, tmp_path)
         try:
@@ -184,12 +208,14 @@ async def test_a_steady_flow_wakes_the_relay_once_per_batch(
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.3)
             before, batches = wakeups(relay.proc.pid), 300
+            wrote = writes(relay.proc.pid)
             next_at = loop.time()
             for _ in range(batches):
                 vllm.publish_next()
                 next_at += 0.01
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
             woken = wakeups(relay.proc.pid) - before
+            wrote = writes(relay.proc.pid) - wrote
             for _ in range(100):
                 if await scrape(relay.system_port, "kvrelay_batches_published_total") \
                         >= batches + 20:
@@ -198,8 +224,19 @@ async def test_a_steady_flow_wakes_the_relay_once_per_batch(
             assert await scrape(relay.system_port, "kvrelay_batches_published_total") \
                 == batches + 20
             assert woken / batches < 1.4, f"{woken} wake-ups for {batches} batches"
+            assert wrote / batches < 1.08, f"{wrote} writes for {batches} batches"
         finally:
             relay.stop()
+
+
+def writes(pid: int) -> int:
+    """Write system calls the process's main thread made (the loop's writes to sockets; logs
+    and the system port are quiet meanwhile)."""
+    with open(f"/proc/{pid}/task/{pid}/io") as f:
+        for line in f:
+            if line.startswith("syscw:"):
+                return int(line.split()[1])
+    raise LookupError("no syscw in /proc")
 
 
 def test_the_grouping_never_closes_the_connection(

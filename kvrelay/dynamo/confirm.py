@@ -68,7 +68,10 @@ class Markers(Generic[Mark]):
         """Have a marker follow what was published. It goes with this turn's messages once
         MARKER_INTERVAL has passed since the last one, or the window is half full; should no
         later messages take it along within another MARKER_INTERVAL, a timer sends it alone (a
-        flow that stopped). While one is out, its return does this."""
+        flow that stopped). A returning marker sends the next one only if the window is
+        half full: otherwise it waits for the next message (replies are read as a write
+        ends, kvrelay/natsio/replies.py, so a marker sent then would take a write of its
+        own)."""
         if self._out or not self._unmarked:
             return
         now = time.monotonic()
@@ -104,7 +107,13 @@ class Markers(Generic[Mark]):
         self._covers = None
         if covers is not None:
             self._on_confirmed(covers)
-        self.follow()
+        if not self._unmarked:
+            return
+        if self._pressed():
+            self._send(time.monotonic())
+        elif self._timer is None:  # the next message takes the marker along; or, if none
+            # comes, this sends it alone
+            self._timer = asyncio.get_running_loop().call_later(MARKER_INTERVAL, self._due)
 
     def _due(self) -> None:
         self._timer = None

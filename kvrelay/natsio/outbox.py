@@ -383,7 +383,8 @@ class Outbox:
         nc = self._nc
         assert nc is not None  # online
         stats = nc.stats
-        stats["out_msgs"] += self._msgs
+        msgs = self._msgs
+        stats["out_msgs"] += msgs
         stats["out_bytes"] += self._bytes
         self._msgs = self._bytes = 0
         transport = self._socket_transport(nc)
@@ -391,7 +392,7 @@ class Outbox:
             transport.write(data)
             groups = nc.replies if isinstance(nc, InboxClient) else None
             if groups is not None:
-                groups.wrote()
+                groups.wrote(msgs)
             return
         nc._pending.append(data)
         nc._pending_data_size += len(data)

@@ -82,7 +82,7 @@ class Metrics:
             ("kvrelay_events_published", "Events in batches acknowledged by JetStream",
              self.events_published),
             ("kvrelay_publish_latency_seconds", "From publish to reading its ack (acks are read "
-             "in groups, every 50 ms while a flow lasts)", self.publish_latency),
+             "in groups, every 100 ms while a flow lasts)", self.publish_latency),
             ("kvrelay_lag_seconds", "From vLLM's batch timestamp to its publish (observed once "
              "acknowledged)", self.lag),
         ]))
