@@ -21,10 +21,11 @@ from kvrelay.natsio.link import Link
 # The time between two markers while the window has room: confirmations of a steady flow come
 # in groups, and markers ride in the socket writes of the messages they follow. At a sidecar's
 # rate (a batch every few ms or more) a marker per message would wake the relay twice per batch;
-# at 50 ms a marker's return wakes it once per five batches at 100/s. (200 ms would halve that
-# again, but lowered the maximum rate on a 2-core machine from 101-111k to 64-90k batches/s.)
-# A publisher whose window is half full sends its marker at once (`pressed`). What is
-# unconfirmed is kept for republishing meanwhile.
+# at 50 ms one returns per five batches at 100/s, and while a flow lasts the relay reads it at
+# its next write after GROUP_INTERVAL (kvrelay/natsio/replies.py), with no wake-up of its own.
+# (Markers every 200 ms, before replies were read in groups, lowered the maximum rate on a
+# 2-core machine from 101-111k to 64-90k batches/s.) A publisher whose window is half full
+# sends its marker at once (`pressed`). What is unconfirmed is kept for republishing meanwhile.
 MARKER_INTERVAL: Final = 0.05
 
 Mark = TypeVar("Mark")
