@@ -51,6 +51,7 @@ DEPLOY = Path(__file__).resolve().parent
 OVERLAYS = DEPLOY / "kubernetes" / "overlays"
 MIN_KUBERNETES = "1.29"  # native sidecars (restartPolicy: Always init containers) on by default
 RELAY_CONTAINER = "kvrelay"
+INDEX_CONTAINER = "kvrelay-index"  # the scoring service, `kvrelay index --http`
 CLOSE_SECONDS = 2.0  # after the drain, the relay waits this long at most for NATS to close
 # Read by discovery rather than Config (docs/contract.md section 3).
 DISCOVERY_ENV = frozenset({"POD_NAME", "POD_NAMESPACE", "POD_UID", "DYN_DISCOVERY_BACKEND"})
@@ -455,6 +456,41 @@ def relay_problems(objects: Sequence[Obj]) -> list[str]:
     return problems
 
 
+def index_problems(objects: Sequence[Obj]) -> list[str]:
+    """The scoring service's container: `kvrelay index` with arguments it takes, probed for
+    liveness on /live and for readiness on /health (caught up with the stream), on the port it
+    serves."""
+    problems: list[str] = []
+    for workload, template in pod_templates(objects):
+        for index in (c for c in all_containers(template["spec"])
+                      if c["name"] == INDEX_CONTAINER):
+            where = f"{name_of(workload)} container {INDEX_CONTAINER}"
+            command = [*index.get("command", []), *index.get("args", [])]
+            if command[:2] != ["kvrelay", "index"]:
+                problems.append(f"{where}: runs {command[:2]}, not kvrelay index (the image's "
+                                "entrypoint is kvrelay run: set command)")
+                continue
+            stderr = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(stderr):
+                    parsed = build_parser().parse_args(command[1:])
+            except SystemExit:
+                problems.append(f"{where}: args: {stderr.getvalue().strip().splitlines()[-1]}")
+                continue
+            ports = {p.get("name"): p.get("containerPort") for p in index.get("ports", [])}
+            for probe_name, path in (("livenessProbe", "/live"), ("readinessProbe", "/health")):
+                probe = index.get(probe_name, {}).get("httpGet")
+                if probe is None:
+                    problems.append(f"{where}: no {probe_name} on {path}")
+                    continue
+                port = ports.get(probe["port"]) if isinstance(probe["port"], str) \
+                    else probe["port"]
+                if probe.get("path") != path or port != parsed.http:
+                    problems.append(f"{where}: {probe_name} asks {probe.get('path')} on port "
+                                    f"{port}; the service serves {path} on {parsed.http}")
+    return problems
+
+
 def token_problems(where: str, workload: Obj, spec: Obj, relay: Obj, config: Config
                    ) -> list[str]:
     """The relay holds a token exactly when it calls the Kubernetes API (Kubernetes
@@ -718,7 +754,7 @@ def check(objects: Sequence[Obj], versions: Sequence[str]) -> list[str]:
     """Every problem of a rendered overlay; empty when it is sound."""
     problems = [p for obj in objects for p in schema_problems(obj, versions)]
     return (problems + reference_problems(objects) + relay_problems(objects)
-            + rule_problems(objects))
+            + index_problems(objects) + rule_problems(objects))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -738,7 +774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"FAIL {overlay}: {problem}")
         if not problems:
             print(f"ok   {overlay}: {len(objects)} objects valid for Kubernetes "
-                  f"{' and '.join(versions)}, references and relay settings sound")
+                  f"{' and '.join(versions)}, references and kvrelay settings sound")
         failed = failed or bool(problems)
     if not args.overlays:
         problems = monitoring_problems()

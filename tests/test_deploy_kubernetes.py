@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import pytest
 from harness import http_get
@@ -27,7 +28,7 @@ from harness import http_get
 from deploy import validate
 from kvrelay.discovery import hash_pod_name
 from kvrelay.testing.natsserver import NatsServer, free_port
-from kvrelay.testing.synthetic import SyntheticVllm
+from kvrelay.testing.synthetic import SyntheticVllm, block_stored
 from kvrelay.wire.relaybatch import decode_relay_batches, decode_resume_point
 
 pytestmark = pytest.mark.deploy
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.deploy
 REPO = Path(__file__).resolve().parent.parent
 OVERLAYS = ("sidecar", "standalone")  # the overlays whose pods are plain workloads
 DYNAMO = "dynamo-operator"  # pods made by Dynamo's operator from a DynamoGraphDeployment
+SCORING = "scoring"  # the scoring service, `kvrelay index --http`
 STREAM_FILE = REPO / "deploy" / "nats" / "stream.json"
 Obj = dict[str, Any]
 
@@ -42,7 +44,8 @@ Obj = dict[str, Any]
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[Obj]]:
     """Each overlay rendered once by kustomize."""
-    return {name: validate.render(validate.OVERLAYS / name) for name in (*OVERLAYS, DYNAMO)}
+    return {name: validate.render(validate.OVERLAYS / name)
+            for name in (*OVERLAYS, DYNAMO, SCORING)}
 
 
 def kind(objects: list[Obj], wanted: str) -> list[Obj]:
@@ -109,6 +112,48 @@ def test_overlay_passes_every_check(rendered: dict[str, list[Obj]], overlay: str
                       "PrometheusRule"})
     assert {o["kind"] for o in objects} >= expected
     assert validate.check(objects, validate.kubernetes_versions()) == []
+
+
+def test_scoring_overlay_passes_every_check(rendered: dict[str, list[Obj]]) -> None:
+    """The scoring service's overlay passes schemas, references and its own checks: `kvrelay
+    index` with arguments it takes, probed on the port it serves, scraped by a ServiceMonitor,
+    locked down as the relay is."""
+    objects = rendered[SCORING]
+    assert {o["kind"] for o in objects} == {"ConfigMap", "Service", "ServiceMonitor",
+                                            "Deployment"}
+    assert validate.check(objects, validate.kubernetes_versions()) == []
+    index = container(objects, validate.INDEX_CONTAINER)
+    assert index["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod_spec(objects)["automountServiceAccountToken"] is False
+
+
+def _index(objects: list[Obj]) -> Obj:
+    return container(objects, validate.INDEX_CONTAINER)
+
+
+SCORING_BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
+    ("entrypoint-run", lambda o: _index(o).pop("command"), "not kvrelay index"),
+    ("unknown-flag", lambda o: _index(o)["args"].append("--no-such-flag"),
+     "unrecognized arguments: --no-such-flag"),
+    ("no-port", lambda o: _index(o).update(args=["index"]),
+     "the following arguments are required: --http"),
+    ("other-port", lambda o: _index(o).update(args=["index", "--http", "9000"]),
+     "the service serves /health on 9000"),
+    ("ready-on-live", lambda o: _index(o)["readinessProbe"]["httpGet"].update(path="/live"),
+     "readinessProbe asks /live"),
+    ("no-liveness", lambda o: _index(o).pop("livenessProbe"), "no livenessProbe on /live"),
+]
+
+
+@pytest.mark.parametrize(("breakage", "expected"), [(b[1], b[2]) for b in SCORING_BREAKAGES],
+                         ids=[b[0] for b in SCORING_BREAKAGES])
+def test_broken_scoring_fails(rendered: dict[str, list[Obj]],
+                              breakage: Callable[[list[Obj]], None], expected: str) -> None:
+    """Each kind of mistake in the scoring service's container is reported."""
+    objects = copy.deepcopy(rendered[SCORING])
+    breakage(objects)
+    problems = validate.check(objects, [validate.MIN_KUBERNETES])
+    assert any(expected in p for p in problems), problems
 
 
 def test_native_sidecar_needs_kubernetes_1_29(rendered: dict[str, list[Obj]]) -> None:
@@ -550,13 +595,19 @@ async def http_status(port: int, path: str) -> int:
     return status
 
 
+def relay_process(env: dict[str, str], log: Path, prefix: list[str]
+                  ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    return kvrelay_process(["run"], env, log, prefix)
+
+
 @contextlib.contextmanager
-def relay_process(env: dict[str, str], log: Path, prefix: list[str]) -> Iterator[
-        subprocess.Popen[bytes]]:
+def kvrelay_process(args: list[str], env: dict[str, str], log: Path, prefix: list[str]
+                    ) -> Iterator[subprocess.Popen[bytes]]:
+    """`kvrelay ARGS` with `env` (and none of this process's kvrelay or Dynamo variables)."""
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("KVRELAY_", "DYN_", "NATS_SERVER", "POD_"))}
     with log.open("ab") as out:
-        proc = subprocess.Popen([*prefix, sys.executable, "-m", "kvrelay", "run"],
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "kvrelay", *args],
                                 env={**base, **env, "PYTHONUNBUFFERED": "1"}, cwd="/",
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -665,3 +716,66 @@ async def test_relay_runs_on_a_read_only_filesystem(rendered: dict[str, list[Obj
     """With every filesystem read-only, /tmp included, the relay still relays and drains."""
     probes = [Path("/"), Path("/tmp"), REPO, Path(sys.prefix), tmp_path]
     await rehearse(rendered["sidecar"], fresh_nats, tmp_path, ro_wrapper(probes))
+
+
+# -- the scoring service's settings serve a real relay's stream --------------------------------
+
+
+@pytest.mark.integration
+async def test_scoring_settings_score_what_a_real_relay_publishes(
+        rendered: dict[str, list[Obj]], fresh_nats: NatsServer, tmp_path: Path) -> None:
+    """The scoring service run with its manifest's command and settings (on a read-only
+    filesystem where this machine allows one) beside a relay run with the sidecar's, both from
+    the same ConfigMap: ready once caught up with the stream deploy/nats/stream.json makes, it
+    scores the blocks vLLM stored through the relay, and stops cleanly within its grace."""
+    objects = rendered[SCORING]
+    index = _index(objects)
+    configmaps = {o["metadata"]["name"]: o["data"] for o in kind(objects, "ConfigMap")}
+    env = {k: v for k, v in validate.relay_environment(index, configmaps).items()
+           if v is not None}
+    env["NATS_SERVER"] = fresh_nats.url
+    port = free_port()
+    args = [*index["command"][1:], *index["args"]]
+    args[args.index("--http") + 1] = str(port)
+    grace = float(pod_spec(objects)["terminationGracePeriodSeconds"])
+    prefix = ro_wrapper([Path("/"), Path("/tmp"), REPO, tmp_path]) \
+        if can_remount_read_only() else []
+    plan = Rehearsal(rendered["sidecar"], fresh_nats.url)
+    worker = f"{hash_pod_name(plan.env['POD_NAME'])}.0"
+    tokens = list(range(1000, 1032))  # two blocks of 16
+    log = tmp_path / "index.log"
+    async with stream_from_file(fresh_nats.url) as nc, \
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        js = nc.jetstream()
+        with SyntheticVllm(plan.vllm_endpoint, replay_endpoint=plan.vllm_replay,
+                           topic=plan.topic) as vllm, \
+                relay_process(plan.env, tmp_path / "relay.log", []), \
+                kvrelay_process(args, env, log, prefix) as proc:
+            async def ready() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"exited {proc.returncode}:\n{log.read_text()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    return (await http.get("/health")).status_code == 200
+                return False
+
+            await until(ready, "the scoring service's readiness probe to pass")
+
+            async def relayed() -> bool:
+                info = await js.stream_info(plan.stream, subjects_filter=plan.subject)
+                if info.state.messages == 0:
+                    vllm.publish_next()  # until the first lands (ZMQ's late joiner)
+                return bool(info.state.messages)
+
+            await until(relayed, f"a batch on {plan.subject}")
+            vllm.publish([block_stored([7_000_001, 7_000_002], None, tokens)])
+
+            async def scored() -> bool:
+                answer = await http.post("/score", json={"token_ids": [*tokens, 0]})
+                assert answer.status_code == 200, answer.text
+                return bool(answer.json().get(worker) == 2)
+
+            await until(scored, f"two blocks scored for worker {worker}")
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, grace) == 0, log.read_text()
+            assert time.monotonic() - started < grace
