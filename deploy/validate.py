@@ -470,24 +470,13 @@ def index_problems(objects: Sequence[Obj]) -> list[str]:
                 problems.append(f"{where}: runs {command[:2]}, not kvrelay index (the image's "
                                 "entrypoint is kvrelay run: set command)")
                 continue
-            stderr = io.StringIO()
-            try:
-                with contextlib.redirect_stderr(stderr):
-                    parsed = build_parser().parse_args(command[1:])
-            except SystemExit:
-                problems.append(f"{where}: args: {stderr.getvalue().strip().splitlines()[-1]}")
+            parsed, error = parse_kvrelay_args(command[1:])
+            if parsed is None:
+                problems.append(f"{where}: args: {error}")
                 continue
-            ports = {p.get("name"): p.get("containerPort") for p in index.get("ports", [])}
-            for probe_name, path in (("livenessProbe", "/live"), ("readinessProbe", "/health")):
-                probe = index.get(probe_name, {}).get("httpGet")
-                if probe is None:
-                    problems.append(f"{where}: no {probe_name} on {path}")
-                    continue
-                port = ports.get(probe["port"]) if isinstance(probe["port"], str) \
-                    else probe["port"]
-                if probe.get("path") != path or port != parsed.http:
-                    problems.append(f"{where}: {probe_name} asks {probe.get('path')} on port "
-                                    f"{port}; the service serves {path} on {parsed.http}")
+            problems += http_probe_problems(
+                where, index, (("livenessProbe", "/live"), ("readinessProbe", "/health")),
+                parsed.http, "service")
     return problems
 
 
@@ -574,14 +563,21 @@ def dynamo_worker_problems(where: str, worker: Obj, config: Config) -> list[str]
     return problems
 
 
-def parse_relay_args(args: Sequence[str]) -> tuple[dict[str, Any], str | None]:
-    """`kvrelay run` flags as Config.load takes them, or the parser's complaint."""
+def parse_kvrelay_args(args: Sequence[str]) -> tuple[argparse.Namespace | None, str | None]:
+    """`kvrelay ARGS` as the CLI parses them, or the parser's complaint."""
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            namespace = build_parser().parse_args(["run", *args])
+            return build_parser().parse_args(args), None
     except SystemExit:
-        return {}, stderr.getvalue().strip().splitlines()[-1]
+        return None, stderr.getvalue().strip().splitlines()[-1]
+
+
+def parse_relay_args(args: Sequence[str]) -> tuple[dict[str, Any], str | None]:
+    """`kvrelay run` flags as Config.load takes them, or the parser's complaint."""
+    namespace, error = parse_kvrelay_args(["run", *args])
+    if namespace is None:
+        return {}, error
     return {s.key: getattr(namespace, s.key) for s in settings()}, None
 
 
@@ -590,21 +586,30 @@ def probe_problems(where: str, container: Obj, config: Config, *, sidecar: bool)
     and start-up only: a sidecar's readiness counts towards its pod's, and a NATS outage must not
     take every vLLM worker out of its Service (routing degrades to KV-blind, serving goes on)."""
     problems = []
-    ports = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])}
     wanted = ((("livenessProbe", "/live"), ("startupProbe", "/live")) if sidecar
               else (("livenessProbe", "/live"), ("readinessProbe", "/health")))
     if sidecar and "readinessProbe" in container:
         problems.append(f"{where}: a sidecar's readinessProbe would take the vLLM worker out of "
                         "its Service whenever NATS is away; watch kvrelay_ready instead")
+    return problems + http_probe_problems(where, container, wanted, config.system.system_port,
+                                          "relay")
+
+
+def http_probe_problems(where: str, container: Obj, wanted: Sequence[tuple[str, str]],
+                        port: int, server: str) -> list[str]:
+    """Each (probe, path) of `wanted` is an HTTP GET of that path on `port` (a number or the
+    name of a container port), where `server` serves it."""
+    problems = []
+    ports = {p.get("name"): p.get("containerPort") for p in container.get("ports", [])}
     for probe_name, path in wanted:
         probe = container.get(probe_name, {}).get("httpGet")
         if probe is None:
             problems.append(f"{where}: no {probe_name} on {path}")
             continue
-        port = ports.get(probe["port"]) if isinstance(probe["port"], str) else probe["port"]
-        if probe.get("path") != path or port != config.system.system_port:
-            problems.append(f"{where}: {probe_name} asks {probe.get('path')} on port {port}; the "
-                            f"relay serves {path} on {config.system.system_port}")
+        asked = ports.get(probe["port"]) if isinstance(probe["port"], str) else probe["port"]
+        if probe.get("path") != path or asked != port:
+            problems.append(f"{where}: {probe_name} asks {probe.get('path')} on port {asked}; the "
+                            f"{server} serves {path} on {port}")
     return problems
 
 

@@ -99,6 +99,21 @@ def millicores(quantity: str) -> float:
     return float(quantity[:-1]) if quantity.endswith("m") else float(quantity) * 1000
 
 
+def breakage_cases(table: list[tuple[str, Callable[[list[Obj]], None], str]]
+                   ) -> list[Any]:
+    """A table of (id, breakage, expected problem) as pytest parameters."""
+    return [pytest.param(breakage, expected, id=name) for name, breakage, expected in table]
+
+
+def assert_reported(objects: list[Obj], breakage: Callable[[list[Obj]], None],
+                    expected: str) -> None:
+    """`breakage` done to a copy of `objects` makes the checks report `expected`."""
+    broken = copy.deepcopy(objects)
+    breakage(broken)
+    problems = validate.check(broken, [validate.MIN_KUBERNETES])
+    assert any(expected in p for p in problems), problems
+
+
 # -- the shipped overlays ----------------------------------------------------------------------
 
 
@@ -122,8 +137,7 @@ def test_scoring_overlay_passes_every_check(rendered: dict[str, list[Obj]]) -> N
     assert {o["kind"] for o in objects} == {"ConfigMap", "Service", "ServiceMonitor",
                                             "Deployment"}
     assert validate.check(objects, validate.kubernetes_versions()) == []
-    index = container(objects, validate.INDEX_CONTAINER)
-    assert index["securityContext"]["readOnlyRootFilesystem"] is True
+    assert _index(objects)["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod_spec(objects)["automountServiceAccountToken"] is False
 
 
@@ -145,15 +159,11 @@ SCORING_BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("breakage", "expected"), [(b[1], b[2]) for b in SCORING_BREAKAGES],
-                         ids=[b[0] for b in SCORING_BREAKAGES])
+@pytest.mark.parametrize(("breakage", "expected"), breakage_cases(SCORING_BREAKAGES))
 def test_broken_scoring_fails(rendered: dict[str, list[Obj]],
                               breakage: Callable[[list[Obj]], None], expected: str) -> None:
     """Each kind of mistake in the scoring service's container is reported."""
-    objects = copy.deepcopy(rendered[SCORING])
-    breakage(objects)
-    problems = validate.check(objects, [validate.MIN_KUBERNETES])
-    assert any(expected in p for p in problems), problems
+    assert_reported(rendered[SCORING], breakage, expected)
 
 
 def test_native_sidecar_needs_kubernetes_1_29(rendered: dict[str, list[Obj]]) -> None:
@@ -413,15 +423,11 @@ BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("breakage", "expected"), [(b[1], b[2]) for b in BREAKAGES],
-                         ids=[b[0] for b in BREAKAGES])
+@pytest.mark.parametrize(("breakage", "expected"), breakage_cases(BREAKAGES))
 def test_broken_manifest_fails(rendered: dict[str, list[Obj]],
                                breakage: Callable[[list[Obj]], None], expected: str) -> None:
     """Each kind of mistake in the sidecar overlay is reported, saying what is wrong."""
-    objects = copy.deepcopy(rendered["sidecar"])
-    breakage(objects)
-    problems = validate.check(objects, [validate.MIN_KUBERNETES])
-    assert any(expected in p for p in problems), problems
+    assert_reported(rendered["sidecar"], breakage, expected)
 
 
 def _standalone_policy(objects: list[Obj]) -> Obj:
@@ -443,15 +449,11 @@ STANDALONE_BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("breakage", "expected"), [(b[1], b[2]) for b in STANDALONE_BREAKAGES],
-                         ids=[b[0] for b in STANDALONE_BREAKAGES])
+@pytest.mark.parametrize(("breakage", "expected"), breakage_cases(STANDALONE_BREAKAGES))
 def test_broken_standalone_fails(rendered: dict[str, list[Obj]],
                                  breakage: Callable[[list[Obj]], None], expected: str) -> None:
     """A ZMQ port the standalone relay binds must be closed to all but vLLM pods."""
-    objects = copy.deepcopy(rendered["standalone"])
-    breakage(objects)
-    problems = validate.check(objects, [validate.MIN_KUBERNETES])
-    assert any(expected in p for p in problems), problems
+    assert_reported(rendered["standalone"], breakage, expected)
 
 
 def _graph_env(objects: list[Obj], name: str, value: str) -> None:
@@ -487,15 +489,11 @@ DYNAMO_BREAKAGES: list[tuple[str, Callable[[list[Obj]], None], str]] = [
 ]
 
 
-@pytest.mark.parametrize(("breakage", "expected"), [(b[1], b[2]) for b in DYNAMO_BREAKAGES],
-                         ids=[b[0] for b in DYNAMO_BREAKAGES])
+@pytest.mark.parametrize(("breakage", "expected"), breakage_cases(DYNAMO_BREAKAGES))
 def test_broken_dynamo_graph_fails(rendered: dict[str, list[Obj]],
                                    breakage: Callable[[list[Obj]], None], expected: str) -> None:
     """Each kind of mistake in the operator-managed example is reported."""
-    objects = copy.deepcopy(rendered[DYNAMO])
-    breakage(objects)
-    problems = validate.check(objects, [validate.MIN_KUBERNETES])
-    assert any(expected in p for p in problems), problems
+    assert_reported(rendered[DYNAMO], breakage, expected)
 
 
 @pytest.fixture
