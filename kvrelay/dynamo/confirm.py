@@ -78,9 +78,8 @@ class Markers(Generic[Mark]):
         now = time.monotonic()
         if now >= self._next_at or self._pressed():
             self._send(now)
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(
-                self._next_at - now + MARKER_INTERVAL, self._due)
+        else:
+            self._arm(self._next_at - now + MARKER_INTERVAL)
 
     def forget(self) -> None:
         """What was published may be lost (it is published again): a marker still to come
@@ -112,9 +111,13 @@ class Markers(Generic[Mark]):
             return
         if self._pressed():
             self._send(time.monotonic())
-        elif self._timer is None:  # the next message takes the marker along; or, if none
-            # comes, this sends it alone
-            self._timer = asyncio.get_running_loop().call_later(MARKER_INTERVAL, self._due)
+        else:
+            self._arm(MARKER_INTERVAL)  # the next message takes the marker along
+
+    def _arm(self, delay: float) -> None:
+        """Send the marker alone after `delay` unless a message takes it along first."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(delay, self._due)
 
     def _due(self) -> None:
         self._timer = None
